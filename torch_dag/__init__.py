@@ -1,0 +1,45 @@
+"""torch-dag: convert any nn.Module to a DAG of atomic ops, save it without source, transform it.
+
+    import torch_dag as td
+    dag = td.build_from_unstructured_module(model)
+    td.save(dag, "model.dag"); dag = td.load("model.dag")
+"""
+
+from .analysis import FlopReport, count_flops
+from .converters import build_from_unstructured_module
+from .core import (
+    ConversionError,
+    DagError,
+    DagModule,
+    LoadError,
+    Ref,
+    UnknownOpError,
+    VerifyError,
+    Vertex,
+    known_ops,
+    register_module_op,
+    verify,
+)
+from .serde import SCHEMA_VERSION, load, save
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "ConversionError",
+    "DagError",
+    "DagModule",
+    "FlopReport",
+    "LoadError",
+    "Ref",
+    "UnknownOpError",
+    "VerifyError",
+    "Vertex",
+    "build_from_unstructured_module",
+    "count_flops",
+    "known_ops",
+    "load",
+    "register_module_op",
+    "save",
+    "verify",
+]

@@ -1,0 +1,230 @@
+"""A torch.fx tracer that also runs the model on example inputs while it traces.
+
+Every proxy carries the concrete value its node computed. When model code needs a real Python
+value from a proxy (an `if` on a shape, `int(x.shape[1])`, `for t in x.unbind(1)`, `math.ceil(h / 7)`),
+the tracer hands out the concrete value and records a `guard` vertex that re-checks it at run time,
+so a DAG can never silently take a different branch than the source model would. Without example
+inputs it behaves like plain `torch.fx.symbolic_trace`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+from torch.fx.node import map_aggregate
+
+from ..core.functions import FUNCTIONS
+from ..core.ops import MODULE_OPS, ModuleOpSpec
+
+_MISSING = object()
+_GUARD = FUNCTIONS["guard"].fn
+_FACTORIES = ("zeros", "ones", "full", "empty", "arange", "linspace", "eye", "tensor", "as_tensor",
+              "rand", "randn", "randint")
+
+
+def vocabulary_spec(module: nn.Module) -> ModuleOpSpec | None:
+    """The vocabulary entry a module *is*: its class, or a subclass that keeps the base's forward."""
+    for cls in type(module).__mro__:
+        spec = MODULE_OPS.get(cls)
+        if spec is not None:
+            return spec if type(module).forward is cls.forward else None
+    return None
+
+
+def _value(arg: Any) -> Any:
+    return map_aggregate(arg, lambda a: a._td_value if isinstance(a, ConcreteProxy) else a)
+
+
+def _light(value: Any) -> Any:
+    """What the converter keeps of a traced value: tensors become meta tensors (shape and dtype only)."""
+    try:
+        return map_aggregate(value, lambda v: v.to("meta") if isinstance(v, torch.Tensor) else v)
+    except Exception:  # exotic containers (return types of torch ops): nothing is kept
+        return None
+
+
+def _has_proxy(arg: Any) -> bool:
+    found = False
+
+    def visit(a: Any) -> Any:
+        nonlocal found
+        found = found or isinstance(a, fx.Proxy)
+        return a
+
+    map_aggregate(arg, visit)
+    return found
+
+
+class ConcreteProxy(fx.Proxy):
+    """A proxy that knows the value its node had on the example inputs."""
+
+    def __init__(self, node: fx.Node, tracer: ConcreteTracer, value: Any = _MISSING):
+        super().__init__(node, tracer)
+        self._td_value = value
+
+    @property
+    def _known(self) -> bool:
+        return self._td_value is not _MISSING
+
+    def _specialize(self, value: Any, what: str) -> Any:
+        self.tracer.create_proxy("call_function", _GUARD, (self, value, what), {})
+        return value
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") or name == "_td_value":
+            raise AttributeError(name)
+        return ConcreteAttribute(self, name)
+
+    def __bool__(self) -> bool:
+        if not self._known:
+            return super().__bool__()
+        return self._specialize(bool(self._td_value), f"the condition {self.node.name}")
+
+    def __int__(self) -> int:
+        if not self._known:
+            raise fx.proxy.TraceError(f"int() of a symbolic value {self.node.name}")
+        return self._specialize(int(self._td_value), f"the integer {self.node.name}")
+
+    def __index__(self) -> int:
+        if not self._known:
+            raise fx.proxy.TraceError(f"symbolic value {self.node.name} used as an index")
+        return self._specialize(self._td_value.__index__(), f"the index {self.node.name}")
+
+    def __float__(self) -> float:
+        if not self._known:
+            raise fx.proxy.TraceError(f"float() of a symbolic value {self.node.name}")
+        return self._specialize(float(self._td_value), f"the number {self.node.name}")
+
+    def __ceil__(self) -> int:
+        return self._specialize(self._td_value.__ceil__(), f"ceil of {self.node.name}")
+
+    def __floor__(self) -> int:
+        return self._specialize(self._td_value.__floor__(), f"floor of {self.node.name}")
+
+    def __round__(self, ndigits: int | None = None) -> Any:
+        return self._specialize(round(self._td_value, ndigits), f"round of {self.node.name}")
+
+    def __trunc__(self) -> int:
+        return self._specialize(self._td_value.__trunc__(), f"trunc of {self.node.name}")
+
+    def __len__(self) -> int:
+        if not self._known:
+            return super().__len__()
+        value = self._td_value
+        if isinstance(value, torch.Tensor):
+            size0 = self.tracer.create_proxy("call_method", "size", (self, 0), {})
+            return size0._specialize(len(value), f"the size of dim 0 of {self.node.name}")
+        return len(value)
+
+    def __iter__(self) -> Iterator[Any]:
+        if not self._known:
+            return super().__iter__()
+        return iter([self[i] for i in range(len(self))])
+
+    def __contains__(self, item: Any) -> bool:
+        if not self._known:
+            raise fx.proxy.TraceError(f"'in' on a symbolic value {self.node.name}")
+        return self._specialize(item in self._td_value, f"membership in {self.node.name}")
+
+    def keys(self) -> Any:
+        return self._td_value.keys()
+
+
+class ConcreteAttribute(fx.proxy.Attribute, ConcreteProxy):
+    """`proxy.attr`: a getattr node (made lazily) or, when called, a method call."""
+
+    def __init__(self, root: ConcreteProxy, attr: str):
+        fx.proxy.Attribute.__init__(self, root, attr)
+        value = getattr(root._td_value, attr, _MISSING) if root._known else _MISSING
+        self._td_value = value
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.tracer.create_proxy("call_method", self.attr, (self.root, *args), kwargs)
+
+
+class ConcreteTracer(fx.Tracer):
+    """fx tracer over vocabulary leaves that computes concrete values alongside the graph."""
+
+    def __init__(self, inputs: dict[str, Any] | None):
+        super().__init__(autowrap_modules=(), autowrap_functions=())
+        self.inputs = inputs
+        self._eager = False  # True while running real values: fx's module patches step aside
+
+    concrete_defaults: dict[str, Any] = {}
+
+    def baked_default(self, placeholder: str) -> tuple[bool, Any]:
+        """fx names the placeholder of a baked default argument `<name>_<k>`; is this one?"""
+        base, _, k = placeholder.rpartition("_")
+        if k.isdigit() and base in self.concrete_defaults:
+            return True, self.concrete_defaults[base]
+        return False, None
+
+    def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict[str, Any]) -> Any:
+        if self._eager:
+            return attr_val
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
+
+    def call_module(self, m: nn.Module, forward: Any, args: tuple, kwargs: dict) -> Any:
+        if self._eager:
+            return forward(*args, **kwargs)
+        return super().call_module(m, forward, args, kwargs)
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return vocabulary_spec(m) is not None
+
+    def proxy(self, node: fx.Node) -> ConcreteProxy:
+        return ConcreteProxy(node, self)
+
+    def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None, proxy_factory_fn=None):
+        proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
+        if self.inputs is not None and isinstance(proxy, ConcreteProxy):
+            self._eager = True
+            try:
+                proxy._td_value = self._run(kind, target, args, kwargs)
+            finally:
+                self._eager = False
+            proxy.node.meta["td_value"] = _light(proxy._td_value)
+        return proxy
+
+    def _run(self, kind: str, target: Any, args: Any, kwargs: Any) -> Any:
+        if kind == "placeholder":
+            baked, value = self.baked_default(target)
+            return value if baked else self.inputs.get(target, _MISSING)
+        if kind == "get_attr":
+            return functools.reduce(getattr, target.split("."), self.root)
+        args, kwargs = _value(args), _value(kwargs)
+        if kind == "call_function":
+            return target(*args, **kwargs)
+        if kind == "call_method":
+            return getattr(args[0], target)(*args[1:], **kwargs)
+        if kind == "call_module":
+            return self.root.get_submodule(target)(*args, **kwargs)
+        raise AssertionError(kind)
+
+    @contextlib.contextmanager
+    def patch_factories(self) -> Iterator[None]:
+        """Make `torch.zeros(B, C)` with a symbolic `B` a graph node instead of a TypeError."""
+        originals = {name: getattr(torch, name) for name in _FACTORIES}
+
+        def wrap(fn):
+            @functools.wraps(fn)
+            def wrapper(*args, **kwargs):
+                if _has_proxy((args, kwargs)):
+                    return self.create_proxy("call_function", fn, args, kwargs)
+                return fn(*args, **kwargs)
+
+            return wrapper
+
+        try:
+            for name, fn in originals.items():
+                setattr(torch, name, wrap(fn))
+            yield
+        finally:
+            for name, fn in originals.items():
+                setattr(torch, name, fn)

@@ -1,0 +1,306 @@
+"""`Vertex` and `DagModule`: the one representation every part of torch_dag reads and writes."""
+
+from __future__ import annotations
+
+import keyword
+import linecache
+import math
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from itertools import count
+from typing import Any
+
+from torch import nn
+
+from .errors import DagError
+from .ops import Constant, Parameter, callable_of, op_name
+from .template import Ref, iter_refs, map_refs, unique_refs
+
+_RESERVED = frozenset(dir(nn.ModuleDict)) | {"self"}
+
+
+def is_valid_vertex_name(name: Any) -> bool:
+    return (isinstance(name, str) and name.isidentifier() and not keyword.iskeyword(name)
+            and not name.startswith("__") and name not in _RESERVED)
+
+
+@dataclass
+class Vertex:
+    """One node of the DAG: a unique name, an atomic module, and what is passed to it.
+
+    `args` and `kwargs` are call templates: `Ref(name)` marks the output of another vertex (or an
+    input). `meta` holds information such as the source module path; passes may drop it.
+    """
+
+    name: str
+    module: nn.Module
+    args: tuple[Any, ...] = ()
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def op(self) -> str:
+        return op_name(self.module)
+
+    @property
+    def predecessors(self) -> list[str]:
+        """Names of the vertices (or inputs) this one reads, in argument order, without repeats."""
+        return unique_refs(self.args, self.kwargs)
+
+    def __repr__(self) -> str:
+        parts = [repr(a) for a in self.args] + [f"{k}={v!r}" for k, v in self.kwargs.items()]
+        return f"{self.name} = {self.op}({', '.join(parts)})"
+
+
+_fresh_ids = count()
+
+
+class DagModule(nn.Module):
+    """An `nn.Module` whose forward is a DAG of atomic vertices, in topological order.
+
+    The modules of the vertices are registered submodules (under `vertex_modules[name]`), so
+    `state_dict`, `.to()`, optimizers, DDP and `torch.compile` treat it like any module. A module
+    used by two vertices is registered once per vertex and shared. `forward` is generated
+    straight-line Python (like torch.fx's code generation), so it costs nothing beyond the ops.
+    """
+
+    _is_torch_dag_module = True
+
+    def __init__(self, inputs: Sequence[str], vertices: Sequence[Vertex], output: Any):
+        super().__init__()
+        self.input_names: list[str] = list(inputs)
+        self._vertices: dict[str, Vertex] = {}
+        for vertex in vertices:
+            if vertex.name in self._vertices or vertex.name in self.input_names:
+                raise DagError(f"vertex name {vertex.name!r} is used twice")
+            self._vertices[vertex.name] = vertex
+        self.output = output
+        self.vertex_modules = nn.ModuleDict()
+        for vertex in vertices:
+            if not is_valid_vertex_name(vertex.name):
+                raise DagError(f"vertex name {vertex.name!r} is not a valid identifier for a vertex")
+            self.vertex_modules[vertex.name] = vertex.module
+        self.recompile()
+
+    # --- graph access -----------------------------------------------------------------------------
+
+    @property
+    def vertices(self) -> list[Vertex]:
+        return list(self._vertices.values())
+
+    def __iter__(self) -> Iterator[Vertex]:
+        return iter(self._vertices.values())
+
+    def __len__(self) -> int:
+        return len(self._vertices)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._vertices
+
+    def __getitem__(self, name: str) -> Vertex:
+        try:
+            return self._vertices[name]
+        except KeyError:
+            raise KeyError(f"no vertex named {name!r} in this DagModule") from None
+
+    def successors(self) -> dict[str, list[str]]:
+        """For each input and vertex name, the vertices that read it (and '<output>' if returned)."""
+        users: dict[str, list[str]] = {name: [] for name in [*self.input_names, *self._vertices]}
+        for vertex in self:
+            for name in vertex.predecessors:
+                users[name].append(vertex.name)
+        for name in unique_refs(self.output):
+            users[name].append("<output>")
+        return users
+
+    @property
+    def output_names(self) -> list[str]:
+        return unique_refs(self.output)
+
+    # --- execution --------------------------------------------------------------------------------
+
+    def recompile(self) -> None:
+        """Regenerate `forward` after the vertex list changed (passes build new DAGs instead)."""
+        self._code, self._line_to_vertex = _generate(self)
+        self._fn = _compile_source(self._code)
+        self._calls = tuple(callable_of(v.module) for v in self)
+        self._constants = tuple(_collect_constants(self))
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return self._fn(self._calls, self._constants, *args, **kwargs)
+        except Exception as error:
+            _annotate(error, self)
+            raise
+
+    def run_collecting(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """Run vertex by vertex and return every input's and vertex's value, keyed by name (slow path
+        for analysis passes: shapes, activations for calibration)."""
+        values = dict(zip(self.input_names, args))
+        values.update(kwargs)
+        missing = [n for n in self.input_names if n not in values]
+        if missing:
+            raise TypeError(f"missing inputs {missing} (inputs: {self.input_names})")
+        for vertex in self:
+            call_args = map_refs(vertex.args, lambda r: values[r.name])
+            call_kwargs = map_refs(vertex.kwargs, lambda r: values[r.name])
+            try:
+                values[vertex.name] = callable_of(vertex.module)(*call_args, **call_kwargs)
+            except Exception as error:
+                _add_note(error, f"in torch_dag vertex {vertex!r}")
+                raise
+        return values
+
+    @property
+    def code(self) -> str:
+        """The generated forward source, for reading and debugging."""
+        return self._code
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state.pop("_fn", None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._fn = _compile_source(self._code)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> DagModule:
+        import copy
+
+        clone = DagModule.__new__(DagModule)
+        memo[id(self)] = clone
+        state = {k: copy.deepcopy(v, memo) for k, v in self.__dict__.items() if k != "_fn"}
+        clone.__dict__.update(state)
+        clone._fn = self._fn  # generated code is stateless: it reads calls/constants passed in
+        return clone
+
+    def extra_repr(self) -> str:
+        return f"inputs={self.input_names}, vertices={len(self)}, outputs={self.output_names}"
+
+
+# --- code generation ------------------------------------------------------------------------------
+
+
+def _is_literal(value: Any) -> bool:
+    """Values whose repr is plain, safe Python source (numbers, bools, None)."""
+    if value is None or type(value) in (bool, int):
+        return True
+    return type(value) is float and math.isfinite(value)
+
+
+def _collect_constants(dag: DagModule) -> list[Any]:
+    constants: list[Any] = []
+    _walk_constants(dag, constants.append)
+    return constants
+
+
+def _walk_constants(dag: DagModule, emit) -> None:
+    """Visit the non-literal constants of every template in generation order."""
+
+    def visit(template: Any) -> None:
+        if isinstance(template, Ref) or _is_literal(template):
+            return
+        if isinstance(template, (list, tuple)):
+            for item in template:
+                visit(item)
+        elif isinstance(template, dict):
+            for key, value in template.items():
+                emit(key)
+                visit(value)
+        elif isinstance(template, slice) and any(isinstance(x, Ref) for x in
+                                                 (template.start, template.stop, template.step)):
+            for item in (template.start, template.stop, template.step):
+                visit(item)
+        else:
+            emit(template)
+
+    for vertex in dag:
+        visit(vertex.args)
+        for value in vertex.kwargs.values():
+            visit(value)
+    visit(dag.output)
+
+
+def _generate(dag: DagModule) -> tuple[str, dict[int, str]]:
+    names = {name: f"__v{i}" for i, name in enumerate(dag._vertices)}
+    for name in dag.input_names:
+        if not is_valid_vertex_name(name):
+            raise DagError(f"input name {name!r} is not a valid identifier")
+        names[name] = name
+    n_constants = count()
+
+    def expr(template: Any) -> str:
+        if isinstance(template, Ref):
+            if template.name not in names:
+                raise DagError(f"reference to unknown vertex {template.name!r}")
+            return names[template.name]
+        if _is_literal(template):
+            return repr(template)
+        if isinstance(template, list):
+            return "[" + ", ".join(expr(x) for x in template) + "]"
+        if isinstance(template, tuple):
+            items = [expr(x) for x in template]
+            return "(" + ", ".join(items) + ("," if len(items) == 1 else "") + ")"
+        if isinstance(template, dict):
+            return "{" + ", ".join(f"__K[{next(n_constants)}]: {expr(v)}" for v in template.values()) + "}"
+        if isinstance(template, slice) and any(isinstance(x, Ref) for x in
+                                               (template.start, template.stop, template.step)):
+            return f"slice({expr(template.start)}, {expr(template.stop)}, {expr(template.step)})"
+        return f"__K[{next(n_constants)}]"
+
+    params = ", ".join(["__C", "__K", *dag.input_names])
+    lines = [f"def forward({params}):"]
+    calls = [f"__c{i}" for i in range(len(dag))]
+    if calls:
+        lines.append(f"    {', '.join(calls)}, = __C")
+    line_to_vertex = {}
+    for i, vertex in enumerate(dag):
+        target = names[vertex.name]
+        if isinstance(vertex.module, Parameter):
+            code = f"{calls[i]}.weight"
+        elif isinstance(vertex.module, Constant):
+            code = f"{calls[i]}.value"
+        else:
+            args = [expr(a) for a in vertex.args]
+            for key, value in vertex.kwargs.items():
+                if not key.isidentifier() or keyword.iskeyword(key):
+                    raise DagError(f"vertex {vertex.name!r}: keyword {key!r} is not an identifier")
+                args.append(f"{key}={expr(value)}")
+            code = f"{calls[i]}({', '.join(args)})"
+        line_to_vertex[len(lines) + 1] = vertex.name
+        lines.append(f"    {target} = {code}")
+    lines.append(f"    return {expr(dag.output)}")
+    return "\n".join(lines) + "\n", line_to_vertex
+
+
+def _compile_source(source: str):
+    filename = f"<torch_dag forward {next(_fresh_ids)}>"
+    linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
+    namespace: dict[str, Any] = {}
+    exec(compile(source, filename, "exec"), {"__builtins__": {"slice": slice}}, namespace)  # our own generated code
+    return namespace["forward"]
+
+
+def _add_note(error: BaseException, note: str) -> None:
+    if sys.version_info >= (3, 11) and note not in getattr(error, "__notes__", ()):
+        error.add_note(note)
+
+
+def _annotate(error: BaseException, dag: DagModule) -> None:
+    """Name the vertex whose line in the generated forward raised."""
+    tb = error.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code is dag._fn.__code__:
+            name = dag._line_to_vertex.get(tb.tb_lineno)
+            if name is not None:
+                _add_note(error, f"in torch_dag vertex {dag[name]!r}")
+            return
+        tb = tb.tb_next
+
+
+def iter_all_refs(dag: DagModule) -> Iterator[tuple[str, Ref]]:
+    for vertex in dag:
+        for ref in iter_refs((vertex.args, vertex.kwargs)):
+            yield vertex.name, ref

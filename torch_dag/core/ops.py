@@ -1,0 +1,192 @@
+"""The closed op vocabulary: every vertex's module is one of these.
+
+Two kinds of op share one registry, keyed by op name:
+- module ops: standard `torch.nn` layers (`Conv2d`, `BatchNorm2d`, `ReLU`, ...) and torch_dag's tensor
+  holders (`Parameter`, `Constant`). Their config is the constructor arguments, read back from the
+  module; `build(config)` makes a fresh one (on the meta device, weights come from the state dict).
+- function ops: `FunctionOp(name)`, a parameter-free module around a canonical callable from
+  `functions.py` (`add`, `cat`, `reshape`, ...). Their arguments live in the vertex's call template.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import UnknownOpError
+from .functions import FUNCTIONS, FunctionSpec
+from .template import is_constant
+
+# --- torch_dag's own module ops -------------------------------------------------------------------
+
+
+class Parameter(nn.Module):
+    """A free parameter used directly in forward (a class token, a layer-scale gamma, ...)."""
+
+    def __init__(self, shape: tuple[int, ...] = (), dtype: torch.dtype = torch.float32,
+                 requires_grad: bool = True):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(shape, dtype=dtype), requires_grad=requires_grad)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.weight.shape)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.weight.dtype
+
+    @property
+    def requires_grad(self) -> bool:
+        return self.weight.requires_grad
+
+    def forward(self) -> torch.Tensor:
+        return self.weight
+
+    def extra_repr(self) -> str:
+        return f"shape={self.shape}, dtype={self.dtype}"
+
+
+class Constant(nn.Module):
+    """A tensor the model reads but does not train (a buffer, a mask, a traced constant)."""
+
+    def __init__(self, shape: tuple[int, ...] = (), dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.register_buffer("value", torch.empty(shape, dtype=dtype))
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.value.shape)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.value.dtype
+
+    def forward(self) -> torch.Tensor:
+        return self.value
+
+    def extra_repr(self) -> str:
+        return f"shape={self.shape}, dtype={self.dtype}"
+
+
+class FunctionOp(nn.Module):
+    """A parameter-free op from the function vocabulary; its arguments live in the vertex template."""
+
+    def __init__(self, op: str):
+        super().__init__()
+        self.spec: FunctionSpec = function_spec(op)
+        self.fn = self.spec.fn
+
+    @property
+    def op(self) -> str:
+        return self.spec.name
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.fn(*args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return self.op
+
+
+# --- the registry ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModuleOpSpec:
+    """How a module class is stored: its constructor arguments, read back as attributes."""
+
+    name: str
+    cls: type[nn.Module]
+    params: tuple[inspect.Parameter, ...]
+
+    def config(self, module: nn.Module) -> dict[str, Any]:
+        config = {}
+        for param in self.params:
+            if not hasattr(module, param.name):
+                continue  # not kept by the module (e.g. PReLU's init): its state lives in the weights
+            value = getattr(module, param.name)
+            if isinstance(value, torch.Tensor) or (value is None and isinstance(param.default, bool)):
+                value = value is not None  # `bias=True` is kept as the bias tensor itself
+            if isinstance(value, torch.Size):
+                value = tuple(value)
+            if not is_constant(value):
+                raise TypeError(f"{self.name}.{param.name} = {value!r} is not a storable constant")
+            config[param.name] = value
+        return config
+
+    def build(self, config: dict[str, Any]) -> nn.Module:
+        with torch.device("meta"):
+            return self.cls(**config)
+
+
+MODULE_OPS: dict[type[nn.Module], ModuleOpSpec] = {}
+_MODULE_OPS_BY_NAME: dict[str, ModuleOpSpec] = {}
+_SKIPPED_INIT_PARAMS = {"self", "device", "dtype", "_weight", "_freeze"}
+
+
+def register_module_op(cls: type[nn.Module], name: str | None = None) -> type[nn.Module]:
+    """Add a module class to the vocabulary (a duplicate name or class raises)."""
+    name = name or cls.__name__
+    if name in _MODULE_OPS_BY_NAME or name in FUNCTIONS or cls in MODULE_OPS:
+        raise ValueError(f"op {name!r} ({cls.__qualname__}) is already registered")
+    params = tuple(
+        p for p in inspect.signature(cls.__init__).parameters.values()
+        if p.name not in _SKIPPED_INIT_PARAMS and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+    )
+    spec = ModuleOpSpec(name, cls, params)
+    MODULE_OPS[cls] = spec
+    _MODULE_OPS_BY_NAME[name] = spec
+    return cls
+
+
+_TORCH_NN_OPS = ["Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d", "Linear", "Bilinear", "Embedding", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "LayerNorm", "GroupNorm", "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d", "LocalResponseNorm", "RMSNorm", "ReLU", "ReLU6", "LeakyReLU", "PReLU", "ELU", "CELU", "SELU", "GELU", "SiLU", "Mish", "Sigmoid", "Tanh", "Hardswish", "Hardsigmoid", "Hardtanh", "Softplus", "Softsign", "Softmax", "LogSoftmax", "Softmax2d", "GLU", "Tanhshrink", "Hardshrink", "Softshrink", "Threshold", "LogSigmoid", "Identity", "Dropout", "Dropout1d", "Dropout2d", "Dropout3d", "AlphaDropout", "MaxPool1d", "MaxPool2d", "MaxPool3d", "AvgPool1d", "AvgPool2d", "AvgPool3d", "AdaptiveAvgPool1d", "AdaptiveAvgPool2d", "AdaptiveAvgPool3d", "AdaptiveMaxPool1d", "AdaptiveMaxPool2d", "AdaptiveMaxPool3d", "LPPool1d", "LPPool2d", "PixelShuffle", "PixelUnshuffle", "ChannelShuffle", "Fold", "Unfold", "MultiheadAttention", "LSTM", "GRU", "RNN"]
+
+for _name in _TORCH_NN_OPS:
+    register_module_op(getattr(nn, _name))
+register_module_op(Parameter)
+register_module_op(Constant)
+
+
+def function_spec(name: str) -> FunctionSpec:
+    if name not in FUNCTIONS:
+        raise UnknownOpError(f"unknown function op {name!r}; known: {', '.join(sorted(FUNCTIONS))}")
+    return FUNCTIONS[name]
+
+
+def module_op_spec(name: str) -> ModuleOpSpec:
+    if name not in _MODULE_OPS_BY_NAME:
+        raise UnknownOpError(f"unknown module op {name!r}; known: {', '.join(sorted(_MODULE_OPS_BY_NAME))}")
+    return _MODULE_OPS_BY_NAME[name]
+
+
+def op_name(module: nn.Module) -> str:
+    """The vocabulary name of a vertex's module; raises `UnknownOpError` for anything outside it."""
+    if isinstance(module, FunctionOp):
+        return module.op
+    spec = MODULE_OPS.get(type(module))
+    if spec is None:
+        if is_dag_module(module):
+            return "DagModule"
+        raise UnknownOpError(
+            f"module class {type(module).__qualname__} is not in the op vocabulary; "
+            f"register it with torch_dag.register_module_op or let the converter trace through it"
+        )
+    return spec.name
+
+
+def is_dag_module(module: nn.Module) -> bool:
+    return getattr(module, "_is_torch_dag_module", False)
+
+
+def known_ops() -> list[str]:
+    return sorted([*FUNCTIONS, *_MODULE_OPS_BY_NAME, "DagModule"])
+
+
+def callable_of(module: nn.Module) -> Callable[..., Any]:
+    """What generated code calls for a vertex: the bare function for function ops (no hook overhead)."""
+    return module.fn if isinstance(module, FunctionOp) else module

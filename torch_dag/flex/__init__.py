@@ -1,0 +1,1 @@
+"""Reserved for the flex subsystem (see DESIGN.md)."""

@@ -1,0 +1,1 @@
+"""Reserved for the passes subsystem (see DESIGN.md)."""

@@ -1,0 +1,1 @@
+"""Reserved for the pruning subsystem (see DESIGN.md)."""

@@ -1,0 +1,294 @@
+"""Saving and loading DAGs: one `.dag` file, a safetensors file whose metadata holds the graph JSON.
+
+Layout (documented in README.md):
+- the safetensors header's `__metadata__["torch_dag"]` is the graph: schema version, inputs, vertices
+  (name, op, config, args, kwargs, meta), output, tied tensors, frozen parameters and a checksum;
+- the tensors are the DAG's state dict, each shared tensor stored once.
+
+Loading rebuilds modules only from the registered vocabulary, validates the JSON before building,
+never unpickles and never imports or runs anything named in the file. Saving writes a temporary
+file beside the target and renames it into place, so a crash never leaves a half-written model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import safetensors.torch
+import torch
+from torch import nn
+
+from ..core.dag import DagModule, Vertex, is_valid_vertex_name
+from ..core.errors import DagError, LoadError, UnknownOpError, VerifyError
+from ..core.functions import FUNCTIONS
+from ..core.ops import FunctionOp, is_dag_module, module_op_spec, op_name
+from ..core.template import from_json, to_json
+from ..core.verify import verify
+
+SCHEMA_VERSION = 1
+_FORMAT = "torch_dag"
+_MAX_HEADER = 100 * 1024 * 1024
+_MAX_DEPTH = 16
+
+
+# --- save -----------------------------------------------------------------------------------------
+
+
+def save(dag: DagModule, path: str | os.PathLike) -> Path:
+    """Write `dag` to `path` (a single `.dag` file) atomically; return the path."""
+    if not is_dag_module(dag):
+        raise TypeError(f"td.save expects a DagModule, got {type(dag).__name__}")
+    verify(dag)
+    path = Path(path)
+    tensors, tied, frozen = _unique_tensors(dag)
+    graph = {
+        "format": _FORMAT,
+        "schema_version": SCHEMA_VERSION,
+        **_graph_json(dag),
+        "training": dag.training,
+        "tied": tied,
+        "frozen": frozen,
+        "checksum": _checksum(tensors),
+    }
+    metadata = {_FORMAT: json.dumps(graph, separators=(",", ":"), allow_nan=False)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        safetensors.torch.save_file(tensors, tmp, metadata=metadata)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def _graph_json(dag: DagModule) -> dict[str, Any]:
+    first_user: dict[int, str] = {}
+    vertices = []
+    for vertex in dag:
+        entry: dict[str, Any] = {"name": vertex.name, "op": vertex.op}
+        shared = first_user.setdefault(id(vertex.module), vertex.name)
+        if shared != vertex.name:
+            entry["same_module_as"] = shared
+        elif is_dag_module(vertex.module):
+            entry["config"] = _graph_json(vertex.module)
+        elif not isinstance(vertex.module, FunctionOp):
+            config = module_op_spec(vertex.op).config(vertex.module)
+            entry["config"] = {k: to_json(v) for k, v in config.items()}
+        entry["args"] = to_json(list(vertex.args))
+        entry["kwargs"] = {k: to_json(v) for k, v in vertex.kwargs.items()}
+        if vertex.meta:
+            entry["meta"] = _json_safe(vertex.meta)
+        vertices.append(entry)
+    return {"inputs": list(dag.input_names), "vertices": vertices, "output": to_json(dag.output)}
+
+
+def _json_safe(meta: dict[str, Any]) -> dict[str, Any]:
+    """Keep the JSON-able part of vertex meta (information only; never interpreted on load)."""
+    out = {}
+    for key, value in meta.items():
+        try:
+            json.dumps(value, allow_nan=False)
+        except (TypeError, ValueError):
+            continue
+        out[key] = value
+    return out
+
+
+def _unique_tensors(dag: DagModule) -> tuple[dict[str, torch.Tensor], dict[str, str], list[str]]:
+    """The state dict with each tensor stored once; other names for it are recorded as ties."""
+    tensors: dict[str, torch.Tensor] = {}
+    tied: dict[str, str] = {}
+    frozen: list[str] = []
+    first_key: dict[int, str] = {}
+    storages: set[tuple[int, int]] = set()
+    for key, tensor in dag.state_dict(keep_vars=True).items():
+        if id(tensor) in first_key:
+            tied[key] = first_key[id(tensor)]
+            continue
+        first_key[id(tensor)] = key
+        if isinstance(tensor, nn.Parameter) and not tensor.requires_grad:
+            frozen.append(key)
+        data = tensor.detach().cpu().contiguous()
+        if tensor.device.type == "meta":
+            raise DagError(f"cannot save {key!r}: it is on the meta device (no data)")
+        where = (data.untyped_storage().data_ptr(), data.untyped_storage().nbytes())
+        if where in storages or data.data_ptr() == 0:
+            data = data.clone()
+        storages.add(where)
+        tensors[key] = data
+    return tensors, tied, frozen
+
+
+def _checksum(tensors: dict[str, torch.Tensor]) -> str:
+    digest = hashlib.sha256()
+    for key in sorted(tensors):
+        tensor = tensors[key].detach().contiguous().reshape(-1)
+        digest.update(f"{key}|{tensor.dtype}|{tuple(tensors[key].shape)}|".encode())
+        if tensor.numel():
+            digest.update(memoryview(tensor.view(torch.uint8).numpy()))
+    return digest.hexdigest()
+
+
+# --- load -----------------------------------------------------------------------------------------
+
+
+def load(path: str | os.PathLike, *, strict_checksum: bool = True) -> DagModule:
+    """Rebuild a DagModule saved by `save`. Any malformed input raises `LoadError` saying what is wrong."""
+    path = Path(path)
+    if not path.is_file():
+        raise LoadError(f"{path}: no such file")
+    data = path.read_bytes()
+    graph = _read_graph(path, data)
+    try:
+        tensors = safetensors.torch.load(data)
+    except Exception as e:  # safetensors reports corrupt headers/offsets with its own error type
+        raise LoadError(f"{path}: weights are unreadable ({type(e).__name__}: {e})") from None
+    if strict_checksum and _checksum(tensors) != graph.get("checksum"):
+        raise LoadError(f"{path}: weight checksum mismatch: the file is corrupted or was modified")
+    dag = _build_dag(graph, depth=0)
+    _load_weights(dag, tensors, graph, path)
+    dag.train(graph.get("training") is True)
+    try:
+        verify(dag)
+    except VerifyError as e:
+        raise LoadError(f"{path}: {e}") from None
+    return dag
+
+
+def _read_graph(path: Path, data: bytes) -> dict[str, Any]:
+    if len(data) < 8:
+        raise LoadError(f"{path}: file is truncated ({len(data)} bytes)")
+    (header_len,) = struct.unpack("<Q", data[:8])
+    if header_len > min(_MAX_HEADER, len(data) - 8):
+        raise LoadError(f"{path}: header length {header_len} exceeds the file; it is truncated or not a DAG")
+    try:
+        header = json.loads(data[8 : 8 + header_len])
+        graph_text = header["__metadata__"][_FORMAT]
+        graph = json.loads(graph_text)
+    except (ValueError, KeyError, TypeError, RecursionError) as e:
+        raise LoadError(f"{path}: not a torch_dag file (no readable graph metadata: {type(e).__name__})") from None
+    if not isinstance(graph, dict) or graph.get("format") != _FORMAT:
+        raise LoadError(f"{path}: not a torch_dag file")
+    version = graph.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise LoadError(f"{path}: schema version {version!r} is not supported (this torch_dag reads "
+                        f"{SCHEMA_VERSION}); upgrade torch_dag or re-save the model")
+    return graph
+
+
+def _expect(condition: bool, message: str) -> None:
+    if not condition:
+        raise LoadError(message)
+
+
+def _build_dag(graph: Any, depth: int) -> DagModule:
+    _expect(depth <= _MAX_DEPTH, f"DAGs nested more than {_MAX_DEPTH} levels deep")
+    _expect(isinstance(graph, dict), "graph must be an object")
+    inputs, entries = graph.get("inputs"), graph.get("vertices")
+    _expect(isinstance(inputs, list) and all(is_valid_vertex_name(n) for n in inputs),
+            f"inputs must be a list of identifiers, got {str(inputs)[:80]}")
+    _expect(isinstance(entries, list), "vertices must be a list")
+    vertices: list[Vertex] = []
+    by_name: dict[str, Vertex] = {}
+    for index, entry in enumerate(entries):
+        vertex = _build_vertex(entry, index, by_name, depth)
+        _expect(vertex.name not in by_name and vertex.name not in inputs,
+                f"vertex name {vertex.name!r} is used twice")
+        by_name[vertex.name] = vertex
+        vertices.append(vertex)
+    output = from_json(graph.get("output"))
+    try:
+        return DagModule(inputs, vertices, output)
+    except DagError as e:
+        raise LoadError(str(e)) from None
+
+
+def _build_vertex(entry: Any, index: int, by_name: dict[str, Vertex], depth: int) -> Vertex:
+    _expect(isinstance(entry, dict), f"vertex #{index} must be an object")
+    name, op = entry.get("name"), entry.get("op")
+    _expect(is_valid_vertex_name(name), f"vertex #{index} has an invalid name {str(name)[:40]!r}")
+    _expect(isinstance(op, str), f"vertex {name!r} has no op name")
+    where = f"vertex {name!r} (op {op})"
+    args, kwargs = from_json(entry.get("args", [])), entry.get("kwargs", {})
+    _expect(isinstance(args, list), f"{where}: args must be a list")
+    _expect(isinstance(kwargs, dict) and all(isinstance(k, str) and k.isidentifier() for k in kwargs),
+            f"{where}: kwargs must map identifiers to values")
+    kwargs = {k: from_json(v) for k, v in kwargs.items()}
+    meta = entry.get("meta", {})
+    _expect(isinstance(meta, dict), f"{where}: meta must be an object")
+    if "same_module_as" in entry:
+        other = by_name.get(entry["same_module_as"]) if isinstance(entry["same_module_as"], str) else None
+        _expect(other is not None, f"{where}: same_module_as names no earlier vertex")
+        _expect(other.op == op, f"{where}: shares the module of {other.name!r}, whose op is {other.op}")
+        module = other.module
+    else:
+        module = _build_module(op, entry.get("config"), where, depth)
+    return Vertex(name, module, tuple(args), kwargs, dict(meta))
+
+
+def _build_module(op: str, config: Any, where: str, depth: int) -> nn.Module:
+    if op == "DagModule":
+        return _build_dag(config, depth + 1)
+    if op in FUNCTIONS:
+        _expect(config is None, f"{where}: a function op takes no config")
+        return FunctionOp(op)
+    try:
+        spec = module_op_spec(op)
+    except UnknownOpError as e:
+        raise LoadError(f"{where}: {e}") from None
+    _expect(isinstance(config, dict), f"{where}: config must be an object")
+    allowed = {p.name for p in spec.params}
+    unknown = sorted(set(config) - allowed)
+    _expect(not unknown, f"{where}: unknown config keys {unknown}; {op} takes {sorted(allowed)}")
+    values = {k: from_json(v) for k, v in config.items()}
+    try:
+        module = spec.build(values)
+    except Exception as e:  # the constructor rejected the values: say which vertex and why
+        raise LoadError(f"{where}: cannot build from config {config}: {type(e).__name__}: {e}") from None
+    _expect(op_name(module) == op, f"{where}: config built a {type(module).__name__}")
+    return module
+
+
+def _load_weights(dag: DagModule, tensors: dict[str, torch.Tensor], graph: dict[str, Any], path: Path) -> None:
+    tied, frozen = graph.get("tied", {}), graph.get("frozen", [])
+    _expect(isinstance(tied, dict) and all(isinstance(v, str) and v in tensors for v in tied.values()),
+            f"{path}: 'tied' must map names to stored tensors")
+    _expect(isinstance(frozen, list) and all(isinstance(k, str) for k in frozen), f"{path}: bad 'frozen'")
+    expected = dag.state_dict(keep_vars=True)
+    stored = set(tensors) | set(tied)
+    missing, unexpected = sorted(set(expected) - stored), sorted(stored - set(expected))
+    _expect(not missing, f"{path}: weights missing for {missing[:5]}")
+    _expect(not unexpected, f"{path}: unexpected weights {unexpected[:5]}")
+    for key, like in expected.items():
+        tensor = tensors[tied.get(key, key)]
+        _expect(tensor.shape == like.shape and tensor.dtype == like.dtype,
+                f"{path}: {key} is stored as {tuple(tensor.shape)} {tensor.dtype}, "
+                f"the graph needs {tuple(like.shape)} {like.dtype}")
+    objects: dict[str, torch.Tensor] = {}
+    for key, like in expected.items():
+        source = tied.get(key, key)
+        if source not in objects:
+            tensor = tensors[source]
+            if isinstance(like, nn.Parameter):
+                tensor = nn.Parameter(tensor, requires_grad=key not in frozen and like.requires_grad)
+            objects[source] = tensor
+        _assign(dag, key, objects[source])
+
+
+def _assign(dag: nn.Module, key: str, tensor: torch.Tensor) -> None:
+    module_path, _, attr = key.rpartition(".")
+    module = dag.get_submodule(module_path)
+    if isinstance(tensor, nn.Parameter):
+        module._parameters[attr] = tensor
+    else:
+        module._buffers[attr] = tensor
