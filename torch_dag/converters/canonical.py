@@ -34,9 +34,10 @@ def _build_spelling_tables() -> tuple[dict[Any, str], dict[str, str]]:
         for namespace, names in ((torch, spec.spellings.torch), (F, spec.spellings.functional),
                                  (operator, spec.spellings.operator)):
             for name in names:
-                target = getattr(namespace, name, None)
-                if target is not None:
-                    claim(by_target, target, op, f"{namespace.__name__}.{name}")
+                for spelling in (name, f"{name}_") if namespace is not operator else (name,):
+                    target = getattr(namespace, spelling, None)  # torch.relu_ is relu, in place
+                    if target is not None:
+                        claim(by_target, target, op, f"{namespace.__name__}.{spelling}")
         for name in spec.spellings.methods:
             claim(by_method, name, op, f"Tensor.{name}")
         if spec.fn not in by_target:  # our canonical callables (e.g. from a converted DagModule)
@@ -56,7 +57,10 @@ def is_in_place(kind: str, target: Any, kwargs: dict[str, Any]) -> bool:
         return True
     if kind == "call_method":
         return (target.endswith("_") and not target.endswith("__")) or target == "__setitem__"
-    return target in _IN_PLACE_OPERATORS or target is operator.setitem
+    if target in _IN_PLACE_OPERATORS or target is operator.setitem:
+        return True
+    name = getattr(target, "__name__", "")
+    return name.endswith("_") and not name.endswith("__")
 
 
 # --- argument normalization -----------------------------------------------------------------------
@@ -148,6 +152,10 @@ FUNCTION_TO_MODULE: dict[str, tuple[type[nn.Module], tuple[str, ...]]] = {
     "softmax": (nn.Softmax, ("dim",)),
     "log_softmax": (nn.LogSoftmax, ("dim",)),
     "dropout": (nn.Dropout, ("p",)),
+    "dropout1d": (nn.Dropout1d, ("p",)),
+    "dropout2d": (nn.Dropout2d, ("p",)),
+    "dropout3d": (nn.Dropout3d, ("p",)),
+    "alpha_dropout": (nn.AlphaDropout, ("p",)),
     "adaptive_avg_pool1d": (nn.AdaptiveAvgPool1d, ("output_size",)),
     "adaptive_avg_pool2d": (nn.AdaptiveAvgPool2d, ("output_size",)),
     "adaptive_avg_pool3d": (nn.AdaptiveAvgPool3d, ("output_size",)),
@@ -183,7 +191,7 @@ def as_module_op(op: str, args: tuple, kwargs: dict, is_constant: Callable[[Any]
         if kwargs.get("dtype") is not None or (len(args) > 2 and args[2] is not None):
             return None
         args = args[:2]
-    if op == "dropout":
+    if op in ("dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout"):
         args = args[:2]
     if len(args) - 1 > len(names):
         return None

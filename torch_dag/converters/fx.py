@@ -87,7 +87,7 @@ def _trace(model: nn.Module, inputs: dict[str, Any] | None) -> tuple[fx.Graph, C
             concrete_args[name] = param.default
     tracer.concrete_defaults = concrete_args
     try:
-        with tracer.patch_factories():
+        with tracer.patch_size_taking():
             graph = tracer.trace(model, concrete_args=concrete_args or None)
     except ConversionError:
         raise
@@ -126,6 +126,7 @@ class _Canonicalizer:
         self.tracer = tracer
         self.vertices: dict[str, Vertex] = {}
         self.inputs: list[str] = []
+        self.input_meta: dict[str, dict[str, Any]] = {}
         self.ref_of: dict[fx.Node, Any] = {}  # fx node -> Ref (or a constant for baked defaults)
         self.position = {node: i for i, node in enumerate(graph.nodes)}
         self.tensor_vertex: dict[int, str] = {}  # id(tensor) -> Parameter/Constant vertex name
@@ -150,7 +151,7 @@ class _Canonicalizer:
             except Exception as e:
                 raise self.error(node, f"{type(e).__name__}: {e}") from e
         vertices = _live_vertices(list(self.vertices.values()), output)
-        return DagModule(self.inputs, vertices, output)
+        return DagModule(self.inputs, vertices, output, self.input_meta)
 
     def error(self, node: fx.Node, message: str) -> ConversionError:
         target = getattr(node.target, "__qualname__", node.target)
@@ -213,6 +214,9 @@ class _Canonicalizer:
             raise self.error(node, f"input name {name!r} cannot name a DAG input")
         self.used_names.add(name)
         self.inputs.append(name)
+        value = node.meta.get("td_value")
+        if isinstance(value, torch.Tensor):
+            self.input_meta[name] = {"shape": list(value.shape), "dtype": str(value.dtype).removeprefix("torch.")}
         return Ref(name)
 
     def on_get_attr(self, node: fx.Node) -> Ref:
@@ -292,6 +296,9 @@ class _Canonicalizer:
             return self.add(node, FunctionOp("detach"), (x,))
         if attr == "mT":
             return self.add(node, FunctionOp("transpose"), (x, -2, -1))
+        if attr in ("values", "indices") and not isinstance(value, torch.Tensor):  # torch.max(x, dim) & co.
+            fields = getattr(value, "_fields", ("values", "indices"))
+            return self.add(node, FunctionOp("getitem"), (x, fields.index(attr)))
         if attr == "T" and isinstance(value, torch.Tensor):
             return self.add(node, FunctionOp("permute"), (x, tuple(range(value.dim() - 1, -1, -1))))
         raise self.error(node, f"attribute .{attr} of a traced value is not supported")
@@ -337,7 +344,7 @@ class _Canonicalizer:
         if maker is None or kwargs:
             return None
         try:
-            return maker(self, args)
+            return maker(self, args, node)
         except (_NotAbsorbable, ValueError, TypeError):
             return None
 
@@ -416,7 +423,7 @@ def _meta_module(cls: type[nn.Module], **config: Any) -> nn.Module:
         return cls(**config)
 
 
-def _absorb_linear(c: _Canonicalizer, args: tuple) -> tuple[nn.Module, tuple]:
+def _absorb_linear(c: _Canonicalizer, args: tuple, node: fx.Node) -> tuple[nn.Module, tuple]:
     x, weight, bias = args
     weight, bias = _attr(c, weight), _attr(c, bias)
     if weight is None or weight.dim() != 2:
@@ -428,7 +435,7 @@ def _absorb_linear(c: _Canonicalizer, args: tuple) -> tuple[nn.Module, tuple]:
 
 
 def _absorb_conv(cls: type[nn.Module]):
-    def absorb(c: _Canonicalizer, args: tuple) -> tuple[nn.Module, tuple]:
+    def absorb(c: _Canonicalizer, args: tuple, node: fx.Node) -> tuple[nn.Module, tuple]:
         x, weight, bias, stride, padding, dilation, groups = args
         weight, bias = _attr(c, weight), _attr(c, bias)
         _constants(stride, padding, dilation, groups)
@@ -443,11 +450,15 @@ def _absorb_conv(cls: type[nn.Module]):
     return absorb
 
 
-def _absorb_batch_norm(c: _Canonicalizer, args: tuple) -> tuple[nn.Module, tuple]:
-    """An eval-mode `F.batch_norm` on a BatchNorm subclass's own tensors (timm's BatchNormAct2d)."""
+def _absorb_batch_norm(c: _Canonicalizer, args: tuple, node: fx.Node) -> tuple[nn.Module, tuple]:
+    """An eval-mode `F.batch_norm` in a BatchNorm subclass's own forward, on its own tensors (timm's
+    BatchNormAct2d): in training it would have used batch statistics, exactly as `nn.BatchNorm2d` does."""
     x, running_mean, running_var, weight, bias, training, _momentum, eps = args
     mean = _attr(c, running_mean, parameter=False)
     if mean is None or training is not False:
+        raise _NotAbsorbable
+    owner_path = c.attr_of[running_mean.name][0].rpartition(".")[0]
+    if owner_path != c.module_path(node):
         raise _NotAbsorbable
     owner = _owner(c.root, c.attr_of[running_mean.name][0])
     cls = next((k for k in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d) if isinstance(owner, k)), None)
@@ -467,7 +478,7 @@ def _absorb_batch_norm(c: _Canonicalizer, args: tuple) -> tuple[nn.Module, tuple
     return module, (x,)
 
 
-def _absorb_layer_norm(c: _Canonicalizer, args: tuple) -> tuple[nn.Module, tuple]:
+def _absorb_layer_norm(c: _Canonicalizer, args: tuple, node: fx.Node) -> tuple[nn.Module, tuple]:
     x, shape, weight, bias, eps = args
     weight, bias = _attr(c, weight), _attr(c, bias)
     _constants(shape, eps)
@@ -479,7 +490,7 @@ def _absorb_layer_norm(c: _Canonicalizer, args: tuple) -> tuple[nn.Module, tuple
     return module, (x,)
 
 
-def _absorb_group_norm(c: _Canonicalizer, args: tuple) -> tuple[nn.Module, tuple]:
+def _absorb_group_norm(c: _Canonicalizer, args: tuple, node: fx.Node) -> tuple[nn.Module, tuple]:
     x, groups, weight, bias, eps = args
     weight, bias = _attr(c, weight), _attr(c, bias)
     _constants(groups, eps)
@@ -490,7 +501,7 @@ def _absorb_group_norm(c: _Canonicalizer, args: tuple) -> tuple[nn.Module, tuple
     return module, (x,)
 
 
-def _absorb_rms_norm(c: _Canonicalizer, args: tuple) -> tuple[nn.Module, tuple]:
+def _absorb_rms_norm(c: _Canonicalizer, args: tuple, node: fx.Node) -> tuple[nn.Module, tuple]:
     x, shape, weight, eps = args
     weight = _attr(c, weight)
     _constants(shape, eps)

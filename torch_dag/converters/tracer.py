@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import operator
 from collections.abc import Iterator
 from typing import Any
 
@@ -24,8 +25,13 @@ from ..core.ops import MODULE_OPS, ModuleOpSpec
 
 _MISSING = object()
 _GUARD = FUNCTIONS["guard"].fn
-_FACTORIES = ("zeros", "ones", "full", "empty", "arange", "linspace", "eye", "tensor", "as_tensor",
-              "rand", "randn", "randint")
+# torch functions whose int-list arguments often hold traced sizes (`torch.zeros(B, C)`,
+# `torch.reshape(x, (B, -1))`): torch's argument parser would turn a proxy into a constant (or fail)
+# before fx sees the call, so while tracing they record a node whenever any argument is a proxy.
+_SIZE_TAKING = ((torch, ("zeros", "ones", "full", "empty", "arange", "linspace", "eye", "tensor", "as_tensor",
+                         "rand", "randn", "randint", "reshape", "tile", "broadcast_to", "roll", "narrow",
+                         "split", "unflatten")),
+                (torch.nn.functional, ("pad",)))
 
 
 def vocabulary_spec(module: nn.Module) -> ModuleOpSpec | None:
@@ -132,6 +138,9 @@ class ConcreteProxy(fx.Proxy):
             raise fx.proxy.TraceError(f"'in' on a symbolic value {self.node.name}")
         return self._specialize(item in self._td_value, f"membership in {self.node.name}")
 
+    def __setitem__(self, index: Any, value: Any) -> None:
+        self.tracer.create_proxy("call_function", operator.setitem, (self, index, value), {})
+
     def keys(self) -> Any:
         return self._td_value.keys()
 
@@ -208,9 +217,10 @@ class ConcreteTracer(fx.Tracer):
         raise AssertionError(kind)
 
     @contextlib.contextmanager
-    def patch_factories(self) -> Iterator[None]:
-        """Make `torch.zeros(B, C)` with a symbolic `B` a graph node instead of a TypeError."""
-        originals = {name: getattr(torch, name) for name in _FACTORIES}
+    def patch_size_taking(self) -> Iterator[None]:
+        """Make `torch.zeros(B, C)` with a traced `B` a graph node instead of a TypeError or a constant."""
+        originals = {(namespace, name): getattr(namespace, name)
+                     for namespace, names in _SIZE_TAKING for name in names}
 
         def wrap(fn):
             @functools.wraps(fn)
@@ -222,9 +232,9 @@ class ConcreteTracer(fx.Tracer):
             return wrapper
 
         try:
-            for name, fn in originals.items():
-                setattr(torch, name, wrap(fn))
+            for (namespace, name), fn in originals.items():
+                setattr(namespace, name, wrap(fn))
             yield
         finally:
-            for name, fn in originals.items():
-                setattr(torch, name, fn)
+            for (namespace, name), fn in originals.items():
+                setattr(namespace, name, fn)

@@ -11,11 +11,12 @@ from dataclasses import dataclass, field
 from itertools import count
 from typing import Any
 
+import torch
 from torch import nn
 
 from .errors import DagError
 from .ops import Constant, Parameter, callable_of, op_name
-from .template import Ref, iter_refs, map_refs, unique_refs
+from .template import DTYPES, Ref, iter_refs, map_refs, unique_refs
 
 _RESERVED = frozenset(dir(nn.ModuleDict)) | {"self"}
 
@@ -67,9 +68,12 @@ class DagModule(nn.Module):
 
     _is_torch_dag_module = True
 
-    def __init__(self, inputs: Sequence[str], vertices: Sequence[Vertex], output: Any):
+    def __init__(self, inputs: Sequence[str], vertices: Sequence[Vertex], output: Any,
+                 input_meta: dict[str, dict[str, Any]] | None = None):
         super().__init__()
         self.input_names: list[str] = list(inputs)
+        # per input: what it was converted with, e.g. {"shape": [1, 3, 224, 224], "dtype": "float32"}
+        self.input_meta: dict[str, dict[str, Any]] = dict(input_meta or {})
         self._vertices: dict[str, Vertex] = {}
         for vertex in vertices:
             if vertex.name in self._vertices or vertex.name in self.input_names:
@@ -133,6 +137,19 @@ class DagModule(nn.Module):
         except Exception as error:
             _annotate(error, self)
             raise
+
+    def example_inputs(self) -> tuple[torch.Tensor, ...]:
+        """Random inputs shaped like the ones the DAG was converted with (from `input_meta`)."""
+        inputs = []
+        for name in self.input_names:
+            meta = self.input_meta.get(name)
+            if not meta or "shape" not in meta:
+                raise DagError(f"input {name!r} has no recorded shape; pass inputs explicitly")
+            dtype, shape = DTYPES.get(meta.get("dtype", "float32")), meta["shape"]
+            if dtype is None or not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+                raise DagError(f"input {name!r} has an unusable recorded shape/dtype {meta}")
+            inputs.append(torch.randn(shape).to(dtype) if dtype.is_floating_point else torch.zeros(shape, dtype=dtype))
+        return tuple(inputs)
 
     def run_collecting(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
         """Run vertex by vertex and return every input's and vertex's value, keyed by name (slow path

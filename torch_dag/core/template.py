@@ -63,7 +63,7 @@ def unique_refs(*templates: Any) -> list[str]:
 
 # --- constants ------------------------------------------------------------------------------------
 
-_DTYPES = {str(d).removeprefix("torch."): d for d in vars(torch).values() if isinstance(d, torch.dtype)}
+DTYPES = {str(d).removeprefix("torch."): d for d in vars(torch).values() if isinstance(d, torch.dtype)}
 _MEMORY_FORMATS = {
     "contiguous_format": torch.contiguous_format,
     "channels_last": torch.channels_last,
@@ -151,7 +151,7 @@ def from_json(data: Any, depth: int = 0) -> Any:
     if tag == "$float" and value in ("inf", "-inf", "nan"):
         return float(value)
     if tag == "$dtype":
-        return _lookup(_DTYPES, value, "dtype")
+        return _lookup(DTYPES, value, "dtype")
     if tag == "$memory_format":
         return _lookup(_MEMORY_FORMATS, value, "memory format")
     if tag == "$layout":

@@ -13,6 +13,7 @@ file beside the target and renames it into place, so a crash never leaves a half
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import struct
@@ -89,7 +90,8 @@ def _graph_json(dag: DagModule) -> dict[str, Any]:
         if vertex.meta:
             entry["meta"] = _json_safe(vertex.meta)
         vertices.append(entry)
-    return {"inputs": list(dag.input_names), "vertices": vertices, "output": to_json(dag.output)}
+    return {"inputs": list(dag.input_names), "input_meta": _json_safe(dag.input_meta), "vertices": vertices,
+            "output": to_json(dag.output)}
 
 
 def _json_safe(meta: dict[str, Any]) -> dict[str, Any]:
@@ -147,11 +149,12 @@ def load(path: str | os.PathLike, *, strict_checksum: bool = True) -> DagModule:
     path = Path(path)
     if not path.is_file():
         raise LoadError(f"{path}: no such file")
-    data = path.read_bytes()
-    graph = _read_graph(path, data)
+    header = _read_header(path)
+    graph = _read_graph(path, header)
     try:
-        tensors = safetensors.torch.load(data)
-    except Exception as e:  # safetensors reports corrupt headers/offsets with its own error type
+        with safetensors.safe_open(str(path), framework="pt") as f:
+            tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (not a dict)
+    except Exception as e:  # safetensors reports what it could not read with its own error type
         raise LoadError(f"{path}: weights are unreadable ({type(e).__name__}: {e})") from None
     if strict_checksum and _checksum(tensors) != graph.get("checksum"):
         raise LoadError(f"{path}: weight checksum mismatch: the file is corrupted or was modified")
@@ -165,18 +168,56 @@ def load(path: str | os.PathLike, *, strict_checksum: bool = True) -> DagModule:
     return dag
 
 
-def _read_graph(path: Path, data: bytes) -> dict[str, Any]:
-    if len(data) < 8:
-        raise LoadError(f"{path}: file is truncated ({len(data)} bytes)")
-    (header_len,) = struct.unpack("<Q", data[:8])
-    if header_len > min(_MAX_HEADER, len(data) - 8):
-        raise LoadError(f"{path}: header length {header_len} exceeds the file; it is truncated or not a DAG")
+_ITEM_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+               "BOOL": 1, "U16": 2, "U32": 4, "U64": 8, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+def _read_header(path: Path) -> dict[str, Any]:
+    """Read and check the safetensors header ourselves, so no malformed file reaches the parser."""
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            raise LoadError(f"{path}: file is truncated ({size} bytes)")
+        (header_len,) = struct.unpack("<Q", prefix)
+        if header_len > min(_MAX_HEADER, size - 8):
+            raise LoadError(f"{path}: header length {header_len} exceeds the file; truncated or not a DAG")
+        raw = f.read(header_len)
     try:
-        header = json.loads(data[8 : 8 + header_len])
-        graph_text = header["__metadata__"][_FORMAT]
-        graph = json.loads(graph_text)
-    except (ValueError, KeyError, TypeError, RecursionError) as e:
-        raise LoadError(f"{path}: not a torch_dag file (no readable graph metadata: {type(e).__name__})") from None
+        header = json.loads(raw)
+    except (ValueError, RecursionError) as e:
+        raise LoadError(f"{path}: header is not valid JSON ({type(e).__name__})") from None
+    _expect(isinstance(header, dict), f"{path}: header must be a JSON object")
+    data_size = size - 8 - header_len
+    spans = []
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        ok = (isinstance(info, dict) and info.get("dtype") in _ITEM_SIZES and isinstance(info.get("shape"), list)
+              and all(type(d) is int and d >= 0 for d in info["shape"])
+              and isinstance(info.get("data_offsets"), list) and len(info["data_offsets"]) == 2
+              and all(type(o) is int for o in info["data_offsets"]))
+        _expect(ok, f"{path}: malformed entry for tensor {key!r} in the header")
+        begin, end = info["data_offsets"]
+        numel = 1
+        for d in info["shape"]:
+            numel *= d
+        _expect(0 <= begin <= end <= data_size and end - begin == numel * _ITEM_SIZES[info["dtype"]],
+                f"{path}: tensor {key!r} lies outside the file or has the wrong size; the file is truncated")
+        spans.append((begin, end))
+    spans.sort()
+    _expect(all(a[1] <= b[0] for a, b in itertools.pairwise(spans)), f"{path}: tensors overlap in the file")
+    return header
+
+
+def _read_graph(path: Path, header: dict[str, Any]) -> dict[str, Any]:
+    metadata = header.get("__metadata__")
+    if not isinstance(metadata, dict) or not isinstance(metadata.get(_FORMAT), str):
+        raise LoadError(f"{path}: not a torch_dag file (no graph in the safetensors metadata)")
+    try:
+        graph = json.loads(metadata[_FORMAT])
+    except (ValueError, RecursionError) as e:
+        raise LoadError(f"{path}: graph metadata is not valid JSON ({type(e).__name__})") from None
     if not isinstance(graph, dict) or graph.get("format") != _FORMAT:
         raise LoadError(f"{path}: not a torch_dag file")
     version = graph.get("schema_version")
@@ -207,8 +248,11 @@ def _build_dag(graph: Any, depth: int) -> DagModule:
         by_name[vertex.name] = vertex
         vertices.append(vertex)
     output = from_json(graph.get("output"))
+    input_meta = graph.get("input_meta", {})
+    _expect(isinstance(input_meta, dict) and all(isinstance(v, dict) for v in input_meta.values()),
+            "input_meta must map input names to objects")
     try:
-        return DagModule(inputs, vertices, output)
+        return DagModule(inputs, vertices, output, input_meta)
     except DagError as e:
         raise LoadError(str(e)) from None
 

@@ -1,0 +1,169 @@
+"""Coverage of every timm model: converts, outputs equal, bitwise round-trip through save/load.
+
+    python benchmarks/timm_coverage.py                      # the whole zoo, resumable
+    python benchmarks/timm_coverage.py --models resnet50 vit_small_patch16_224
+    python benchmarks/timm_coverage.py --retry-failed       # redo rows that did not pass
+    python benchmarks/timm_coverage.py --summary            # print the table from the CSV only
+
+Each model runs in a forked subprocess (default input size, pretrained=False, batch 1, eval) with a
+timeout; rows go to benchmarks/results/timm_coverage.csv as they finish.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from _sweep import read_rows, sweep  # benchmarks/ is on sys.path when a script here runs
+
+RESULTS = Path(__file__).resolve().parent / "results"
+OUT = RESULTS / "timm_coverage.csv"
+SIZES = RESULTS / "timm_sizes.json"
+BIG = 300e6  # parameters above which a model runs alone
+FIELDS = ["model", "status", "stage", "params_m", "input_size", "build_s", "convert_s", "vertices",
+          "converted", "outputs_equal", "max_diff", "roundtrip_equal", "error_class", "error"]
+STAGES = ["start", "build", "eager", "convert", "compare", "roundtrip", "done"]
+
+
+def check_model(name: str, stage) -> dict:
+    import timm
+    import torch
+
+    import torch_dag as td
+    from torch_dag.testing import bitwise_equal, compare_outputs
+
+    def at(s: str) -> None:
+        stage.value = STAGES.index(s)
+
+    at("build")
+    t0 = time.perf_counter()
+    try:
+        model = timm.create_model(name, pretrained=False).eval()
+    except Exception as e:
+        return {"status": "build_error", "error_class": type(e).__name__, "error": str(e)[:300]}
+    build_s = time.perf_counter() - t0
+    input_size = tuple(model.pretrained_cfg["input_size"])
+    row = {"params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
+           "input_size": "x".join(map(str, input_size)), "build_s": round(build_s, 2), "converted": False,
+           "outputs_equal": False, "roundtrip_equal": False}
+    torch.manual_seed(0)
+    x = torch.randn(1, *input_size)
+    at("eager")
+    with torch.no_grad():
+        try:
+            reference = model(x)
+        except Exception as e:
+            return {**row, "status": "eager_error", "error_class": type(e).__name__, "error": str(e)[:300]}
+    at("convert")
+    t0 = time.perf_counter()
+    try:
+        dag = td.build_from_unstructured_module(model, (x,))
+    except Exception as e:
+        return {**row, "status": "convert_error", "error_class": type(e).__name__,
+                "error": str(e)[:300].replace("\n", " ")}
+    row.update(convert_s=round(time.perf_counter() - t0, 3), vertices=len(dag), converted=True)
+    at("compare")
+    with torch.no_grad():
+        out = dag(x)
+    equal, diff, reason = compare_outputs(reference, out)
+    row.update(outputs_equal=equal, max_diff=f"{diff:.2e}")
+    if not equal:
+        return {**row, "status": "mismatch", "error_class": "OutputMismatch", "error": reason[:300]}
+    at("roundtrip")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = td.save(dag, Path(tmp) / f"{name}.dag")
+        del dag
+        loaded = td.load(path)
+        with torch.no_grad():
+            again = loaded(x)
+    row["roundtrip_equal"] = bitwise_equal(out, again)
+    if not row["roundtrip_equal"]:
+        return {**row, "status": "roundtrip_mismatch", "error_class": "RoundTripMismatch"}
+    at("done")
+    return {**row, "status": "ok"}
+
+
+def model_sizes(names: list[str]) -> dict[str, float]:
+    """Parameter counts, measured on the meta device in a separate process and cached as JSON."""
+    sizes = json.loads(SIZES.read_text()) if SIZES.exists() else {}
+    missing = [n for n in names if n not in sizes]
+    if missing:
+        code = (
+            "import json, sys, torch, timm\n"
+            "out = {}\n"
+            "for name in json.load(sys.stdin):\n"
+            "    try:\n"
+            "        with torch.device('meta'):\n"
+            "            m = timm.create_model(name, pretrained=False)\n"
+            "        out[name] = sum(p.numel() for p in m.parameters())\n"
+            "    except Exception:\n"
+            "        out[name] = -1\n"
+            "print(json.dumps(out))\n"
+        )
+        print(f"measuring the size of {len(missing)} models on the meta device ...", flush=True)
+        result = subprocess.run([sys.executable, "-c", code], input=json.dumps(missing), capture_output=True,
+                                text=True, check=True)
+        sizes.update(json.loads(result.stdout.strip().splitlines()[-1]))
+        SIZES.parent.mkdir(parents=True, exist_ok=True)
+        SIZES.write_text(json.dumps(sizes, indent=0, sort_keys=True))
+    return sizes
+
+
+def summarize(rows: dict[str, dict[str, str]]) -> str:
+    statuses = collections.Counter(r["status"] for r in rows.values())
+    unbuildable = {"build_error", "eager_error"}
+    timeouts_before_convert = [r for r in rows.values() if r["status"] in ("timeout", "crashed")
+                               and r.get("stage") in ("start", "build", "eager")]
+    buildable = [r for r in rows.values() if r["status"] not in unbuildable and r not in timeouts_before_convert]
+    ok = [r for r in buildable if r["status"] == "ok"]
+    times = sorted(float(r["convert_s"]) for r in rows.values() if r.get("convert_s"))
+    lines = [
+        f"models in sweep:            {len(rows)}",
+        f"build on this machine:      {len(buildable)} (not buildable: "
+        f"{sum(statuses[s] for s in unbuildable)} errors, {len(timeouts_before_convert)} timeouts/OOM before conversion)",
+        f"convert + equal + roundtrip: {len(ok)} / {len(buildable)} = {100 * len(ok) / max(1, len(buildable)):.1f}%",
+        f"conversion time: median {statistics.median(times):.3f} s, p90 {times[int(0.9 * len(times))]:.3f} s, "
+        f"max {times[-1]:.3f} s over {len(times)} models" if times else "conversion time: n/a",
+        "status counts: " + ", ".join(f"{k}={v}" for k, v in statuses.most_common()),
+        "failures by class:",
+    ]
+    failures = collections.Counter((r["status"], r["error_class"]) for r in buildable if r["status"] != "ok")
+    for (status, cls), n in failures.most_common():
+        examples = [r["model"] for r in buildable if r["status"] == status and r["error_class"] == cls][:4]
+        lines.append(f"  {n:4d}  {status:18s} {cls:24s} e.g. {', '.join(examples)}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="*", help="model names (default: every timm.list_models())")
+    parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--timeout", type=float, default=300)
+    parser.add_argument("--retry-failed", action="store_true", help="redo rows whose status is not ok")
+    parser.add_argument("--summary", action="store_true", help="only print the summary of the CSV")
+    args = parser.parse_args()
+    if not args.summary:
+        import timm
+        import torch  # noqa: F401  (imported once here; children are forked)
+
+        import torch_dag  # noqa: F401
+
+        names = args.models or timm.list_models()
+        sizes = model_sizes(names)
+        names = sorted(names, key=lambda n: sizes.get(n, -1))  # small first; big ones run alone, last
+        retry = (lambda r: r["status"] != "ok") if args.retry_failed else None
+        sweep(names, check_model, args.out, FIELDS, workers=args.workers, timeout=args.timeout,
+              retry=retry, stages=STAGES, exclusive=lambda n: sizes.get(n, 0) > BIG)
+    print(summarize(read_rows(args.out)))
+
+
+if __name__ == "__main__":
+    main()

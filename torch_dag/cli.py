@@ -1,0 +1,130 @@
+"""`torch-dag`: a thin command line over the public API.
+
+    torch-dag convert timm:resnet50 -o resnet50.dag
+    torch-dag convert mypkg.models:make_net --input-size 3x64x64 -o net.dag
+    torch-dag info resnet50.dag
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from . import analysis, converters, serde
+from .core.errors import DagError
+
+
+def load_model(spec: str) -> nn.Module:
+    """`timm:NAME` (pretrained=False) or `package.module:factory` (called with no arguments)."""
+    source, sep, name = spec.partition(":")
+    if not sep or not name:
+        raise SystemExit(f"model spec {spec!r} must be 'timm:NAME' or 'package.module:factory'")
+    if source == "timm":
+        try:
+            import timm
+        except ImportError:
+            raise SystemExit("timm is not installed: pip install 'torch-dag[timm]'") from None
+        return timm.create_model(name, pretrained=False)
+    module = importlib.import_module(source)  # the user named this module on the command line
+    factory = getattr(module, name, None)
+    if factory is None:
+        raise SystemExit(f"{source} has no attribute {name!r}")
+    model = factory()
+    if not isinstance(model, nn.Module):
+        raise SystemExit(f"{spec} returned {type(model).__name__}, not an nn.Module")
+    return model
+
+
+def parse_size(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(d) for d in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected sizes like 3x224x224, got {text!r}") from None
+
+
+def _example_input(model: nn.Module, input_size: tuple[int, ...] | None, batch: int) -> torch.Tensor:
+    if input_size is None:
+        cfg = getattr(model, "pretrained_cfg", None) or {}
+        if "input_size" not in cfg:
+            raise SystemExit("cannot tell the model's input size: pass --input-size, e.g. 3x224x224")
+        input_size = tuple(cfg["input_size"])
+    return torch.randn(batch, *input_size)
+
+
+def cmd_convert(args: argparse.Namespace) -> None:
+    steps = tqdm(total=4, desc="convert", unit="step", disable=args.quiet)
+    steps.set_postfix_str("building model")
+    model = load_model(args.model).eval()
+    x = _example_input(model, args.input_size, args.batch)
+    steps.update()
+    steps.set_postfix_str("tracing")
+    start = time.perf_counter()
+    dag = converters.build_from_unstructured_module(model, (x,))
+    seconds = time.perf_counter() - start
+    steps.update()
+    steps.set_postfix_str("checking outputs")
+    from .testing import compare_outputs
+
+    with torch.no_grad():
+        equal, diff, reason = compare_outputs(model(x), dag(x))
+    steps.update()
+    if not equal:
+        raise SystemExit(f"converted DAG's outputs differ from the model's: {reason}")
+    steps.set_postfix_str("saving")
+    path = serde.save(dag, args.output)
+    steps.update()
+    steps.close()
+    print(f"{args.model}: {len(dag)} vertices, converted in {seconds:.2f} s, max output difference "
+          f"{diff:.1e}, saved to {path} ({path.stat().st_size / 1e6:.1f} MB)")
+
+
+def cmd_info(args: argparse.Namespace) -> None:
+    dag = serde.load(args.path)
+    inputs = dag.example_inputs()
+    if args.input_size:
+        inputs = (torch.randn(inputs[0].shape[0], *args.input_size),)
+    report = analysis.count_flops(dag, *inputs)
+    shapes = ", ".join(f"{n}: {'x'.join(map(str, t.shape))}" for n, t in zip(dag.input_names, inputs))
+    print(f"{args.path}  (inputs {shapes})")
+    print(report.table(top=args.top))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="torch-dag", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    convert = sub.add_parser("convert", help="convert a model into a .dag file")
+    convert.add_argument("model", help="timm:NAME or package.module:factory")
+    convert.add_argument("-o", "--output", type=Path, required=True)
+    convert.add_argument("--input-size", type=parse_size, help="CxHxW (default: the model's pretrained_cfg)")
+    convert.add_argument("--batch", type=int, default=1)
+    convert.add_argument("-q", "--quiet", action="store_true")
+    convert.set_defaults(run=cmd_convert)
+
+    info = sub.add_parser("info", help="ops, params, FLOPs, kmapp and the heaviest vertices of a .dag")
+    info.add_argument("path", type=Path)
+    info.add_argument("--input-size", type=parse_size, help="CxHxW to count at (default: as converted)")
+    info.add_argument("--top", type=int, default=15)
+    info.set_defaults(run=cmd_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except DagError as e:
+        print(f"torch-dag: error: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+if __name__ == "__main__":
+    main()
