@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import Any
 
 import timm
 import torch
@@ -89,7 +90,7 @@ def overhead_interval(eager: list[int], other: list[int], resamples: int = 2000)
     return lo, hi
 
 
-def checked(fn: Callable, x: torch.Tensor, reference: torch.Tensor, rtol: float) -> tuple[bool, float, float, str]:
+def checked(fn: Callable, x: torch.Tensor, reference: Any, rtol: float) -> tuple[bool, float, float, str]:
     """Run `fn` once (this call includes any lazy compilation): (ran, seconds, max abs diff, error or '')."""
     t0 = time.perf_counter()
     try:
@@ -106,10 +107,11 @@ def bench_model(name: str, args: argparse.Namespace) -> list[Row]:
     input_size = tuple(model.pretrained_cfg["input_size"])
     dag, convert_s = time_conversion(model, torch.randn(1, *input_size), args.repeats)
     dag.eval()
-    rows = []
+    rows: list[Row] = []
     for batch in args.batches:
         x = torch.randn(batch, *input_size)
-        row = {v: Row(name, batch, v, args.threads) for v in ["eager", "dag", *(["compiled"] * args.compile)]}
+        variants = ["eager", "dag", "compiled"] if args.compile else ["eager", "dag"]
+        row = {v: Row(name, batch, v, args.threads) for v in variants}
         row["dag"].setup_s = convert_s
         fns = {"eager": model}
         with torch.inference_mode():
@@ -137,8 +139,8 @@ def bench_model(name: str, args: argparse.Namespace) -> list[Row]:
     return rows
 
 
-def fmt(value: float | None, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
+def fmt(value: float | None, spec: str, width: int) -> str:
+    return f"{'-' if value is None else format(value, spec):>{width}}"
 
 
 def print_table(rows: list[Row]) -> None:
@@ -147,9 +149,9 @@ def print_table(rows: list[Row]) -> None:
     for r in rows:
         spread = "-" if r.p25_ms is None else f"{r.p25_ms:.3f}-{r.p75_ms:.3f}"
         ci = "-" if r.ci95_lo_pct is None else f"[{r.ci95_lo_pct:+.1f}, {r.ci95_hi_pct:+.1f}]"
-        print(f"{r.model:28s} {r.batch:5d} {r.variant:9s} {fmt(r.median_ms, '10.3f')} {spread:>17s} "
-              f"{fmt(r.overhead_pct, '+10.1f')} {ci:>17s} {fmt(r.setup_s, '8.2f')} "
-              f"{fmt(r.max_abs_diff, '9.1e')}  {r.error[:200]}")
+        print(f"{r.model:28s} {r.batch:5d} {r.variant:9s} {fmt(r.median_ms, '.3f', 10)} {spread:>17s} "
+              f"{fmt(r.overhead_pct, '+.1f', 10)} {ci:>17s} {fmt(r.setup_s, '.2f', 8)} "
+              f"{fmt(r.max_abs_diff, '.1e', 9)}  {r.error[:200]}")
 
 
 def main() -> None:
@@ -168,10 +170,10 @@ def main() -> None:
     rows = [row for name in args.models for row in bench_model(name, args)]
     print_table(rows)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    with args.out.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=[f.name for f in fields(Row)])
+    with args.out.open("w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=[field.name for field in fields(Row)])
         writer.writeheader()
-        writer.writerows(asdict(r) for r in rows)
+        writer.writerows({k: f"{v:.6g}" if isinstance(v, float) else v for k, v in asdict(r).items()} for r in rows)
     print(f"wrote {args.out}")
 
 

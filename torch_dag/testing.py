@@ -46,9 +46,14 @@ def bitwise_equal(a: Any, b: Any) -> bool:
         if isinstance(x, torch.Tensor):
             if not isinstance(y, torch.Tensor) or x.shape != y.shape or x.dtype != y.dtype:
                 return False
-            if not torch.equal(x.detach().view(-1).view(torch.uint8) if x.dtype.is_floating_point else x,
-                               y.detach().view(-1).view(torch.uint8) if y.dtype.is_floating_point else y):
+            if not torch.equal(_bits(x), _bits(y)):
                 return False
         elif x != y:
             return False
     return True
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """The raw bytes of a tensor (so NaNs and signed zeros compare exactly)."""
+    flat = t.detach().contiguous().reshape(-1)
+    return flat.view(torch.uint8) if flat.is_floating_point() else flat

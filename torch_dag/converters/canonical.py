@@ -148,6 +148,8 @@ FUNCTION_TO_MODULE: dict[str, tuple[type[nn.Module], tuple[str, ...]]] = {
     "logsigmoid": (nn.LogSigmoid, ()),
     "softsign": (nn.Softsign, ()),
     "tanhshrink": (nn.Tanhshrink, ()),
+    "hardshrink": (nn.Hardshrink, ("lambd",)),
+    "softshrink": (nn.Softshrink, ("lambd",)),
     "glu": (nn.GLU, ("dim",)),
     "softmax": (nn.Softmax, ("dim",)),
     "log_softmax": (nn.LogSoftmax, ("dim",)),

@@ -273,6 +273,15 @@ def _generate(dag: DagModule) -> tuple[str, dict[int, str]]:
     if calls:
         lines.append(f"    {', '.join(calls)}, = __C")
     line_to_vertex = {}
+    last_use: dict[str, int] = {}
+    for i, vertex in enumerate(dag):
+        for name in vertex.predecessors:
+            last_use[name] = i
+    returned = set(unique_refs(dag.output))
+    dead_after: dict[int, list[str]] = {}
+    for name, i in last_use.items():
+        if name in dag._vertices and name not in returned:
+            dead_after.setdefault(i, []).append(names[name])
     for i, vertex in enumerate(dag):
         target = names[vertex.name]
         if isinstance(vertex.module, Parameter):
@@ -288,6 +297,8 @@ def _generate(dag: DagModule) -> tuple[str, dict[int, str]]:
             code = f"{calls[i]}({', '.join(args)})"
         line_to_vertex[len(lines) + 1] = vertex.name
         lines.append(f"    {target} = {code}")
+        if i in dead_after:  # free intermediates as soon as nothing reads them again, as eager code does
+            lines.append(f"    {' = '.join(dead_after[i])} = None")
     lines.append(f"    return {expr(dag.output)}")
     return "\n".join(lines) + "\n", line_to_vertex
 

@@ -424,7 +424,7 @@ for _name in ("linear", "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_
               "conv_transpose3d", "batch_norm", "layer_norm", "group_norm", "instance_norm", "rms_norm",
               "normalize", "scaled_dot_product_attention", "interpolate", "pad", "embedding", "one_hot",
               "grid_sample", "unfold", "fold", "cosine_similarity", "pairwise_distance", "dropout1d",
-              "dropout2d", "dropout3d", "alpha_dropout",
+              "dropout2d", "dropout3d", "alpha_dropout", "hardshrink", "softshrink", "bilinear",
               "gelu", "silu", "mish", "hardswish", "hardsigmoid", "leaky_relu", "elu", "relu6", "softplus",
               "glu", "local_response_norm", "adaptive_avg_pool1d", "adaptive_avg_pool2d",
               "adaptive_avg_pool3d", "adaptive_max_pool1d", "adaptive_max_pool2d", "avg_pool1d",

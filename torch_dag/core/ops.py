@@ -129,15 +129,30 @@ _MODULE_OPS_BY_NAME: dict[str, ModuleOpSpec] = {}
 _SKIPPED_INIT_PARAMS = {"self", "device", "dtype", "_weight", "_freeze"}
 
 
+# classes whose __init__ takes *args/**kwargs: the arguments they really take
+_RNN_PARAMS = ("input_size", "hidden_size", "num_layers", "bias", "batch_first", "dropout", "bidirectional",
+               "proj_size")
+_INIT_PARAMS_OVERRIDE = {nn.LSTM: _RNN_PARAMS, nn.GRU: _RNN_PARAMS[:-1],
+                         nn.RNN: ("input_size", "hidden_size", "num_layers", "nonlinearity", *_RNN_PARAMS[3:-1])}
+
+
+def _init_params(cls: type[nn.Module]) -> tuple[inspect.Parameter, ...]:
+    """Constructor parameters stored in a config (device/dtype factory arguments of torch.nn excluded)."""
+    if cls in _INIT_PARAMS_OVERRIDE:
+        base = inspect.signature(nn.RNNBase.__init__).parameters
+        return tuple(base.get(n) or inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default="tanh")
+                     for n in _INIT_PARAMS_OVERRIDE[cls])
+    skipped = _SKIPPED_INIT_PARAMS if cls.__module__.startswith("torch.nn") else {"self"}
+    return tuple(p for p in inspect.signature(cls.__init__).parameters.values()
+                 if p.name not in skipped and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD))
+
+
 def register_module_op(cls: type[nn.Module], name: str | None = None) -> type[nn.Module]:
     """Add a module class to the vocabulary (a duplicate name or class raises)."""
     name = name or cls.__name__
     if name in _MODULE_OPS_BY_NAME or name in FUNCTIONS or cls in MODULE_OPS:
         raise ValueError(f"op {name!r} ({cls.__qualname__}) is already registered")
-    params = tuple(
-        p for p in inspect.signature(cls.__init__).parameters.values()
-        if p.name not in _SKIPPED_INIT_PARAMS and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
-    )
+    params = _init_params(cls)
     spec = ModuleOpSpec(name, cls, params)
     MODULE_OPS[cls] = spec
     _MODULE_OPS_BY_NAME[name] = spec

@@ -37,6 +37,8 @@ def iter_refs(template: Any) -> Iterator[Ref]:
     elif isinstance(template, dict):
         for value in template.values():
             yield from iter_refs(value)
+    elif isinstance(template, slice):
+        yield from iter_refs((template.start, template.stop, template.step))
 
 
 def map_refs(template: Any, fn: Callable[[Ref], Any]) -> Any:
@@ -49,6 +51,8 @@ def map_refs(template: Any, fn: Callable[[Ref], Any]) -> Any:
         return tuple(map_refs(item, fn) for item in template)
     if isinstance(template, dict):
         return {key: map_refs(value, fn) for key, value in template.items()}
+    if isinstance(template, slice):
+        return slice(*(map_refs(v, fn) for v in (template.start, template.stop, template.step)))
     return template
 
 

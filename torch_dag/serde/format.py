@@ -29,7 +29,7 @@ from ..core.dag import DagModule, Vertex, is_valid_vertex_name
 from ..core.errors import DagError, LoadError, UnknownOpError, VerifyError
 from ..core.functions import FUNCTIONS
 from ..core.ops import FunctionOp, is_dag_module, module_op_spec, op_name
-from ..core.template import from_json, to_json
+from ..core.template import DTYPES, from_json, to_json
 from ..core.verify import verify
 
 SCHEMA_VERSION = 1
@@ -65,6 +65,9 @@ def save(dag: DagModule, path: str | os.PathLike) -> Path:
         safetensors.torch.save_file(tensors, tmp, metadata=metadata)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp made it private; a saved model is an ordinary file
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -83,15 +86,28 @@ def _graph_json(dag: DagModule) -> dict[str, Any]:
         elif is_dag_module(vertex.module):
             entry["config"] = _graph_json(vertex.module)
         elif not isinstance(vertex.module, FunctionOp):
-            config = module_op_spec(vertex.op).config(vertex.module)
+            spec = module_op_spec(vertex.op)
+            config = spec.config(vertex.module)
             entry["config"] = {k: to_json(v) for k, v in config.items()}
+            dtypes = _dtypes_differing(spec.build(config), vertex.module)
+            if dtypes:
+                entry["dtypes"] = dtypes
         entry["args"] = to_json(list(vertex.args))
         entry["kwargs"] = {k: to_json(v) for k, v in vertex.kwargs.items()}
+        if vertex.module.training != dag.training:
+            entry["training"] = vertex.module.training
         if vertex.meta:
             entry["meta"] = _json_safe(vertex.meta)
         vertices.append(entry)
     return {"inputs": list(dag.input_names), "input_meta": _json_safe(dag.input_meta), "vertices": vertices,
             "output": to_json(dag.output)}
+
+
+def _dtypes_differing(fresh: nn.Module, module: nn.Module) -> dict[str, str]:
+    """Tensors whose dtype differs from a freshly built module's (a float64 or bf16 layer)."""
+    built = fresh.state_dict(keep_vars=True)
+    return {key: str(t.dtype).removeprefix("torch.") for key, t in module.state_dict(keep_vars=True).items()
+            if key in built and built[key].dtype != t.dtype}
 
 
 def _json_safe(meta: dict[str, Any]) -> dict[str, Any]:
@@ -153,14 +169,15 @@ def load(path: str | os.PathLike, *, strict_checksum: bool = True) -> DagModule:
     graph = _read_graph(path, header)
     try:
         with safetensors.safe_open(str(path), framework="pt") as f:
-            tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (not a dict)
+            # clone: fresh, allocator-aligned memory, so kernels take the same paths as before saving
+            tensors = {key: f.get_tensor(key).clone() for key in f.keys()}  # noqa: SIM118 (not a dict)
     except Exception as e:  # safetensors reports what it could not read with its own error type
         raise LoadError(f"{path}: weights are unreadable ({type(e).__name__}: {e})") from None
     if strict_checksum and _checksum(tensors) != graph.get("checksum"):
         raise LoadError(f"{path}: weight checksum mismatch: the file is corrupted or was modified")
     dag = _build_dag(graph, depth=0)
     _load_weights(dag, tensors, graph, path)
-    dag.train(graph.get("training") is True)
+    _restore_training_flags(dag, graph)
     try:
         verify(dag)
     except VerifyError as e:
@@ -227,6 +244,19 @@ def _read_graph(path: Path, header: dict[str, Any]) -> dict[str, Any]:
     return graph
 
 
+def _restore_training_flags(dag: DagModule, graph: dict[str, Any]) -> None:
+    """Train/eval as saved: the DAG's flag, then vertices saved in the other mode (a frozen BN, say)."""
+    dag.train(graph.get("training") is True)
+    entries = {e.get("name"): e for e in graph.get("vertices", []) if isinstance(e, dict)}
+    for vertex in dag:
+        flag = entries.get(vertex.name, {}).get("training")
+        if isinstance(flag, bool):
+            vertex.module.train(flag)
+        if is_dag_module(vertex.module) and isinstance(entries.get(vertex.name, {}).get("config"), dict):
+            _restore_training_flags(vertex.module, {"training": vertex.module.training,
+                                                    **entries[vertex.name]["config"]})
+
+
 def _expect(condition: bool, message: str) -> None:
     if not condition:
         raise LoadError(message)
@@ -236,8 +266,8 @@ def _build_dag(graph: Any, depth: int) -> DagModule:
     _expect(depth <= _MAX_DEPTH, f"DAGs nested more than {_MAX_DEPTH} levels deep")
     _expect(isinstance(graph, dict), "graph must be an object")
     inputs, entries = graph.get("inputs"), graph.get("vertices")
-    _expect(isinstance(inputs, list) and all(is_valid_vertex_name(n) for n in inputs),
-            f"inputs must be a list of identifiers, got {str(inputs)[:80]}")
+    _expect(isinstance(inputs, list) and all(is_valid_vertex_name(n) for n in inputs)
+            and len(set(inputs)) == len(inputs), f"inputs must be a list of distinct identifiers, got {str(inputs)[:80]}")
     _expect(isinstance(entries, list), "vertices must be a list")
     vertices: list[Vertex] = []
     by_name: dict[str, Vertex] = {}
@@ -277,7 +307,24 @@ def _build_vertex(entry: Any, index: int, by_name: dict[str, Vertex], depth: int
         module = other.module
     else:
         module = _build_module(op, entry.get("config"), where, depth)
+        _set_dtypes(module, entry.get("dtypes", {}), where)
     return Vertex(name, module, tuple(args), kwargs, dict(meta))
+
+
+def _set_dtypes(module: nn.Module, dtypes: Any, where: str) -> None:
+    _expect(isinstance(dtypes, dict), f"{where}: dtypes must be an object")
+    state = module.state_dict(keep_vars=True)
+    for key, name in dtypes.items():
+        _expect(key in state, f"{where}: dtypes names {key!r}, which the module does not have")
+        dtype = DTYPES.get(name) if isinstance(name, str) else None
+        _expect(dtype is not None, f"{where}: unknown dtype {name!r}")
+        owner_path, _, attr = key.rpartition(".")
+        owner = module.get_submodule(owner_path)
+        tensor = state[key].to(dtype)
+        if attr in owner._parameters:
+            owner._parameters[attr] = nn.Parameter(tensor, requires_grad=tensor.is_floating_point())
+        else:
+            owner._buffers[attr] = tensor
 
 
 def _build_module(op: str, config: Any, where: str, depth: int) -> nn.Module:
@@ -314,10 +361,13 @@ def _load_weights(dag: DagModule, tensors: dict[str, torch.Tensor], graph: dict[
     _expect(not missing, f"{path}: weights missing for {missing[:5]}")
     _expect(not unexpected, f"{path}: unexpected weights {unexpected[:5]}")
     for key, like in expected.items():
-        tensor = tensors[tied.get(key, key)]
+        source = tied.get(key, key)
+        tensor = tensors[source]
         _expect(tensor.shape == like.shape and tensor.dtype == like.dtype,
                 f"{path}: {key} is stored as {tuple(tensor.shape)} {tensor.dtype}, "
                 f"the graph needs {tuple(like.shape)} {like.dtype}")
+        _expect(isinstance(like, nn.Parameter) == isinstance(expected.get(source), nn.Parameter),
+                f"{path}: {key} is tied to {source!r}, but one is a parameter and the other a buffer")
     objects: dict[str, torch.Tensor] = {}
     for key, like in expected.items():
         source = tied.get(key, key)
