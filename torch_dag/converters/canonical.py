@@ -38,6 +38,10 @@ def _build_spelling_tables() -> tuple[dict[Any, str], dict[str, str]]:
                     target = getattr(namespace, spelling, None)  # torch.relu_ is relu, in place
                     if target is not None:
                         claim(by_target, target, op, f"{namespace.__name__}.{spelling}")
+        for name in spec.spellings.torch:  # the C function a Python wrapper dispatches to (torch.meshgrid)
+            target = getattr(torch._C._VariableFunctions, name, None)
+            if target is not None and target not in by_target:
+                by_target[target] = op
         for name in spec.spellings.methods:
             claim(by_method, name, op, f"Tensor.{name}")
         if spec.fn not in by_target:  # our canonical callables (e.g. from a converted DagModule)

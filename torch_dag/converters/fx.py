@@ -43,6 +43,8 @@ def build_from_unstructured_module(
         raise TypeError(f"expected an nn.Module, got {type(model).__name__}")
     inputs = _bind_example_inputs(model, example_inputs, example_kwargs)
     was_training = model.training
+    snapshot = {module: [(state, dict(state)) for state in (vars(module), module._buffers, module._parameters)]
+                for module in model.modules()}
     model.eval()
     try:
         with torch.no_grad():
@@ -50,7 +52,20 @@ def build_from_unstructured_module(
         dag = _Canonicalizer(model, graph, tracer).run()
         return dag.train(was_training)
     finally:
+        _restore_attributes(snapshot)
         model.train(was_training)
+
+
+def _restore_attributes(snapshot: dict[nn.Module, list[tuple[dict, dict]]]) -> None:
+    """Undo what tracing left on the model: fx's `_tensor_constant` attributes and values a forward
+    caches on itself (`self.rel_indices = ...`, even into buffers), which would hold proxies."""
+    for states in snapshot.values():
+        for state, before in states:
+            for key in [k for k in state if k not in before]:
+                del state[key]
+            for key, value in before.items():
+                if state.get(key, value) is not value:
+                    state[key] = value
 
 
 def _bind_example_inputs(model: nn.Module, example_inputs: Any, example_kwargs: dict | None
@@ -87,7 +102,7 @@ def _trace(model: nn.Module, inputs: dict[str, Any] | None) -> tuple[fx.Graph, C
             concrete_args[name] = param.default
     tracer.concrete_defaults = concrete_args
     try:
-        with tracer.patch_size_taking():
+        with tracer.patch_size_taking(), tracer.trace_through_fx_wraps():
             graph = tracer.trace(model, concrete_args=concrete_args or None)
     except ConversionError:
         raise

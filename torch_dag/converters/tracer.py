@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import operator
 from collections.abc import Iterator
 from typing import Any
@@ -78,46 +79,49 @@ class ConcreteProxy(fx.Proxy):
     def _known(self) -> bool:
         return self._td_value is not _MISSING
 
-    def _specialize(self, value: Any, what: str) -> Any:
-        self.tracer.create_proxy("call_function", _GUARD, (self, value, what), {})
+    def _specialize(self, value: Any, how: str, what: str) -> Any:
+        """Hand out `value` (= how(self)) and record a guard that `how(self)` stays `value` at run time."""
+        self.tracer.create_proxy("call_function", _GUARD, (self, how, value, what), {})
         return value
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("__") or name == "_td_value":
             raise AttributeError(name)
-        return ConcreteAttribute(self, name)
+        return ConcreteAttribute.make(self, name)
 
     def __bool__(self) -> bool:
         if not self._known:
             return super().__bool__()
-        return self._specialize(bool(self._td_value), f"the condition {self.node.name}")
+        return self._specialize(bool(self._td_value), "bool", f"the condition {self.node.name}")
 
     def __int__(self) -> int:
         if not self._known:
             raise fx.proxy.TraceError(f"int() of a symbolic value {self.node.name}")
-        return self._specialize(int(self._td_value), f"the integer {self.node.name}")
+        return self._specialize(int(self._td_value), "int", f"the integer {self.node.name}")
 
     def __index__(self) -> int:
         if not self._known:
             raise fx.proxy.TraceError(f"symbolic value {self.node.name} used as an index")
-        return self._specialize(self._td_value.__index__(), f"the index {self.node.name}")
+        return self._specialize(operator.index(self._td_value), "index", f"the index {self.node.name}")
 
     def __float__(self) -> float:
         if not self._known:
             raise fx.proxy.TraceError(f"float() of a symbolic value {self.node.name}")
-        return self._specialize(float(self._td_value), f"the number {self.node.name}")
+        return self._specialize(float(self._td_value), "float", f"the number {self.node.name}")
 
     def __ceil__(self) -> int:
-        return self._specialize(self._td_value.__ceil__(), f"ceil of {self.node.name}")
+        return self._specialize(math.ceil(self._td_value), "ceil", f"ceil of {self.node.name}")
 
     def __floor__(self) -> int:
-        return self._specialize(self._td_value.__floor__(), f"floor of {self.node.name}")
+        return self._specialize(math.floor(self._td_value), "floor", f"floor of {self.node.name}")
 
     def __round__(self, ndigits: int | None = None) -> Any:
-        return self._specialize(round(self._td_value, ndigits), f"round of {self.node.name}")
+        if ndigits is not None:
+            raise fx.proxy.TraceError(f"round({self.node.name}, ndigits) is not supported")
+        return self._specialize(round(self._td_value), "round", f"round of {self.node.name}")
 
     def __trunc__(self) -> int:
-        return self._specialize(self._td_value.__trunc__(), f"trunc of {self.node.name}")
+        return self._specialize(math.trunc(self._td_value), "trunc", f"trunc of {self.node.name}")
 
     def __len__(self) -> int:
         if not self._known:
@@ -125,7 +129,7 @@ class ConcreteProxy(fx.Proxy):
         value = self._td_value
         if isinstance(value, torch.Tensor):
             size0 = self.tracer.create_proxy("call_method", "size", (self, 0), {})
-            return size0._specialize(len(value), f"the size of dim 0 of {self.node.name}")
+            return size0._specialize(len(value), "int", f"the size of dim 0 of {self.node.name}")
         return len(value)
 
     def __iter__(self) -> Iterator[Any]:
@@ -136,7 +140,7 @@ class ConcreteProxy(fx.Proxy):
     def __contains__(self, item: Any) -> bool:
         if not self._known:
             raise fx.proxy.TraceError(f"'in' on a symbolic value {self.node.name}")
-        return self._specialize(item in self._td_value, f"membership in {self.node.name}")
+        raise fx.proxy.TraceError(f"'in' on a traced value {self.node.name} is not supported")
 
     def __setitem__(self, index: Any, value: Any) -> None:
         self.tracer.create_proxy("call_function", operator.setitem, (self, index, value), {})
@@ -152,6 +156,14 @@ class ConcreteAttribute(fx.proxy.Attribute, ConcreteProxy):
         fx.proxy.Attribute.__init__(self, root, attr)
         value = getattr(root._td_value, attr, _MISSING) if root._known else _MISSING
         self._td_value = value
+
+    @staticmethod
+    def make(root: ConcreteProxy, attr: str) -> Any:
+        """`x.device.type`, `x.dtype.is_floating_point`: facts about where and how a tensor is stored
+        are read as constants (the DAG is moved with `.to()` like any module)."""
+        if root._known and isinstance(root._td_value, (torch.device, torch.dtype)):
+            return getattr(root._td_value, attr)
+        return ConcreteAttribute(root, attr)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.tracer.create_proxy("call_method", self.attr, (self.root, *args), kwargs)
@@ -215,6 +227,20 @@ class ConcreteTracer(fx.Tracer):
         if kind == "call_module":
             return self.root.get_submodule(target)(*args, **kwargs)
         raise AssertionError(kind)
+
+    @contextlib.contextmanager
+    def trace_through_fx_wraps(self) -> Iterator[None]:
+        """Libraries mark helpers with `torch.fx.wrap` to keep plain fx out of their control flow; with
+        concrete values we trace through them instead, so they end up as vocabulary ops."""
+        import torch.fx._symbolic_trace as symbolic_trace
+
+        wrapped = symbolic_trace._wrapped_fns_to_patch
+        kept = {key: value for key, value in wrapped.items() if key[1] == "_assert_is_none"}
+        symbolic_trace._wrapped_fns_to_patch = kept if self.inputs is not None else wrapped
+        try:
+            yield
+        finally:
+            symbolic_trace._wrapped_fns_to_patch = wrapped
 
     @contextlib.contextmanager
     def patch_size_taking(self) -> Iterator[None]:

@@ -9,6 +9,7 @@ as well as tensors, so shape arithmetic (`x.shape[0] * 2`) runs through the same
 from __future__ import annotations
 
 import inspect
+import math
 import operator
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -330,6 +331,12 @@ def unbind(input, dim=0):
     return torch.unbind(input, dim)
 
 
+@function_op("unfold_dim", methods=["unfold"])
+def unfold_dim(input, dimension, size, step):
+    """`Tensor.unfold`: sliding windows along one dimension (not `F.unfold`, which is im2col)."""
+    return input.unfold(dimension, size, step)
+
+
 @function_op("narrow", torch=["narrow"], methods=["narrow"])
 def narrow(input, dim, start, length):
     return torch.narrow(input, dim, start, length)
@@ -441,10 +448,17 @@ def assert_(condition, message):
     torch._assert(condition, message)
 
 
+_GUARD_CONVERSIONS = {"bool": bool, "int": int, "float": float, "index": operator.index, "ceil": math.ceil,
+                      "floor": math.floor, "round": round, "trunc": math.trunc}
+
+
 @function_op("guard", side_effect=True)
-def guard(value, expected, what):
-    """Check a value the converter specialised on (shape-dependent control flow) still holds."""
+def guard(value, how, expected, what):
+    """Check that a decision the converter specialised on (Python control flow on a traced value:
+    `if`, `int()`, `math.ceil()`, ...) comes out the same at run time; `how` names the conversion."""
     actual = value.item() if isinstance(value, torch.Tensor) and value.numel() == 1 else value
+    if not isinstance(actual, torch.Tensor):
+        actual = _GUARD_CONVERSIONS[how](actual)
     if isinstance(actual, torch.Tensor) or actual != expected:
         raise RuntimeError(
             f"torch_dag guard failed: {what} was {expected!r} when the model was converted and is "
