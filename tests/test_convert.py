@@ -24,7 +24,7 @@ def test_eval_outputs_equal(name):
     model, inputs, dag = convert(name)
     td.verify(dag)
     with torch.no_grad():
-        equal, diff, reason = compare_outputs(model(*inputs), dag(*inputs))
+        equal, _diff, reason = compare_outputs(model(*inputs), dag(*inputs))
     assert equal, reason
 
 
@@ -74,7 +74,7 @@ def test_training_mode_matches_eager(name):
 
 
 def test_dropout_is_active_in_training():
-    model, inputs, dag = convert("dropouts")
+    _model, inputs, dag = convert("dropouts")
     dag.train()
     assert not torch.equal(dag(*inputs), dag(*inputs))
     dag.eval()
@@ -111,14 +111,14 @@ def test_in_place_ops_are_functionalized():
 
 
 def test_guard_catches_a_different_branch():
-    model, inputs, dag = convert("shape_arithmetic")
+    _model, _inputs, dag = convert("shape_arithmetic")
     assert "guard" in [v.op for v in dag]
     with pytest.raises(RuntimeError, match="guard failed"):
         dag(torch.randn(1, 3, 12, 12))  # 12 % 4 == 0 takes the other branch in the source model
 
 
 def test_optional_input_baked_as_default():
-    model, inputs, dag = convert("multi_input_outputs")
+    _model, _inputs, dag = convert("multi_input_outputs")
     assert dag.input_names == ["x", "y"]  # mask=None was not given, so it is not an input
 
 
@@ -164,7 +164,7 @@ def test_conversion_does_not_touch_the_model_or_inputs():
 
 
 def test_deepcopy_and_state_dict():
-    model, inputs, dag = convert("residual")
+    _model, inputs, dag = convert("residual")
     clone = copy.deepcopy(dag)
     assert clone.vertex_modules["head"] is not dag.vertex_modules["head"]
     with torch.no_grad():

@@ -238,7 +238,7 @@ class Recurrent(nn.Module):
         self.head = nn.Linear(12, 3)
 
     def forward(self, x):
-        out, (h, c) = self.lstm(x)
+        out, (h, _c) = self.lstm(x)
         return self.head(out[:, -1]) + h[-1].sum(-1, keepdim=True)
 
 
