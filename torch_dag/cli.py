@@ -31,8 +31,14 @@ def load_model(spec: str) -> nn.Module:
             import timm
         except ImportError:
             raise SystemExit("timm is not installed: pip install 'torch-dag[timm]'") from None
-        return timm.create_model(name, pretrained=False)
-    module = importlib.import_module(source)  # the user named this module on the command line
+        try:
+            return timm.create_model(name, pretrained=False)
+        except RuntimeError as e:  # timm's "Unknown model"
+            raise SystemExit(f"timm cannot build {name!r}: {e}") from None
+    try:
+        module = importlib.import_module(source)  # the user named this module on the command line
+    except ImportError as e:
+        raise SystemExit(f"cannot import {source!r} for model spec {spec!r}: {e}") from None
     factory = getattr(module, name, None)
     if factory is None:
         raise SystemExit(f"{source} has no attribute {name!r}")

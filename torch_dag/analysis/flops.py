@@ -105,11 +105,36 @@ def _input_numel(vertex: Vertex, args: tuple, kwargs: dict, out: Any) -> int:
 
 
 def _interpolate(vertex: Vertex, args: tuple, kwargs: dict, out: Any) -> int:
+    """fvcore counts 2-d nearest (1 per output) and bilinear (4 per output) upsampling only."""
     mode = args[3] if len(args) > 3 else kwargs.get("mode", "nearest")
-    scale = {"nearest": 1, "bilinear": 4, "linear": 1 * 2}.get(mode, 0)
-    if mode == "linear":
-        scale = 0  # fvcore has no rule for 1-d linear interpolation
-    return _numel(out.shape) * scale
+    if out.dim() != 4:
+        return 0
+    return _numel(out.shape) * {"nearest": 1, "bilinear": 4}.get(mode, 0)
+
+
+def _batch_norm_function(vertex: Vertex, args: tuple, kwargs: dict, out: Any) -> int:
+    training = args[5] if len(args) > 5 else kwargs.get("training", False)
+    affine = len(args) > 3 and args[3] is not None
+    if training:
+        return _numel(args[0].shape) * (5 if affine else 4)
+    return _numel(args[0].shape) * (2 if affine else 1)
+
+
+def _norm_function(affine_index: int) -> FlopRule:
+    def rule(vertex: Vertex, args: tuple, kwargs: dict, out: Any) -> int:
+        affine = len(args) > affine_index and args[affine_index] is not None
+        return _numel(args[0].shape) * (5 if affine else 4)
+
+    return rule
+
+
+def _output_numel(scale: int) -> FlopRule:
+    return lambda vertex, args, kwargs, out: _numel(out.shape) * scale
+
+
+def _conv_transpose_function(vertex: Vertex, args: tuple, kwargs: dict, out: Any) -> int:
+    x, weight = args[0], args[1]
+    return x.shape[0] * _numel(weight.shape) * _numel(x.shape[2:])
 
 
 def _sdpa(vertex: Vertex, args: tuple, kwargs: dict, out: Any) -> int:
@@ -136,15 +161,16 @@ FLOP_RULES: dict[str, FlopRule] = {
     "ConvTranspose1d": _conv, "ConvTranspose2d": _conv, "ConvTranspose3d": _conv,
     "conv1d": _conv_function, "conv2d": _conv_function, "conv3d": _conv_function,
     "Linear": _linear, "linear": _linear,
-    "matmul": _matmul, "addmm": _addmm, "baddbmm": _addmm, "einsum": _einsum,
+    "conv_transpose1d": _conv_transpose_function, "conv_transpose2d": _conv_transpose_function,
+    "conv_transpose3d": _conv_transpose_function,
+    "matmul": _matmul, "addmm": _addmm, "einsum": _einsum,
     "BatchNorm1d": _batch_norm, "BatchNorm2d": _batch_norm, "BatchNorm3d": _batch_norm,
     "LayerNorm": _norm("elementwise_affine"), "GroupNorm": _norm("affine"),
     "InstanceNorm1d": _norm("affine"), "InstanceNorm2d": _norm("affine"), "InstanceNorm3d": _norm("affine"),
-    "layer_norm": lambda v, a, k, o: _numel(a[0].shape) * (5 if len(a) > 2 and a[2] is not None else 4),
-    "group_norm": lambda v, a, k, o: _numel(a[0].shape) * (5 if len(a) > 2 and a[2] is not None else 4),
-    "AdaptiveAvgPool1d": _input_numel, "AdaptiveAvgPool2d": _input_numel, "AdaptiveAvgPool3d": _input_numel,
-    "adaptive_avg_pool2d": _input_numel,
-    "interpolate": _interpolate,
+    "batch_norm": _batch_norm_function, "layer_norm": _norm_function(2), "group_norm": _norm_function(2),
+    "instance_norm": _norm_function(3),
+    "AdaptiveAvgPool2d": _input_numel, "adaptive_avg_pool2d": _input_numel,
+    "interpolate": _interpolate, "grid_sample": _output_numel(4),
     "scaled_dot_product_attention": _sdpa,
     "MultiheadAttention": _multihead_attention,
 }

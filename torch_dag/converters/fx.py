@@ -42,6 +42,9 @@ def build_from_unstructured_module(
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected an nn.Module, got {type(model).__name__}")
     inputs = _bind_example_inputs(model, example_inputs, example_kwargs)
+    if vocabulary_spec(model) is not None:  # fx never treats the root as a leaf: wrap it
+        model = _Root(model)
+        inputs = {"input": inputs[next(iter(inputs))]} if inputs else None
     was_training = model.training
     snapshot = {module: [(state, dict(state)) for state in (vars(module), module._buffers, module._parameters)]
                 for module in model.modules()}
@@ -66,6 +69,17 @@ def _restore_attributes(snapshot: dict[nn.Module, list[tuple[dict, dict]]]) -> N
             for key, value in before.items():
                 if state.get(key, value) is not value:
                     state[key] = value
+
+
+class _Root(nn.Module):
+    """Holder that lets a single vocabulary layer (an `nn.LSTM`, a `Conv2d`) be traced as a leaf."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.layer = module
+
+    def forward(self, input):
+        return self.layer(input)
 
 
 def _bind_example_inputs(model: nn.Module, example_inputs: Any, example_kwargs: dict | None
@@ -325,7 +339,8 @@ class _Canonicalizer:
                                                                                       is_constant)
         if built is not None:
             module, args = built
-            ref = self.add(node, module, args, {})
+            path = self.module_path(node)  # a layer written functionally is named after its module
+            ref = self.add(node, module, args, {}, hint=path.replace(".", "_") if path else None)
         else:
             ref = self.add(node, FunctionOp(op), args, kwargs)
         if op in _VIEW_OPS and args and isinstance(args[0], Ref):

@@ -245,6 +245,11 @@ def transpose(input, dim0, dim1):
     return input.transpose(dim0, dim1)
 
 
+@function_op("t", torch=["t"], methods=["t", "t_"])
+def t(input):
+    return input.t()
+
+
 @function_op("movedim", torch=["movedim", "moveaxis"], methods=["movedim", "moveaxis"])
 def movedim(input, source, destination):
     return torch.movedim(input, source, destination)

@@ -106,7 +106,11 @@ class ModuleOpSpec:
 
     def config(self, module: nn.Module) -> dict[str, Any]:
         config = {}
+        derived = _DERIVED_CONFIG.get(self.cls, {})
         for param in self.params:
+            if param.name in derived:
+                config[param.name] = derived[param.name](module)
+                continue
             if not hasattr(module, param.name):
                 continue  # not kept by the module (e.g. PReLU's init): its state lives in the weights
             value = getattr(module, param.name)
@@ -134,6 +138,13 @@ _RNN_PARAMS = ("input_size", "hidden_size", "num_layers", "bias", "batch_first",
                "proj_size")
 _INIT_PARAMS_OVERRIDE = {nn.LSTM: _RNN_PARAMS, nn.GRU: _RNN_PARAMS[:-1],
                          nn.RNN: ("input_size", "hidden_size", "num_layers", "nonlinearity", *_RNN_PARAMS[3:-1])}
+
+
+# constructor arguments a class does not keep as attributes of the same name
+_DERIVED_CONFIG: dict[type[nn.Module], dict[str, Callable[[nn.Module], Any]]] = {
+    nn.MultiheadAttention: {"bias": lambda m: m.in_proj_bias is not None,
+                            "add_bias_kv": lambda m: m.bias_k is not None},
+}
 
 
 def _init_params(cls: type[nn.Module]) -> tuple[inspect.Parameter, ...]:

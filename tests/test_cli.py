@@ -1,0 +1,198 @@
+"""The command line: convert a timm model or a user factory to a .dag file, then describe it with `info`."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+import torch_dag as td
+from torch_dag.cli import main
+
+FACTORY_MODULE = textwrap.dedent(
+    '''
+    """A user's own models, importable as `mypkg`."""
+    import torch
+    from torch import nn
+
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3, padding=1)
+            self.head = nn.Linear(8, 5)
+
+        def forward(self, x):
+            return self.head(torch.relu(self.conv(x)).mean((2, 3)))
+
+
+    def factory():
+        torch.manual_seed(0)
+        return Net()
+
+
+    def not_a_model():
+        return "a string"
+    '''
+)
+
+
+@pytest.fixture
+def mypkg(tmp_path, monkeypatch):
+    """A module `mypkg` on sys.path for this test only."""
+    (tmp_path / "mypkg.py").write_text(FACTORY_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield tmp_path
+    sys.modules.pop("mypkg", None)
+
+
+@pytest.fixture(scope="module")
+def resnet_dag(tmp_path_factory) -> Path:
+    pytest.importorskip("timm")
+    path = tmp_path_factory.mktemp("cli") / "r.dag"
+    main(["convert", "timm:resnet18", "--input-size", "3x64x64", "-o", str(path), "-q"])
+    return path
+
+
+def test_convert_timm_writes_a_loadable_file(resnet_dag):
+    dag = td.load(resnet_dag)
+    td.verify(dag)
+    (x,) = dag.example_inputs()
+    assert tuple(x.shape) == (1, 3, 64, 64)
+    assert dag(x).shape == (1, 1000)
+
+
+def test_convert_reports_what_it_did(tmp_path, capsys):
+    pytest.importorskip("timm")
+    path = tmp_path / "sub" / "r.dag"
+    main(["convert", "timm:resnet18", "--input-size", "3x32x32", "--batch", "2", "-o", str(path), "-q"])
+    out, err = capsys.readouterr()
+    dag = td.load(path)
+    assert out.startswith(f"timm:resnet18: {len(dag)} vertices, converted in ")
+    assert f"saved to {path}" in out
+    assert err == ""  # -q: no progress bar
+    (x,) = dag.example_inputs()
+    assert tuple(x.shape) == (2, 3, 32, 32)
+
+
+def test_info_prints_params_flops_kmapp_and_ops(resnet_dag, capsys):
+    main(["info", str(resnet_dag)])
+    out = capsys.readouterr().out
+    dag = td.load(resnet_dag)
+    report = td.count_flops(dag, *dag.example_inputs())
+    assert report.total_params == sum(p.numel() for p in dag.parameters())
+    assert f"params: {report.total_params / 1e6:.3f} M" in out
+    assert f"FLOPs: {report.total_flops / 1e9:.3f} G (batch 1)" in out
+    assert f"kmapp: {report.kmapp:.2f}" in out
+    assert f"{resnet_dag}  (inputs x: 1x3x64x64)" in out
+    histogram = report.op_histogram()
+    assert histogram["Conv2d"] == 20
+    for op, count in histogram.items():
+        assert f"{op} x{count}" in out
+
+
+def test_info_at_another_input_size(resnet_dag, capsys):
+    main(["info", str(resnet_dag), "--input-size", "3x32x32", "--top", "2"])
+    out = capsys.readouterr().out
+    dag = td.load(resnet_dag)
+    report = td.count_flops(dag, torch.randn(1, 3, 32, 32))
+    assert f"FLOPs: {report.total_flops / 1e9:.3f} G" in out
+    assert f"kmapp: {report.kmapp:.2f}" in out
+    assert "(inputs x: 1x3x32x32)" in out
+    assert "top 2 vertices by FLOPs:" in out
+
+
+def test_info_on_a_missing_file_is_an_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["info", str(tmp_path / "missing.dag")])
+    assert info.value.code == 1
+    assert "torch-dag: error:" in capsys.readouterr().err
+
+
+def test_convert_a_module_factory(mypkg, capsys):
+    path = mypkg / "net.dag"
+    main(["convert", "mypkg:factory", "--input-size", "3x8x8", "-o", str(path), "-q"])
+    assert "mypkg:factory:" in capsys.readouterr().out
+    import mypkg as user_models
+
+    model = user_models.factory().eval()
+    dag = td.load(path)
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(dag(x), model(x))
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("resnet18", "must be 'timm:NAME' or 'package.module:factory'"),
+        ("timm:", "must be 'timm:NAME'"),
+        ("mypkg:nope", "mypkg has no attribute 'nope'"),
+        ("mypkg:not_a_model", "returned str, not an nn.Module"),
+        ("no_such_pkg_for_torch_dag:f", "no_such_pkg_for_torch_dag"),
+        ("timm:no_such_model", "no_such_model"),
+    ],
+)
+def test_bad_model_spec_exits_with_a_message(mypkg, spec, message):
+    with pytest.raises(SystemExit) as info:
+        main(["convert", spec, "--input-size", "3x8x8", "-o", str(mypkg / "x.dag"), "-q"])
+    assert isinstance(info.value.code, str), "a message, not a traceback or a bare status"
+    assert message in info.value.code
+    assert not (mypkg / "x.dag").exists()
+
+
+def test_factory_model_without_input_size_asks_for_one(mypkg):
+    with pytest.raises(SystemExit, match="--input-size"):
+        main(["convert", "mypkg:factory", "-o", str(mypkg / "x.dag"), "-q"])
+
+
+def test_bad_input_size_is_a_usage_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["convert", "timm:resnet18", "--input-size", "3xax4", "-o", str(tmp_path / "x.dag")])
+    assert info.value.code == 2
+    assert "expected sizes like 3x224x224, got '3xax4'" in capsys.readouterr().err
+
+
+def test_cli_in_a_subprocess(tmp_path):
+    pytest.importorskip("timm")
+    path = tmp_path / "r.dag"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch_dag.cli",
+            "convert",
+            "timm:resnet18",
+            "--input-size",
+            "3x64x64",
+            "-o",
+            str(path),
+            "-q",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("timm:resnet18: ")
+    dag = td.load(path)
+    (x,) = dag.example_inputs()
+    assert dag(x).shape == (1, 1000)
+
+
+def test_bad_spec_in_a_subprocess_exits_non_zero(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "torch_dag.cli", "convert", "resnet18", "-o", str(tmp_path / "x.dag")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 1
+    assert "must be 'timm:NAME' or 'package.module:factory'" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -1,0 +1,109 @@
+"""ONNX export: onnxruntime runs the exported zoo and timm sample with the DagModule's outputs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.utils import _pytree as pytree
+from zoo import ZOO, make
+
+import torch_dag as td
+from torch_dag.converters.onnx import OnnxExportError, export_onnx
+
+ort = pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+
+OUTPUT_NAMES = {
+    "residual": ["output"],
+    "spellings": ["output.0", "output.1"],
+    "multi_input_outputs": ["sum", "parts.0", "parts.1.0", "parts.1.1"],
+}
+
+TIMM_SAMPLE = [
+    ("resnet18", 96), ("mobilenetv3_small_100", 96), ("vit_tiny_patch16_224", 224), ("convnext_atto", 64),
+    ("efficientnet_b0", 96), ("swin_tiny_patch4_window7_224", 224),
+]
+
+
+def run_onnx(path, dag: td.DagModule, inputs: tuple) -> tuple[list[str], list[np.ndarray]]:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == dag.input_names
+    outputs = session.run(None, {name: x.numpy() for name, x in zip(dag.input_names, inputs)})
+    return [o.name for o in session.get_outputs()], outputs
+
+
+def assert_runs_like_dag(path, dag: td.DagModule, inputs: tuple) -> list[str]:
+    with torch.no_grad():
+        expected = pytree.tree_leaves(dag(*inputs))
+    names, actual = run_onnx(path, dag, inputs)
+    assert len(actual) == len(expected)
+    for name, value, reference in zip(names, actual, expected):
+        np.testing.assert_allclose(value, reference.numpy(), rtol=1e-4, atol=1e-5, err_msg=name)
+    return names
+
+
+def one_more_sample(inputs: tuple) -> tuple:
+    return tuple(torch.cat([x, x[:1] * 0.5]) for x in inputs)
+
+
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_zoo_model(name, tmp_path):
+    model, inputs = make(name)
+    dag = td.build_from_unstructured_module(model, inputs).eval()
+    path = export_onnx(dag, tmp_path / "model.onnx", inputs)
+    names = assert_runs_like_dag(path, dag, inputs)
+    assert_runs_like_dag(path, dag, one_more_sample(inputs))  # the batch axis is dynamic
+    if name in OUTPUT_NAMES:
+        assert names == OUTPUT_NAMES[name]
+
+
+@pytest.mark.parametrize(("name", "size"), TIMM_SAMPLE, ids=[n for n, _ in TIMM_SAMPLE])
+def test_timm_model(name, size, tmp_path):
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, size, size)
+    dag = td.build_from_unstructured_module(timm.create_model(name, pretrained=False).eval(), (x,))
+    path = export_onnx(dag, tmp_path / "model.onnx", dag.example_inputs())
+    assert_runs_like_dag(path, dag, (x,))
+    assert_runs_like_dag(path, dag, (torch.randn(2, 3, size, size),))
+
+
+class BatchOfFour(nn.Module):
+    def forward(self, x):
+        if x.shape[0] == 4:  # the DAG guards the batch size: it cannot be dynamic
+            return x * 2
+        return x
+
+
+def test_fixed_batch_size_needs_static_export(tmp_path):
+    x = torch.randn(4, 3)
+    dag = td.build_from_unstructured_module(BatchOfFour(), (x,)).train()
+    with pytest.raises(OnnxExportError, match="dynamic_batch=False"):
+        export_onnx(dag, tmp_path / "dynamic.onnx", (x,))
+    path = export_onnx(dag, tmp_path / "static.onnx", (x,), dynamic_batch=False)
+    assert dag.training  # exported in eval mode, then restored
+    assert_runs_like_dag(path, dag, (x,))
+    with pytest.raises(Exception, match="invalid dimensions"):  # onnxruntime rejects another batch size
+        run_onnx(path, dag, (torch.randn(2, 3),))
+
+
+class SizeOutput(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(3, 3)
+
+    def forward(self, x):
+        return self.fc(x), x.shape[0]
+
+
+def test_errors_name_what_failed(tmp_path):
+    x = torch.randn(2, 3)
+    dag = td.build_from_unstructured_module(SizeOutput(), (x,))
+    with pytest.raises(td.DagError, match=r"output 'output.1' is a int"):
+        export_onnx(dag, tmp_path / "model.onnx", (x,))
+    with pytest.raises(OnnxExportError, match=r"2 example inputs for the DAG's inputs \['x'\]"):
+        export_onnx(dag, tmp_path / "model.onnx", (x, x))
+    with pytest.raises(OnnxExportError, match="fails on the example inputs"):
+        export_onnx(dag, tmp_path / "model.onnx", torch.randn(2, 5))

@@ -1,0 +1,122 @@
+"""DagModule -> ONNX through torch.export (`torch.onnx.export(..., dynamo=True)`).
+
+The TorchScript exporter is deprecated since torch 2.9 and lacks ops the DAG vocabulary has
+(`channel_shuffle`); the torch.export one traces the generated straight-line forward as it is.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils import _pytree as pytree
+
+from ..core.dag import DagModule
+from ..core.errors import DagError
+
+
+class OnnxExportError(DagError):
+    """A DagModule could not be exported to ONNX; the message says which step failed and why."""
+
+
+def export_onnx(dag: DagModule, path: str | os.PathLike, example_inputs: Any, *, opset: int | None = None,
+                dynamic_batch: bool = True) -> Path:
+    """Write `dag` (in eval mode) to `path` as an ONNX model and return the path.
+
+    Inputs are named `dag.input_names`; outputs are the DAG's output structure flattened, named by
+    their keys ("output" for a single tensor, "output.0", ... for a tuple, "logits", "aux.1", ...
+    for a dict). With `dynamic_batch`, dim 0 of every input is left symbolic ("batch").
+    """
+    missing = [name for name in ("onnx", "onnxscript") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise OnnxExportError(f"ONNX export needs {' and '.join(missing)}: pip install 'torch-dag[onnx]'")
+    inputs = _check_inputs(dag, example_inputs)
+    was_training = dag.training
+    dag.eval()
+    try:
+        output_names = _output_names(dag, inputs)
+        program = _export(dag, inputs, output_names, opset, dynamic_batch)
+    finally:
+        dag.train(was_training)
+    path = Path(path)
+    try:
+        program.save(path)
+    except OSError as error:
+        raise OnnxExportError(f"could not write the ONNX model to {path}: {error}") from error
+    return path
+
+
+def _check_inputs(dag: DagModule, example_inputs: Any) -> tuple[torch.Tensor, ...]:
+    inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    if len(inputs) != len(dag.input_names):
+        raise OnnxExportError(f"got {len(inputs)} example inputs for the DAG's inputs {dag.input_names}")
+    for name, value in zip(dag.input_names, inputs):
+        if not isinstance(value, torch.Tensor):
+            raise OnnxExportError(f"example input {name!r} is a {type(value).__name__}; ONNX inputs are tensors")
+    return inputs
+
+
+def _output_names(dag: DagModule, inputs: tuple[torch.Tensor, ...]) -> list[str]:
+    """One name per tensor torch.export will return, from the pytree key path of the output."""
+    try:
+        with torch.no_grad():
+            output = dag(*inputs)
+    except Exception as error:
+        raise OnnxExportError(f"the DAG fails on the example inputs{_vertex_note(error)}: "
+                              f"{_root_cause(error)}") from error
+    prefix = [] if isinstance(output, dict) else ["output"]
+    names = []
+    for key_path, leaf in pytree.tree_flatten_with_path(output)[0]:
+        name = ".".join(prefix + [_key_name(key) for key in key_path])
+        if not isinstance(leaf, torch.Tensor):
+            raise OnnxExportError(f"output {name!r} is a {type(leaf).__name__}, not a tensor; ONNX outputs "
+                                  f"are tensors: return it as a tensor or drop it from the DAG's output")
+        names.append(name)
+    if len(set(names)) != len(names):
+        raise OnnxExportError(f"the DAG's output keys flatten to clashing ONNX output names {names}")
+    return names
+
+
+def _key_name(key: pytree.KeyEntry) -> str:
+    for attribute in ("key", "idx", "name"):  # MappingKey, SequenceKey, GetAttrKey
+        if hasattr(key, attribute):
+            return str(getattr(key, attribute))
+    return str(key)
+
+
+def _export(dag: DagModule, inputs: tuple[torch.Tensor, ...], output_names: list[str], opset: int | None,
+            dynamic_batch: bool) -> torch.onnx.ONNXProgram:
+    dynamic_shapes = None
+    if dynamic_batch:
+        same_batch = len({x.shape[0] for x in inputs if x.dim() > 0}) <= 1
+        axes = [{0: "batch" if same_batch else f"batch_{name}"} if x.dim() > 0 else None
+                for name, x in zip(dag.input_names, inputs)]
+        dynamic_shapes = {"args": tuple(axes)}  # DagModule.forward takes *args
+    try:
+        return torch.onnx.export(dag, inputs, dynamo=True, input_names=dag.input_names,
+                                 output_names=output_names, opset_version=opset,
+                                 dynamic_shapes=dynamic_shapes, verbose=False)
+    except Exception as error:
+        hint = " (if the DAG only works at one batch size, pass dynamic_batch=False)" if dynamic_batch else ""
+        raise OnnxExportError(f"torch.onnx could not export the DagModule{_vertex_note(error)}: "
+                              f"{_root_cause(error)}{hint}") from error
+
+
+def _root_cause(error: BaseException) -> str:
+    while error.__cause__ is not None:
+        error = error.__cause__
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text[:800]}{'...' if len(text) > 800 else ''}"
+
+
+def _vertex_note(error: BaseException | None) -> str:
+    """The ' in torch_dag vertex ...' note DagModule.forward adds, from anywhere in the cause chain."""
+    while error is not None:
+        for note in getattr(error, "__notes__", ()):
+            if note.startswith("in torch_dag vertex"):
+                return " " + note
+        error = error.__cause__ or error.__context__
+    return ""
