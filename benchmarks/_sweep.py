@@ -26,11 +26,11 @@ def read_rows(path: Path) -> dict[str, dict[str, str]]:
         return {row["model"]: row for row in csv.DictReader(f)}
 
 
-def _child(fn: Callable[[str, Any], dict], name: str, stage: Any, conn: Any) -> None:
-    os.environ["OMP_NUM_THREADS"] = "1"
+def _child(fn: Callable[[str, Any], dict], name: str, stage: Any, conn: Any, threads: int) -> None:
+    os.environ["OMP_NUM_THREADS"] = str(threads)
     import torch
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads)
     try:
         row = fn(name, stage)
     except BaseException as e:  # the parent records whatever killed the model
@@ -65,7 +65,8 @@ def sweep(names: Iterable[str], fn: Callable[[str, Any], dict], out: Path, field
             name = queue.pop(0)
             stage = ctx.Value("i", 0)
             parent, child = ctx.Pipe(duplex=False)
-            proc = ctx.Process(target=_child, args=(fn, name, stage, child), daemon=True)
+            threads = workers if exclusive(name) else 1  # a model running alone gets every worker's core
+            proc = ctx.Process(target=_child, args=(fn, name, stage, child, threads), daemon=True)
             proc.start()
             child.close()
             running.append((name, proc, parent, stage, time.monotonic()))

@@ -1,8 +1,10 @@
-"""Coverage of every timm model: converts, outputs equal, bitwise round-trip through save/load.
+"""Coverage of every timm model: converts, outputs equal, bitwise round-trip through save/load, and
+every conv/linear + BatchNorm pair folds with equal outputs.
 
     python benchmarks/timm_coverage.py                      # the whole zoo, resumable
     python benchmarks/timm_coverage.py --models resnet50 vit_small_patch16_224
     python benchmarks/timm_coverage.py --retry-failed       # redo rows that did not pass
+    python benchmarks/timm_coverage.py --redo-missing bn_pairs   # redo rows written before a column existed
     python benchmarks/timm_coverage.py --summary            # print the table from the CSV only
 
 Each model runs in a forked subprocess (default input size, pretrained=False, batch 1, eval) with a
@@ -28,8 +30,9 @@ OUT = RESULTS / "timm_coverage.csv"
 SIZES = RESULTS / "timm_sizes.json"
 BIG = 300e6  # parameters above which a model runs alone
 FIELDS = ["model", "status", "stage", "params_m", "input_size", "build_s", "convert_s", "vertices",
-          "converted", "outputs_equal", "max_diff", "roundtrip_equal", "error_class", "error"]
-STAGES = ["start", "build", "eager", "convert", "compare", "roundtrip", "done"]
+          "converted", "outputs_equal", "max_diff", "roundtrip_equal", "bn_pairs", "bn_folded", "fold_equal",
+          "error_class", "error"]
+STAGES = ["start", "build", "eager", "convert", "compare", "roundtrip", "fold", "done"]
 
 
 def check_model(name: str, stage) -> dict:
@@ -86,8 +89,26 @@ def check_model(name: str, stage) -> dict:
     row["roundtrip_equal"] = bitwise_equal(out, again)
     if not row["roundtrip_equal"]:
         return {**row, "status": "roundtrip_mismatch", "error_class": "RoundTripMismatch"}
+    at("fold")
+    row.update(fold_row(loaded, x, out))
     at("done")
     return {**row, "status": "ok"}
+
+
+def fold_row(dag, x, reference) -> dict:
+    """How many conv/linear -> BatchNorm pairs there are, how many fold_batchnorm folded, and whether
+    the folded model's outputs equal the DAG's (rtol 1e-4: folding reorders float math)."""
+    import torch
+
+    from torch_dag import passes
+    from torch_dag.testing import compare_outputs
+
+    pairs = len(passes.find(dag, passes.op(passes.BATCH_NORMS, inputs=[passes.op(passes.CONVS | {"Linear"})])))
+    folded = passes.fold_batchnorm(dag)
+    remaining = len(passes.find(folded, passes.op(passes.BATCH_NORMS, inputs=[passes.op(passes.CONVS | {"Linear"})])))
+    with torch.no_grad():
+        equal = compare_outputs(reference, folded(x), rtol=1e-4)[0]
+    return {"bn_pairs": pairs, "bn_folded": pairs - remaining, "fold_equal": equal}
 
 
 def model_sizes(names: list[str]) -> dict[str, float]:
@@ -131,6 +152,7 @@ def summarize(rows: dict[str, dict[str, str]]) -> str:
         f"convert + equal + roundtrip: {len(ok)} / {len(buildable)} = {100 * len(ok) / max(1, len(buildable)):.1f}%",
         f"conversion time: median {statistics.median(times):.3f} s, p90 {times[int(0.9 * len(times))]:.3f} s, "
         f"max {times[-1]:.3f} s over {len(times)} models" if times else "conversion time: n/a",
+        _fold_summary(ok),
         "status counts: " + ", ".join(f"{k}={v}" for k, v in statuses.most_common()),
         "failures by class:",
     ]
@@ -141,6 +163,16 @@ def summarize(rows: dict[str, dict[str, str]]) -> str:
     return "\n".join(lines)
 
 
+def _fold_summary(ok: list[dict]) -> str:
+    with_fold = [r for r in ok if r.get("bn_pairs")]
+    pairs = sum(int(r["bn_pairs"]) for r in with_fold)
+    folded = sum(int(r["bn_folded"]) for r in with_fold)
+    equal = sum(r["fold_equal"] == "True" for r in with_fold)
+    return (f"fold_batchnorm: {folded} / {pairs} conv/linear+BN pairs folded in {len(with_fold)} models "
+            f"(of {len(ok)} ok rows, {sum(1 for r in ok if r.get('bn_pairs') == '')} not yet checked); "
+            f"outputs equal after folding in {equal} / {len(with_fold)}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="*", help="model names (default: every timm.list_models())")
@@ -148,6 +180,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--timeout", type=float, default=300)
     parser.add_argument("--retry-failed", action="store_true", help="redo rows whose status is not ok")
+    parser.add_argument("--redo-missing", metavar="COLUMN", help="redo ok rows with no value in COLUMN")
     parser.add_argument("--summary", action="store_true", help="only print the summary of the CSV")
     args = parser.parse_args()
     if not args.summary:
@@ -159,9 +192,13 @@ def main() -> None:
         names = args.models or timm.list_models()
         sizes = model_sizes(names)
         names = sorted(names, key=lambda n: sizes.get(n, -1))  # small first; big ones run alone, last
-        retry = (lambda r: r["status"] != "ok") if args.retry_failed else None
+        def retry(row: dict) -> bool:
+            missing = args.redo_missing and row["status"] == "ok" and not row.get(args.redo_missing)
+            return bool((args.retry_failed and row["status"] != "ok") or missing)
+
         sweep(names, check_model, args.out, FIELDS, workers=args.workers, timeout=args.timeout,
-              retry=retry, stages=STAGES, exclusive=lambda n: sizes.get(n, 0) > BIG)
+              retry=retry if args.retry_failed or args.redo_missing else None, stages=STAGES,
+              exclusive=lambda n: sizes.get(n, 0) > BIG)
     print(summarize(read_rows(args.out)))
 
 

@@ -13,6 +13,7 @@ import torch_dag as td
 from torch_dag.converters.onnx import OnnxExportError, export_onnx
 
 ort = pytest.importorskip("onnxruntime")
+onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxscript")
 
 OUTPUT_NAMES = {
@@ -82,8 +83,9 @@ def test_fixed_batch_size_needs_static_export(tmp_path):
     dag = td.build_from_unstructured_module(BatchOfFour(), (x,)).train()
     with pytest.raises(OnnxExportError, match="dynamic_batch=False"):
         export_onnx(dag, tmp_path / "dynamic.onnx", (x,))
-    path = export_onnx(dag, tmp_path / "static.onnx", (x,), dynamic_batch=False)
+    path = export_onnx(dag, tmp_path / "static.onnx", (x,), dynamic_batch=False, opset=21)
     assert dag.training  # exported in eval mode, then restored
+    assert {o.domain: o.version for o in onnx.load(path).opset_import}[""] == 21
     assert_runs_like_dag(path, dag, (x,))
     with pytest.raises(Exception, match="invalid dimensions"):  # onnxruntime rejects another batch size
         run_onnx(path, dag, (torch.randn(2, 3),))
@@ -105,5 +107,8 @@ def test_errors_name_what_failed(tmp_path):
         export_onnx(dag, tmp_path / "model.onnx", (x,))
     with pytest.raises(OnnxExportError, match=r"2 example inputs for the DAG's inputs \['x'\]"):
         export_onnx(dag, tmp_path / "model.onnx", (x, x))
-    with pytest.raises(OnnxExportError, match="fails on the example inputs"):
+    with pytest.raises(OnnxExportError, match="fails on the example inputs in torch_dag vertex fc"):
         export_onnx(dag, tmp_path / "model.onnx", torch.randn(2, 5))
+    dag = td.build_from_unstructured_module(BatchOfFour(), (x,))
+    with pytest.raises(OnnxExportError, match="opset 17"):
+        export_onnx(dag, tmp_path / "model.onnx", (x,), opset=17)

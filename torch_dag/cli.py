@@ -3,6 +3,9 @@
     torch-dag convert timm:resnet50 -o resnet50.dag
     torch-dag convert mypkg.models:make_net --input-size 3x64x64 -o net.dag
     torch-dag info resnet50.dag
+    torch-dag viz resnet50.dag -o resnet50.svg        (--html for one offline page)
+    torch-dag swap-act resnet50.dag relu=hardswish -o r50_hswish.dag
+    torch-dag fold-bn resnet50.dag -o r50_folded.dag
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from . import analysis, converters, serde
+from . import analysis, converters, passes, serde, viz
 from .core.errors import DagError
 
 
@@ -102,6 +105,55 @@ def cmd_info(args: argparse.Namespace) -> None:
     print(report.table(top=args.top))
 
 
+def cmd_viz(args: argparse.Namespace) -> None:
+    dag = serde.load(args.path)
+    inputs = None if args.no_flops else dag.example_inputs()
+    if args.html:
+        path = viz.to_html(dag, args.output, inputs, title=args.path.name)
+    else:
+        path = viz.render(dag, args.output, inputs, fmt=args.format or args.output.suffix.lstrip(".") or "svg")
+    print(f"{args.path}: {len(dag)} vertices drawn to {path}")
+
+
+def _rewrite(args: argparse.Namespace, rewrite, what: str, *, preserves: bool = False) -> None:
+    """Load, rewrite, check the outputs where the pass keeps the function, save, report."""
+    from .testing import compare_outputs
+
+    dag = serde.load(args.path)
+    inputs = dag.example_inputs()
+    start = time.perf_counter()
+    result = rewrite(dag)
+    seconds = time.perf_counter() - start
+    if preserves:
+        with torch.no_grad():
+            equal, _, reason = compare_outputs(dag(*inputs), result(*inputs), rtol=1e-4)
+        if not equal:
+            raise SystemExit(f"{what}: outputs changed, not saving: {reason}")
+    before, after = analysis.count_flops(dag, *inputs), analysis.count_flops(result, *inputs)
+    serde.save(result, args.output)
+    print(f"{what} in {seconds:.2f} s: {len(dag)} -> {len(result)} vertices, params "
+          f"{before.total_params / 1e6:.3f} M -> {after.total_params / 1e6:.3f} M, FLOPs "
+          f"{before.total_flops / 1e9:.3f} G -> {after.total_flops / 1e9:.3f} G; saved to {args.output}")
+
+
+def cmd_swap_act(args: argparse.Namespace) -> None:
+    mapping = {}
+    for item in args.mapping:
+        old, sep, new = item.partition("=")
+        if not sep:
+            raise SystemExit(f"expected OLD=NEW (e.g. relu=hardswish), got {item!r}")
+        mapping[old] = new
+    _rewrite(args, lambda d: passes.swap_activations(d, mapping, names=args.names), "swapped activations")
+
+
+def cmd_fold_bn(args: argparse.Namespace) -> None:
+    _rewrite(args, lambda dag: passes.fold_batchnorm(dag.eval()), "folded batch norms", preserves=True)
+
+
+def cmd_simplify(args: argparse.Namespace) -> None:
+    _rewrite(args, lambda d: passes.dedupe_constants(passes.remove_identities(d)), "simplified", preserves=True)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="torch-dag", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -120,6 +172,31 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--input-size", type=parse_size, help="CxHxW to count at (default: as converted)")
     info.add_argument("--top", type=int, default=15)
     info.set_defaults(run=cmd_info)
+
+    draw = sub.add_parser("viz", help="draw a .dag with graphviz: SVG/PNG, or one offline HTML page")
+    draw.add_argument("path", type=Path)
+    draw.add_argument("-o", "--output", type=Path, required=True, help="model.svg, model.png or model.html")
+    draw.add_argument("--html", action="store_true", help="one self-contained HTML page with pan/zoom and search")
+    draw.add_argument("--format", help="graphviz output format (default: the output file's suffix)")
+    draw.add_argument("--no-flops", action="store_true", help="do not run the model to count FLOPs per vertex")
+    draw.set_defaults(run=cmd_viz)
+
+    swap = sub.add_parser("swap-act", help="replace activations, e.g. relu=hardswish gelu=silu")
+    swap.add_argument("path", type=Path)
+    swap.add_argument("mapping", nargs="+", help="OLD=NEW op names (any case)")
+    swap.add_argument("--names", help="regular expression vertex names must match")
+    swap.add_argument("-o", "--output", type=Path, required=True)
+    swap.set_defaults(run=cmd_swap_act)
+
+    fold = sub.add_parser("fold-bn", help="fold BatchNorms into the conv/linear before them (for inference)")
+    fold.add_argument("path", type=Path)
+    fold.add_argument("-o", "--output", type=Path, required=True)
+    fold.set_defaults(run=cmd_fold_bn)
+
+    simplify = sub.add_parser("simplify", help="drop identity-like vertices and duplicate constants")
+    simplify.add_argument("path", type=Path)
+    simplify.add_argument("-o", "--output", type=Path, required=True)
+    simplify.set_defaults(run=cmd_simplify)
     return parser
 
 

@@ -95,14 +95,20 @@ def _export(dag: DagModule, inputs: tuple[torch.Tensor, ...], output_names: list
         axes = [{0: "batch" if same_batch else f"batch_{name}"} if x.dim() > 0 else None
                 for name, x in zip(dag.input_names, inputs)]
         dynamic_shapes = {"args": tuple(axes)}  # DagModule.forward takes *args
+    inputs = tuple(x.detach().clone() for x in inputs)  # torch.export marks dynamic dims on its inputs
     try:
-        return torch.onnx.export(dag, inputs, dynamo=True, input_names=dag.input_names,
-                                 output_names=output_names, opset_version=opset,
-                                 dynamic_shapes=dynamic_shapes, verbose=False)
+        program = torch.onnx.export(dag, inputs, dynamo=True, input_names=dag.input_names,
+                                    output_names=output_names, opset_version=opset,
+                                    dynamic_shapes=dynamic_shapes, verbose=False)
     except Exception as error:
         hint = " (if the DAG only works at one batch size, pass dynamic_batch=False)" if dynamic_batch else ""
         raise OnnxExportError(f"torch.onnx could not export the DagModule{_vertex_note(error)}: "
                               f"{_root_cause(error)}{hint}") from error
+    produced = program.model.opset_imports.get("")
+    if opset is not None and produced != opset:  # torch.onnx only logs a failed version conversion
+        raise OnnxExportError(f"torch.onnx could not convert the model to opset {opset} (it produced opset "
+                              f"{produced}); pass an opset it supports, or opset=None for its default")
+    return program
 
 
 def _root_cause(error: BaseException) -> str:

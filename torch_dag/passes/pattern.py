@@ -26,6 +26,8 @@ ACTIVATIONS = frozenset({"ReLU", "ReLU6", "LeakyReLU", "PReLU", "ELU", "CELU", "
                          "Sigmoid", "Tanh", "Hardswish", "Hardsigmoid", "Hardtanh", "Softplus", "Softsign",
                          "Tanhshrink", "Hardshrink", "Softshrink", "Threshold", "LogSigmoid", "GLU"})
 DROPOUTS = frozenset({"Dropout", "Dropout1d", "Dropout2d", "Dropout3d", "AlphaDropout"})
+# ops that read only a tensor's metadata (shape checks): they do not count as readers of its values
+METADATA_READERS = frozenset({"size", "dim", "numel", "dtype_of", "device_of"})
 
 Graph = Editor | DagModule
 Check = Callable[[Vertex, "GraphView"], bool]
@@ -51,6 +53,10 @@ class GraphView:
     def users(self, name: str) -> list[str]:
         return self._users.get(name, [])
 
+    def value_users(self, name: str) -> list[str]:
+        """Readers of `name`'s values: users other than shape/dtype queries."""
+        return [u for u in self.users(name) if u == "<output>" or self[u].op not in METADATA_READERS]
+
 
 @dataclass(frozen=True)
 class Pattern:
@@ -59,7 +65,7 @@ class Pattern:
     ops: frozenset[str] | None = None
     where: Check | None = None
     inputs: tuple[Pattern | None, ...] | None = None
-    only_user: bool = False  # this vertex's output is read by nothing but the vertex above it
+    only_user: bool = False  # nothing but the vertex above reads this one's values (shape queries aside)
     name: str | None = None  # capture key in the match (default: the op set)
     description: str = field(default="", compare=False)
 
@@ -93,8 +99,8 @@ def try_match(pattern: Pattern, vertex: Vertex, view: GraphView, user: str | Non
     """Match `pattern` at `vertex`; return (match, "") or (None, the reason it failed)."""
     if pattern.ops is not None and vertex.op not in pattern.ops:
         return None, f"{vertex.name}: op is {vertex.op}, expected one of {', '.join(sorted(pattern.ops))}"
-    if pattern.only_user and user is not None and view.users(vertex.name) != [user]:
-        return None, f"{vertex.name}: read by {view.users(vertex.name)}, not only by {user}"
+    if pattern.only_user and user is not None and view.value_users(vertex.name) != [user]:
+        return None, f"{vertex.name}: read by {view.value_users(vertex.name)}, not only by {user}"
     if pattern.where is not None and not pattern.where(vertex, view):
         return None, f"{vertex.name}: the where-check is false"
     captured = {pattern.name or vertex.op: vertex}
@@ -133,5 +139,5 @@ def any_op(*sets: Iterable[str]) -> frozenset[str]:
     return frozenset(out)
 
 
-__all__ = ["ACTIVATIONS", "BATCH_NORMS", "CONVS", "DROPOUTS", "LINEARS", "NORMS", "GraphView", "Match",
+__all__ = ["ACTIVATIONS", "BATCH_NORMS", "CONVS", "DROPOUTS", "LINEARS", "METADATA_READERS", "NORMS", "GraphView", "Match",
            "Pattern", "any_op", "find", "op", "try_match", "why_not"]
