@@ -5,8 +5,10 @@
     td.save(dag, "model.dag"); dag = td.load("model.dag")
 """
 
+from . import passes
 from .analysis import FlopReport, count_flops
 from .converters import build_from_unstructured_module
+from .converters.onnx import OnnxExportError, export_onnx
 from .core import (
     ConversionError,
     DagError,
@@ -31,14 +33,17 @@ __all__ = [
     "DagModule",
     "FlopReport",
     "LoadError",
+    "OnnxExportError",
     "Ref",
     "UnknownOpError",
     "VerifyError",
     "Vertex",
     "build_from_unstructured_module",
     "count_flops",
+    "export_onnx",
     "known_ops",
     "load",
+    "passes",
     "register_module_op",
     "save",
     "verify",

@@ -6,6 +6,7 @@
     torch-dag viz resnet50.dag -o resnet50.svg        (--html for one offline page)
     torch-dag swap-act resnet50.dag relu=hardswish -o r50_hswish.dag
     torch-dag fold-bn resnet50.dag -o r50_folded.dag
+    torch-dag export-onnx resnet50.dag -o resnet50.onnx
 """
 
 from __future__ import annotations
@@ -105,6 +106,19 @@ def cmd_info(args: argparse.Namespace) -> None:
     print(report.table(top=args.top))
 
 
+def cmd_export_onnx(args: argparse.Namespace) -> None:
+    from .converters.onnx import export_onnx
+
+    dag = serde.load(args.path)
+    inputs = dag.example_inputs()
+    if args.input_size:
+        inputs = (torch.randn(inputs[0].shape[0], *args.input_size),)
+    start = time.perf_counter()
+    path = export_onnx(dag, args.output, inputs, opset=args.opset, dynamic_batch=not args.static_batch)
+    print(f"{args.path}: {len(dag)} vertices exported in {time.perf_counter() - start:.2f} s to {path} "
+          f"({path.stat().st_size / 1e6:.1f} MB)")
+
+
 def cmd_viz(args: argparse.Namespace) -> None:
     dag = serde.load(args.path)
     inputs = None if args.no_flops else dag.example_inputs()
@@ -197,6 +211,14 @@ def build_parser() -> argparse.ArgumentParser:
     simplify.add_argument("path", type=Path)
     simplify.add_argument("-o", "--output", type=Path, required=True)
     simplify.set_defaults(run=cmd_simplify)
+
+    export = sub.add_parser("export-onnx", help="export a .dag to ONNX (onnxruntime, TensorRT, ...)")
+    export.add_argument("path", type=Path)
+    export.add_argument("-o", "--output", type=Path, required=True, help="model.onnx")
+    export.add_argument("--input-size", type=parse_size, help="CxHxW to export at (default: as converted)")
+    export.add_argument("--opset", type=int, help="ONNX opset (default: torch.onnx's)")
+    export.add_argument("--static-batch", action="store_true", help="fix the batch size instead of a dynamic axis")
+    export.set_defaults(run=cmd_export_onnx)
     return parser
 
 

@@ -28,7 +28,8 @@ def export_onnx(dag: DagModule, path: str | os.PathLike, example_inputs: Any, *,
 
     Inputs are named `dag.input_names`; outputs are the DAG's output structure flattened, named by
     their keys ("output" for a single tensor, "output.0", ... for a tuple, "logits", "aux.1", ...
-    for a dict). With `dynamic_batch`, dim 0 of every input is left symbolic ("batch").
+    for a dict; None outputs are dropped). With `dynamic_batch`, dim 0 of every input is left
+    symbolic ("batch"); guards the DAG holds on the batch size are not kept in the ONNX graph.
     """
     missing = [name for name in ("onnx", "onnxscript") if importlib.util.find_spec(name) is None]
     if missing:
@@ -50,6 +51,9 @@ def export_onnx(dag: DagModule, path: str | os.PathLike, example_inputs: Any, *,
 
 
 def _check_inputs(dag: DagModule, example_inputs: Any) -> tuple[torch.Tensor, ...]:
+    if not isinstance(dag, DagModule):
+        raise OnnxExportError(f"export_onnx takes a DagModule, not a {type(dag).__name__}: convert it first "
+                              f"with td.build_from_unstructured_module(model, example_inputs)")
     inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
     if len(inputs) != len(dag.input_names):
         raise OnnxExportError(f"got {len(inputs)} example inputs for the DAG's inputs {dag.input_names}")
@@ -70,6 +74,8 @@ def _output_names(dag: DagModule, inputs: tuple[torch.Tensor, ...]) -> list[str]
     prefix = [] if isinstance(output, dict) else ["output"]
     names = []
     for key_path, leaf in pytree.tree_flatten_with_path(output)[0]:
+        if leaf is None:  # torch.onnx drops None outputs
+            continue
         name = ".".join(prefix + [_key_name(key) for key in key_path])
         if not isinstance(leaf, torch.Tensor):
             raise OnnxExportError(f"output {name!r} is a {type(leaf).__name__}, not a tensor; ONNX outputs "
@@ -101,9 +107,12 @@ def _export(dag: DagModule, inputs: tuple[torch.Tensor, ...], output_names: list
                                     output_names=output_names, opset_version=opset,
                                     dynamic_shapes=dynamic_shapes, verbose=False)
     except Exception as error:
-        hint = " (if the DAG only works at one batch size, pass dynamic_batch=False)" if dynamic_batch else ""
+        cause = _root_cause(error)
+        hint = ""
+        if dynamic_batch and ("Dim" in cause or "batch" in cause):  # torch.export's dynamic shape checks
+            hint = " (if the DAG only works at one batch size, pass dynamic_batch=False)"
         raise OnnxExportError(f"torch.onnx could not export the DagModule{_vertex_note(error)}: "
-                              f"{_root_cause(error)}{hint}") from error
+                              f"{cause}{hint}") from error
     produced = program.model.opset_imports.get("")
     if opset is not None and produced != opset:  # torch.onnx only logs a failed version conversion
         raise OnnxExportError(f"torch.onnx could not convert the model to opset {opset} (it produced opset "

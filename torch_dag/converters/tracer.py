@@ -33,6 +33,9 @@ _SIZE_TAKING = ((torch, ("zeros", "ones", "full", "empty", "arange", "linspace",
                          "rand", "randn", "randint", "reshape", "tile", "broadcast_to", "roll", "narrow",
                          "split", "unflatten")),
                 (torch.nn.functional, ("pad",)))
+# the same for methods of real tensors (a buffer) called with traced sizes: `self.index.expand(B, -1)`
+_SIZE_TAKING_METHODS = ("expand", "view", "reshape", "repeat", "tile", "narrow", "unflatten", "split",
+                        "new_zeros", "new_ones", "new_full", "new_empty")
 
 
 def vocabulary_spec(module: nn.Module) -> ModuleOpSpec | None:
@@ -257,10 +260,24 @@ class ConcreteTracer(fx.Tracer):
 
             return wrapper
 
+        def wrap_method(name, fn):
+            @functools.wraps(fn)
+            def wrapper(tensor, *args, **kwargs):
+                if _has_proxy((args, kwargs)):
+                    return self.create_proxy("call_method", name, (tensor, *args), kwargs)
+                return fn(tensor, *args, **kwargs)
+
+            return wrapper
+
+        methods = {name: getattr(torch.Tensor, name) for name in _SIZE_TAKING_METHODS}
         try:
             for (namespace, name), fn in originals.items():
                 setattr(namespace, name, wrap(fn))
+            for name, fn in methods.items():
+                setattr(torch.Tensor, name, wrap_method(name, fn))
             yield
         finally:
             for (namespace, name), fn in originals.items():
                 setattr(namespace, name, fn)
+            for name, fn in methods.items():
+                setattr(torch.Tensor, name, fn)
