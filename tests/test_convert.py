@@ -188,3 +188,28 @@ def test_input_rank_of_functional_softmax_dtype_kept_as_function():
     dag = td.build_from_unstructured_module(M(), (torch.randn(2, 3),))
     assert [v.op for v in dag] == ["softmax"]
     assert dag(torch.randn(2, 3)).dtype == torch.float64
+
+
+class _ActivationInputReadLater(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.act = nn.ReLU()
+
+    def forward(self, x):
+        y = self.conv(x)
+        view = y.flatten(1)  # shares y's storage and is read after the activation
+        return self.act(y).flatten(1).sum(1) + view.sum(1), self.act(self.conv(x) * 2)
+
+
+def test_inference_runs_activations_in_place_only_where_safe():
+    model = _ActivationInputReadLater().eval()
+    x = torch.randn(2, 3, 8, 8)
+    dag = td.build_from_unstructured_module(model, (x,))
+    in_place = [v.name for v, a, b in zip(dag, dag._calls, dag._inference_calls) if a is not b]
+    assert in_place == ["act_1"]  # the second ReLU reads a fresh product nobody else reads
+    with torch.no_grad():
+        equal, _, reason = compare_outputs(model(x), dag(x))
+    assert equal, reason
+    resnet_like = td.build_from_unstructured_module(make("residual")[0], make("residual")[1])
+    assert any(a is not b for a, b in zip(resnet_like._calls, resnet_like._inference_calls))

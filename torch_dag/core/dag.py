@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .errors import DagError
+from .inplace import in_place_calls
 from .ops import Constant, Parameter, callable_of, op_name
 from .template import DTYPES, Ref, iter_refs, map_refs, unique_refs
 
@@ -129,11 +130,13 @@ class DagModule(nn.Module):
         self._code, self._line_to_vertex = _generate(self)
         self._fn = _compile_source(self._code)
         self._calls = tuple(callable_of(v.module) for v in self)
+        self._inference_calls = in_place_calls(self)
         self._constants = tuple(_collect_constants(self))
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         try:
-            return self._fn(self._calls, self._constants, *args, **kwargs)
+            calls = self._calls if torch.is_grad_enabled() else self._inference_calls
+            return self._fn(calls, self._constants, *args, **kwargs)
         except Exception as error:
             _annotate(error, self)
             raise
