@@ -27,6 +27,8 @@ PUBLIC_API = [
     "known_ops",
     "load",
     "passes",
+    "prune",
+    "pruning",
     "register_module_op",
     "save",
     "verify",

@@ -5,7 +5,7 @@
     td.save(dag, "model.dag"); dag = td.load("model.dag")
 """
 
-from . import passes
+from . import passes, pruning
 from .analysis import FlopReport, count_flops
 from .converters import build_from_unstructured_module
 from .converters.onnx import OnnxExportError, export_onnx
@@ -22,6 +22,7 @@ from .core import (
     register_module_op,
     verify,
 )
+from .pruning import prune
 from .serde import SCHEMA_VERSION, load, save
 
 __version__ = "0.1.0"
@@ -44,6 +45,8 @@ __all__ = [
     "known_ops",
     "load",
     "passes",
+    "prune",
+    "pruning",
     "register_module_op",
     "save",
     "verify",

@@ -7,6 +7,7 @@
     torch-dag swap-act resnet50.dag relu=hardswish -o r50_hswish.dag
     torch-dag fold-bn resnet50.dag -o r50_folded.dag
     torch-dag export-onnx resnet50.dag -o resnet50.onnx
+    torch-dag prune timm:resnet50 --flops-ratio 0.5 -o resnet50_half.dag
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from . import analysis, converters, passes, serde, viz
+from . import analysis, converters, passes, pruning, serde, viz
 from .core.errors import DagError
 
 
@@ -104,6 +105,41 @@ def cmd_info(args: argparse.Namespace) -> None:
     shapes = ", ".join(f"{n}: {'x'.join(map(str, t.shape))}" for n, t in zip(dag.input_names, inputs))
     print(f"{args.path}  (inputs {shapes})")
     print(report.table(top=args.top))
+
+
+def _load_or_convert(source: str, input_size: tuple[int, ...] | None) -> tuple:
+    """A .dag file, or a model spec converted on the spot; with example inputs for analysis."""
+    if Path(source).is_file():
+        dag = serde.load(source)
+        inputs = dag.example_inputs()
+        if input_size:
+            inputs = (torch.randn(inputs[0].shape[0], *input_size),)
+        return dag, inputs
+    model = load_model(source).eval()
+    x = _example_input(model, input_size, 1)
+    return converters.build_from_unstructured_module(model, (x,)), (x,)
+
+
+def cmd_prune(args: argparse.Namespace) -> None:
+    dag, inputs = _load_or_convert(args.source, args.input_size)
+    config = pruning.PruneConfig(criterion=args.criterion, round_to=args.round_to, min_channels=args.min_channels)
+    start = time.perf_counter()
+    pruned = pruning.prune(dag, args.flops_ratio, inputs, config=config, progress=not args.quiet)
+    seconds = time.perf_counter() - start
+    groups = pruning.channel_groups(dag, inputs).groups()
+    serde.save(pruned, args.output)
+    before, after = analysis.count_flops(dag, *inputs), analysis.count_flops(pruned, *inputs)
+    narrowed = sum(1 for g in groups if g.prunable and any(
+        dag[p].module.weight.shape[0] != pruned[p].module.weight.shape[0] for p in g.producers))
+    rows = [("params (M)", before.total_params / 1e6, after.total_params / 1e6),
+            ("FLOPs (G)", before.total_flops / 1e9, after.total_flops / 1e9),
+            ("kmapp", before.kmapp or 0.0, after.kmapp or 0.0)]
+    print(f"pruned {args.source} to {after.total_flops / before.total_flops:.1%} of its FLOPs in {seconds:.1f} s "
+          f"({config.criterion}); saved to {args.output}")
+    print(f"  {'':12s} {'before':>10s} {'after':>10s} {'ratio':>7s}")
+    for label, old, new in rows:
+        print(f"  {label:12s} {old:10.3f} {new:10.3f} {new / old if old else 0:7.3f}")
+    print(f"  channel groups: {len(groups)}, prunable {sum(g.prunable for g in groups)}, narrowed {narrowed}")
 
 
 def cmd_export_onnx(args: argparse.Namespace) -> None:
@@ -219,6 +255,17 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--opset", type=int, help="ONNX opset (default: torch.onnx's)")
     export.add_argument("--static-batch", action="store_true", help="fix the batch size instead of a dynamic axis")
     export.set_defaults(run=cmd_export_onnx)
+
+    shrink = sub.add_parser("prune", help="remove channels to a FLOPs target; prints a before/after table")
+    shrink.add_argument("source", help="a .dag file, timm:NAME or package.module:factory")
+    shrink.add_argument("--flops-ratio", type=float, required=True, help="fraction of the FLOPs to keep")
+    shrink.add_argument("--criterion", default="l2", choices=["l1", "l2", "bn_scale", "random"])
+    shrink.add_argument("--round-to", type=int, default=1, help="keep widths multiples of this")
+    shrink.add_argument("--min-channels", type=int, default=1)
+    shrink.add_argument("--input-size", type=parse_size, help="CxHxW (default: as converted / pretrained_cfg)")
+    shrink.add_argument("-o", "--output", type=Path, required=True)
+    shrink.add_argument("-q", "--quiet", action="store_true")
+    shrink.set_defaults(run=cmd_prune)
     return parser
 
 

@@ -1,0 +1,117 @@
+"""Channel pruning: groups, a FLOPs target, surgery that keeps the model valid, and zero-loss pruning."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from zoo import make
+
+import torch_dag as td
+from torch_dag.pruning import PruneConfig, channel_groups, prune, surgery
+from torch_dag.testing import bitwise_equal, compare_outputs
+
+timm = pytest.importorskip("timm")
+
+# channel-separable models (no LayerNorm over channels), where zeroed channels carry exact zeros
+ZERO_LOSS_ZOO = ["residual", "squeeze_excite"]
+ZERO_LOSS_TIMM = [("resnet18", 64), ("mobilenetv3_small_100", 96), ("efficientnet_b0", 96), ("regnety_002", 96)]
+
+
+def _timm(name, size):
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False).eval()
+    x = torch.randn(2, 3, size, size)
+    return td.build_from_unstructured_module(model, (x,)), (x,)
+
+
+@torch.no_grad()
+def _zero_channels(dag, groups, roots: set[int]) -> None:
+    """Make the channels of `roots` carry exact zeros: zero their weights and biases in every member."""
+    for name, role in groups.roles.items():
+        module = dag[name].module
+        for ids, side in ((role.out_ids, "out"), (role.in_ids, "in")):
+            if ids is None:
+                continue
+            mask = torch.from_numpy(np.isin(groups.root(ids), list(roots)))
+            if role.axis is not None:
+                continue
+            if isinstance(module, nn.modules.batchnorm._BatchNorm) and side == "in":
+                module.weight[mask], module.bias[mask] = 0, 0
+            elif side == "out" or (isinstance(module, nn.Conv2d) and module.groups > 1):
+                module.weight[mask] = 0
+                if module.bias is not None:
+                    module.bias[mask] = 0
+
+
+@pytest.mark.parametrize("case", ZERO_LOSS_ZOO + [n for n, _ in ZERO_LOSS_TIMM])
+def test_pruning_zeroed_channels_keeps_outputs(case):
+    if case in ZERO_LOSS_ZOO:
+        model, inputs = make(case)
+        dag = td.build_from_unstructured_module(model, inputs)
+    else:
+        dag, inputs = _timm(case, dict(ZERO_LOSS_TIMM)[case])
+    groups = channel_groups(dag, inputs)
+    prunable = [g for g in groups.groups() if g.prunable]
+    assert prunable, groups.summary()
+    rng = np.random.default_rng(0)
+    roots = {int(r) for g in prunable for r in rng.choice(g.channels, size=len(g.channels) // 3, replace=False)}
+    _zero_channels(dag, groups, roots)
+    with torch.no_grad():
+        reference = dag(*inputs)
+        pruned = surgery.apply(dag, groups, lambda ids: ~np.isin(groups.root(ids), list(roots)))
+        td.verify(pruned)
+        equal, _, reason = compare_outputs(reference, pruned(*inputs), rtol=1e-4)
+    assert equal, reason
+    assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in dag.parameters())
+
+
+@pytest.mark.parametrize(("name", "size"), [("resnet18", 64), ("mobilenetv3_small_100", 96), ("regnety_002", 96)])
+@pytest.mark.parametrize("criterion", ["l1", "l2", "bn_scale", "random"])
+def test_prune_reaches_the_flops_target(name, size, criterion, tmp_path):
+    dag, inputs = _timm(name, size)
+    before = td.count_flops(dag, *inputs).total_flops
+    pruned = prune(dag, 0.5, inputs, config=PruneConfig(criterion=criterion))
+    ratio = td.count_flops(pruned, *inputs).total_flops / before
+    assert abs(ratio - 0.5) <= 0.02, ratio
+    with torch.no_grad():
+        out = pruned(*inputs)
+        assert out.shape == dag(*inputs).shape
+    loaded = td.load(td.save(pruned, tmp_path / "pruned.dag"))
+    with torch.no_grad():
+        assert bitwise_equal(out, loaded(*inputs))
+
+
+def test_prune_rounds_widths_and_keeps_input_untouched():
+    dag, inputs = _timm("resnet18", 64)
+    state = {k: v.clone() for k, v in dag.state_dict().items()}
+    pruned = prune(dag, 0.6, inputs, config=PruneConfig(round_to=8))
+    assert all(torch.equal(state[k], v) for k, v in dag.state_dict().items())
+    widths = [v.module.out_channels for v in pruned if v.op == "Conv2d"]
+    assert all(w % 8 == 0 for w in widths), widths
+
+
+def test_groups_of_resnet18():
+    dag, inputs = _timm("resnet18", 64)
+    groups = channel_groups(dag, inputs).groups()
+    prunable = [g for g in groups if g.prunable]
+    assert len(prunable) == 12  # per stage: the residual stream and the two inner widths
+    fixed = [g for g in groups if not g.prunable]
+    assert [g.producers for g in fixed] == [["fc"]] and "output" in fixed[0].reasons[0]
+
+
+def test_unknown_op_makes_its_channels_unprunable():
+    class Odd(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3)
+
+        def forward(self, x):
+            return self.b(torch.cumsum(self.a(x), dim=1))
+
+    model = Odd().eval()
+    x = torch.randn(1, 3, 12, 12)
+    groups = channel_groups(td.build_from_unstructured_module(model, (x,)), (x,)).groups()
+    (a,) = [g for g in groups if g.producers == ["a"]]
+    assert not a.prunable and "no channel rule for op cumsum" in a.reasons[0]

@@ -1,0 +1,360 @@
+"""Channel groups ("orbits"): which channels of a DAG must be removed together.
+
+Every channel a producer (conv, linear) creates gets an id. Ids flow through the DAG with one rule
+per op (pass-through ops keep them, element-wise ops tie the ids of their operands position by
+position, concat lays them end to end, flatten repeats them per spatial position, depthwise convs
+keep their input's ids). Tied ids form one class (union-find): a class is one channel that exists
+in several layers and is kept or removed everywhere at once. A class that reaches an op without a
+rule, a DAG output or a protected vertex is unprunable, with the reason. Pruning can never produce
+a model whose shapes do not fit.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..core.dag import DagModule, Vertex
+from ..core.ops import Constant, Parameter
+from ..core.template import Ref, iter_refs, map_refs
+
+
+@dataclass
+class Channels:
+    """The channel ids along one axis of a tensor."""
+
+    axis: int
+    ids: np.ndarray
+
+
+class UnionFind:
+    def __init__(self) -> None:
+        self.parent: list[int] = []
+
+    def make(self, n: int) -> np.ndarray:
+        start = len(self.parent)
+        self.parent.extend(range(start, start + n))
+        return np.arange(start, start + n)
+
+    def find(self, i: int) -> int:
+        root = i
+        while self.parent[root] != root:
+            root = self.parent[root]
+        while self.parent[i] != root:
+            self.parent[i], i = root, self.parent[i]
+        return root
+
+    def union(self, a: np.ndarray, b: np.ndarray) -> None:
+        for x, y in zip(a.tolist(), b.tolist()):
+            rx, ry = self.find(x), self.find(y)
+            if rx != ry:
+                self.parent[ry] = rx
+
+
+@dataclass
+class Role:
+    """How a vertex's weights depend on channel ids: sliced on its input side, output side, or both."""
+
+    vertex: str
+    in_ids: np.ndarray | None = None
+    out_ids: np.ndarray | None = None
+    axis: int | None = None  # for a Parameter/Constant operand: the axis its channels lie on
+
+
+@dataclass
+class ChannelGroups:
+    """The result of the analysis: classes of tied channels and what each vertex must slice."""
+
+    uf: UnionFind
+    roles: dict[str, Role]
+    producers: dict[str, np.ndarray]  # vertex -> ids of the channels it creates
+    blocked: dict[int, str] = field(default_factory=dict)  # class root -> why it cannot be pruned
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+
+    def root(self, ids: np.ndarray) -> np.ndarray:
+        return np.fromiter((self.uf.find(int(i)) for i in ids), dtype=np.int64, count=len(ids))
+
+    def groups(self) -> list[Group]:
+        """Producers whose channels are tied (a residual stream, a plain layer), with their classes."""
+        parent = {name: name for name in self.producers}
+
+        def find(n: str) -> str:
+            while parent[n] != n:
+                parent[n] = parent[parent[n]]
+                n = parent[n]
+            return n
+
+        owner: dict[int, str] = {}
+        for name, ids in self.producers.items():
+            for root in {self.uf.find(int(i)) for i in ids}:
+                if root in owner:
+                    parent[find(name)] = find(owner[root])
+                else:
+                    owner[root] = name
+        members: dict[str, list[str]] = defaultdict(list)
+        for name in self.producers:
+            members[find(name)].append(name)
+        groups = []
+        for names in members.values():
+            roots = sorted({self.uf.find(int(i)) for n in names for i in self.producers[n]})
+            reasons = sorted({self.blocked[r] for r in roots if r in self.blocked})
+            groups.append(Group(names, roots, reasons))
+        return groups
+
+    def summary(self) -> str:
+        groups = self.groups()
+        prunable = [g for g in groups if g.prunable]
+        lines = [f"{len(groups)} channel groups, {len(prunable)} prunable (the search dimension)"]
+        for g in groups:
+            state = "prunable" if g.prunable else "fixed: " + "; ".join(g.reasons)[:100]
+            lines.append(f"  {len(g.channels):5d} channels  {', '.join(g.producers[:3])}"
+                         f"{' ...' if len(g.producers) > 3 else ''}  [{state}]")
+        return "\n".join(lines)
+
+
+@dataclass
+class Group:
+    producers: list[str]
+    channels: list[int]  # class roots: one per channel of the group
+    reasons: list[str]
+
+    @property
+    def prunable(self) -> bool:
+        return not self.reasons
+
+
+Rule = Callable[["_Analysis", Vertex, list[Any], Any], Any]
+
+
+class _Analysis:
+    def __init__(self, dag: DagModule, values: dict[str, Any], protected: Iterable[str]):
+        self.dag = dag
+        self.values = values
+        self.uf = UnionFind()
+        self.roles: dict[str, Role] = {}
+        self.producers: dict[str, np.ndarray] = {}
+        self.blocked_ids: dict[int, str] = {}  # resolved to class roots once all unions are made
+        self.protected = set(protected)
+
+    def block(self, info: Any, reason: str) -> None:
+        for channels in _flatten(info):
+            for i in channels.ids.tolist():
+                self.blocked_ids.setdefault(i, reason)
+
+    def produce(self, vertex: Vertex, n: int) -> np.ndarray:
+        ids = self.uf.make(n)
+        self.producers[vertex.name] = ids
+        return ids
+
+    def role(self, vertex: Vertex) -> Role:
+        return self.roles.setdefault(vertex.name, Role(vertex.name))
+
+
+def _flatten(info: Any) -> list[Channels]:
+    if isinstance(info, Channels):
+        return [info]
+    if isinstance(info, (list, tuple)):
+        return [c for item in info for c in _flatten(item)]
+    return []
+
+
+def _rank(value: Any) -> int:
+    return value.dim() if isinstance(value, torch.Tensor) else 0
+
+
+# --- rules ----------------------------------------------------------------------------------------
+
+
+def _conv(a: _Analysis, v: Vertex, inputs: list[Any], out: Any) -> Any:
+    module: nn.Conv2d = v.module
+    x = inputs[0]
+    if module.groups == 1:
+        if isinstance(x, Channels):
+            if x.axis != 1:
+                a.block(x, f"{v.name}: conv input channels are not on axis 1")
+            else:
+                a.role(v).in_ids = x.ids
+        ids = a.produce(v, module.out_channels)
+        a.role(v).out_ids = ids
+        return Channels(1, ids)
+    if module.groups == module.in_channels == module.out_channels and isinstance(x, Channels) and x.axis == 1:
+        a.role(v).in_ids = x.ids  # depthwise: output channel c is input channel c
+        a.role(v).out_ids = x.ids
+        return Channels(1, x.ids)
+    a.block(x, f"{v.name}: grouped convolution (groups={module.groups}) is not pruned yet")
+    ids = a.produce(v, module.out_channels)
+    a.block(Channels(1, ids), f"{v.name}: grouped convolution output")
+    return Channels(1, ids)
+
+
+def _linear(a: _Analysis, v: Vertex, inputs: list[Any], out: Any) -> Any:
+    x = inputs[0]
+    if isinstance(x, Channels):
+        if x.axis != _rank(a.values[v.args[0].name]) - 1:
+            a.block(x, f"{v.name}: linear input channels are not on the last axis")
+        else:
+            a.role(v).in_ids = x.ids
+    ids = a.produce(v, v.module.out_features)
+    a.role(v).out_ids = ids
+    return Channels(_rank(out) - 1, ids)
+
+
+def _pass_through(a: _Analysis, v: Vertex, inputs: list[Any], out: Any) -> Any:
+    return inputs[0] if inputs else None
+
+
+def _per_channel_module(axis_from_end: int | None):
+    """BatchNorm (axis 1) or LayerNorm over the last axis: weights sliced with the channels."""
+
+    def rule(a: _Analysis, v: Vertex, inputs: list[Any], out: Any) -> Any:
+        x = inputs[0]
+        if not isinstance(x, Channels):
+            return None
+        expected = 1 if axis_from_end is None else _rank(out) - axis_from_end
+        if isinstance(v.module, nn.LayerNorm) and len(v.module.normalized_shape) != 1:
+            expected = -1
+        if x.axis != expected:
+            a.block(x, f"{v.name}: {v.op} normalizes another axis than the channels")
+            return None
+        if any(True for _ in v.module.parameters()) or any(True for _ in v.module.buffers()):
+            a.role(v).in_ids = x.ids
+        return x
+
+    return rule
+
+
+def _elementwise(a: _Analysis, v: Vertex, inputs: list[Any], out: Any) -> Any:
+    """Broadcasting binary ops: operands' channels at the same output position are tied."""
+    if not isinstance(out, torch.Tensor):
+        a.block(inputs, f"{v.name}: {v.op} of non-tensors")
+        return None
+    result: Channels | None = None
+    for arg, info in zip(v.args, inputs):
+        if not isinstance(info, Channels):
+            continue
+        axis = info.axis + out.dim() - _rank(a.values[arg.name])
+        if result is None:
+            result = Channels(axis, info.ids)
+        elif result.axis != axis:
+            a.block([result, info], f"{v.name}: {v.op} mixes channels of different axes")
+            return None
+        else:
+            a.uf.union(result.ids, info.ids)
+    if result is None:
+        return None
+    for arg in v.args:  # a Parameter/Constant operand spanning the channels (layer scale, bias)
+        holder = a.dag[arg.name].module if isinstance(arg, Ref) and arg.name in a.dag else None
+        if isinstance(holder, (Parameter, Constant)):
+            value = a.values[arg.name]
+            position = result.axis - (out.dim() - value.dim())
+            if 0 <= position < value.dim() and value.shape[position] == len(result.ids):
+                role = a.role(a.dag[arg.name])
+                role.in_ids, role.axis = result.ids, position
+    return result
+
+
+def _flatten_rule(a: _Analysis, v: Vertex, inputs: list[Any], out: Any) -> Any:
+    x = inputs[0]
+    if not isinstance(x, Channels):
+        return None
+    value = a.values[v.args[0].name]
+    start, end = (d % value.dim() for d in v.args[1:3])
+    if x.axis < start:
+        return x
+    if x.axis > end:
+        return Channels(x.axis - (end - start), x.ids)
+    inner = int(np.prod(value.shape[x.axis + 1: end + 1]))
+    outer = int(np.prod(value.shape[start: x.axis]))
+    ids = np.tile(np.repeat(x.ids, inner), outer)
+    return Channels(start, ids)
+
+
+def _cat(a: _Analysis, v: Vertex, inputs: list[Any], out: Any) -> Any:
+    tensors, dim = v.args[0], v.args[1]
+    infos = inputs[0] if isinstance(inputs[0], list) else []
+    dim = dim % out.dim()
+    parts = []
+    for ref, info in zip(tensors, infos):
+        size = a.values[ref.name].shape[dim] if isinstance(ref, Ref) else 0
+        if isinstance(info, Channels) and info.axis == dim:
+            parts.append(info.ids)
+        else:
+            fresh = a.uf.make(size)
+            a.block(Channels(dim, fresh), f"{v.name}: concatenated tensor without tracked channels")
+            a.block(info, f"{v.name}: concatenated along another axis than its channels")
+            parts.append(fresh)
+    return Channels(dim, np.concatenate(parts)) if parts else None
+
+
+def _mean_sum(a: _Analysis, v: Vertex, inputs: list[Any], out: Any) -> Any:
+    x = inputs[0]
+    if not isinstance(x, Channels):
+        return None
+    rank = _rank(a.values[v.args[0].name])
+    dims = v.args[1] if len(v.args) > 1 else None
+    keepdim = v.args[2] if len(v.args) > 2 else False
+    dims = [dims] if isinstance(dims, int) else dims
+    if dims is None or any(not isinstance(d, int) for d in dims):
+        a.block(x, f"{v.name}: {v.op} over all or traced dimensions")
+        return None
+    dims = sorted(d % rank for d in dims)
+    if x.axis in dims:
+        a.block(x, f"{v.name}: {v.op} reduces the channel axis")
+        return None
+    return Channels(x.axis if keepdim else x.axis - sum(d < x.axis for d in dims), x.ids)
+
+
+RULES: dict[str, Rule] = {
+    "Conv1d": _conv, "Conv2d": _conv, "Conv3d": _conv, "Linear": _linear,
+    "BatchNorm1d": _per_channel_module(None), "BatchNorm2d": _per_channel_module(None),
+    "BatchNorm3d": _per_channel_module(None), "LayerNorm": _per_channel_module(1),
+    "add": _elementwise, "sub": _elementwise, "mul": _elementwise, "div": _elementwise,
+    "flatten": _flatten_rule, "cat": _cat, "mean": _mean_sum, "sum": _mean_sum,
+}
+for _op in ("ReLU", "ReLU6", "LeakyReLU", "ELU", "CELU", "SELU", "GELU", "SiLU", "Mish", "Sigmoid", "Tanh",
+            "Hardswish", "Hardsigmoid", "Hardtanh", "Softplus", "Identity", "Dropout", "Dropout1d", "Dropout2d",
+            "Dropout3d", "MaxPool1d", "MaxPool2d", "MaxPool3d", "AvgPool1d", "AvgPool2d", "AvgPool3d",
+            "AdaptiveAvgPool1d", "AdaptiveAvgPool2d", "AdaptiveAvgPool3d", "AdaptiveMaxPool2d", "contiguous",
+            "clone", "relu", "sigmoid", "gelu", "silu", "hardswish", "hardsigmoid", "tanh", "to"):
+    RULES[_op] = _pass_through
+_METADATA = frozenset({"size", "dim", "numel", "dtype_of", "device_of", "guard", "assert"})
+
+
+def channel_groups(dag: DagModule, example_inputs: tuple, protected: Iterable[str] = ()) -> ChannelGroups:
+    """Analyse `dag` on `example_inputs` (shapes only matter) and return its channel groups."""
+    with torch.no_grad():
+        values = dag.run_collecting(*example_inputs)
+    analysis = _Analysis(dag, values, protected)
+    info: dict[str, Any] = {}
+    for vertex in dag:
+        inputs = [map_refs(arg, lambda r: info.get(r.name)) for arg in vertex.args]
+        op = vertex.op
+        if op in _METADATA:  # shapes only: channel counts are not read as values
+            info[vertex.name] = None
+            continue
+        if isinstance(vertex.module, (Parameter, Constant)):
+            info[vertex.name] = None
+            continue
+        rule = RULES.get(op)
+        if rule is None:
+            analysis.block(inputs, f"{vertex.name}: no channel rule for op {op}")
+            analysis.block([info.get(r.name) for r in iter_refs(vertex.kwargs)], f"{vertex.name}: no rule for {op}")
+            info[vertex.name] = None
+            continue
+        out = rule(analysis, vertex, inputs, values[vertex.name])
+        if vertex.name in analysis.protected:
+            analysis.block(out, f"{vertex.name}: protected")
+        info[vertex.name] = out
+    for ref in iter_refs(dag.output):
+        analysis.block(info.get(ref.name), "a DAG output keeps its shape")
+    shapes = {n: tuple(v.shape) for n, v in values.items() if isinstance(v, torch.Tensor)}
+    blocked: dict[int, str] = {}
+    for i, reason in analysis.blocked_ids.items():
+        blocked.setdefault(analysis.uf.find(i), reason)
+    return ChannelGroups(analysis.uf, analysis.roles, analysis.producers, blocked, shapes)

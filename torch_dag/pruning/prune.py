@@ -1,0 +1,134 @@
+"""`prune`: remove channels to reach a global FLOPs (or params) target, whatever the architecture."""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from ..analysis import count_flops
+from ..core.dag import DagModule
+from ..core.errors import DagError
+from . import surgery
+from .groups import ChannelGroups, Group, channel_groups
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """Settings of one pruning run."""
+
+    criterion: str = "l2"  # l1 | l2 | bn_scale | random
+    round_to: int = 1  # kept widths are multiples of this (where the group is wide enough)
+    min_channels: int = 1  # never keep fewer channels in a group
+    tolerance: float = 0.02  # |achieved ratio - target| allowed
+    seed: int = 0
+
+
+def channel_scores(dag: DagModule, groups: ChannelGroups, criterion: str, seed: int = 0) -> dict[int, float]:
+    """Importance of each channel class, summed over every member that holds weights for it."""
+    if criterion == "random":
+        rng = np.random.default_rng(seed)
+        return {root: float(rng.random()) for g in groups.groups() for root in g.channels}
+    scores: dict[int, float] = defaultdict(float)
+    for name, role in groups.roles.items():
+        module = dag[name].module
+        weight = getattr(module, "weight", None)
+        if weight is None or role.axis is not None:
+            continue
+        if criterion == "bn_scale":
+            if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.affine:
+                _accumulate(scores, groups, role.in_ids, weight.detach().abs())
+            continue
+        if role.out_ids is None or isinstance(module, nn.modules.batchnorm._BatchNorm):
+            continue
+        flat = weight.detach().reshape(weight.shape[0], -1)
+        per_channel = flat.abs().sum(1) if criterion == "l1" else flat.square().sum(1)
+        if criterion not in ("l1", "l2"):
+            raise DagError(f"unknown importance criterion {criterion!r}: use l1, l2, bn_scale or random")
+        _accumulate(scores, groups, role.out_ids, per_channel)
+    return dict(scores)
+
+
+def _accumulate(scores: dict[int, float], groups: ChannelGroups, ids: np.ndarray, values: torch.Tensor) -> None:
+    for root, value in zip(groups.root(ids).tolist(), values.double().tolist()):
+        scores[root] += value
+
+
+def _removal_order(groups: list[Group], scores: dict[int, float]) -> list[tuple[int, int]]:
+    """(group index, class root) from least to most important, scores normalized per group so that
+    groups of different layers compare; ties broken by position, so equal scores still order."""
+    order = []
+    for index, group in enumerate(groups):
+        values = np.array([scores.get(r, 0.0) for r in group.channels])
+        normalized = values / max(values.mean(), 1e-12)
+        order.extend((float(v), index, position, root)
+                     for position, (v, root) in enumerate(zip(normalized, group.channels)))
+    order.sort()
+    return [(index, root) for _, index, _, root in order]
+
+
+def _kept_roots(groups: list[Group], order: list[tuple[int, int]], remove: int, config: PruneConfig) -> set[int]:
+    """Drop the `remove` least important channels, within each group's minimum and rounding."""
+    removed: dict[int, list[int]] = defaultdict(list)
+    for index, root in order[:remove]:
+        removed[index].append(root)
+    kept: set[int] = set()
+    for index, group in enumerate(groups):
+        size = len(group.channels)
+        keep = max(size - len(removed[index]), min(config.min_channels, size))
+        if config.round_to > 1 and size >= config.round_to:
+            keep = min(size, max(config.round_to, math.ceil(keep / config.round_to) * config.round_to))
+        dropped = set(removed[index][: size - keep])
+        kept.update(r for r in group.channels if r not in dropped)
+    return kept
+
+
+def prune(dag: DagModule, flops_ratio: float, example_inputs: tuple | torch.Tensor, *,
+          config: PruneConfig = PruneConfig(), protected: Iterable[str] = (), progress: bool = False) -> DagModule:
+    """A smaller DagModule with about `flops_ratio` of the FLOPs (fvcore convention), channels removed
+    by importance across every prunable channel group; the input DAG is left untouched.
+
+    The least important channels (scores normalized within each group) go first; the number removed
+    is bisected until the measured FLOPs are within `config.tolerance` of the target.
+    """
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    if not 0 < flops_ratio <= 1:
+        raise DagError(f"flops_ratio must be in (0, 1], got {flops_ratio}")
+    groups = channel_groups(dag, example_inputs, protected)
+    prunable = [g for g in groups.groups() if g.prunable]
+    scores = channel_scores(dag, groups, config.criterion, config.seed)
+    base = count_flops(dag, *example_inputs).total_flops
+
+    order = _removal_order(prunable, scores)
+    fixed = [r for g in groups.groups() if not g.prunable for r in g.channels]
+
+    def build(remove: int) -> tuple[DagModule, float]:
+        keep_roots = np.array(sorted(_kept_roots(prunable, order, remove, config) | set(fixed)))
+        pruned = surgery.apply(dag, groups, lambda ids: np.isin(groups.root(ids), keep_roots))
+        return pruned, count_flops(pruned, *example_inputs).total_flops / base
+
+    low, high = 0, len(order)  # channels removed: none ... all the minimums allow
+    best, best_ratio = dag, 1.0
+    bar = tqdm(total=max(1, len(order)).bit_length() + 1, desc="prune", unit="step", disable=not progress)
+    while low <= high:  # fewer FLOPs as more channels go: bisect on the count removed
+        middle = (low + high) // 2
+        candidate, ratio = build(middle)
+        bar.update()
+        bar.set_postfix_str(f"FLOPs ratio {ratio:.3f}")
+        if abs(ratio - flops_ratio) < abs(best_ratio - flops_ratio):
+            best, best_ratio = candidate, ratio
+        if abs(ratio - flops_ratio) <= config.tolerance / 2:
+            break
+        if ratio > flops_ratio:
+            low = middle + 1
+        else:
+            high = middle - 1
+    bar.close()
+    return best

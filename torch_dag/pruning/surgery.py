@@ -1,0 +1,103 @@
+"""Surgery: slice every affected vertex's tensors to the kept channels, with one helper driven by a
+table of (tensor, axis, side) per op, never a copy of the same slicing code per layer type."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..core.dag import DagModule
+from ..passes.editor import Editor
+from .groups import ChannelGroups, Role
+
+# op -> [(tensor attribute, axis, side)], side "in" (input channels) or "out" (channels it produces)
+SLICES: dict[str, list[tuple[str, int, str]]] = {
+    "Conv": [("weight", 0, "out"), ("weight", 1, "in"), ("bias", 0, "out")],
+    "Depthwise": [("weight", 0, "out"), ("bias", 0, "out")],
+    "Linear": [("weight", 0, "out"), ("weight", 1, "in"), ("bias", 0, "out")],
+    "Norm": [("weight", 0, "in"), ("bias", 0, "in"), ("running_mean", 0, "in"), ("running_var", 0, "in")],
+}
+
+
+def _kind(module: nn.Module) -> str | None:
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return "Depthwise" if module.groups > 1 else "Conv"
+    if isinstance(module, nn.Linear):
+        return "Linear"
+    if isinstance(module, (nn.modules.batchnorm._BatchNorm, nn.LayerNorm)):
+        return "Norm"
+    return None
+
+
+def _fix_config(module: nn.Module, n_in: int | None, n_out: int | None) -> None:
+    """Keep the constructor attributes (saved as config) in step with the sliced tensors."""
+    if isinstance(module, nn.modules.conv._ConvNd):
+        if module.groups > 1:
+            module.in_channels = module.out_channels = module.groups = n_out
+        else:
+            module.in_channels, module.out_channels = n_in, n_out
+    elif isinstance(module, nn.Linear):
+        module.in_features, module.out_features = n_in, n_out
+    elif isinstance(module, nn.modules.batchnorm._BatchNorm):
+        module.num_features = n_in
+    elif isinstance(module, nn.LayerNorm):
+        module.normalized_shape = (n_in,)
+
+
+def _take(tensor: torch.Tensor, axis: int, mask: np.ndarray) -> torch.Tensor:
+    index = torch.from_numpy(np.flatnonzero(mask)).to(tensor.device)
+    return tensor.detach().index_select(axis, index).clone()
+
+
+def slice_module(module: nn.Module, role: Role, in_mask: np.ndarray | None, out_mask: np.ndarray | None
+                 ) -> nn.Module:
+    """A copy of `module` keeping the masked channels (the input module is left untouched)."""
+    new = copy.copy(module)
+    new._parameters = dict(module._parameters)
+    new._buffers = dict(module._buffers)
+    if role.axis is not None:  # a Parameter / Constant operand
+        attr = "weight" if "weight" in new._parameters else "value"
+        _set(new, attr, _take(getattr(module, attr), role.axis, in_mask))
+        return new
+    kind = _kind(module)
+    masks = {"in": in_mask, "out": out_mask}
+    for attr, axis, side in SLICES[kind]:
+        tensor, mask = getattr(new, attr, None), masks[side]
+        if tensor is None or mask is None or tensor.dim() <= axis:
+            continue
+        _set(new, attr, _take(tensor, axis, mask))
+    n_in = int(in_mask.sum()) if in_mask is not None else _size(module, "in")
+    n_out = int(out_mask.sum()) if out_mask is not None else _size(module, "out")
+    _fix_config(new, n_in, n_out)
+    return new
+
+
+def _size(module: nn.Module, side: str) -> int | None:
+    weight = getattr(module, "weight", None)
+    if weight is None:
+        return None
+    return weight.shape[0] if side == "out" or weight.dim() < 2 else weight.shape[1]
+
+
+def _set(module: nn.Module, attr: str, tensor: torch.Tensor) -> None:
+    if attr in module._parameters:
+        old = module._parameters[attr]
+        module._parameters[attr] = nn.Parameter(tensor, requires_grad=old.requires_grad)
+    else:
+        module._buffers[attr] = tensor
+
+
+def apply(dag: DagModule, groups: ChannelGroups, keep: Callable[[np.ndarray], np.ndarray]) -> DagModule:
+    """A new DAG with every role's tensors sliced to `keep(ids)` (a boolean mask per id)."""
+    editor = Editor(dag)
+    for name, role in groups.roles.items():
+        in_mask = keep(role.in_ids) if role.in_ids is not None else None
+        out_mask = keep(role.out_ids) if role.out_ids is not None else None
+        if (in_mask is None or in_mask.all()) and (out_mask is None or out_mask.all()):
+            continue
+        editor.set_module(name, slice_module(editor[name].module, role, in_mask, out_mask))
+    return editor.build()
