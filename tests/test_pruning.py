@@ -115,3 +115,15 @@ def test_unknown_op_makes_its_channels_unprunable():
     groups = channel_groups(td.build_from_unstructured_module(model, (x,)), (x,)).groups()
     (a,) = [g for g in groups if g.producers == ["a"]]
     assert not a.prunable and "no channel rule for op cumsum" in a.reasons[0]
+
+
+def test_cli_prune_prints_the_table(tmp_path, capsys):
+    from torch_dag.cli import main
+
+    out = tmp_path / "half.dag"
+    main(["prune", "timm:resnet18", "--flops-ratio", "0.5", "--input-size", "3x64x64", "-q", "-o", str(out)])
+    printed = capsys.readouterr().out
+    assert "FLOPs (G)" in printed and "kmapp" in printed and "channel groups: 13, prunable 12" in printed
+    pruned = td.load(out)
+    x = pruned.example_inputs()
+    assert td.count_flops(pruned, *x).total_params < 11e6
