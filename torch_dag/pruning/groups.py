@@ -248,14 +248,20 @@ def _elementwise(a: _Analysis, v: Vertex, inputs: list[Any], out: Any) -> Any:
             a.uf.union(result.ids, info.ids)
     if result is None:
         return None
-    for arg in v.args:  # a Parameter/Constant operand spanning the channels (layer scale, bias)
-        holder = a.dag[arg.name].module if isinstance(arg, Ref) and arg.name in a.dag else None
-        if isinstance(holder, (Parameter, Constant)):
-            value = a.values[arg.name]
-            position = result.axis - (out.dim() - value.dim())
-            if 0 <= position < value.dim() and value.shape[position] == len(result.ids):
-                role = a.role(a.dag[arg.name])
-                role.in_ids, role.axis = result.ids, position
+    for arg, info in zip(v.args, inputs):  # operands spanning the channels without carrying their ids
+        if info is not None or not isinstance(arg, Ref) or not isinstance(a.values[arg.name], torch.Tensor):
+            continue
+        value = a.values[arg.name]
+        position = result.axis - (out.dim() - value.dim())
+        if position < 0 or value.shape[position] == 1:
+            continue  # broadcast over the channels: nothing to slice
+        holder = a.dag[arg.name].module if arg.name in a.dag else None
+        if isinstance(holder, (Parameter, Constant)) and value.shape[position] == len(result.ids):
+            role = a.role(a.dag[arg.name])  # a layer scale or bias: sliced with the channels
+            role.in_ids, role.axis = result.ids, position
+        else:
+            a.block(result, f"{v.name}: {v.op} with {arg.name}, which spans the channels but is not tracked")
+            return None
     return result
 
 
@@ -310,12 +316,26 @@ def _mean_sum(a: _Analysis, v: Vertex, inputs: list[Any], out: Any) -> Any:
     return Channels(x.axis if keepdim else x.axis - sum(d < x.axis for d in dims), x.ids)
 
 
+def _permute(a: _Analysis, v: Vertex, inputs: list[Any], out: Any) -> Any:
+    """permute / transpose move the channel axis (ConvNeXt's channels-last blocks)."""
+    x = inputs[0]
+    if not isinstance(x, Channels):
+        return None
+    rank = out.dim()
+    if v.op == "permute":
+        dims = [d % rank for d in v.args[1]]
+        return Channels(dims.index(x.axis), x.ids)
+    d0, d1 = (d % rank for d in v.args[1:3])
+    return Channels({d0: d1, d1: d0}.get(x.axis, x.axis), x.ids)
+
+
 RULES: dict[str, Rule] = {
     "Conv1d": _conv, "Conv2d": _conv, "Conv3d": _conv, "Linear": _linear,
     "BatchNorm1d": _per_channel_module(None), "BatchNorm2d": _per_channel_module(None),
     "BatchNorm3d": _per_channel_module(None), "LayerNorm": _per_channel_module(1),
     "add": _elementwise, "sub": _elementwise, "mul": _elementwise, "div": _elementwise,
     "flatten": _flatten_rule, "cat": _cat, "mean": _mean_sum, "sum": _mean_sum,
+    "permute": _permute, "transpose": _permute,
 }
 for _op in ("ReLU", "ReLU6", "LeakyReLU", "ELU", "CELU", "SELU", "GELU", "SiLU", "Mish", "Sigmoid", "Tanh",
             "Hardswish", "Hardsigmoid", "Hardtanh", "Softplus", "Identity", "Dropout", "Dropout1d", "Dropout2d",
