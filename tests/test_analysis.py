@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from zoo import ZOO, make
+from zoo import ZOO, convert, make
 
 import torch_dag as td
 
@@ -36,11 +36,6 @@ def fvcore_flops(model: nn.Module, inputs: tuple) -> int:
 
 def unique_param_count(model: nn.Module) -> int:
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-
-
-def convert(name: str) -> tuple[nn.Module, tuple, td.DagModule]:
-    model, inputs = make(name)
-    return model, inputs, td.build_from_unstructured_module(model, inputs)
 
 
 # --- the zoo -----------------------------------------------------------------------------------------

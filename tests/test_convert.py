@@ -8,15 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from zoo import ZOO, make
+from zoo import ZOO, convert, make
 
 import torch_dag as td
 from torch_dag.testing import compare_outputs
-
-
-def convert(name: str) -> tuple[nn.Module, tuple, td.DagModule]:
-    model, inputs = make(name)
-    return model, inputs, td.build_from_unstructured_module(model, inputs)
 
 
 @pytest.mark.parametrize("name", sorted(ZOO))

@@ -260,6 +260,14 @@ ZOO: dict[str, tuple[Callable[[], nn.Module], Callable[[], tuple]]] = {
 }
 
 
+def convert(name: str):
+    """A zoo model, its inputs and its DagModule."""
+    import torch_dag as td
+
+    model, inputs = make(name)
+    return model, inputs, td.build_from_unstructured_module(model, inputs)
+
+
 def make(name: str) -> tuple[nn.Module, tuple]:
     """A fresh model of the zoo (seeded, eval mode, BN statistics made non-trivial) and its inputs."""
     torch.manual_seed(0)
