@@ -248,21 +248,29 @@ def _elementwise(a: _Analysis, v: Vertex, inputs: list[Any], out: Any) -> Any:
             a.uf.union(result.ids, info.ids)
     if result is None:
         return None
-    for arg, info in zip(v.args, inputs):  # operands spanning the channels without carrying their ids
-        if info is not None or not isinstance(arg, Ref) or not isinstance(a.values[arg.name], torch.Tensor):
-            continue
-        value = a.values[arg.name]
-        position = result.axis - (out.dim() - value.dim())
-        if position < 0 or value.shape[position] == 1:
-            continue  # broadcast over the channels: nothing to slice
-        holder = a.dag[arg.name].module if arg.name in a.dag else None
-        if isinstance(holder, (Parameter, Constant)) and value.shape[position] == len(result.ids):
-            role = a.role(a.dag[arg.name])  # a layer scale or bias: sliced with the channels
-            role.in_ids, role.axis = result.ids, position
-        else:
-            a.block(result, f"{v.name}: {v.op} with {arg.name}, which spans the channels but is not tracked")
+    for arg, info in zip(v.args, inputs):
+        if info is None and not _untracked_operand(a, v, arg, result, out.dim()):
             return None
     return result
+
+
+def _untracked_operand(a: _Analysis, v: Vertex, arg: Any, result: Channels, out_rank: int) -> bool:
+    """An operand without channel ids next to tracked ones: fine if it broadcasts over the channels,
+    sliced with them if it is a Parameter/Constant spanning them (a layer scale, a class token, a
+    position embedding); otherwise the channels are blocked. Returns False when blocked."""
+    if not isinstance(arg, Ref) or not isinstance(a.values[arg.name], torch.Tensor):
+        return True
+    value = a.values[arg.name]
+    position = result.axis - (out_rank - value.dim())
+    if position < 0 or value.shape[position] == 1:
+        return True
+    holder = a.dag[arg.name].module if arg.name in a.dag else None
+    if isinstance(holder, (Parameter, Constant)) and value.shape[position] == len(result.ids):
+        role = a.role(a.dag[arg.name])
+        role.in_ids, role.axis = result.ids, position
+        return True
+    a.block(result, f"{v.name}: {v.op} with {arg.name}, which spans the channels but is not tracked")
+    return False
 
 
 def _flatten_rule(a: _Analysis, v: Vertex, inputs: list[Any], out: Any) -> Any:
@@ -282,20 +290,32 @@ def _flatten_rule(a: _Analysis, v: Vertex, inputs: list[Any], out: Any) -> Any:
 
 
 def _cat(a: _Analysis, v: Vertex, inputs: list[Any], out: Any) -> Any:
-    tensors, dim = v.args[0], v.args[1]
-    infos = inputs[0] if isinstance(inputs[0], list) else []
-    dim = dim % out.dim()
+    """Along the channel axis: ids laid end to end. Along another axis: the operands' channels tied."""
+    tensors, dim = v.args[0], v.args[1] % out.dim()
+    infos = inputs[0] if isinstance(inputs[0], list) else [None] * len(tensors)
+    tracked = [info for info in infos if isinstance(info, Channels)]
+    if not tracked:
+        return None
+    if any(info.axis != tracked[0].axis for info in tracked):
+        a.block(tracked, f"{v.name}: concatenated tensors have their channels on different axes")
+        return None
+    if tracked[0].axis != dim:
+        result = Channels(tracked[0].axis, tracked[0].ids)
+        for info in tracked[1:]:
+            a.uf.union(result.ids, info.ids)
+        for ref, info in zip(tensors, infos):
+            if info is None and not _untracked_operand(a, v, ref, result, out.dim()):
+                return None
+        return result
     parts = []
     for ref, info in zip(tensors, infos):
-        size = a.values[ref.name].shape[dim] if isinstance(ref, Ref) else 0
-        if isinstance(info, Channels) and info.axis == dim:
+        if isinstance(info, Channels):
             parts.append(info.ids)
-        else:
-            fresh = a.uf.make(size)
-            a.block(Channels(dim, fresh), f"{v.name}: concatenated tensor without tracked channels")
-            a.block(info, f"{v.name}: concatenated along another axis than its channels")
+        else:  # a part without ids (an input, a constant): its channels exist but cannot be removed
+            fresh = a.uf.make(a.values[ref.name].shape[dim] if isinstance(ref, Ref) else 0)
+            a.block(Channels(dim, fresh), f"{v.name}: concatenated part without tracked channels")
             parts.append(fresh)
-    return Channels(dim, np.concatenate(parts)) if parts else None
+    return Channels(dim, np.concatenate(parts))
 
 
 def _mean_sum(a: _Analysis, v: Vertex, inputs: list[Any], out: Any) -> Any:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -104,31 +104,69 @@ def prune(dag: DagModule, flops_ratio: float, example_inputs: tuple | torch.Tens
     groups = channel_groups(dag, example_inputs, protected)
     prunable = [g for g in groups.groups() if g.prunable]
     scores = channel_scores(dag, groups, config.criterion, config.seed)
-    base = count_flops(dag, *example_inputs).total_flops
-
+    report = count_flops(dag, *example_inputs)
     order = _removal_order(prunable, scores)
-    fixed = [r for g in groups.groups() if not g.prunable for r in g.channels]
+    fixed = {r for g in groups.groups() if not g.prunable for r in g.channels}
+    model = _FlopModel(groups, report.flops)
+
+    def keep_roots(remove: int) -> np.ndarray:
+        return np.array(sorted(_kept_roots(prunable, order, remove, config) | fixed))
 
     def build(remove: int) -> tuple[DagModule, float]:
-        keep_roots = np.array(sorted(_kept_roots(prunable, order, remove, config) | set(fixed)))
-        pruned = surgery.apply(dag, groups, lambda ids: np.isin(groups.root(ids), keep_roots))
-        return pruned, count_flops(pruned, *example_inputs).total_flops / base
+        kept = keep_roots(remove)
+        pruned = surgery.apply(dag, groups, lambda ids: np.isin(groups.root(ids), kept))
+        return pruned, count_flops(pruned, *example_inputs).total_flops / report.total_flops
 
-    low, high = 0, len(order)  # channels removed: none ... all the minimums allow
-    best, best_ratio = dag, 1.0
-    bar = tqdm(total=max(1, len(order)).bit_length() + 1, desc="prune", unit="step", disable=not progress)
-    while low <= high:  # fewer FLOPs as more channels go: bisect on the count removed
+    bar = tqdm(total=2, desc="prune", unit="step", disable=not progress)
+    # the FLOPs of convs, linears and norms scale with their kept channel fractions: bisect on that model
+    remove = _bisect(len(order), lambda k: model.ratio(keep_roots(k)), flops_ratio)
+    best, best_ratio = build(remove)
+    bar.update()
+    bar.set_postfix_str(f"FLOPs ratio {best_ratio:.3f}")
+    if abs(best_ratio - flops_ratio) > config.tolerance / 2:  # ops outside the model moved it: measure
+        remove = _bisect(len(order), lambda k: build(k)[1], flops_ratio)
+        best, best_ratio = build(remove)
+    bar.update()
+    bar.set_postfix_str(f"FLOPs ratio {best_ratio:.3f}")
+    bar.close()
+    return best
+
+
+def _bisect(n: int, ratio_of: Callable[[int], float], target: float) -> int:
+    """The number of channels to remove (0..n) whose FLOPs ratio is closest to `target`."""
+    low, high, best, best_gap = 0, n, 0, float("inf")
+    while low <= high:
         middle = (low + high) // 2
-        candidate, ratio = build(middle)
-        bar.update()
-        bar.set_postfix_str(f"FLOPs ratio {ratio:.3f}")
-        if abs(ratio - flops_ratio) < abs(best_ratio - flops_ratio):
-            best, best_ratio = candidate, ratio
-        if abs(ratio - flops_ratio) <= config.tolerance / 2:
-            break
-        if ratio > flops_ratio:
+        ratio = ratio_of(middle)
+        if abs(ratio - target) < best_gap:
+            best, best_gap = middle, abs(ratio - target)
+        if ratio > target:
             low = middle + 1
         else:
             high = middle - 1
-    bar.close()
     return best
+
+
+class _FlopModel:
+    """Predicted FLOPs after slicing: each sliced vertex's FLOPs times its kept input and output
+    channel fractions (exact for convs, linears and norms; other ops count as unchanged)."""
+
+    def __init__(self, groups: ChannelGroups, flops: dict[str, int]):
+        self.total = sum(flops.values())
+        self.terms = []
+        for name, role in groups.roles.items():
+            if flops.get(name):
+                in_roots = groups.root(role.in_ids) if role.in_ids is not None else None
+                same = role.out_ids is role.in_ids  # depthwise: one fraction, not two
+                out_roots = groups.root(role.out_ids) if role.out_ids is not None and not same else None
+                self.terms.append((flops[name], in_roots, out_roots))
+
+    def ratio(self, kept: np.ndarray) -> float:
+        total = self.total
+        for flops, in_roots, out_roots in self.terms:
+            fraction = 1.0
+            for roots in (in_roots, out_roots):
+                if roots is not None:
+                    fraction *= np.isin(roots, kept).mean()
+            total -= flops * (1 - fraction)
+        return total / self.total
