@@ -127,3 +127,14 @@ def test_cli_prune_prints_the_table(tmp_path, capsys):
     pruned = td.load(out)
     x = pruned.example_inputs()
     assert td.count_flops(pruned, *x).total_params < 11e6
+
+
+def test_prune_works_through_nested_dags():
+    from torch_dag import passes
+
+    dag, inputs = _timm("resnet18", 64)
+    nested = passes.nest_by_module(dag, 1)
+    assert any(v.op == "DagModule" for v in nested)
+    pruned = prune(nested, 0.5, inputs)
+    ratio = td.count_flops(pruned, *inputs).total_flops / td.count_flops(dag, *inputs).total_flops
+    assert abs(ratio - 0.5) <= 0.02

@@ -15,6 +15,8 @@ from tqdm import tqdm
 from ..analysis import count_flops
 from ..core.dag import DagModule
 from ..core.errors import DagError
+from ..core.ops import is_dag_module
+from ..passes.hierarchy import flatten
 from . import surgery
 from .groups import ChannelGroups, Group, channel_groups
 
@@ -95,12 +97,15 @@ def prune(dag: DagModule, flops_ratio: float, example_inputs: tuple | torch.Tens
     by importance across every prunable channel group; the input DAG is left untouched.
 
     The least important channels (scores normalized within each group) go first; the number removed
-    is bisected until the measured FLOPs are within `config.tolerance` of the target.
+    is bisected until the FLOPs are within `config.tolerance` of the target. A DAG with nested
+    DagModules (from `passes.nest`) is flattened first, and the result is flat.
     """
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     if not 0 < flops_ratio <= 1:
         raise DagError(f"flops_ratio must be in (0, 1], got {flops_ratio}")
+    if any(is_dag_module(v.module) for v in dag):  # channels cross block boundaries: prune the flat graph
+        dag = flatten(dag)
     groups = channel_groups(dag, example_inputs, protected)
     prunable = [g for g in groups.groups() if g.prunable]
     scores = channel_scores(dag, groups, config.criterion, config.seed)
