@@ -385,11 +385,11 @@ for _name in ("exp", "exp2", "expm1", "log", "log2", "log10", "log1p", "sqrt", "
               "tan", "asin", "acos", "atan", "sinh", "cosh", "erf", "erfc", "erfinv", "floor", "ceil",
               "round", "trunc", "frac", "sign", "reciprocal", "square", "logical_not", "isnan", "isinf",
               "isfinite", "nan_to_num", "logit", "atan2", "maximum", "minimum", "fmod", "lerp",
-              "logical_and", "logical_or", "logical_xor", "masked_fill", "addcmul", "addcdiv", "clamp",
+              "logical_and", "logical_or", "logical_xor", "masked_fill", "addcmul", "addcdiv",
               "clamp_min", "clamp_max", "tril", "triu", "cumsum", "cumprod", "gather", "scatter",
               "index_select", "masked_select", "bernoulli"):
     _same_everywhere(_name)
-_same_everywhere("clip", fn=torch.clamp, extra_methods=())
+_same_everywhere("clamp", extra_torch=("clip",), extra_methods=("clip", "clip_"))  # clip is clamp
 for _name in ("mean", "sum", "prod", "amax", "amin", "max", "min", "std", "var", "all", "any", "argmax",
               "argmin", "norm", "logsumexp", "topk", "sort", "argsort", "count_nonzero", "std_mean",
               "var_mean", "median", "diff", "outer", "diag", "diagonal", "trace", "kron", "cross",

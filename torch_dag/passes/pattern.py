@@ -11,7 +11,7 @@ A failed match says why, so users can debug their own patterns.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from ..core.dag import DagModule, Vertex
 from ..core.template import Ref, unique_refs
@@ -67,7 +67,6 @@ class Pattern:
     inputs: tuple[Pattern | None, ...] | None = None
     only_user: bool = False  # nothing but the vertex above reads this one's values (shape queries aside)
     name: str | None = None  # capture key in the match (default: the op set)
-    description: str = field(default="", compare=False)
 
 
 def op(ops: str | Iterable[str] | None = None, *, where: Check | None = None,
