@@ -292,7 +292,10 @@ def _flatten_rule(a: _Analysis, v: Vertex, inputs: list[Any], out: Any) -> Any:
 def _cat(a: _Analysis, v: Vertex, inputs: list[Any], out: Any) -> Any:
     """Along the channel axis: ids laid end to end. Along another axis: the operands' channels tied."""
     tensors, dim = v.args[0], v.args[1] % out.dim()
-    infos = inputs[0] if isinstance(inputs[0], list) else [None] * len(tensors)
+    if not isinstance(tensors, (list, tuple)):  # a list made by another vertex: no per-part view
+        a.block(inputs, f"{v.name}: cat of a list built elsewhere")
+        return None
+    infos = list(inputs[0]) if isinstance(inputs[0], (list, tuple)) else [None] * len(tensors)
     tracked = [info for info in infos if isinstance(info, Channels)]
     if not tracked:
         return None
@@ -388,6 +391,8 @@ def channel_groups(dag: DagModule, example_inputs: tuple, protected: Iterable[st
             info[vertex.name] = None
             continue
         out = rule(analysis, vertex, inputs, values[vertex.name])
+        if out is None and vertex.name not in analysis.roles:  # safety net: ids may never vanish silently
+            analysis.block(inputs, f"{vertex.name}: {op} does not carry the channels on")
         if vertex.name in analysis.protected:
             analysis.block(out, f"{vertex.name}: protected")
         info[vertex.name] = out

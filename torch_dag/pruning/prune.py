@@ -75,20 +75,25 @@ def _removal_order(groups: list[Group], scores: dict[int, float]) -> list[tuple[
     return [(index, root) for _, index, _, root in order]
 
 
-def _kept_roots(groups: list[Group], order: list[tuple[int, int]], remove: int, config: PruneConfig) -> set[int]:
-    """Drop the `remove` least important channels, within each group's minimum and rounding."""
-    removed: dict[int, list[int]] = defaultdict(list)
+def _removed_roots(groups: list[Group], order: list[tuple[int, int]], remove: int, config: PruneConfig,
+                   owners: dict[int, list[int]], scores: dict[int, float]) -> set[int]:
+    """The `remove` least important channels, within each group's minimum and rounding, and never
+    every channel a producer makes (a concat joins producers that each need one). Anything not
+    returned here is kept, including channels outside every group."""
+    candidates: dict[int, list[int]] = defaultdict(list)
     for index, root in order[:remove]:
-        removed[index].append(root)
-    kept: set[int] = set()
+        candidates[index].append(root)
+    removed: set[int] = set()
     for index, group in enumerate(groups):
         size = len(group.channels)
-        keep = max(size - len(removed[index]), min(config.min_channels, size))
+        keep = max(size - len(candidates[index]), min(config.min_channels, size))
         if config.round_to > 1 and size >= config.round_to:
             keep = min(size, max(config.round_to, math.ceil(keep / config.round_to) * config.round_to))
-        dropped = set(removed[index][: size - keep])
-        kept.update(r for r in group.channels if r not in dropped)
-    return kept
+        removed.update(candidates[index][: size - keep])
+    for roots in owners.values():
+        if removed.issuperset(roots):
+            removed.discard(max(roots, key=lambda r: scores.get(r, 0.0)))
+    return removed
 
 
 def prune(dag: DagModule, flops_ratio: float, example_inputs: tuple | torch.Tensor, *,
@@ -111,20 +116,21 @@ def prune(dag: DagModule, flops_ratio: float, example_inputs: tuple | torch.Tens
     scores = channel_scores(dag, groups, config.criterion, config.seed)
     report = count_flops(dag, *example_inputs)
     order = _removal_order(prunable, scores)
-    fixed = {r for g in groups.groups() if not g.prunable for r in g.channels}
     model = _FlopModel(groups, report.flops)
 
-    def keep_roots(remove: int) -> np.ndarray:
-        return np.array(sorted(_kept_roots(prunable, order, remove, config) | fixed))
+    owners = {i: sorted({int(r) for r in groups.root(ids)}) for i, ids in enumerate(groups.producers.values())}
+
+    def removed_roots(remove: int) -> np.ndarray:
+        return np.array(sorted(_removed_roots(prunable, order, remove, config, owners, scores)), dtype=np.int64)
 
     def build(remove: int) -> tuple[DagModule, float]:
-        kept = keep_roots(remove)
-        pruned = surgery.apply(dag, groups, lambda ids: np.isin(groups.root(ids), kept))
+        removed = removed_roots(remove)
+        pruned = surgery.apply(dag, groups, lambda ids: ~np.isin(groups.root(ids), removed))
         return pruned, count_flops(pruned, *example_inputs).total_flops / report.total_flops
 
     bar = tqdm(total=2, desc="prune", unit="step", disable=not progress)
     # the FLOPs of convs, linears and norms scale with their kept channel fractions: bisect on that model
-    remove = _bisect(len(order), lambda k: model.ratio(keep_roots(k)), flops_ratio)
+    remove = _bisect(len(order), lambda k: model.ratio(removed_roots(k)), flops_ratio)
     best, best_ratio = build(remove)
     bar.update()
     bar.set_postfix_str(f"FLOPs ratio {best_ratio:.3f}")
@@ -166,12 +172,12 @@ class _FlopModel:
                 out_roots = groups.root(role.out_ids) if role.out_ids is not None and not same else None
                 self.terms.append((flops[name], in_roots, out_roots))
 
-    def ratio(self, kept: np.ndarray) -> float:
+    def ratio(self, removed: np.ndarray) -> float:
         total = self.total
         for flops, in_roots, out_roots in self.terms:
             fraction = 1.0
             for roots in (in_roots, out_roots):
                 if roots is not None:
-                    fraction *= np.isin(roots, kept).mean()
+                    fraction *= 1 - np.isin(roots, removed).mean()
             total -= flops * (1 - fraction)
         return total / self.total
