@@ -138,3 +138,21 @@ def test_prune_works_through_nested_dags():
     pruned = prune(nested, 0.5, inputs)
     ratio = td.count_flops(pruned, *inputs).total_flops / td.count_flops(dag, *inputs).total_flops
     assert abs(ratio - 0.5) <= 0.02
+
+
+def test_reading_the_channel_count_blocks_the_channels():
+    class ReadsC(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 8, 3), nn.Conv2d(3, 8, 3)
+
+        def forward(self, x):
+            y = self.a(x)
+            batch, channels, h, w = y.shape
+            return self.b(x).reshape(batch, channels, h * w) + y.flatten(2)  # b's count tied to a's
+
+    model = ReadsC().eval()
+    x = torch.randn(1, 3, 10, 10)
+    groups = channel_groups(td.build_from_unstructured_module(model, (x,)), (x,)).groups()
+    (a,) = [g for g in groups if "a" in g.producers]
+    assert not a.prunable and "reads the channel count" in " ".join(a.reasons)

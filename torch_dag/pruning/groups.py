@@ -156,9 +156,18 @@ class _Analysis:
         return self.roles.setdefault(vertex.name, Role(vertex.name))
 
 
+@dataclass
+class ShapeOf:
+    """The shape of a tensor with tracked channels (`x.shape`): its channel entry is a channel count."""
+
+    channels: Channels
+
+
 def _flatten(info: Any) -> list[Channels]:
     if isinstance(info, Channels):
         return [info]
+    if isinstance(info, ShapeOf):
+        return [info.channels]
     if isinstance(info, (list, tuple)):
         return [c for item in info for c in _flatten(item)]
     return []
@@ -366,7 +375,33 @@ for _op in ("ReLU", "ReLU6", "LeakyReLU", "ELU", "CELU", "SELU", "GELU", "SiLU",
             "AdaptiveAvgPool1d", "AdaptiveAvgPool2d", "AdaptiveAvgPool3d", "AdaptiveMaxPool2d", "contiguous",
             "clone", "relu", "sigmoid", "gelu", "silu", "hardswish", "hardsigmoid", "tanh", "to"):
     RULES[_op] = _pass_through
-_METADATA = frozenset({"size", "dim", "numel", "dtype_of", "device_of", "guard", "assert"})
+_HARMLESS = frozenset({"dim", "dtype_of", "device_of"})  # facts that pruning does not change
+
+
+def _shape_query(a: _Analysis, v: Vertex, inputs: list[Any]) -> Any:
+    """`x.shape`, `x.size(d)`, `shape[i]`, `x.numel()`: a channel count read as a number ties the
+    channels to wherever that number goes, so reading it blocks them; other entries are free."""
+    x = inputs[0]
+    if v.op == "size":
+        dim = v.args[1] if len(v.args) > 1 else None
+        if isinstance(x, Channels) and dim is None:
+            return ShapeOf(x)
+        if isinstance(x, Channels) and isinstance(dim, int) and dim % _rank(a.values[v.args[0].name]) == x.axis:
+            a.block(x, f"{v.name}: reads the channel count")
+        return None
+    if v.op == "numel":
+        a.block(x, f"{v.name}: reads the element count")
+        return None
+    if v.op == "getitem" and isinstance(x, ShapeOf):
+        index, rank = v.args[1], len(a.values[v.args[0].name])
+        covered = range(rank)[index] if isinstance(index, slice) else [index % rank] if isinstance(index, int) else None
+        if covered is None or x.channels.axis in covered:
+            a.block(x, f"{v.name}: reads the channel count from a shape")
+        return None
+    return _NOT_A_QUERY
+
+
+_NOT_A_QUERY = object()
 
 
 def channel_groups(dag: DagModule, example_inputs: tuple, protected: Iterable[str] = ()) -> ChannelGroups:
@@ -378,8 +413,12 @@ def channel_groups(dag: DagModule, example_inputs: tuple, protected: Iterable[st
     for vertex in dag:
         inputs = [map_refs(arg, lambda r: info.get(r.name)) for arg in vertex.args]
         op = vertex.op
-        if op in _METADATA:  # shapes only: channel counts are not read as values
+        if op in _HARMLESS:
             info[vertex.name] = None
+            continue
+        if op in ("size", "numel") or (op == "getitem" and inputs and isinstance(inputs[0], ShapeOf)):
+            result = _shape_query(analysis, vertex, inputs)
+            info[vertex.name] = None if result is _NOT_A_QUERY else result
             continue
         if isinstance(vertex.module, (Parameter, Constant)):
             info[vertex.name] = None
