@@ -457,6 +457,11 @@ _GUARD_CONVERSIONS = {"bool": bool, "int": int, "float": float, "index": operato
                       "floor": math.floor, "round": round, "trunc": math.trunc}
 
 
+@function_op("assert_async", torch=["_assert_async"], side_effect=True)
+def assert_async(*args):
+    torch._assert_async(*args)
+
+
 @function_op("guard", side_effect=True)
 def guard(value, how, expected, what):
     """Check that a decision the converter specialised on (Python control flow on a traced value:
