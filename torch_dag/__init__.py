@@ -22,6 +22,7 @@ from .core import (
     register_module_op,
     verify,
 )
+from .passes import factorize
 from .pruning import prune
 from .serde import SCHEMA_VERSION, load, save
 
@@ -42,6 +43,7 @@ __all__ = [
     "build_from_unstructured_module",
     "count_flops",
     "export_onnx",
+    "factorize",
     "known_ops",
     "load",
     "passes",

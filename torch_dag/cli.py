@@ -8,6 +8,7 @@
     torch-dag fold-bn resnet50.dag -o r50_folded.dag
     torch-dag export-onnx resnet50.dag -o resnet50.onnx
     torch-dag prune timm:resnet50 --flops-ratio 0.5 -o resnet50_half.dag
+    torch-dag factorize resnet50.dag --flops-ratio 0.7 --calibration images.npy -o resnet50_lr.dag
 """
 
 from __future__ import annotations
@@ -142,6 +143,23 @@ def cmd_prune(args: argparse.Namespace) -> None:
     print(f"  channel groups: {len(groups)}, prunable {sum(g.prunable for g in groups)}, narrowed {narrowed}")
 
 
+def cmd_factorize(args: argparse.Namespace) -> None:
+    dag, inputs = _load_or_convert(args.source, args.input_size)
+    batches = None
+    if args.calibration is not None:
+        import numpy as np
+
+        data = torch.from_numpy(np.load(args.calibration, allow_pickle=False)).float()
+        batches = [(chunk,) for chunk in data.split(args.batch_size)]
+    small, report = passes.factorize(
+        dag, args.flops_ratio, params_ratio=args.params_ratio, rank_ratio=args.rank_ratio, calibration=batches,
+        example_inputs=inputs, allocation=args.allocation, protected=args.protect, progress=not args.quiet,
+        return_report=True)
+    serde.save(small, args.output)
+    print(report.table(top=args.top))
+    print(f"saved to {args.output}")
+
+
 def cmd_export_onnx(args: argparse.Namespace) -> None:
     from .converters.onnx import export_onnx
 
@@ -266,6 +284,24 @@ def build_parser() -> argparse.ArgumentParser:
     shrink.add_argument("-o", "--output", type=Path, required=True)
     shrink.add_argument("-q", "--quiet", action="store_true")
     shrink.set_defaults(run=cmd_prune)
+
+    low = sub.add_parser("factorize", help="replace Linear/Conv2d layers by low-rank pairs to a target")
+    low.add_argument("source", help="a .dag file, timm:NAME or package.module:factory")
+    target = low.add_mutually_exclusive_group(required=True)
+    target.add_argument("--flops-ratio", type=float, help="fraction of the model's FLOPs to keep")
+    target.add_argument("--params-ratio", type=float, help="fraction of the model's parameters to keep")
+    target.add_argument("--rank-ratio", type=float, help="every layer at this fraction of its full rank")
+    low.add_argument("--allocation", default="error", choices=["error", "uniform"],
+                     help="least-error ranks per layer (default) or one rank fraction for all")
+    low.add_argument("--calibration", type=Path, help="a .npy array of model inputs (N x C x H x W) for the "
+                     "data-aware solution (default: truncated SVD, no data)")
+    low.add_argument("--batch-size", type=int, default=8, help="calibration batch size")
+    low.add_argument("--protect", nargs="*", default=[], metavar="VERTEX", help="vertices to leave alone")
+    low.add_argument("--input-size", type=parse_size, help="CxHxW (default: as converted / pretrained_cfg)")
+    low.add_argument("--top", type=int, default=20, help="layers shown in the report (by FLOPs)")
+    low.add_argument("-o", "--output", type=Path, required=True)
+    low.add_argument("-q", "--quiet", action="store_true")
+    low.set_defaults(run=cmd_factorize)
     return parser
 
 

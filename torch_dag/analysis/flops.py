@@ -156,6 +156,19 @@ def _multihead_attention(vertex: Vertex, args: tuple, kwargs: dict, out: Any) ->
     return projections + batch * length * embed * embed + 2 * batch * length * source * embed
 
 
+def _low_rank_linear(vertex: Vertex, args: tuple, kwargs: dict, out: Any) -> int:
+    module = vertex.module
+    rows = _numel(args[0].shape) // module.in_features
+    return rows * module.rank * (module.in_features + module.out_features)
+
+
+def _low_rank_conv2d(vertex: Vertex, args: tuple, kwargs: dict, out: Any) -> int:
+    module = vertex.module
+    batch = args[0].shape[0] if args[0].dim() == 4 else 1
+    per_position = module.rank * (_numel(module.down.shape[1:]) + module.out_channels)
+    return batch * _numel(out.shape[-2:]) * per_position
+
+
 FLOP_RULES: dict[str, FlopRule] = {
     "Conv1d": _conv, "Conv2d": _conv, "Conv3d": _conv,
     "ConvTranspose1d": _conv, "ConvTranspose2d": _conv, "ConvTranspose3d": _conv,
@@ -173,6 +186,7 @@ FLOP_RULES: dict[str, FlopRule] = {
     "interpolate": _interpolate, "grid_sample": _output_numel(4),
     "scaled_dot_product_attention": _sdpa,
     "MultiheadAttention": _multihead_attention,
+    "LowRankLinear": _low_rank_linear, "LowRankConv2d": _low_rank_conv2d,
 }
 
 

@@ -20,6 +20,7 @@ from torch import nn
 
 from .errors import UnknownOpError
 from .functions import FUNCTIONS, FunctionSpec
+from .lowrank import LowRankConv2d, LowRankLinear
 from .template import is_constant
 
 # --- torch_dag's own module ops -------------------------------------------------------------------
@@ -176,6 +177,8 @@ for _name in _TORCH_NN_OPS:
     register_module_op(getattr(nn, _name))
 register_module_op(Parameter)
 register_module_op(Constant)
+register_module_op(LowRankLinear)
+register_module_op(LowRankConv2d)
 
 
 def function_spec(name: str) -> FunctionSpec:

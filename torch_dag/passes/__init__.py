@@ -11,6 +11,7 @@ Writing a pass: open an `Editor` on the DAG, find vertices with a `pattern.op(..
 """
 
 from .editor import Editor, transform
+from .factorize import FactorizationReport, LayerReport, factorize, low_rank
 from .fold_batchnorm import fold_batchnorm
 from .hierarchy import flatten, nest, nest_by_module
 from .insert import insert_after, insert_before, not_followed_by
@@ -39,15 +40,19 @@ __all__ = [
     "LINEARS",
     "NORMS",
     "Editor",
+    "FactorizationReport",
     "GraphView",
+    "LayerReport",
     "Match",
     "Pattern",
     "dedupe_constants",
+    "factorize",
     "find",
     "flatten",
     "fold_batchnorm",
     "insert_after",
     "insert_before",
+    "low_rank",
     "nest",
     "nest_by_module",
     "not_followed_by",

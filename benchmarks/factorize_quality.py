@@ -1,0 +1,171 @@
+"""Low-rank factorization: whole-model output error vs FLOPs kept, CPU latency, and the pass's time.
+
+    python benchmarks/factorize_quality.py                 # error vs FLOPs (resnet50, vit_small)
+    python benchmarks/factorize_quality.py --latency       # CPU latency, factorized vs original
+    python benchmarks/factorize_quality.py --pass-time     # factorize() on vit_base_patch16_224
+
+Error vs FLOPs: timm resnet50 and vit_small_patch16_224 (10 classes, 64 x 64 inputs: Fashion-MNIST
+upscaled to 3 channels) trained here for 300 AdamW steps (benchmarks/_fmnist.py, weights cached), so the
+weights and activations look trained. Calibration: 8 batches of 32 training images; evaluation: 1,000
+test images. For each FLOPs ratio and method (solution svd | data-aware, allocation uniform | error):
+relative output error ||f'(x) - f(x)||_F / ||f(x)||_F of the logits on the test images and on the
+calibration images, top-1 agreement with the original and test accuracy. Rows go to
+benchmarks/results/factorize_quality.csv.
+
+Latency: the default-size (224 x 224) models, random weights (speed depends on shapes only), the
+original DAG against the one factorized to 70% of the FLOPs (SVD, error allocation), interleaved
+calls, median over runs, batch 1 and 32. Pass time: factorize(flops_ratio=0.7) on vit_base_patch16_224
+with 8 calibration batches of 8 images (224 x 224 Fashion-MNIST).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import statistics
+import time
+from pathlib import Path
+
+import _fmnist  # benchmarks/ is on sys.path when a script here runs
+import torch
+from timing import interleaved
+
+import torch_dag as td
+
+RESULTS = Path(__file__).resolve().parent / "results"
+METHODS = {"svd-uniform": (False, "uniform"), "svd-error": (False, "error"),
+           "data-uniform": (True, "uniform"), "data-error": (True, "error")}
+
+
+def relative_error(model, reference: torch.Tensor, x: torch.Tensor) -> float:
+    with torch.no_grad():
+        out = torch.cat([model(chunk) for chunk in x.split(250)])
+    return ((out - reference).norm() / reference.norm()).item()
+
+
+def quality(models: list[str], ratios: list[float], size: int, out: Path) -> None:
+    images, _ = _fmnist.load("train")
+    test_images, test_labels = _fmnist.load("t10k")
+    g = torch.Generator().manual_seed(1)
+    calibration = _fmnist.to_input(images[torch.randperm(len(images), generator=g)[: 8 * 32]], size)
+    batches = [(chunk,) for chunk in calibration.split(32)]
+    x_test, y_test = _fmnist.to_input(test_images[:1000], size), test_labels[:1000]
+    rows = []
+    for name in models:
+        model = _fmnist.trained_model(name, size, steps=300, batch=32, lr=2e-3 if "resnet" in name else 1e-3)
+        dag = td.build_from_unstructured_module(model, (x_test[:2],))
+        with torch.no_grad():
+            reference = torch.cat([dag(chunk) for chunk in x_test.split(250)])
+            calibration_reference = dag(calibration)
+        base_accuracy = (reference.argmax(1) == y_test).float().mean().item()
+        print(f"{name}: test accuracy {base_accuracy:.3f} (1,000 images)")
+        for ratio in ratios:
+            for method, (data_aware, allocation) in METHODS.items():
+                t0 = time.perf_counter()
+                small, report = td.factorize(dag, ratio, calibration=batches if data_aware else None,
+                                             example_inputs=(x_test[:1],), allocation=allocation, return_report=True)
+                seconds = time.perf_counter() - t0
+                with torch.no_grad():
+                    logits = torch.cat([small(chunk) for chunk in x_test.split(250)])
+                row = {
+                    "model": name, "flops_target": ratio, "method": method,
+                    "flops_kept": round(report.flops_after / report.flops_before, 4),
+                    "params_kept": round(report.params_after / report.params_before, 4),
+                    "layers_factorized": len(report.factorized), "layers": len(report.layers),
+                    "test_error": round(((logits - reference).norm() / reference.norm()).item(), 5),
+                    "calibration_error": round(relative_error(small, calibration_reference, calibration), 5),
+                    "top1_agreement": round((logits.argmax(1) == reference.argmax(1)).float().mean().item(), 4),
+                    "accuracy": round((logits.argmax(1) == y_test).float().mean().item(), 4),
+                    "base_accuracy": round(base_accuracy, 4), "seconds": round(seconds, 2),
+                }
+                rows.append(row)
+                print(f"  {ratio:.2f} {method:13s} FLOPs {row['flops_kept']:.3f}  test err {row['test_error']:.4f}  "
+                      f"calib err {row['calibration_error']:.4f}  agree {row['top1_agreement']:.3f}  "
+                      f"acc {row['accuracy']:.3f}  ({seconds:.1f} s)", flush=True)
+    _write(out, rows)
+    print_ratios(rows)
+
+
+def print_ratios(rows: list[dict]) -> None:
+    """The target's figure: data-aware (error allocation) test error over uniform-rank SVD's."""
+    print("\ndata-error / svd-uniform test error (target at 70% FLOPs: <= 0.5)")
+    by_key = {(r["model"], r["flops_target"], r["method"]): r for r in rows}
+    for (model, ratio, method), row in by_key.items():
+        if method == "data-error":
+            base = by_key[model, ratio, "svd-uniform"]["test_error"]
+            print(f"  {model:24s} {ratio:.2f}  {row['test_error'] / base:.3f}")
+
+
+def latency(models: list[str], batches: list[int], runs: int, out: Path) -> None:
+    import timm
+
+    rows = []
+    for name in models:
+        model = timm.create_model(name, pretrained=False).eval()
+        size = model.pretrained_cfg["input_size"]
+        dag = td.build_from_unstructured_module(model, (torch.randn(1, *size),))
+        small = td.factorize(dag, 0.7, example_inputs=(torch.randn(1, *size),))
+        for batch in batches:
+            x = torch.randn(batch, *size)
+            with torch.inference_mode():
+                times = interleaved({"original": dag, "factorized": small}, x, runs if batch == 1 else runs // 4, 5)
+            medians = {k: statistics.median(v) / 1e6 for k, v in times.items()}
+            row = {"model": name, "batch": batch, "original_ms": round(medians["original"], 3),
+                   "factorized_ms": round(medians["factorized"], 3),
+                   "speedup": round(medians["original"] / medians["factorized"], 3),
+                   "runs": len(times["original"]), "threads": torch.get_num_threads()}
+            rows.append(row)
+            print(f"  {name:24s} batch {batch:3d}: original {row['original_ms']:9.2f} ms, factorized (70% FLOPs) "
+                  f"{row['factorized_ms']:9.2f} ms, speedup {row['speedup']:.3f}x", flush=True)
+    _write(out, rows)
+
+
+def pass_time(repeats: int) -> None:
+    import timm
+
+    images, _ = _fmnist.load("train")
+    model = timm.create_model("vit_base_patch16_224", pretrained=False).eval()
+    x = _fmnist.to_input(images[:64], 224)
+    dag = td.build_from_unstructured_module(model, (x[:1],))
+    batches = [(chunk,) for chunk in x.split(8)]
+    seconds = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        _, report = td.factorize(dag, 0.7, calibration=batches, example_inputs=(x[:1],), return_report=True)
+        seconds.append(time.perf_counter() - t0)
+    print(report.table(top=6))
+    print(f"vit_base_patch16_224, 8 calibration batches of 8: factorize {statistics.median(seconds):.2f} s "
+          f"(median of {repeats}; runs {', '.join(f'{s:.2f}' for s in seconds)})")
+
+
+def _write(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    print(f"wrote {path}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["resnet50", "vit_small_patch16_224"])
+    parser.add_argument("--ratios", nargs="+", type=float, default=[0.9, 0.8, 0.7, 0.6, 0.5])
+    parser.add_argument("--size", type=int, default=64, help="input size the models are trained at")
+    parser.add_argument("--latency", action="store_true", help="measure CPU latency instead")
+    parser.add_argument("--batches", nargs="+", type=int, default=[1, 32])
+    parser.add_argument("--runs", type=int, default=100)
+    parser.add_argument("--pass-time", action="store_true", help="time factorize() on vit_base_patch16_224")
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    if args.pass_time:
+        pass_time(args.repeats)
+    elif args.latency:
+        latency(args.models, args.batches, args.runs, RESULTS / "factorize_latency.csv")
+    else:
+        quality(args.models, args.ratios, args.size, RESULTS / "factorize_quality.csv")
+
+
+if __name__ == "__main__":
+    main()
