@@ -24,6 +24,7 @@ PUBLIC_API = [
     "build_from_unstructured_module",
     "count_flops",
     "export_onnx",
+    "factorize",
     "known_ops",
     "load",
     "passes",

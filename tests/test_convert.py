@@ -99,6 +99,20 @@ def test_functional_layers_on_own_weights_become_modules():
     assert "conv2d" in ops  # the standardized weight is computed, so that conv stays functional
 
 
+def test_functional_pooling_with_traced_sizes_stays_a_function():
+    """timm's MobileNetV5 pools with a kernel computed from the input's shape: no module can hold it."""
+
+    class Pool(torch.nn.Module):
+        def forward(self, x):
+            k = x.shape[-1] // 4
+            return F.avg_pool2d(x, kernel_size=(k, k), stride=(k, k))
+
+    x = torch.randn(2, 3, 16, 16)
+    dag = td.build_from_unstructured_module(Pool(), (x,))
+    assert "avg_pool2d" in [v.op for v in dag]
+    torch.testing.assert_close(dag(x), Pool()(x), rtol=0, atol=0)
+
+
 def test_in_place_ops_are_functionalized():
     _, _, dag = convert("in_place")
     assert "index_put" in [v.op for v in dag]

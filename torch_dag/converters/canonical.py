@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.functions import FUNCTIONS
+from ..core.template import iter_refs
 
 # --- spelling -> canonical function op ------------------------------------------------------------
 
@@ -208,8 +209,8 @@ def as_module_op(op: str, args: tuple, kwargs: dict, is_constant: Callable[[Any]
         if key not in names:
             return None
         config[key] = value
-    if not all(is_constant(v) for v in config.values()):
-        return None
+    if not all(is_constant(v) for v in config.values()) or any(True for _ in iter_refs(config)):
+        return None  # a traced value (`kernel_size=(h // 16, w // 16)`) keeps the function op
     try:
         return cls(**config), (args[0],)
     except (TypeError, ValueError):
