@@ -92,6 +92,19 @@ def test_prune_rounds_widths_and_keeps_input_untouched():
     assert all(w % 8 == 0 for w in widths), widths
 
 
+def test_params_and_kmapp_targets():
+    dag, inputs = _timm("resnet18", 64)
+    before = td.count_flops(dag, *inputs)
+    by_params = prune(dag, params_ratio=0.5, example_inputs=inputs)
+    assert abs(td.count_flops(by_params, *inputs).total_params / before.total_params - 0.5) <= 0.02
+    by_kmapp = prune(dag, kmapp=before.kmapp * 0.6, example_inputs=inputs)
+    assert abs(td.count_flops(by_kmapp, *inputs).kmapp / before.kmapp - 0.6) <= 0.02
+    with pytest.raises(td.DagError, match="exactly one"):
+        prune(dag, 0.5, inputs, params_ratio=0.5)
+    with pytest.raises(td.DagError, match=r"\(0, 1\]"):
+        prune(dag, kmapp=before.kmapp * 2, example_inputs=inputs)
+
+
 def test_groups_of_resnet18():
     dag, inputs = _timm("resnet18", 64)
     groups = channel_groups(dag, inputs).groups()

@@ -125,7 +125,8 @@ def cmd_prune(args: argparse.Namespace) -> None:
     dag, inputs = _load_or_convert(args.source, args.input_size)
     config = pruning.PruneConfig(criterion=args.criterion, round_to=args.round_to, min_channels=args.min_channels)
     start = time.perf_counter()
-    pruned = pruning.prune(dag, args.flops_ratio, inputs, config=config, progress=not args.quiet)
+    pruned = pruning.prune(dag, args.flops_ratio, inputs, params_ratio=args.params_ratio, kmapp=args.kmapp,
+                           config=config, progress=not args.quiet)
     seconds = time.perf_counter() - start
     groups = pruning.channel_groups(dag, inputs).groups()
     serde.save(pruned, args.output)
@@ -135,7 +136,8 @@ def cmd_prune(args: argparse.Namespace) -> None:
     rows = [("params (M)", before.total_params / 1e6, after.total_params / 1e6),
             ("FLOPs (G)", before.total_flops / 1e9, after.total_flops / 1e9),
             ("kmapp", before.kmapp or 0.0, after.kmapp or 0.0)]
-    print(f"pruned {args.source} to {after.total_flops / before.total_flops:.1%} of its FLOPs in {seconds:.1f} s "
+    print(f"pruned {args.source} to {after.total_flops / before.total_flops:.1%} of its FLOPs and "
+          f"{after.total_params / before.total_params:.1%} of its params in {seconds:.1f} s "
           f"({config.criterion}); saved to {args.output}")
     print(f"  {'':12s} {'before':>10s} {'after':>10s} {'ratio':>7s}")
     for label, old, new in rows:
@@ -276,7 +278,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     shrink = sub.add_parser("prune", help="remove channels to a FLOPs target; prints a before/after table")
     shrink.add_argument("source", help="a .dag file, timm:NAME or package.module:factory")
-    shrink.add_argument("--flops-ratio", type=float, required=True, help="fraction of the FLOPs to keep")
+    target = shrink.add_mutually_exclusive_group(required=True)
+    target.add_argument("--flops-ratio", type=float, help="fraction of the FLOPs to keep")
+    target.add_argument("--params-ratio", type=float, help="fraction of the parameters to keep")
+    target.add_argument("--kmapp", type=float, help="target kmapp (FLOPs per input pixel / 1000)")
     shrink.add_argument("--criterion", default="l2", choices=["l1", "l2", "bn_scale", "random"])
     shrink.add_argument("--round-to", type=int, default=1, help="keep widths multiples of this")
     shrink.add_argument("--min-channels", type=int, default=1)

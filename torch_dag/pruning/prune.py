@@ -96,27 +96,43 @@ def _removed_roots(groups: list[Group], order: list[tuple[int, int]], remove: in
     return removed
 
 
-def prune(dag: DagModule, flops_ratio: float, example_inputs: tuple | torch.Tensor, *,
-          config: PruneConfig = PruneConfig(), protected: Iterable[str] = (), progress: bool = False) -> DagModule:
-    """A smaller DagModule with about `flops_ratio` of the FLOPs (fvcore convention), channels removed
-    by importance across every prunable channel group; the input DAG is left untouched.
+def prune(dag: DagModule, flops_ratio: float | None = None, example_inputs: tuple | torch.Tensor | None = None, *,
+          params_ratio: float | None = None, kmapp: float | None = None, config: PruneConfig = PruneConfig(),
+          protected: Iterable[str] = (), progress: bool = False) -> DagModule:
+    """A smaller DagModule with about `flops_ratio` of the FLOPs (fvcore convention), or `params_ratio`
+    of the parameters, or a `kmapp` (FLOPs per input pixel / 1000) of its own, channels removed by
+    importance across every prunable channel group; the input DAG is left untouched.
 
     The least important channels (scores normalized within each group) go first; the number removed
-    is bisected until the FLOPs are within `config.tolerance` of the target. A DAG with nested
-    DagModules (from `passes.nest`) is flattened first, and the result is flat.
+    is bisected until the target is met within `config.tolerance`. A DAG with nested DagModules (from
+    `passes.nest`) is flattened first, and the result is flat. `example_inputs` default to random
+    inputs of the shapes the DAG was converted with.
     """
+    given = {k: v for k, v in (("flops_ratio", flops_ratio), ("params_ratio", params_ratio), ("kmapp", kmapp))
+             if v is not None}
+    if len(given) != 1:
+        raise DagError(f"give exactly one of flops_ratio, params_ratio, kmapp (got {sorted(given) or 'none'})")
+    if example_inputs is None:
+        example_inputs = dag.example_inputs()
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
-    if not 0 < flops_ratio <= 1:
-        raise DagError(f"flops_ratio must be in (0, 1], got {flops_ratio}")
     if any(is_dag_module(v.module) for v in dag):  # channels cross block boundaries: prune the flat graph
         dag = flatten(dag)
+    report = count_flops(dag, *example_inputs)
+    by_params = params_ratio is not None
+    if kmapp is not None:
+        if report.kmapp is None:
+            raise DagError("a kmapp target needs an image input (N x C x H x W) to count pixels")
+        flops_ratio = kmapp / report.kmapp
+    target = params_ratio if by_params else flops_ratio
+    if not 0 < target <= 1:
+        raise DagError(f"the target must keep a fraction in (0, 1] of the model, got {target:.4g} "
+                       f"({', '.join(f'{k}={v}' for k, v in given.items())})")
     groups = channel_groups(dag, example_inputs, protected)
     prunable = [g for g in groups.groups() if g.prunable]
     scores = channel_scores(dag, groups, config.criterion, config.seed)
-    report = count_flops(dag, *example_inputs)
     order = _removal_order(prunable, scores)
-    model = _FlopModel(groups, report.flops)
+    model = _FlopModel(groups, report.params if by_params else report.flops)
 
     owners = {i: sorted({int(r) for r in groups.root(ids)}) for i, ids in enumerate(groups.producers.values())}
 
@@ -126,19 +142,22 @@ def prune(dag: DagModule, flops_ratio: float, example_inputs: tuple | torch.Tens
     def build(remove: int) -> tuple[DagModule, float]:
         removed = removed_roots(remove)
         pruned = surgery.apply(dag, groups, lambda ids: ~np.isin(groups.root(ids), removed))
+        if by_params:
+            return pruned, sum(p.numel() for p in pruned.parameters()) / report.total_params
         return pruned, count_flops(pruned, *example_inputs).total_flops / report.total_flops
 
+    what = "params" if by_params else "FLOPs"
     bar = tqdm(total=2, desc="prune", unit="step", disable=not progress)
-    # the FLOPs of convs, linears and norms scale with their kept channel fractions: bisect on that model
-    remove = _bisect(len(order), lambda k: model.ratio(removed_roots(k)), flops_ratio)
+    # FLOPs (and params) of convs, linears and norms scale with their kept channel fractions: bisect on that
+    remove = _bisect(len(order), lambda k: model.ratio(removed_roots(k)), target)
     best, best_ratio = build(remove)
     bar.update()
-    bar.set_postfix_str(f"FLOPs ratio {best_ratio:.3f}")
-    if abs(best_ratio - flops_ratio) > config.tolerance / 2:  # ops outside the model moved it: measure
-        remove = _bisect(len(order), lambda k: build(k)[1], flops_ratio)
+    bar.set_postfix_str(f"{what} ratio {best_ratio:.3f}")
+    if abs(best_ratio - target) > config.tolerance / 2:  # ops outside the model moved it: measure
+        remove = _bisect(len(order), lambda k: build(k)[1], target)
         best, best_ratio = build(remove)
     bar.update()
-    bar.set_postfix_str(f"FLOPs ratio {best_ratio:.3f}")
+    bar.set_postfix_str(f"{what} ratio {best_ratio:.3f}")
     bar.close()
     return best
 
