@@ -9,7 +9,7 @@ from torch import nn
 from zoo import make
 
 import torch_dag as td
-from torch_dag.pruning import PruneConfig, channel_groups, prune, surgery
+from torch_dag.pruning import PruneConfig, channel_groups, channel_scores, prune, surgery
 from torch_dag.testing import bitwise_equal, compare_outputs
 
 timm = pytest.importorskip("timm")
@@ -65,6 +65,30 @@ def test_pruning_zeroed_channels_keeps_outputs(case):
         equal, _, reason = compare_outputs(reference, pruned(*inputs), rtol=1e-4)
     assert equal, reason
     assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in dag.parameters())
+
+
+def test_taylor_scores_are_zero_exactly_for_dead_channels():
+    dag, inputs = _timm("resnet18", 64)
+    with torch.no_grad():  # timm zero-initializes each block's last BN scale: no gradient would pass
+        for module in dag.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.weight.uniform_(0.5, 1.5)
+    groups = channel_groups(dag, inputs)
+    prunable = [g for g in groups.groups() if g.prunable]
+    rng = np.random.default_rng(0)
+    dead = {int(r) for g in prunable for r in rng.choice(g.channels, size=len(g.channels) // 4, replace=False)}
+    _zero_channels(dag, groups, dead)
+    batches = [(torch.randn(4, 3, 64, 64),) for _ in range(2)]
+    grads_before = [p.grad for p in dag.parameters()]
+    scores = channel_scores(dag, groups, "taylor", calibration=batches)
+    assert all(scores.get(r, 0.0) == 0.0 for r in dead)
+    alive = [scores.get(r, 0.0) for g in prunable for r in g.channels if r not in dead]
+    assert np.mean(np.array(alive) > 0) > 0.9
+    assert [p.grad for p in dag.parameters()] == grads_before  # the DAG's .grad are left alone
+    pruned = prune(dag, 0.5, inputs, config=PruneConfig(criterion="taylor"), calibration=batches)
+    assert abs(td.count_flops(pruned, *inputs).total_flops / td.count_flops(dag, *inputs).total_flops - 0.5) <= 0.02
+    with pytest.raises(td.DagError, match="calibration"):
+        prune(dag, 0.5, inputs, config=PruneConfig(criterion="taylor"))
 
 
 @pytest.mark.parametrize(("name", "size"), [("resnet18", 64), ("mobilenetv3_small_100", 96), ("regnety_002", 96)])

@@ -126,7 +126,7 @@ def cmd_prune(args: argparse.Namespace) -> None:
     config = pruning.PruneConfig(criterion=args.criterion, round_to=args.round_to, min_channels=args.min_channels)
     start = time.perf_counter()
     pruned = pruning.prune(dag, args.flops_ratio, inputs, params_ratio=args.params_ratio, kmapp=args.kmapp,
-                           config=config, progress=not args.quiet)
+                           config=config, calibration=_calibration(args), progress=not args.quiet)
     seconds = time.perf_counter() - start
     groups = pruning.channel_groups(dag, inputs).groups()
     serde.save(pruned, args.output)
@@ -145,16 +145,21 @@ def cmd_prune(args: argparse.Namespace) -> None:
     print(f"  channel groups: {len(groups)}, prunable {sum(g.prunable for g in groups)}, narrowed {narrowed}")
 
 
+def _calibration(args: argparse.Namespace) -> list[tuple[torch.Tensor]] | None:
+    """Batches of `--calibration` (a .npy array of model inputs, loaded without pickle)."""
+    if args.calibration is None:
+        return None
+    import numpy as np
+
+    data = torch.from_numpy(np.load(args.calibration, allow_pickle=False)).float()
+    return [(chunk,) for chunk in data.split(args.batch_size)]
+
+
 def cmd_factorize(args: argparse.Namespace) -> None:
     dag, inputs = _load_or_convert(args.source, args.input_size)
-    batches = None
-    if args.calibration is not None:
-        import numpy as np
-
-        data = torch.from_numpy(np.load(args.calibration, allow_pickle=False)).float()
-        batches = [(chunk,) for chunk in data.split(args.batch_size)]
     small, report = passes.factorize(
-        dag, args.flops_ratio, params_ratio=args.params_ratio, rank_ratio=args.rank_ratio, calibration=batches,
+        dag, args.flops_ratio, params_ratio=args.params_ratio, rank_ratio=args.rank_ratio,
+        calibration=_calibration(args),
         example_inputs=inputs, allocation=args.allocation, protected=args.protect, progress=not args.quiet,
         return_report=True)
     serde.save(small, args.output)
@@ -282,7 +287,9 @@ def build_parser() -> argparse.ArgumentParser:
     target.add_argument("--flops-ratio", type=float, help="fraction of the FLOPs to keep")
     target.add_argument("--params-ratio", type=float, help="fraction of the parameters to keep")
     target.add_argument("--kmapp", type=float, help="target kmapp (FLOPs per input pixel / 1000)")
-    shrink.add_argument("--criterion", default="l2", choices=["l1", "l2", "bn_scale", "random"])
+    shrink.add_argument("--criterion", default="l2", choices=["l1", "l2", "bn_scale", "taylor", "random"])
+    shrink.add_argument("--calibration", type=Path, help="a .npy array of model inputs (N x C x H x W), for taylor")
+    shrink.add_argument("--batch-size", type=int, default=8, help="calibration batch size")
     shrink.add_argument("--round-to", type=int, default=1, help="keep widths multiples of this")
     shrink.add_argument("--min-channels", type=int, default=1)
     shrink.add_argument("--input-size", type=parse_size, help="CxHxW (default: as converted / pretrained_cfg)")

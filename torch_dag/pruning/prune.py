@@ -6,16 +6,19 @@ import math
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.utils import _pytree as pytree
 from tqdm import tqdm
 
 from ..analysis import count_flops
 from ..core.dag import DagModule
 from ..core.errors import DagError
-from ..core.ops import is_dag_module
+from ..core.ops import Parameter, is_dag_module
 from ..passes.hierarchy import flatten
 from . import surgery
 from .groups import ChannelGroups, Group, channel_groups
@@ -25,15 +28,22 @@ from .groups import ChannelGroups, Group, channel_groups
 class PruneConfig:
     """Settings of one pruning run."""
 
-    criterion: str = "l2"  # l1 | l2 | bn_scale | random
+    criterion: str = "l2"  # l1 | l2 | bn_scale | taylor (needs calibration batches) | random
     round_to: int = 1  # kept widths are multiples of this (where the group is wide enough)
     min_channels: int = 1  # never keep fewer channels in a group
     tolerance: float = 0.02  # |achieved ratio - target| allowed
     seed: int = 0
 
 
-def channel_scores(dag: DagModule, groups: ChannelGroups, criterion: str, seed: int = 0) -> dict[int, float]:
-    """Importance of each channel class, summed over every member that holds weights for it."""
+def channel_scores(dag: DagModule, groups: ChannelGroups, criterion: str, seed: int = 0,
+                   calibration: Iterable | None = None, loss: Callable[[Any], torch.Tensor] | None = None
+                   ) -> dict[int, float]:
+    """Importance of each channel class, summed over every member that holds weights for it.
+    `taylor` needs `calibration` (an iterable of input tuples or tensors), see `taylor_scores`."""
+    if criterion == "taylor":
+        if calibration is None:
+            raise DagError("the taylor criterion needs calibration batches (prune(..., calibration=batches))")
+        return taylor_scores(dag, groups, calibration, loss)
     if criterion == "random":
         rng = np.random.default_rng(seed)
         return {root: float(rng.random()) for g in groups.groups() for root in g.channels}
@@ -52,9 +62,67 @@ def channel_scores(dag: DagModule, groups: ChannelGroups, criterion: str, seed: 
         flat = weight.detach().reshape(weight.shape[0], -1)
         per_channel = flat.abs().sum(1) if criterion == "l1" else flat.square().sum(1)
         if criterion not in ("l1", "l2"):
-            raise DagError(f"unknown importance criterion {criterion!r}: use l1, l2, bn_scale or random")
+            raise DagError(f"unknown importance criterion {criterion!r}: use l1, l2, bn_scale, taylor or random")
         _accumulate(scores, groups, role.out_ids, per_channel)
     return dict(scores)
+
+
+def taylor_scores(dag: DagModule, groups: ChannelGroups, calibration: Iterable,
+                  loss: Callable[[Any], torch.Tensor] | None = None) -> dict[int, float]:
+    """First-order Taylor importance of each channel class (Molchanov et al., 2019): per batch, the
+    sum over every weight the class owns, in every member, of weight x gradient (the first-order
+    change of the loss if the channel were removed), squared and summed over batches.
+
+    `loss(outputs)` defaults to the cross-entropy against the model's own top-1 for logits (N x C), else
+    half the mean square of the outputs. Runs in eval mode; the DAG's `.grad`s are left untouched."""
+    loss = loss or _self_supervised_loss
+    members = []  # (parameter, axis, class roots along that axis)
+    for name, role in groups.roles.items():
+        module = dag[name].module
+        if role.axis is not None:
+            if isinstance(module, Parameter):
+                members.append((module.weight, role.axis, groups.root(role.in_ids)))
+            continue
+        ids = {"in": role.in_ids, "out": role.out_ids}
+        for attr, axis, side in surgery.SLICES.get(surgery.kind(module) or "", []):
+            tensor = module._parameters.get(attr)
+            if tensor is not None and ids[side] is not None and tensor.dim() > axis:
+                members.append((tensor, axis, groups.root(ids[side])))
+    params = list({id(p): p for p, _, _ in members}.values())
+    frozen = [p for p in params if not p.requires_grad]
+    was_training = dag.training
+    scores: dict[int, float] = defaultdict(float)
+    try:
+        for p in frozen:
+            p.requires_grad_(True)
+        dag.eval()
+        for batch in calibration:
+            batch = (batch,) if isinstance(batch, torch.Tensor) else tuple(batch)
+            grads = torch.autograd.grad(loss(dag(*batch)), params, allow_unused=True)
+            by_id = {id(p): g for p, g in zip(params, grads)}
+            per_batch: dict[int, float] = defaultdict(float)
+            for p, axis, roots in members:
+                grad = by_id[id(p)]
+                if grad is None:
+                    continue
+                change = (p.detach() * grad).movedim(axis, 0).reshape(p.shape[axis], -1).sum(1)
+                for root, value in zip(roots.tolist(), change.double().tolist()):
+                    per_batch[root] += value
+            for root, value in per_batch.items():
+                scores[root] += value * value
+    finally:
+        for p in frozen:
+            p.requires_grad_(False)
+        dag.train(was_training)
+    return dict(scores)
+
+
+def _self_supervised_loss(outputs: Any) -> torch.Tensor:
+    leaves = [t for t in pytree.tree_leaves(outputs) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    if len(leaves) == 1 and leaves[0].dim() == 2 and leaves[0].shape[1] > 1:
+        logits = leaves[0]
+        return F.cross_entropy(logits, logits.argmax(1))
+    return sum(0.5 * t.square().mean() for t in leaves)
 
 
 def _accumulate(scores: dict[int, float], groups: ChannelGroups, ids: np.ndarray, values: torch.Tensor) -> None:
@@ -98,7 +166,8 @@ def _removed_roots(groups: list[Group], order: list[tuple[int, int]], remove: in
 
 def prune(dag: DagModule, flops_ratio: float | None = None, example_inputs: tuple | torch.Tensor | None = None, *,
           params_ratio: float | None = None, kmapp: float | None = None, config: PruneConfig = PruneConfig(),
-          protected: Iterable[str] = (), progress: bool = False) -> DagModule:
+          calibration: Iterable | None = None, protected: Iterable[str] = (), progress: bool = False
+          ) -> DagModule:
     """A smaller DagModule with about `flops_ratio` of the FLOPs (fvcore convention), or `params_ratio`
     of the parameters, or a `kmapp` (FLOPs per input pixel / 1000) of its own, channels removed by
     importance across every prunable channel group; the input DAG is left untouched.
@@ -106,7 +175,7 @@ def prune(dag: DagModule, flops_ratio: float | None = None, example_inputs: tupl
     The least important channels (scores normalized within each group) go first; the number removed
     is bisected until the target is met within `config.tolerance`. A DAG with nested DagModules (from
     `passes.nest`) is flattened first, and the result is flat. `example_inputs` default to random
-    inputs of the shapes the DAG was converted with.
+    inputs of the shapes the DAG was converted with; `calibration` batches feed the taylor criterion.
     """
     given = {k: v for k, v in (("flops_ratio", flops_ratio), ("params_ratio", params_ratio), ("kmapp", kmapp))
              if v is not None}
@@ -130,7 +199,7 @@ def prune(dag: DagModule, flops_ratio: float | None = None, example_inputs: tupl
                        f"({', '.join(f'{k}={v}' for k, v in given.items())})")
     groups = channel_groups(dag, example_inputs, protected)
     prunable = [g for g in groups.groups() if g.prunable]
-    scores = channel_scores(dag, groups, config.criterion, config.seed)
+    scores = channel_scores(dag, groups, config.criterion, config.seed, calibration)
     order = _removal_order(prunable, scores)
     model = _FlopModel(groups, report.params if by_params else report.flops)
 

@@ -23,7 +23,8 @@ SLICES: dict[str, list[tuple[str, int, str]]] = {
 }
 
 
-def _kind(module: nn.Module) -> str | None:
+def kind(module: nn.Module) -> str | None:
+    """The row of SLICES that says how a module's tensors carry channels (None: it holds none)."""
     if isinstance(module, nn.modules.conv._ConvNd):
         return "Depthwise" if module.groups > 1 else "Conv"
     if isinstance(module, nn.Linear):
@@ -63,9 +64,8 @@ def slice_module(module: nn.Module, role: Role, in_mask: np.ndarray | None, out_
         attr = "weight" if "weight" in new._parameters else "value"
         _set(new, attr, _take(getattr(module, attr), role.axis, in_mask))
         return new
-    kind = _kind(module)
     masks = {"in": in_mask, "out": out_mask}
-    for attr, axis, side in SLICES[kind]:
+    for attr, axis, side in SLICES[kind(module)]:
         tensor, mask = getattr(new, attr, None), masks[side]
         if tensor is None or mask is None or tensor.dim() <= axis:
             continue
