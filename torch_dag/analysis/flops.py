@@ -241,6 +241,11 @@ def count_flops(dag: DagModule, *inputs: Any, **kwargs: Any) -> FlopReport:
     """Run `dag` on `inputs` once (no grad) and count FLOPs and parameters per vertex."""
     with torch.no_grad():
         values = dag.run_collecting(*inputs, **kwargs)
+    return flops_from_values(dag, values, inputs)
+
+
+def flops_from_values(dag: DagModule, values: dict[str, Any], inputs: tuple) -> FlopReport:
+    """`count_flops` from the values of a run already made (`dag.run_collecting(*inputs)`)."""
     report = FlopReport({}, {}, {}, {}, _pixels(inputs), _batch(inputs))
     seen_params: set[int] = set()
     for vertex in dag:

@@ -77,8 +77,17 @@ class ChannelGroups:
     blocked: dict[int, str] = field(default_factory=dict)  # class root -> why it cannot be pruned
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:  # the analysis is done: every id's class root, once, as an array
+        self._roots = np.fromiter((self.uf.find(i) for i in range(len(self.uf.parent))), dtype=np.int64,
+                                  count=len(self.uf.parent))
+
+    @property
+    def size(self) -> int:
+        """How many channel ids the analysis made (ids are 0 .. size - 1)."""
+        return len(self._roots)
+
     def root(self, ids: np.ndarray) -> np.ndarray:
-        return np.fromiter((self.uf.find(int(i)) for i in ids), dtype=np.int64, count=len(ids))
+        return self._roots[np.asarray(ids, dtype=np.int64)]
 
     def groups(self) -> list[Group]:
         """Producers whose channels are tied (a residual stream, a plain layer), with their classes."""
@@ -92,7 +101,7 @@ class ChannelGroups:
 
         owner: dict[int, str] = {}
         for name, ids in self.producers.items():
-            for root in {self.uf.find(int(i)) for i in ids}:
+            for root in set(self.root(ids).tolist()):
                 if root in owner:
                     parent[find(name)] = find(owner[root])
                 else:
@@ -102,7 +111,7 @@ class ChannelGroups:
             members[find(name)].append(name)
         groups = []
         for names in members.values():
-            roots = sorted({self.uf.find(int(i)) for n in names for i in self.producers[n]})
+            roots = sorted({r for n in names for r in self.root(self.producers[n]).tolist()})
             reasons = sorted({self.blocked[r] for r in roots if r in self.blocked})
             groups.append(Group(names, roots, reasons))
         return groups
@@ -404,10 +413,13 @@ def _shape_query(a: _Analysis, v: Vertex, inputs: list[Any]) -> Any:
 _NOT_A_QUERY = object()
 
 
-def channel_groups(dag: DagModule, example_inputs: tuple, protected: Iterable[str] = ()) -> ChannelGroups:
-    """Analyse `dag` on `example_inputs` (shapes only matter) and return its channel groups."""
-    with torch.no_grad():
-        values = dag.run_collecting(*example_inputs)
+def channel_groups(dag: DagModule, example_inputs: tuple, protected: Iterable[str] = (), *,
+                   values: dict[str, Any] | None = None) -> ChannelGroups:
+    """Analyse `dag` on `example_inputs` (shapes only matter) and return its channel groups;
+    `values` (from `dag.run_collecting(*example_inputs)`) saves the forward pass when at hand."""
+    if values is None:
+        with torch.no_grad():
+            values = dag.run_collecting(*example_inputs)
     analysis = _Analysis(dag, values, protected)
     info: dict[str, Any] = {}
     for vertex in dag:

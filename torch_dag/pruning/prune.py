@@ -16,6 +16,7 @@ from torch.utils import _pytree as pytree
 from tqdm import tqdm
 
 from ..analysis import count_flops
+from ..analysis.flops import flops_from_values
 from ..core.dag import DagModule
 from ..core.errors import DagError
 from ..core.ops import Parameter, is_dag_module
@@ -187,7 +188,9 @@ def prune(dag: DagModule, flops_ratio: float | None = None, example_inputs: tupl
         example_inputs = (example_inputs,)
     if any(is_dag_module(v.module) for v in dag):  # channels cross block boundaries: prune the flat graph
         dag = flatten(dag)
-    report = count_flops(dag, *example_inputs)
+    with torch.no_grad():
+        values = dag.run_collecting(*example_inputs)  # one forward serves the FLOP count and the groups
+    report = flops_from_values(dag, values, example_inputs)
     by_params = params_ratio is not None
     if kmapp is not None:
         if report.kmapp is None:
@@ -197,7 +200,8 @@ def prune(dag: DagModule, flops_ratio: float | None = None, example_inputs: tupl
     if not 0 < target <= 1:
         raise DagError(f"the target must keep a fraction in (0, 1] of the model, got {target:.4g} "
                        f"({', '.join(f'{k}={v}' for k, v in given.items())})")
-    groups = channel_groups(dag, example_inputs, protected)
+    groups = channel_groups(dag, example_inputs, protected, values=values)
+    del values
     prunable = [g for g in groups.groups() if g.prunable]
     scores = channel_scores(dag, groups, config.criterion, config.seed, calibration)
     order = _removal_order(prunable, scores)
@@ -206,11 +210,14 @@ def prune(dag: DagModule, flops_ratio: float | None = None, example_inputs: tupl
     owners = {i: sorted({int(r) for r in groups.root(ids)}) for i, ids in enumerate(groups.producers.values())}
 
     def removed_roots(remove: int) -> np.ndarray:
-        return np.array(sorted(_removed_roots(prunable, order, remove, config, owners, scores)), dtype=np.int64)
+        """A mask over channel ids, true at the class roots removed."""
+        mask = np.zeros(groups.size, dtype=bool)
+        mask[list(_removed_roots(prunable, order, remove, config, owners, scores))] = True
+        return mask
 
     def build(remove: int) -> tuple[DagModule, float]:
         removed = removed_roots(remove)
-        pruned = surgery.apply(dag, groups, lambda ids: ~np.isin(groups.root(ids), removed))
+        pruned = surgery.apply(dag, groups, lambda ids: ~removed[groups.root(ids)])
         if by_params:
             return pruned, sum(p.numel() for p in pruned.parameters()) / report.total_params
         return pruned, count_flops(pruned, *example_inputs).total_flops / report.total_flops
@@ -261,11 +268,12 @@ class _FlopModel:
                 self.terms.append((flops[name], in_roots, out_roots))
 
     def ratio(self, removed: np.ndarray) -> float:
+        """The predicted FLOPs ratio when the class roots where `removed` (a mask over ids) is true go."""
         total = self.total
         for flops, in_roots, out_roots in self.terms:
             fraction = 1.0
             for roots in (in_roots, out_roots):
                 if roots is not None:
-                    fraction *= 1 - np.isin(roots, removed).mean()
+                    fraction *= 1 - removed[roots].mean()
             total -= flops * (1 - fraction)
         return total / self.total
