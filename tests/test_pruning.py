@@ -15,8 +15,23 @@ from torch_dag.testing import bitwise_equal, compare_outputs
 timm = pytest.importorskip("timm")
 
 # channel-separable models (no LayerNorm over channels), where zeroed channels carry exact zeros
-ZERO_LOSS_ZOO = ["residual", "squeeze_excite"]
-ZERO_LOSS_TIMM = [("resnet18", 64), ("mobilenetv3_small_100", 96), ("efficientnet_b0", 96), ("regnety_002", 96)]
+ZERO_LOSS_ZOO = ["residual", "squeeze_excite", "depthwise_grouped", "depthwise_multiplier"]
+ZERO_LOSS_TIMM = [("resnet18", 64), ("mobilenetv3_small_100", 96), ("efficientnet_b0", 96), ("regnety_002", 96),
+                  ("resnext26ts", 64), ("efficientnet_b0_gn", 96)]
+
+
+class DepthwiseMultiplier(nn.Module):
+    """A depthwise conv with two outputs per input channel, then a GroupNorm."""
+
+    def __init__(self):
+        super().__init__()
+        self.pw = nn.Conv2d(3, 8, 1)
+        self.dw = nn.Conv2d(8, 16, 3, padding=1, groups=8)
+        self.norm = nn.GroupNorm(4, 16)
+        self.head = nn.Conv2d(16, 4, 1)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.norm(self.dw(torch.relu(self.pw(x))))))
 
 
 def _timm(name, size):
@@ -37,9 +52,9 @@ def _zero_channels(dag, groups, roots: set[int]) -> None:
             mask = torch.from_numpy(np.isin(groups.root(ids), list(roots)))
             if role.axis is not None:
                 continue
-            if isinstance(module, nn.modules.batchnorm._BatchNorm) and side == "in":
+            if isinstance(module, (nn.modules.batchnorm._BatchNorm, nn.GroupNorm)) and side == "in":
                 module.weight[mask], module.bias[mask] = 0, 0
-            elif side == "out" or (isinstance(module, nn.Conv2d) and module.groups > 1):
+            elif side == "out":
                 module.weight[mask] = 0
                 if module.bias is not None:
                     module.bias[mask] = 0
@@ -47,7 +62,11 @@ def _zero_channels(dag, groups, roots: set[int]) -> None:
 
 @pytest.mark.parametrize("case", ZERO_LOSS_ZOO + [n for n, _ in ZERO_LOSS_TIMM])
 def test_pruning_zeroed_channels_keeps_outputs(case):
-    if case in ZERO_LOSS_ZOO:
+    if case == "depthwise_multiplier":
+        torch.manual_seed(0)
+        inputs = (torch.randn(2, 3, 8, 8),)
+        dag = td.build_from_unstructured_module(DepthwiseMultiplier().eval(), inputs)
+    elif case in ZERO_LOSS_ZOO:
         model, inputs = make(case)
         dag = td.build_from_unstructured_module(model, inputs)
     else:

@@ -192,23 +192,56 @@ def _rank(value: Any) -> int:
 def _conv(a: _Analysis, v: Vertex, inputs: list[Any], out: Any) -> Any:
     module: nn.Conv2d = v.module
     x = inputs[0]
-    if module.groups == 1:
-        if isinstance(x, Channels):
-            if x.axis != 1:
-                a.block(x, f"{v.name}: conv input channels are not on axis 1")
-            else:
-                a.role(v).in_ids = x.ids
+    tracked = isinstance(x, Channels)
+    if tracked and x.axis != 1:
+        a.block(x, f"{v.name}: conv input channels are not on axis 1")
+        tracked = False
+    groups = module.groups
+    if groups == 1:
+        if tracked:
+            a.role(v).in_ids = x.ids
         ids = a.produce(v, module.out_channels)
         a.role(v).out_ids = ids
         return Channels(1, ids)
-    if module.groups == module.in_channels == module.out_channels and isinstance(x, Channels) and x.axis == 1:
-        a.role(v).in_ids = x.ids  # depthwise: output channel c is input channel c
-        a.role(v).out_ids = x.ids
-        return Channels(1, x.ids)
-    a.block(x, f"{v.name}: grouped convolution (groups={module.groups}) is not pruned yet")
+    multiplier = module.out_channels // groups
+    if module.in_channels == groups and multiplier == 1:  # depthwise: output channel c is input channel c
+        if tracked:
+            a.role(v).in_ids = a.role(v).out_ids = x.ids
+            return Channels(1, x.ids)
+        ids = a.produce(v, module.out_channels)
+        a.block(Channels(1, ids), f"{v.name}: depthwise conv of untracked channels")
+        return Channels(1, ids)
     ids = a.produce(v, module.out_channels)
-    a.block(Channels(1, ids), f"{v.name}: grouped convolution output")
+    a.role(v).out_ids = ids
+    if module.in_channels == groups and tracked:  # depthwise x multiplier: input c and its outputs go together
+        a.uf.union(np.repeat(x.ids, multiplier), ids)
+        return Channels(1, ids)
+    # grouped: every group's weights are laid out alike, so an in-group position goes from all groups at once
+    _tie_columns(a, ids.reshape(groups, -1))
+    if tracked:
+        _tie_columns(a, x.ids.reshape(groups, -1))
+        a.role(v).in_ids = x.ids
     return Channels(1, ids)
+
+
+def _tie_columns(a: _Analysis, table: np.ndarray) -> None:
+    """Union the ids of each column of `table` (one row per group)."""
+    for row in table[1:]:
+        a.uf.union(table[0], row)
+
+
+def _group_norm(a: _Analysis, v: Vertex, inputs: list[Any], out: Any) -> Any:
+    """GroupNorm's statistics are per group: its groups of channels go whole (the group size is kept)."""
+    x = inputs[0]
+    if not isinstance(x, Channels):
+        return None
+    if x.axis != 1:
+        a.block(x, f"{v.name}: GroupNorm normalizes another axis than the channels")
+        return None
+    for row in x.ids.reshape(v.module.num_groups, -1):
+        a.uf.union(np.repeat(row[:1], len(row) - 1), row[1:])
+    a.role(v).in_ids = x.ids
+    return x
 
 
 def _linear(a: _Analysis, v: Vertex, inputs: list[Any], out: Any) -> Any:
@@ -373,7 +406,7 @@ def _permute(a: _Analysis, v: Vertex, inputs: list[Any], out: Any) -> Any:
 RULES: dict[str, Rule] = {
     "Conv1d": _conv, "Conv2d": _conv, "Conv3d": _conv, "Linear": _linear,
     "BatchNorm1d": _per_channel_module(None), "BatchNorm2d": _per_channel_module(None),
-    "BatchNorm3d": _per_channel_module(None), "LayerNorm": _per_channel_module(1),
+    "BatchNorm3d": _per_channel_module(None), "LayerNorm": _per_channel_module(1), "GroupNorm": _group_norm,
     "add": _elementwise, "sub": _elementwise, "mul": _elementwise, "div": _elementwise,
     "flatten": _flatten_rule, "cat": _cat, "mean": _mean_sum, "sum": _mean_sum,
     "permute": _permute, "transpose": _permute,

@@ -85,9 +85,11 @@ def taylor_scores(dag: DagModule, groups: ChannelGroups, calibration: Iterable,
                 members.append((module.weight, role.axis, groups.root(role.in_ids)))
             continue
         ids = {"in": role.in_ids, "out": role.out_ids}
+        if role.in_ids is not None and surgery.kind(module) == "Grouped":  # axis 1: one group's positions
+            ids["in_group"] = role.in_ids.reshape(module.groups, -1)[0]
         for attr, axis, side in surgery.SLICES.get(surgery.kind(module) or "", []):
             tensor = module._parameters.get(attr)
-            if tensor is not None and ids[side] is not None and tensor.dim() > axis:
+            if tensor is not None and ids.get(side) is not None and tensor.dim() > axis:
                 members.append((tensor, axis, groups.root(ids[side])))
     params = list({id(p): p for p, _, _ in members}.values())
     frozen = [p for p in params if not p.requires_grad]

@@ -18,6 +18,7 @@ from .groups import ChannelGroups, Role
 SLICES: dict[str, list[tuple[str, int, str]]] = {
     "Conv": [("weight", 0, "out"), ("weight", 1, "in"), ("bias", 0, "out")],
     "Depthwise": [("weight", 0, "out"), ("bias", 0, "out")],
+    "Grouped": [("weight", 0, "out"), ("weight", 1, "in_group"), ("bias", 0, "out")],
     "Linear": [("weight", 0, "out"), ("weight", 1, "in"), ("bias", 0, "out")],
     "Norm": [("weight", 0, "in"), ("bias", 0, "in"), ("running_mean", 0, "in"), ("running_var", 0, "in")],
 }
@@ -26,10 +27,12 @@ SLICES: dict[str, list[tuple[str, int, str]]] = {
 def kind(module: nn.Module) -> str | None:
     """The row of SLICES that says how a module's tensors carry channels (None: it holds none)."""
     if isinstance(module, nn.modules.conv._ConvNd):
-        return "Depthwise" if module.groups > 1 else "Conv"
+        if module.groups == 1:
+            return "Conv"
+        return "Depthwise" if module.groups == module.in_channels else "Grouped"
     if isinstance(module, nn.Linear):
         return "Linear"
-    if isinstance(module, (nn.modules.batchnorm._BatchNorm, nn.LayerNorm)):
+    if isinstance(module, (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)):
         return "Norm"
     return None
 
@@ -37,9 +40,10 @@ def kind(module: nn.Module) -> str | None:
 def _fix_config(module: nn.Module, n_in: int | None, n_out: int | None) -> None:
     """Keep the constructor attributes (saved as config) in step with the sliced tensors."""
     if isinstance(module, nn.modules.conv._ConvNd):
-        if module.groups > 1:
-            module.in_channels = module.out_channels = module.groups = n_out
-        else:
+        if module.groups > 1 and module.groups == module.in_channels:  # depthwise (x multiplier)
+            module.in_channels = module.groups = n_out // (module.out_channels // module.groups)
+            module.out_channels = n_out
+        else:  # groups stay; each keeps the same share of the channels
             module.in_channels, module.out_channels = n_in, n_out
     elif isinstance(module, nn.Linear):
         module.in_features, module.out_features = n_in, n_out
@@ -47,6 +51,9 @@ def _fix_config(module: nn.Module, n_in: int | None, n_out: int | None) -> None:
         module.num_features = n_in
     elif isinstance(module, nn.LayerNorm):
         module.normalized_shape = (n_in,)
+    elif isinstance(module, nn.GroupNorm):
+        module.num_groups = n_in // (module.num_channels // module.num_groups)
+        module.num_channels = n_in
 
 
 def _take(tensor: torch.Tensor, axis: int, mask: np.ndarray) -> torch.Tensor:
@@ -65,8 +72,10 @@ def slice_module(module: nn.Module, role: Role, in_mask: np.ndarray | None, out_
         _set(new, attr, _take(getattr(module, attr), role.axis, in_mask))
         return new
     masks = {"in": in_mask, "out": out_mask}
+    if in_mask is not None and kind(module) == "Grouped":  # weight axis 1 holds one group's positions
+        masks["in_group"] = in_mask.reshape(module.groups, -1)[0]
     for attr, axis, side in SLICES[kind(module)]:
-        tensor, mask = getattr(new, attr, None), masks[side]
+        tensor, mask = getattr(new, attr, None), masks.get(side)
         if tensor is None or mask is None or tensor.dim() <= axis:
             continue
         _set(new, attr, _take(tensor, axis, mask))
@@ -77,6 +86,8 @@ def slice_module(module: nn.Module, role: Role, in_mask: np.ndarray | None, out_
 
 
 def _size(module: nn.Module, side: str) -> int | None:
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return module.out_channels if side == "out" else module.in_channels
     weight = getattr(module, "weight", None)
     if weight is None:
         return None
