@@ -138,7 +138,8 @@ def cmd_prune(args: argparse.Namespace) -> None:
             ("kmapp", before.kmapp or 0.0, after.kmapp or 0.0)]
     print(f"pruned {args.source} to {after.total_flops / before.total_flops:.1%} of its FLOPs and "
           f"{after.total_params / before.total_params:.1%} of its params in {seconds:.1f} s "
-          f"({config.criterion}); saved to {args.output}")
+          f"({config.criterion}; widths rounded to multiples of {config.round_to} where a group is that wide, "
+          f"as hardware kernels run fastest on such widths); saved to {args.output}")
     print(f"  {'':12s} {'before':>10s} {'after':>10s} {'ratio':>7s}")
     for label, old, new in rows:
         print(f"  {label:12s} {old:10.3f} {new:10.3f} {new / old if old else 0:7.3f}")
@@ -290,7 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     shrink.add_argument("--criterion", default="l2", choices=["l1", "l2", "bn_scale", "taylor", "random"])
     shrink.add_argument("--calibration", type=Path, help="a .npy array of model inputs (N x C x H x W), for taylor")
     shrink.add_argument("--batch-size", type=int, default=8, help="calibration batch size")
-    shrink.add_argument("--round-to", type=int, default=1, help="keep widths multiples of this")
+    shrink.add_argument("--round-to", type=int, default=8, help="keep widths multiples of this (1: no rounding)")
     shrink.add_argument("--min-channels", type=int, default=1)
     shrink.add_argument("--input-size", type=parse_size, help="CxHxW (default: as converted / pretrained_cfg)")
     shrink.add_argument("-o", "--output", type=Path, required=True)

@@ -30,7 +30,7 @@ class PruneConfig:
     """Settings of one pruning run."""
 
     criterion: str = "l2"  # l1 | l2 | bn_scale | taylor (needs calibration batches) | random
-    round_to: int = 1  # kept widths are multiples of this (where the group is wide enough)
+    round_to: int = 8  # kept widths are multiples of this (where the group is wide enough): fast kernels
     min_channels: int = 1  # never keep fewer channels in a group
     tolerance: float = 0.02  # |achieved ratio - target| allowed
     seed: int = 0
