@@ -15,9 +15,30 @@ from torch_dag.testing import bitwise_equal, compare_outputs
 timm = pytest.importorskip("timm")
 
 # channel-separable models (no LayerNorm over channels), where zeroed channels carry exact zeros
-ZERO_LOSS_ZOO = ["residual", "squeeze_excite", "depthwise_grouped", "depthwise_multiplier"]
+ZERO_LOSS_ZOO = ["residual", "squeeze_excite", "depthwise_grouped", "depthwise_multiplier", "split_index"]
+LOCAL_MODELS = {"depthwise_multiplier": (lambda: DepthwiseMultiplier(), (2, 3, 8, 8)),
+                "split_index": (lambda: SplitIndex(), (2, 3, 8, 8))}
 ZERO_LOSS_TIMM = [("resnet18", 64), ("mobilenetv3_small_100", 96), ("efficientnet_b0", 96), ("regnety_002", 96),
                   ("resnext26ts", 64), ("efficientnet_b0_gn", 96)]
+
+
+class SplitIndex(nn.Module):
+    """Channels through chunk / unbind / indexing on other axes; a split along the channels is fixed."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 16, 3, padding=1)
+        self.b = nn.Conv2d(16, 12, 1)
+        self.c = nn.Conv2d(16, 8, 1)
+
+    def forward(self, x):
+        y = torch.relu(self.a(x))
+        top, bottom = y.chunk(2, dim=2)
+        y = torch.cat([bottom, top], dim=2)[:, :, 1:, None, ...][..., 0, :]  # indexing other axes
+        rows = torch.stack(y.unbind(2), dim=2)
+        z = self.b(rows)
+        left, right = z.split([4, 8], dim=1)  # along the channels: b's outputs stay
+        return left.sum() + right.mean() + self.c(y).mean((2, 3))
 
 
 class DepthwiseMultiplier(nn.Module):
@@ -62,10 +83,11 @@ def _zero_channels(dag, groups, roots: set[int]) -> None:
 
 @pytest.mark.parametrize("case", ZERO_LOSS_ZOO + [n for n, _ in ZERO_LOSS_TIMM])
 def test_pruning_zeroed_channels_keeps_outputs(case):
-    if case == "depthwise_multiplier":
+    if case in LOCAL_MODELS:
         torch.manual_seed(0)
-        inputs = (torch.randn(2, 3, 8, 8),)
-        dag = td.build_from_unstructured_module(DepthwiseMultiplier().eval(), inputs)
+        factory, shape = LOCAL_MODELS[case]
+        inputs = (torch.randn(*shape),)
+        dag = td.build_from_unstructured_module(factory().eval(), inputs)
     elif case in ZERO_LOSS_ZOO:
         model, inputs = make(case)
         dag = td.build_from_unstructured_module(model, inputs)
@@ -133,6 +155,15 @@ def test_prune_rounds_widths_and_keeps_input_untouched():
     assert all(torch.equal(state[k], v) for k, v in dag.state_dict().items())
     widths = [v.module.out_channels for v in pruned if v.op == "Conv2d"]
     assert all(w % 8 == 0 for w in widths), widths
+
+
+def test_split_and_indexing_rules():
+    x = torch.randn(2, 3, 8, 8)
+    dag = td.build_from_unstructured_module(SplitIndex().eval(), (x,))
+    groups = channel_groups(dag, (x,))
+    state = {g.producers[0]: g for g in groups.groups()}
+    assert state["a"].prunable, groups.summary()  # through chunk, cat, indexing, unbind and stack
+    assert any("split along the channel axis" in r for r in state["b"].reasons), groups.summary()
 
 
 def test_params_and_kmapp_targets():

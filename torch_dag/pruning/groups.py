@@ -213,8 +213,11 @@ def _conv(a: _Analysis, v: Vertex, inputs: list[Any], out: Any) -> Any:
         return Channels(1, ids)
     ids = a.produce(v, module.out_channels)
     a.role(v).out_ids = ids
-    if module.in_channels == groups and tracked:  # depthwise x multiplier: input c and its outputs go together
-        a.uf.union(np.repeat(x.ids, multiplier), ids)
+    if module.in_channels == groups:  # depthwise x multiplier: input c and its outputs go together
+        if tracked:
+            a.uf.union(np.repeat(x.ids, multiplier), ids)
+        else:
+            a.block(Channels(1, ids), f"{v.name}: depthwise conv (x{multiplier}) of untracked channels")
         return Channels(1, ids)
     # grouped: every group's weights are laid out alike, so an in-group position goes from all groups at once
     _tie_columns(a, ids.reshape(groups, -1))
@@ -315,13 +318,51 @@ def _untracked_operand(a: _Analysis, v: Vertex, arg: Any, result: Channels, out_
     position = result.axis - (out_rank - value.dim())
     if position < 0 or value.shape[position] == 1:
         return True
-    holder = a.dag[arg.name].module if arg.name in a.dag else None
-    if isinstance(holder, (Parameter, Constant)) and value.shape[position] == len(result.ids):
-        role = a.role(a.dag[arg.name])
-        role.in_ids, role.axis = result.ids, position
+    source = _held_tensor(a, arg.name, position) if value.shape[position] == len(result.ids) else None
+    if source is not None:
+        role = a.role(a.dag[source[0]])
+        role.in_ids, role.axis = result.ids, source[1]
         return True
     a.block(result, f"{v.name}: {v.op} with {arg.name}, which spans the channels but is not tracked")
     return False
+
+
+def _held_tensor(a: _Analysis, name: str, position: int) -> tuple[str, int] | None:
+    """The Parameter / Constant vertex behind `name` and the axis of it that lands on `position`,
+    looking through `expand` (a class token broadcast over the batch) and reshapes that only add
+    or drop size-1 axes with -1 for the channels (ConvNeXt's `gamma.reshape(1, -1, 1, 1)`)."""
+    while name in a.dag:
+        vertex = a.dag[name]
+        if isinstance(vertex.module, (Parameter, Constant)):
+            return name, position
+        source = vertex.args[0] if vertex.args else None
+        if not isinstance(source, Ref) or not isinstance(a.values.get(source.name), torch.Tensor):
+            return None
+        before, after = a.values[source.name], a.values[name]
+        if vertex.op == "expand" and before.dim() == after.dim() and _expand_keeps(vertex.args[1:], position):
+            name = source.name
+            continue
+        if vertex.op == "reshape" and _reshape_keeps_only(vertex.args[1:], after.shape, position):
+            wide = [d for d, size in enumerate(before.shape) if size != 1]
+            if len(wide) != 1:
+                return None
+            name, position = source.name, wide[0]
+            continue
+        return None
+    return None
+
+
+def _expand_keeps(size_args: tuple, position: int) -> bool:
+    """`expand` leaves axis `position` as it is (-1 there), so it follows a sliced operand."""
+    sizes = size_args[0] if len(size_args) == 1 and isinstance(size_args[0], (list, tuple)) else size_args
+    return len(sizes) > position and sizes[position] == -1
+
+
+def _reshape_keeps_only(shape_args: tuple, out_shape: torch.Size, position: int) -> bool:
+    """A reshape whose output is all size-1 axes but `position`, given there as -1."""
+    sizes = shape_args[0] if len(shape_args) == 1 and isinstance(shape_args[0], (list, tuple)) else shape_args
+    return (len(sizes) == len(out_shape) and sizes[position] == -1
+            and all(size == 1 for d, size in enumerate(out_shape) if d != position))
 
 
 def _flatten_rule(a: _Analysis, v: Vertex, inputs: list[Any], out: Any) -> Any:
@@ -342,11 +383,10 @@ def _flatten_rule(a: _Analysis, v: Vertex, inputs: list[Any], out: Any) -> Any:
 
 def _cat(a: _Analysis, v: Vertex, inputs: list[Any], out: Any) -> Any:
     """Along the channel axis: ids laid end to end. Along another axis: the operands' channels tied."""
-    tensors, dim = v.args[0], v.args[1] % out.dim()
-    if not isinstance(tensors, (list, tuple)):  # a list made by another vertex: no per-part view
-        a.block(inputs, f"{v.name}: cat of a list built elsewhere")
+    dim = v.args[1] % out.dim()
+    tensors, infos = _parts(a, v, inputs)
+    if infos is None:
         return None
-    infos = list(inputs[0]) if isinstance(inputs[0], (list, tuple)) else [None] * len(tensors)
     tracked = [info for info in infos if isinstance(info, Channels)]
     if not tracked:
         return None
@@ -370,6 +410,104 @@ def _cat(a: _Analysis, v: Vertex, inputs: list[Any], out: Any) -> Any:
             a.block(Channels(dim, fresh), f"{v.name}: concatenated part without tracked channels")
             parts.append(fresh)
     return Channels(dim, np.concatenate(parts))
+
+
+def _getitem(a: _Analysis, v: Vertex, inputs: list[Any], out: Any) -> Any:
+    """`parts[i]` of a split picks that part's channels; `x[:, 0]`, `x[..., 1:]`, `x[:, None]` keep the
+    channels (moved to their new axis) when the channel axis itself is taken whole; anything else
+    that touches the channel axis blocks it."""
+    x, index = inputs[0], v.args[1]
+    if isinstance(x, (list, tuple)):
+        return x[index] if isinstance(index, int) and -len(x) <= index < len(x) else None
+    if not isinstance(x, Channels):
+        return None
+    value = a.values[v.args[0].name]
+    if not isinstance(value, torch.Tensor):
+        return None
+    index = index if isinstance(index, tuple) else (index,)
+    if sum(item is Ellipsis for item in index) > 1 or any(
+            isinstance(item, (torch.Tensor, list, bool)) or (isinstance(item, Ref) and not _is_int(a, item))
+            for item in index):
+        a.block(x, f"{v.name}: advanced indexing of a tensor with tracked channels")
+        return None
+    consumed = sum(1 for item in index if item is not None and item is not Ellipsis)
+    if Ellipsis in index:
+        at = index.index(Ellipsis)
+        index = index[:at] + (slice(None),) * (value.dim() - consumed) + index[at + 1:]
+    in_axis = out_axis = 0
+    for item in index:
+        if item is None:
+            out_axis += 1
+            continue
+        if in_axis == x.axis:
+            if isinstance(item, slice) and item == slice(None):
+                return Channels(out_axis, x.ids)
+            a.block(x, f"{v.name}: indexes into the channel axis")
+            return None
+        in_axis += 1
+        if isinstance(item, slice):
+            out_axis += 1
+    return Channels(out_axis + (x.axis - in_axis), x.ids)  # the channel axis lies past the index
+
+
+def _is_int(a: _Analysis, ref: Ref) -> bool:
+    return isinstance(a.values.get(ref.name), int)
+
+
+def _split(a: _Analysis, v: Vertex, inputs: list[Any], out: Any) -> Any:
+    """split / chunk / unbind along another axis than the channels: every part keeps them (unbind
+    drops its axis); along the channel axis the parts' sizes live in the call, so they are blocked."""
+    x = inputs[0]
+    if not isinstance(x, Channels):
+        return None
+    rank = _rank(a.values[v.args[0].name])
+    dim = v.args[2] if v.op in ("split", "chunk") and len(v.args) > 2 else v.args[1] if v.op == "unbind" and \
+        len(v.args) > 1 else 0
+    if not isinstance(dim, int):
+        a.block(x, f"{v.name}: {v.op} along a traced dimension")
+        return None
+    dim %= rank
+    if dim == x.axis:
+        a.block(x, f"{v.name}: {v.op} along the channel axis (part sizes are fixed in the call)")
+        return None
+    axis = x.axis - 1 if v.op == "unbind" and dim < x.axis else x.axis
+    return tuple(Channels(axis, x.ids) for _ in out)
+
+
+def _parts(a: _Analysis, v: Vertex, inputs: list[Any]) -> tuple[list, list | None]:
+    """The operands of cat / stack and their channel infos: a literal list of tensors, or the tuple a
+    split / unbind made (all its parts then carry infos, or the channels are blocked)."""
+    tensors = v.args[0]
+    if isinstance(tensors, (list, tuple)):
+        infos = list(inputs[0]) if isinstance(inputs[0], (list, tuple)) else [None] * len(tensors)
+        return list(tensors), infos
+    if isinstance(inputs[0], (list, tuple)) and all(isinstance(i, Channels) for i in inputs[0]):
+        return [None] * len(inputs[0]), list(inputs[0])
+    a.block(inputs, f"{v.name}: {v.op} of a list built elsewhere")
+    return [], None
+
+
+def _stack(a: _Analysis, v: Vertex, inputs: list[Any], out: Any) -> Any:
+    """Stacked tensors' channels are tied, on their axis shifted past the new one."""
+    dim = (v.args[1] if len(v.args) > 1 else 0) % out.dim()
+    tensors, infos = _parts(a, v, inputs)
+    if infos is None:
+        return None
+    tracked = [info for info in infos if isinstance(info, Channels)]
+    if not tracked:
+        return None
+    if any(info.axis != tracked[0].axis for info in tracked):
+        a.block(tracked, f"{v.name}: stacked tensors have their channels on different axes")
+        return None
+    axis = tracked[0].axis + (tracked[0].axis >= dim)
+    result = Channels(axis, tracked[0].ids)
+    for info in tracked[1:]:
+        a.uf.union(result.ids, info.ids)
+    unstacked = Channels(tracked[0].axis, result.ids)  # where the channels lie in each operand
+    for ref, info in zip(tensors, infos):
+        if info is None and not _untracked_operand(a, v, ref, unstacked, out.dim() - 1):
+            return None
+    return result
 
 
 def _mean_sum(a: _Analysis, v: Vertex, inputs: list[Any], out: Any) -> Any:
@@ -409,7 +547,8 @@ RULES: dict[str, Rule] = {
     "BatchNorm3d": _per_channel_module(None), "LayerNorm": _per_channel_module(1), "GroupNorm": _group_norm,
     "add": _elementwise, "sub": _elementwise, "mul": _elementwise, "div": _elementwise,
     "flatten": _flatten_rule, "cat": _cat, "mean": _mean_sum, "sum": _mean_sum,
-    "permute": _permute, "transpose": _permute,
+    "permute": _permute, "transpose": _permute, "getitem": _getitem,
+    "split": _split, "chunk": _split, "unbind": _split, "stack": _stack,
 }
 for _op in ("ReLU", "ReLU6", "LeakyReLU", "ELU", "CELU", "SELU", "GELU", "SiLU", "Mish", "Sigmoid", "Tanh",
             "Hardswish", "Hardsigmoid", "Hardtanh", "Softplus", "Identity", "Dropout", "Dropout1d", "Dropout2d",
