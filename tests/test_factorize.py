@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
-from zoo import make
+from zoo import ZOO, make
 
 import torch_dag as td
 from torch_dag.core.lowrank import LowRankConv2d, LowRankLinear
@@ -198,6 +198,28 @@ def test_protected_grouped_and_errors():
         factorize(dag, flops_ratio=0.01, example_inputs=(x,))
     with pytest.raises(td.DagError, match="groups=4"):
         low_rank(dag["grouped"].module, 2)
+
+
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_zoo(name, tmp_path):
+    """Every zoo model: factorized where it pays (with its inputs as calibration), valid, and at full
+    rank the low-rank layers compute what the originals did."""
+    model, inputs = make(name)
+    dag = td.build_from_unstructured_module(model, inputs)
+    small, report = factorize(dag, rank_ratio=0.3, calibration=[inputs], return_report=True)
+    td.verify(small)
+    with torch.no_grad():
+        out = small(*inputs)
+    loaded = td.load(td.save(small, tmp_path / "small.dag"))
+    with torch.no_grad():
+        assert bitwise_equal(out, loaded(*inputs))
+    for layer in report.layers:  # every factorizable layer is either factorized or says why not
+        assert (layer.rank is not None) != bool(layer.reason), layer
+    for vertex in dag:
+        if vertex.op in ("Linear", "Conv2d") and vertex.module.weight.dim() >= 2 and (
+                vertex.op == "Linear" or vertex.module.groups == 1):
+            full = min(vertex.module.weight.shape[0], vertex.module.weight[0].numel())
+            _assert_equal(low_rank(vertex.module, full)[0].merged_weight(), vertex.module.weight)
 
 
 def test_input_dag_untouched_and_shared_module_stays_shared(tmp_path):
