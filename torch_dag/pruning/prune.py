@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections import defaultdict
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -211,32 +212,43 @@ def prune(dag: DagModule, flops_ratio: float | None = None, example_inputs: tupl
 
     owners = {i: sorted({int(r) for r in groups.root(ids)}) for i, ids in enumerate(groups.producers.values())}
 
-    def removed_roots(remove: int) -> np.ndarray:
+    def removed_roots(remove: int, round_to: int) -> np.ndarray:
         """A mask over channel ids, true at the class roots removed."""
         mask = np.zeros(groups.size, dtype=bool)
-        mask[list(_removed_roots(prunable, order, remove, config, owners, scores))] = True
+        rounded = replace(config, round_to=round_to)
+        mask[list(_removed_roots(prunable, order, remove, rounded, owners, scores))] = True
         return mask
 
-    def build(remove: int) -> tuple[DagModule, float]:
-        removed = removed_roots(remove)
+    def build(remove: int, round_to: int) -> tuple[DagModule, float]:
+        removed = removed_roots(remove, round_to)
         pruned = surgery.apply(dag, groups, lambda ids: ~removed[groups.root(ids)])
         if by_params:
             return pruned, sum(p.numel() for p in pruned.parameters()) / report.total_params
         return pruned, count_flops(pruned, *example_inputs).total_flops / report.total_flops
 
     what = "params" if by_params else "FLOPs"
-    bar = tqdm(total=2, desc="prune", unit="step", disable=not progress)
-    # FLOPs (and params) of convs, linears and norms scale with their kept channel fractions: bisect on that
-    remove = _bisect(len(order), lambda k: model.ratio(removed_roots(k)), target)
-    best, best_ratio = build(remove)
-    bar.update()
-    bar.set_postfix_str(f"{what} ratio {best_ratio:.3f}")
-    if abs(best_ratio - target) > config.tolerance / 2:  # ops outside the model moved it: measure
-        remove = _bisect(len(order), lambda k: build(k)[1], target)
-        best, best_ratio = build(remove)
-    bar.update()
-    bar.set_postfix_str(f"{what} ratio {best_ratio:.3f}")
+    # rounding widths makes the reachable ratios coarse: when the target is out of reach at this
+    # rounding, halve it (8 -> 4 -> 2 -> 1) and say so
+    roundings = [config.round_to]
+    while roundings[-1] > 1:
+        roundings.append(roundings[-1] // 2)
+    bar = tqdm(total=len(roundings), desc="prune", unit="try", disable=not progress)
+    for round_to in roundings:
+        # FLOPs (and params) of convs, linears and norms scale with their kept channel fractions: bisect on that
+        remove = _bisect(len(order), lambda k, r=round_to: model.ratio(removed_roots(k, r)), target)
+        best, best_ratio = build(remove, round_to)
+        if abs(best_ratio - target) > config.tolerance / 2:  # ops outside the model moved it: measure
+            remove = _bisect(len(order), lambda k, r=round_to: build(k, r)[1], target)
+            best, best_ratio = build(remove, round_to)
+        bar.update()
+        bar.set_postfix_str(f"{what} ratio {best_ratio:.3f}, widths rounded to {round_to}")
+        if abs(best_ratio - target) <= config.tolerance:
+            break
     bar.close()
+    if round_to != config.round_to:
+        warnings.warn(f"prune: widths rounded to multiples of {round_to} instead of {config.round_to}, the "
+                      f"{what} target {target:.3f} being out of reach otherwise (reached {best_ratio:.3f})",
+                      stacklevel=2)
     return best
 
 
