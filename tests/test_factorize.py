@@ -307,3 +307,13 @@ def test_cli_factorize(tmp_path, capsys):
     assert "factorize (data-aware, uniform allocation)" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         main(["factorize", str(source), "-o", str(out)])  # no target
+
+
+def test_calibration_leaves_every_module_in_its_mode():
+    """Calibration runs in eval mode, then each module is back in its own mode (here: mixed)."""
+    x = torch.randn(4, 32)
+    dag = _dag(_mlp(), x).train()
+    dag[next(v.name for v in dag if v.op == "GELU")].module.eval()
+    modes = {name: m.training for name, m in dag.named_modules()}
+    factorize(dag, rank_ratio=0.25, calibration=[(x,)])
+    assert {name: m.training for name, m in dag.named_modules()} == modes

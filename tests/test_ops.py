@@ -12,6 +12,7 @@ from torch import nn
 import torch_dag as td
 from torch_dag.core import ops
 from torch_dag.core.functions import FUNCTIONS
+from torch_dag.core.lowrank import LowRankConv2d, LowRankLinear
 
 # One or more instances per registered class, with non-default arguments wherever the class has them.
 # A new registration without an entry here fails `test_every_registered_op_has_a_case`.
@@ -106,6 +107,8 @@ CASES: dict[str, Callable[[], nn.Module]] = {
     "RNN_deep": lambda: nn.RNN(4, 6, 2, "relu", False, True, 0.5, True),
     "Parameter": lambda: ops.Parameter((1, 3, 4), dtype=torch.float16, requires_grad=False),
     "Constant": lambda: ops.Constant((2, 5), dtype=torch.int64),
+    "LowRankLinear": lambda: LowRankLinear(6, 5, rank=2, bias=False),
+    "LowRankConv2d": lambda: LowRankConv2d(4, 8, (3, 5), rank=3, stride=2, padding=(1, 2), dilation=2),
 }
 
 # Arguments the module does not keep as an attribute of the same name: the spec derives them from its

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch.utils import _pytree as pytree
 
-from ..core.dag import DagModule
+from ..core.dag import DagModule, evaluating
 from ..core.errors import DagError
 
 
@@ -35,13 +35,9 @@ def export_onnx(dag: DagModule, path: str | os.PathLike, example_inputs: Any, *,
     if missing:
         raise OnnxExportError(f"ONNX export needs {' and '.join(missing)}: pip install 'torch-dag[onnx]'")
     inputs = _check_inputs(dag, example_inputs)
-    was_training = dag.training
-    dag.eval()
-    try:
+    with evaluating(dag):
         output_names = _output_names(dag, inputs)
         program = _export(dag, inputs, output_names, opset, dynamic_batch)
-    finally:
-        dag.train(was_training)
     path = Path(path)
     try:
         program.save(path)

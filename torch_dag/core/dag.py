@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import keyword
 import linecache
 import math
@@ -312,6 +313,19 @@ def _compile_source(source: str):
     namespace: dict[str, Any] = {}
     exec(compile(source, filename, "exec"), {"__builtins__": {"slice": slice}}, namespace)  # our own generated code
     return namespace["forward"]
+
+
+@contextlib.contextmanager
+def evaluating(module: nn.Module) -> Iterator[nn.Module]:
+    """`module` in eval mode for the block, then every submodule back in its own mode (a model whose
+    parts were in different modes comes back as it was, which `train(was_training)` would not do)."""
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield module
+    finally:
+        for m, training in modes:
+            m.training = training
 
 
 def _add_note(error: BaseException, note: str) -> None:

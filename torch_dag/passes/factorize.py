@@ -34,7 +34,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ..analysis import count_flops
-from ..core.dag import DagModule
+from ..core.dag import DagModule, evaluating
 from ..core.errors import DagError
 from ..core.lowrank import LowRankConv2d, LowRankLinear
 from ..core.ops import is_dag_module
@@ -435,14 +435,9 @@ def _record(dag: DagModule, layers: list[_Layer], batches: list[tuple], progress
             if layer.key not in moments:
                 moments[layer.key] = _Moment(layer.moment_size)
                 hooks.append(layer.module.register_forward_hook(recorder(layer, moments[layer.key])))
-        was_training = dag.training
-        dag.eval()
-        try:
-            with torch.no_grad():
-                for batch in tqdm(batches, desc="factorize: calibration", unit="batch", disable=not progress):
-                    dag(*batch)
-        finally:
-            dag.train(was_training)
+        with evaluating(dag), torch.no_grad():
+            for batch in tqdm(batches, desc="factorize: calibration", unit="batch", disable=not progress):
+                dag(*batch)
     finally:
         for handle in hooks:
             handle.remove()

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from ..analysis import count_flops
 from ..analysis.flops import flops_from_values
-from ..core.dag import DagModule
+from ..core.dag import DagModule, evaluating
 from ..core.errors import DagError
 from ..core.ops import Parameter, is_dag_module
 from ..passes.hierarchy import flatten
@@ -94,31 +94,34 @@ def taylor_scores(dag: DagModule, groups: ChannelGroups, calibration: Iterable,
                 members.append((tensor, axis, groups.root(ids[side])))
     params = list({id(p): p for p, _, _ in members}.values())
     frozen = [p for p in params if not p.requires_grad]
-    was_training = dag.training
     scores: dict[int, float] = defaultdict(float)
     try:
         for p in frozen:
             p.requires_grad_(True)
-        dag.eval()
-        for batch in calibration:
-            batch = (batch,) if isinstance(batch, torch.Tensor) else tuple(batch)
-            grads = torch.autograd.grad(loss(dag(*batch)), params, allow_unused=True)
-            by_id = {id(p): g for p, g in zip(params, grads)}
-            per_batch: dict[int, float] = defaultdict(float)
-            for p, axis, roots in members:
-                grad = by_id[id(p)]
-                if grad is None:
-                    continue
-                change = (p.detach() * grad).movedim(axis, 0).reshape(p.shape[axis], -1).sum(1)
-                for root, value in zip(roots.tolist(), change.double().tolist()):
-                    per_batch[root] += value
-            for root, value in per_batch.items():
-                scores[root] += value * value
+        with evaluating(dag):
+            _taylor_batches(dag, calibration, loss, params, members, scores)
     finally:
         for p in frozen:
             p.requires_grad_(False)
-        dag.train(was_training)
     return dict(scores)
+
+
+def _taylor_batches(dag: DagModule, calibration: Iterable, loss: Callable[[Any], torch.Tensor], params: list,
+                    members: list, scores: dict[int, float]) -> None:
+    for batch in calibration:
+        batch = (batch,) if isinstance(batch, torch.Tensor) else tuple(batch)
+        grads = torch.autograd.grad(loss(dag(*batch)), params, allow_unused=True)
+        by_id = {id(p): g for p, g in zip(params, grads)}
+        per_batch: dict[int, float] = defaultdict(float)
+        for p, axis, roots in members:
+            grad = by_id[id(p)]
+            if grad is None:
+                continue
+            change = (p.detach() * grad).movedim(axis, 0).reshape(p.shape[axis], -1).sum(1)
+            for root, value in zip(roots.tolist(), change.double().tolist()):
+                per_batch[root] += value
+        for root, value in per_batch.items():
+            scores[root] += value * value
 
 
 def _self_supervised_loss(outputs: Any) -> torch.Tensor:
