@@ -126,3 +126,35 @@ def test_errors_name_what_failed(tmp_path):
     dag = td.build_from_unstructured_module(BatchOfFour(), (x,))
     with pytest.raises(OnnxExportError, match=r"opset (version )?17"):
         export_onnx(dag, tmp_path / "model.onnx", (x,), opset=17, dynamic_batch=False)
+
+
+class AttentionShapes(nn.Module):
+    """What torch.onnx does not take as it is: attention on 3-d and 5-d q, k, v, a reshape of the
+    transposed attention output, and shapes read at a batch of one."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = nn.Linear(8, 24)
+        self.cls = nn.Parameter(torch.randn(1, 1, 8))
+
+    def forward(self, x):
+        batch, n, c = x.shape
+        x = torch.cat([self.cls.expand(batch, -1, -1), x], 1)
+        q, k, v = self.qkv(x).chunk(3, -1)
+        flat = nn.functional.scaled_dot_product_attention(q, k, v)  # 3-d
+        heads = self.qkv(x).reshape(batch, n + 1, 3, 2, 4).permute(2, 0, 3, 1, 4)
+        split = nn.functional.scaled_dot_product_attention(*heads.unbind(0))
+        merged = split.transpose(1, 2).reshape(batch, n + 1, c)
+        windows = self.qkv(x[:, 1:]).reshape(batch, 2, n // 2, 3, 2, 4).permute(3, 0, 1, 4, 2, 5)
+        local = nn.functional.scaled_dot_product_attention(*windows.unbind(0))  # 5-d
+        return flat + merged, local.flatten(1)
+
+
+def test_attention_and_reshapes_export_from_a_batch_of_one(tmp_path):
+    torch.manual_seed(0)
+    x = torch.randn(1, 6, 8)
+    dag = td.build_from_unstructured_module(AttentionShapes().eval(), (x,))
+    path = export_onnx(dag, tmp_path / "model.onnx", (x,))
+    assert_runs_like_dag(path, dag, (x,))
+    assert_runs_like_dag(path, dag, (torch.randn(3, 6, 8),))
+    assert not any(v.op == "clone" for v in dag)  # the export's rewrites stay out of the DAG

@@ -14,8 +14,11 @@ from typing import Any
 import torch
 from torch.utils import _pytree as pytree
 
-from ..core.dag import DagModule, evaluating
+from ..core.dag import DagModule, Vertex, evaluating
 from ..core.errors import DagError
+from ..core.ops import FunctionOp
+from ..core.template import Ref
+from ..passes.editor import Editor
 
 
 class OnnxExportError(DagError):
@@ -35,9 +38,12 @@ def export_onnx(dag: DagModule, path: str | os.PathLike, example_inputs: Any, *,
     if missing:
         raise OnnxExportError(f"ONNX export needs {' and '.join(missing)}: pip install 'torch-dag[onnx]'")
     inputs = _check_inputs(dag, example_inputs)
+    if dynamic_batch and inputs and all(x.dim() > 0 and x.shape[0] == 1 for x in inputs):
+        # torch.export specializes a dynamic dim whose example size is 1: export at batch 2
+        inputs = tuple(torch.cat([x, x]) for x in inputs)
     with evaluating(dag):
         output_names = _output_names(dag, inputs)
-        program = _export(dag, inputs, output_names, opset, dynamic_batch)
+        program = _export(_export_ready(dag, inputs), inputs, output_names, opset, dynamic_batch)
     path = Path(path)
     try:
         program.save(path)
@@ -57,6 +63,56 @@ def _check_inputs(dag: DagModule, example_inputs: Any) -> tuple[torch.Tensor, ..
         if not isinstance(value, torch.Tensor):
             raise OnnxExportError(f"example input {name!r} is a {type(value).__name__}; ONNX inputs are tensors")
     return inputs
+
+
+def _export_ready(dag: DagModule, inputs: tuple[torch.Tensor, ...]) -> DagModule:
+    """The same function, spelled so that torch.onnx exports it: a reshape of a transposed tensor
+    reads a copy (the exporter lowers reshape to a view using strides that its later decomposition
+    of attention changes; the copy is an Identity in ONNX), and attention on q, k, v
+    of another rank than 4 is reshaped to 4-d and back (the exporter takes 4-d attention only)."""
+    with torch.no_grad():
+        values = dag.run_collecting(*inputs)
+    editor = Editor(dag)
+    for vertex in list(editor):
+        source = vertex.args[0] if vertex.args else None
+        if vertex.op in ("reshape", "view_as") and isinstance(source, Ref) and source.name in editor.vertices \
+                and editor[source.name].op in ("transpose", "permute", "movedim"):
+            copy = editor.insert(Vertex(editor.fresh_name(f"{source.name}_copy"), FunctionOp("clone"), (source,),
+                                        {"memory_format": torch.contiguous_format}), before=vertex.name)
+            vertex.args = (Ref(copy.name), *vertex.args[1:])
+        elif vertex.op == "scaled_dot_product_attention" and all(
+                isinstance(a, Ref) and values[a.name].dim() not in (2, 4) for a in vertex.args[:3]):
+            _as_4d(editor, vertex, values)
+    return editor.build()
+
+
+def _as_4d(editor: Editor, vertex: Vertex, values: dict[str, Any]) -> None:
+    """`sdpa(q, k, v)` on 3-d (batch, tokens, dim) tensors through a heads axis of size 1, on 5-d and
+    more (Twins' windows) with the leading axes merged into the batch, and the result shaped back."""
+    rank = values[vertex.args[0].name].dim()
+    lead = values[vertex.args[0].name].shape[1:rank - 3]  # axes merged into the batch (rank > 4)
+
+    def fitted(ref: Ref) -> Ref:
+        call = (FunctionOp("unsqueeze"), (ref, 1)) if rank == 3 else (FunctionOp("flatten"), (ref, 0, rank - 4))
+        new = editor.insert(Vertex(editor.fresh_name(f"{ref.name}_4d"), *call), before=vertex.name)
+        return Ref(new.name)
+
+    args = [fitted(a) for a in vertex.args[:3]]
+    mask = vertex.args[3] if len(vertex.args) > 3 else vertex.kwargs.get("attn_mask")
+    if isinstance(mask, Ref) and values[mask.name].dim() == rank:
+        if len(vertex.args) > 3:
+            args.append(fitted(mask))
+        else:
+            vertex.kwargs = {**vertex.kwargs, "attn_mask": fitted(mask)}
+    elif isinstance(mask, Ref) and values[mask.name].dim() > 2:  # broadcast over leading axes: keep it simple
+        raise OnnxExportError(f"vertex {vertex.name!r} ({vertex.op}): a {values[mask.name].dim()}-d attention mask "
+                              f"on {rank}-d q, k, v cannot be exported (torch.onnx takes 4-d attention only)")
+    vertex.args = (*args, *vertex.args[len(args):])
+    back = (FunctionOp("squeeze"), (Ref(vertex.name), 1)) if rank == 3 else \
+        (FunctionOp("unflatten"), (Ref(vertex.name), 0, (-1, *lead)))
+    restored = Vertex(editor.fresh_name(f"{vertex.name}_{rank}d"), *back)
+    editor.rewire(vertex.name, restored.name)
+    editor.insert(restored, after=vertex.name)
 
 
 def _output_names(dag: DagModule, inputs: tuple[torch.Tensor, ...]) -> list[str]:
