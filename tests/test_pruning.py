@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from zoo import make
 
@@ -15,30 +16,83 @@ from torch_dag.testing import bitwise_equal, compare_outputs
 timm = pytest.importorskip("timm")
 
 # channel-separable models (no LayerNorm over channels), where zeroed channels carry exact zeros
-ZERO_LOSS_ZOO = ["residual", "squeeze_excite", "depthwise_grouped", "depthwise_multiplier", "split_index"]
+ZERO_LOSS_ZOO = ["residual", "squeeze_excite", "depthwise_grouped", "depthwise_multiplier", "split_index",
+                 "channel_ops", "heads_attention"]
 LOCAL_MODELS = {"depthwise_multiplier": (lambda: DepthwiseMultiplier(), (2, 3, 8, 8)),
-                "split_index": (lambda: SplitIndex(), (2, 3, 8, 8))}
+                "split_index": (lambda: SplitIndex(), (2, 3, 8, 8)),
+                "channel_ops": (lambda: ChannelOps(), (2, 3, 8, 8)),
+                "heads_attention": (lambda: HeadsAttention(), (2, 3, 16, 16))}
 ZERO_LOSS_TIMM = [("resnet18", 64), ("mobilenetv3_small_100", 96), ("efficientnet_b0", 96), ("regnety_002", 96),
-                  ("resnext26ts", 64), ("efficientnet_b0_gn", 96)]
+                  ("resnext26ts", 64), ("efficientnet_b0_gn", 96), ("ghostnet_050", 64), ("mixnet_s", 64),
+                  ("skresnet18", 64)]
 
 
 class SplitIndex(nn.Module):
-    """Channels through chunk / unbind / indexing on other axes; a split along the channels is fixed."""
+    """Channels through chunk / unbind / indexing on other axes, and a split along the channels into
+    given sizes (rewritten to the kept counts)."""
 
     def __init__(self):
         super().__init__()
         self.a = nn.Conv2d(3, 16, 3, padding=1)
         self.b = nn.Conv2d(16, 12, 1)
-        self.c = nn.Conv2d(16, 8, 1)
+        self.c = nn.Conv2d(16, 6, 1)
+        self.dw = nn.Conv2d(4, 4, 3, padding=1, groups=4)
+        self.d = nn.Conv2d(12, 6, 1)
 
     def forward(self, x):
         y = torch.relu(self.a(x))
         top, bottom = y.chunk(2, dim=2)
         y = torch.cat([bottom, top], dim=2)[:, :, 1:, None, ...][..., 0, :]  # indexing other axes
         rows = torch.stack(y.unbind(2), dim=2)
-        z = self.b(rows)
-        left, right = z.split([4, 8], dim=1)  # along the channels: b's outputs stay
-        return left.sum() + right.mean() + self.c(y).mean((2, 3))
+        left, right = self.b(rows).split([4, 8], dim=1)  # along the channels
+        z = self.d(torch.cat([self.dw(left), right], 1))
+        return z.mean((2, 3)) + self.c(y).mean((2, 3))
+
+
+class ChannelOps(nn.Module):
+    """GLU halves, a GhostNet-style concat sliced back, a channel shuffle, a reshape sized by a count
+    read from the shape, and a pixel shuffle."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 16, 3, padding=1)
+        self.cheap = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.b = nn.Conv2d(12, 16, 1, groups=2)
+        self.c = nn.Conv2d(16, 16, 1)
+        self.d = nn.Conv2d(4, 6, 1)
+
+    def forward(self, x):
+        y = F.glu(self.a(x), dim=1)
+        y = torch.cat([y, self.cheap(y)], 1)[:, :12]
+        y = F.channel_shuffle(self.b(y), 2)
+        batch, channels, h, w = y.shape
+        y = self.c(y.reshape(batch, channels, h * w).reshape(batch, channels, h, w))
+        return self.d(F.pixel_shuffle(y, 2)).mean((2, 3))
+
+
+class HeadsAttention(nn.Module):
+    """Multi-head self-attention written two ways (fused, and matmul + softmax with separate q and kv
+    projections) on a residual stream whose width is read from the shape: heads go whole."""
+
+    def __init__(self, dim=32, heads=4):
+        super().__init__()
+        self.heads = heads
+        self.embed = nn.Conv2d(3, dim, 4, stride=4)
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.q, self.kv, self.proj2 = nn.Linear(dim, dim), nn.Linear(dim, 2 * dim), nn.Linear(dim, dim)
+        self.head = nn.Linear(dim, 5)
+
+    def forward(self, x):
+        x = self.embed(x).flatten(2).transpose(1, 2)
+        batch, n, c = x.shape
+        qkv = self.qkv(x).reshape(batch, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        x = x + self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(batch, n, c))
+        q = self.q(x).reshape(batch, n, self.heads, -1).transpose(1, 2)
+        k, v = self.kv(x).reshape(batch, n, 2, self.heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        attention = (q @ k.transpose(-2, -1) * 0.5).softmax(-1)
+        x = x + self.proj2((attention @ v).transpose(1, 2).reshape(batch, n, -1))
+        return self.head(x.mean(1))
 
 
 class DepthwiseMultiplier(nn.Module):
@@ -108,6 +162,24 @@ def test_pruning_zeroed_channels_keeps_outputs(case):
     assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in dag.parameters())
 
 
+def test_pruning_zeroed_heads_keeps_vit_outputs():
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=2, img_size=64).eval()
+    inputs = (torch.randn(2, 3, 64, 64),)
+    dag = td.build_from_unstructured_module(model, inputs)
+    groups = channel_groups(dag, inputs)
+    heads = [g for g in groups.groups() if g.prunable and g.unit > 1]
+    assert [(len(g.channels), g.unit) for g in heads] == [(3, 3 * 64)] * 2, groups.summary()
+    roots = {g.channels[1] for g in heads}
+    _zero_channels(dag, groups, roots)
+    with torch.no_grad():
+        reference = dag(*inputs)
+        pruned = surgery.apply(dag, groups, lambda ids: ~np.isin(groups.root(ids), list(roots)))
+        equal, _, reason = compare_outputs(reference, pruned(*inputs), rtol=1e-4)
+    assert equal, reason
+    assert [v.module.out_features for v in pruned if v.name.endswith("qkv")] == [2 * 3 * 64] * 2
+
+
 def test_taylor_scores_are_zero_exactly_for_dead_channels():
     dag, inputs = _timm("resnet18", 64)
     with torch.no_grad():  # timm zero-initializes each block's last BN scale: no gradient would pass
@@ -162,8 +234,26 @@ def test_split_and_indexing_rules():
     dag = td.build_from_unstructured_module(SplitIndex().eval(), (x,))
     groups = channel_groups(dag, (x,))
     state = {g.producers[0]: g for g in groups.groups()}
-    assert state["a"].prunable, groups.summary()  # through chunk, cat, indexing, unbind and stack
-    assert any("split along the channel axis" in r for r in state["b"].reasons), groups.summary()
+    assert state["a"].prunable and state["b"].prunable, groups.summary()
+    pruned = prune(dag, 0.5, (x,), config=PruneConfig(round_to=1))
+    (split,) = [v for v in pruned if v.op == "split"]
+    kept = pruned["dw"].module.out_channels
+    assert split.args[1] == [kept, pruned["b"].module.out_channels - kept] and 0 < kept <= 4
+    assert pruned(x).shape == dag(x).shape
+
+
+def test_attention_heads_go_whole():
+    x = torch.randn(2, 3, 16, 16)
+    dag = td.build_from_unstructured_module(HeadsAttention().eval(), (x,))
+    groups = channel_groups(dag, (x,))
+    heads = [g for g in groups.groups() if "qkv" in g.producers or "q" in g.producers]
+    assert [(len(g.channels), g.unit, g.prunable) for g in heads] == [(4, 24, True), (4, 8, True)], \
+        groups.summary()
+    pruned = prune(dag, 0.6, (x,), config=PruneConfig(round_to=1))
+    reshapes = [v.args[1] for v in pruned if v.op == "reshape" and len(v.args[1]) == 5]
+    assert any(shape[3] < 4 for shape in reshapes), reshapes  # heads removed, head size kept
+    assert all(isinstance(shape[4], int) and shape[4] in (8, -1) for shape in reshapes), reshapes
+    assert pruned(x).shape == (2, 5)
 
 
 def test_params_and_kmapp_targets():
@@ -227,19 +317,60 @@ def test_prune_works_through_nested_dags():
     assert abs(ratio - 0.5) <= 0.02
 
 
-def test_reading_the_channel_count_blocks_the_channels():
+def test_a_channel_count_sizes_only_its_own_channels():
     class ReadsC(nn.Module):
         def __init__(self):
             super().__init__()
-            self.a, self.b = nn.Conv2d(3, 8, 3), nn.Conv2d(3, 8, 3)
+            self.a, self.b, self.c = nn.Conv2d(3, 8, 3), nn.Conv2d(3, 8, 3), nn.Conv2d(3, 6, 3)
+            self.d = nn.Conv2d(8, 4, 1)
 
         def forward(self, x):
             y = self.a(x)
             batch, channels, h, w = y.shape
-            return self.b(x).reshape(batch, channels, h * w) + y.flatten(2)  # b's count tied to a's
+            z = self.b(x).reshape(batch, channels, h * w) + y.flatten(2)  # b's count tied to a's
+            return z.mean(2) * 2, self.c(x) / channels  # the count as a number: a's channels stay
 
     model = ReadsC().eval()
     x = torch.randn(1, 3, 10, 10)
-    groups = channel_groups(td.build_from_unstructured_module(model, (x,)), (x,)).groups()
-    (a,) = [g for g in groups if "a" in g.producers]
-    assert not a.prunable and "reads the channel count" in " ".join(a.reasons)
+    dag = td.build_from_unstructured_module(model, (x,))
+    groups = channel_groups(dag, (x,)).groups()
+    (ab,) = [g for g in groups if "a" in g.producers]
+    assert ab.producers == ["a", "b"]
+    assert not ab.prunable and any("div reads the channel count" in r for r in ab.reasons), ab.reasons
+
+    class ReshapesByC(ReadsC):
+        def forward(self, x):
+            y = self.a(x)
+            batch, channels, h, w = y.shape
+            return self.d((self.b(x).reshape(batch, channels, h * w) + y.flatten(2)).reshape(batch, channels, h, w))
+
+    dag = td.build_from_unstructured_module(ReshapesByC().eval(), (x,))
+    (ab,) = [g for g in channel_groups(dag, (x,)).groups() if "a" in g.producers]
+    assert ab.prunable
+
+
+class Reshapes(nn.Module):
+    def __init__(self, merge_batch: bool):
+        super().__init__()
+        self.merge_batch = merge_batch
+        self.a, self.b = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        y = torch.relu(self.a(x))
+        batch = y.shape[0]
+        if self.merge_batch:  # the sizes of such a reshape hold the batch size
+            return self.b(y.reshape(batch * 8, 36).reshape(batch, 8, 6, 6))
+        return self.b(y.reshape(batch, 8, 36).reshape(batch, 8, 6, 6))  # the 8s follow the pruning
+
+
+def test_reshape_sizes_follow_the_pruning_and_leave_the_batch_free():
+    x = torch.randn(2, 3, 8, 8)
+    dag = td.build_from_unstructured_module(Reshapes(merge_batch=True).eval(), (x,))
+    (a,) = [g for g in channel_groups(dag, (x,)).groups() if g.producers == ["a"]]
+    assert not a.prunable and "mixes the channel axis with others" in " ".join(a.reasons)
+
+    dag = td.build_from_unstructured_module(Reshapes(merge_batch=False).eval(), (x,))
+    pruned = prune(dag, 0.5, (x,), config=PruneConfig(round_to=1))
+    kept = pruned["b"].module.in_channels
+    assert kept < 8 and [v.args[1][1] for v in pruned if v.op == "reshape"] == [kept, kept]
+    assert pruned(torch.randn(3, 3, 8, 8)).shape == (3, 4, 6, 6)

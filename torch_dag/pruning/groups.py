@@ -11,9 +11,11 @@ a model whose shapes do not fit.
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from itertools import pairwise
 from typing import Any
 
 import numpy as np
@@ -21,7 +23,7 @@ import torch
 from torch import nn
 
 from ..core.dag import DagModule, Vertex
-from ..core.ops import Constant, Parameter
+from ..core.ops import Constant, FunctionOp, Parameter
 from ..core.template import Ref, iter_refs, map_refs
 
 
@@ -65,6 +67,10 @@ class Role:
     in_ids: np.ndarray | None = None
     out_ids: np.ndarray | None = None
     axis: int | None = None  # for a Parameter/Constant operand: the axis its channels lie on
+    # for a vertex whose call spells channel counts out (split sizes, slice bounds): its new args,
+    # given keep(ids) -> mask; and the id sets that must each keep a channel (a split's parts)
+    rewrite: Callable[[Callable[[np.ndarray], np.ndarray]], tuple] | None = None
+    parts: list[np.ndarray] = field(default_factory=list)
 
 
 @dataclass
@@ -113,7 +119,9 @@ class ChannelGroups:
         for names in members.values():
             roots = sorted({r for n in names for r in self.root(self.producers[n]).tolist()})
             reasons = sorted({self.blocked[r] for r in roots if r in self.blocked})
-            groups.append(Group(names, roots, reasons))
+            unit = math.gcd(*(int(c) for n in names for c in np.unique(self.root(self.producers[n]),
+                                                                       return_counts=True)[1]))
+            groups.append(Group(names, roots, reasons, unit))
         return groups
 
     def summary(self) -> str:
@@ -132,6 +140,7 @@ class Group:
     producers: list[str]
     channels: list[int]  # class roots: one per channel of the group
     reasons: list[str]
+    unit: int = 1  # channels each class has in every producer (an attention head: its head dim)
 
     @property
     def prunable(self) -> bool:
@@ -172,18 +181,51 @@ class ShapeOf:
     channels: Channels
 
 
+@dataclass
+class Count:
+    """A channel count read as a number (`C` of `B, C, H, W = x.shape`): after pruning it reads the
+    new count, so it is fine where it sizes the same channels again (a reshape that puts them back
+    on one axis) and blocks them anywhere else."""
+
+    channels: Channels
+    exact: bool = True  # False: a number computed from it (`C // heads`)
+
+
 def _flatten(info: Any) -> list[Channels]:
     if isinstance(info, Channels):
         return [info]
-    if isinstance(info, ShapeOf):
+    if isinstance(info, (ShapeOf, Count)):
         return [info.channels]
     if isinstance(info, (list, tuple)):
         return [c for item in info for c in _flatten(item)]
     return []
 
 
+def _numbers(info: Any) -> list[ShapeOf | Count]:
+    """The shapes and channel counts in an argument's info."""
+    if isinstance(info, (ShapeOf, Count)):
+        return [info]
+    if isinstance(info, (list, tuple)):
+        return [n for item in info for n in _numbers(item)]
+    return []
+
+
 def _rank(value: Any) -> int:
     return value.dim() if isinstance(value, torch.Tensor) else 0
+
+
+def _arg(v: Vertex, index: int, name: str, default: Any = None) -> Any:
+    """Argument `index` of the call (or keyword `name`), `default` when not given; for a module op
+    (`nn.GLU` for `F.glu`) its attribute `name`."""
+    if not isinstance(v.module, FunctionOp) and hasattr(v.module, name):
+        return getattr(v.module, name)
+    if len(v.args) > index:
+        return v.args[index]
+    return v.kwargs.get(name, default)
+
+
+def _kept(keep: Callable[[np.ndarray], np.ndarray], ids: np.ndarray) -> int:
+    return int(keep(ids).sum()) if len(ids) else 0
 
 
 # --- rules ----------------------------------------------------------------------------------------
@@ -248,12 +290,13 @@ def _group_norm(a: _Analysis, v: Vertex, inputs: list[Any], out: Any) -> Any:
 
 
 def _linear(a: _Analysis, v: Vertex, inputs: list[Any], out: Any) -> Any:
+    """A linear layer over the channels slices its input side; one over another axis (an MLP-Mixer's
+    token mixing) leaves the channels where they are, and its own outputs are not pruned."""
     x = inputs[0]
     if isinstance(x, Channels):
         if x.axis != _rank(a.values[v.args[0].name]) - 1:
-            a.block(x, f"{v.name}: linear input channels are not on the last axis")
-        else:
-            a.role(v).in_ids = x.ids
+            return x
+        a.role(v).in_ids = x.ids
     ids = a.produce(v, v.module.out_features)
     a.role(v).out_ids = ids
     return Channels(_rank(out) - 1, ids)
@@ -435,13 +478,15 @@ def _getitem(a: _Analysis, v: Vertex, inputs: list[Any], out: Any) -> Any:
         at = index.index(Ellipsis)
         index = index[:at] + (slice(None),) * (value.dim() - consumed) + index[at + 1:]
     in_axis = out_axis = 0
-    for item in index:
+    for position, item in enumerate(index):
         if item is None:
             out_axis += 1
             continue
         if in_axis == x.axis:
             if isinstance(item, slice) and item == slice(None):
                 return Channels(out_axis, x.ids)
+            if _plain_slice(item):
+                return _channel_slice(a, v, x, index, position, out_axis)
             a.block(x, f"{v.name}: indexes into the channel axis")
             return None
         in_axis += 1
@@ -450,28 +495,79 @@ def _getitem(a: _Analysis, v: Vertex, inputs: list[Any], out: Any) -> Any:
     return Channels(out_axis + (x.axis - in_axis), x.ids)  # the channel axis lies past the index
 
 
+def _plain_slice(item: Any) -> bool:
+    return (isinstance(item, slice) and item.step in (None, 1)
+            and all(b is None or isinstance(b, int) for b in (item.start, item.stop)))
+
+
+def _channel_slice(a: _Analysis, v: Vertex, x: Channels, index: tuple, position: int, out_axis: int) -> Any:
+    """`x[:, :n]` (GhostNet keeps the first n channels of a concat): the slice's channels go on, its
+    bounds are rewritten to count the kept channels before them."""
+    start, stop, _ = index[position].indices(len(x.ids))
+    if stop <= start:
+        a.block(x, f"{v.name}: an empty slice of the channel axis")
+        return None
+
+    def rewrite(keep: Callable[[np.ndarray], np.ndarray]) -> tuple:
+        mask = keep(x.ids)
+        bounds = slice(int(mask[:start].sum()), int(mask[:stop].sum()))
+        return (v.args[0], index[:position] + (bounds,) + index[position + 1:], *v.args[2:])
+
+    role = a.role(v)
+    role.rewrite, role.parts = rewrite, [x.ids[start:stop]]
+    return Channels(out_axis, x.ids[start:stop])
+
+
 def _is_int(a: _Analysis, ref: Ref) -> bool:
     return isinstance(a.values.get(ref.name), int)
 
 
 def _split(a: _Analysis, v: Vertex, inputs: list[Any], out: Any) -> Any:
     """split / chunk / unbind along another axis than the channels: every part keeps them (unbind
-    drops its axis); along the channel axis the parts' sizes live in the call, so they are blocked."""
+    drops its axis). Along the channel axis, equal parts tie their channels position by position (a
+    GLU's gate and value, SwiGLU) so they stay equal; `split` into given sizes (MixNet's kernel
+    groups) gives each part its own channels and the sizes are rewritten to the kept counts."""
     x = inputs[0]
     if not isinstance(x, Channels):
         return None
     rank = _rank(a.values[v.args[0].name])
-    dim = v.args[2] if v.op in ("split", "chunk") and len(v.args) > 2 else v.args[1] if v.op == "unbind" and \
-        len(v.args) > 1 else 0
+    dim = _arg(v, 2, "dim", 0) if v.op in ("split", "chunk") else _arg(v, 1, "dim", 0)
     if not isinstance(dim, int):
         a.block(x, f"{v.name}: {v.op} along a traced dimension")
         return None
     dim %= rank
-    if dim == x.axis:
-        a.block(x, f"{v.name}: {v.op} along the channel axis (part sizes are fixed in the call)")
+    if dim != x.axis:
+        axis = x.axis - 1 if v.op == "unbind" and dim < x.axis else x.axis
+        return tuple(Channels(axis, x.ids) for _ in out)
+    if v.op == "unbind":
+        a.block(x, f"{v.name}: unbind along the channel axis")
         return None
-    axis = x.axis - 1 if v.op == "unbind" and dim < x.axis else x.axis
-    return tuple(Channels(axis, x.ids) for _ in out)
+    sizes = [part.shape[dim] for part in out]
+    if v.op == "chunk" and len(set(sizes)) > 1:
+        a.block(x, f"{v.name}: chunk along the channel axis into unequal parts")
+        return None
+    if len(v.args) < 2:
+        a.block(x, f"{v.name}: {v.op} along the channel axis with its sizes given by keyword")
+        return None
+    size = v.args[1]
+    if v.op == "chunk" or isinstance(size, int):
+        if len(set(sizes)) > 1:
+            a.block(x, f"{v.name}: split along the channel axis leaves a shorter last part")
+            return None
+        table = x.ids.reshape(len(sizes), -1)
+        _tie_columns(a, table)
+        if v.op == "split":  # the part size is spelled out: it becomes the kept count
+            a.role(v).rewrite = lambda keep: (v.args[0], _kept(keep, table[0]), *v.args[2:])
+        return tuple(Channels(x.axis, row) for row in table)
+    if not isinstance(size, (list, tuple)) or not all(isinstance(s, int) for s in size):
+        a.block(x, f"{v.name}: split along the channel axis into traced sizes")
+        return None
+    bounds = np.cumsum([0, *sizes])
+    parts = [x.ids[lo:hi] for lo, hi in pairwise(bounds)]
+    role = a.role(v)
+    role.parts = parts
+    role.rewrite = lambda keep: (v.args[0], [_kept(keep, p) for p in parts], *v.args[2:])
+    return tuple(Channels(x.axis, p) for p in parts)
 
 
 def _parts(a: _Analysis, v: Vertex, inputs: list[Any]) -> tuple[list, list | None]:
@@ -541,6 +637,303 @@ def _permute(a: _Analysis, v: Vertex, inputs: list[Any], out: Any) -> Any:
     return Channels({d0: d1, d1: d0}.get(x.axis, x.axis), x.ids)
 
 
+def _reshape(a: _Analysis, v: Vertex, inputs: list[Any], out: Any) -> Any:
+    """reshape / view / view_as. Three cases for the channel axis:
+
+    - kept whole (the axes around it regrouped): the channels go on, on their new axis; the count
+      there must follow the pruning: `-1`, a count read from the same channels, a number (rewritten
+      to the kept count), or (view_as) a tensor carrying them;
+    - split into axes (`qkv.reshape(B, N, 3, heads, head_dim)`): the axis before the last part holds
+      the channels from then on (attention heads) and each of its entries goes whole: the channels
+      that land in one head, over all the other parts, are one class;
+    - merged with its neighbours (`x.reshape(B, N, heads * head_dim)`): the ids repeat over the
+      merged axes, as in a flatten.
+
+    Sizes spelled out in the call for a split or merged axis are rewritten to the kept counts; a
+    reshape that mixes the channels with the batch axis is blocked (its sizes hold the batch size)."""
+    x = inputs[0]
+    counts = _numbers(inputs[1:])
+    if not isinstance(x, Channels):
+        a.block(counts, f"{v.name}: a channel count sizes a tensor without those channels")
+        return None
+    before, after = a.values[v.args[0].name].shape, out.shape
+    axis = _kept_axis(before, after, x.axis)
+    if v.op == "view_as":
+        other = inputs[1]
+        if axis is None or not isinstance(other, Channels) or other.axis != axis:
+            a.block(x, f"{v.name}: view_as a tensor whose channels are not these")
+            return None
+        a.uf.union(x.ids, other.ids)
+        return Channels(axis, x.ids)
+    shape, info = v.args[1], inputs[1]
+    if not isinstance(shape, (list, tuple)) or len(shape) != len(after):
+        a.block([x, *counts], f"{v.name}: reshape to a shape built elsewhere")
+        return None
+    if axis is not None:
+        entry = info[axis]
+        if isinstance(entry, Count) and entry.exact and len(entry.channels.ids) == len(x.ids):
+            a.uf.union(entry.channels.ids, x.ids)
+            resized, spanned = {}, range(0)
+        elif shape[axis] == -1 or (isinstance(shape[axis], int) and axis > 0):
+            resized, spanned = {axis: x.ids}, range(axis, axis + 1)
+        else:
+            a.block([x, *counts], f"{v.name}: reshape sizes the channel axis with a traced number")
+            return None
+        channels = Channels(axis, x.ids)
+    else:
+        result = _split_axis(a, x, before, after) or _merged_axis(x, before, after)
+        if result is None or 0 in result[2]:  # sizes there would be spelled out for one batch size
+            a.block([x, *counts], f"{v.name}: reshape mixes the channel axis with others unevenly")
+            return None
+        channels, resized, spanned = result
+    a.block([c for i, c in enumerate(info) if i not in spanned and i != axis and _numbers(c)],
+            f"{v.name}: a channel count sizes another axis")
+    if spanned:
+        a.role(v).rewrite = lambda keep: (v.args[0], _resized(shape, after, resized, spanned, keep), *v.args[2:])
+    return channels
+
+
+def _resized(shape: list | tuple, after: torch.Size, resized: dict[int, np.ndarray], spanned: range,
+             keep: Callable[[np.ndarray], np.ndarray]) -> list | tuple:
+    """A reshape's sizes after pruning: where the channels lie, the kept count (or -1 for a traced
+    size, when no other axis has it: spatial sizes may vary); on the other axes they span, the present
+    size (`C // heads` read from a pruned tensor would be wrong)."""
+    sizes = list(shape)
+    for i in spanned:
+        if sizes[i] == -1:
+            continue
+        if i in resized:
+            traced = not isinstance(shape[i], int)
+            sizes[i] = -1 if traced and -1 not in shape else _kept(keep, resized[i])
+        else:
+            sizes[i] = after[i]
+    return type(shape)(sizes)
+
+
+def _kept_axis(before: torch.Size, after: torch.Size, axis: int) -> int | None:
+    """The axis of `after` that holds `before`'s axis whole, with the same elements before and after it."""
+    leading = math.prod(before[:axis])
+    for candidate in range(len(after)):
+        if math.prod(after[:candidate]) == leading and after[candidate] == before[axis]:
+            return candidate
+    return None
+
+
+def _split_axis(a: _Analysis, x: Channels, before: torch.Size, after: torch.Size
+                ) -> tuple[Channels, dict[int, np.ndarray], range] | None:
+    """The channel axis split into consecutive axes `after[first:last]`: the one before the last part
+    carries the channels (heads), whose entries are tied whole. Returns the channels, for the head
+    axis the ids whose kept count is its new size, and the axes of `after` the channels span."""
+    leading = math.prod(before[:x.axis])
+    for first in range(len(after)):
+        if math.prod(after[:first]) != leading:
+            continue
+        last, size = first, 1
+        while last < len(after) and size < before[x.axis]:
+            size *= after[last]
+            last += 1
+        if size != before[x.axis] or last - first < 2:
+            return None
+        head = last - 2
+        table = np.moveaxis(x.ids.reshape(after[first:last]), head - first, 0).reshape(after[head], -1)
+        a.uf.union(np.repeat(table[:, 0], table.shape[1] - 1), table[:, 1:].reshape(-1))
+        return Channels(head, table[:, 0]), {head: table[:, 0]}, range(first, last)
+    return None
+
+
+def _merged_axis(x: Channels, before: torch.Size, after: torch.Size
+                 ) -> tuple[Channels, dict[int, np.ndarray], range] | None:
+    """The channel axis merged with neighbours `before[first:last]` into one axis of `after`: its ids
+    repeat over them, the merged size is the kept count of those ids."""
+    for first in range(x.axis + 1):
+        leading = math.prod(before[:first])
+        for target in range(len(after)):
+            if math.prod(after[:target]) != leading:
+                continue
+            size, last = 1, first
+            while last < len(before) and size < after[target]:
+                size *= before[last]
+                last += 1
+            if size == after[target] and last > x.axis and last - first >= 2:
+                inner = math.prod(before[x.axis + 1:last])
+                outer = math.prod(before[first:x.axis])
+                ids = np.tile(np.repeat(x.ids, inner), outer)
+                return Channels(target, ids), {target: ids}, range(target, target + 1)
+    return None
+
+
+def _attention(a: _Analysis, v: Vertex, inputs: list[Any], out: Any) -> Any:
+    """scaled_dot_product_attention over heads carried as channels (on a batch axis of q, k and v):
+    a head goes from all three at once. Channels of v's last axis go to the output; channels on the
+    axis q and k contract would change the default scale, so they stay."""
+    (q, k, value), rest = inputs[:3], inputs[3:]
+    ranks = [_rank(a.values[r.name]) for r in v.args[:3]]
+    a.block(rest, f"{v.name}: an attention mask with tracked channels")
+    tracked = [(info, rank) for info, rank in zip((q, k, value), ranks) if isinstance(info, Channels)]
+    if not tracked:
+        return None
+    batch = {(info.axis - rank) for info, rank in tracked if info.axis < rank - 2}
+    mask = _arg(v, 3, "attn_mask")
+    if isinstance(mask, Ref) and len(batch) == 1:  # a bias per head (relative positions) would need slicing
+        offset = next(iter(batch))
+        shape = a.values[mask.name].shape
+        if len(shape) >= -offset and shape[offset] != 1:
+            a.block([q, k, value], f"{v.name}: an attention mask of its own per channel (head)")
+            return None
+    if len(batch) == 1 and len(tracked) == 3 and all(info.axis < rank - 2 for info, rank in tracked):
+        for info, _ in tracked[1:]:
+            a.uf.union(tracked[0][0].ids, info.ids)
+        return Channels(out.dim() + batch.pop(), value.ids)
+    if isinstance(value, Channels) and value.axis == ranks[2] - 1 and not isinstance(q, Channels) \
+            and not isinstance(k, Channels):
+        return Channels(out.dim() - 1, value.ids)
+    a.block([q, k, value], f"{v.name}: attention with channels on axes it contracts or on some operands only")
+    return None
+
+
+def _matmul(a: _Analysis, v: Vertex, inputs: list[Any], out: Any) -> Any:
+    """x @ y: channels on broadcast (batch) axes are tied across the operands and stay; the rows of x
+    and the columns of y go to the output; the contracted axis is not pruned."""
+    ranks = [_rank(a.values[r.name]) if isinstance(r, Ref) else 0 for r in v.args[:2]]
+    if min(ranks) < 2:
+        a.block(inputs, f"{v.name}: matmul with a vector")
+        return None
+    left, right = inputs[:2]
+    batch = [(info, info.axis - rank) for info, rank in zip((left, right), ranks)
+             if isinstance(info, Channels) and info.axis < rank - 2]
+    if batch:
+        if len(batch) != sum(isinstance(i, Channels) for i in (left, right)) or len({off for _, off in batch}) > 1:
+            a.block([left, right], f"{v.name}: matmul with channels on different axes of its operands")
+            return None
+        channels, offset = batch[0]
+        for info, _ in batch[1:]:
+            a.uf.union(channels.ids, info.ids)
+        for info, ref, rank in zip((left, right), v.args[:2], ranks):
+            if info is None and rank >= -offset and a.values[ref.name].shape[offset] != 1:
+                a.block(channels, f"{v.name}: matmul with {ref.name}, which spans the channels but is not tracked")
+                return None
+        return Channels(out.dim() + offset, channels.ids)
+    if isinstance(left, Channels) and left.axis == ranks[0] - 2 and not isinstance(right, Channels):
+        return Channels(out.dim() - 2, left.ids)
+    if isinstance(right, Channels) and right.axis == ranks[1] - 1 and not isinstance(left, Channels):
+        return Channels(out.dim() - 1, right.ids)
+    a.block([left, right], f"{v.name}: matmul contracts the channel axis")
+    return None
+
+
+def _expand(a: _Analysis, v: Vertex, inputs: list[Any], out: Any) -> Any:
+    """expand / expand_as of a tensor with channels: they stay, the channel size given as -1 (or by a
+    tensor carrying the same channels)."""
+    x = inputs[0]
+    if not isinstance(x, Channels):
+        a.block(_numbers(inputs[1:]), f"{v.name}: a channel count sizes a tensor without those channels")
+        return None
+    axis = x.axis + out.dim() - _rank(a.values[v.args[0].name])
+    if v.op == "expand_as":
+        other = inputs[1]
+        if isinstance(other, Channels) and other.axis == axis:
+            a.uf.union(x.ids, other.ids)
+            return Channels(axis, x.ids)
+    else:
+        sizes = v.args[1] if len(v.args) == 2 and isinstance(v.args[1], (list, tuple)) else v.args[1:]
+        if sizes[axis] == -1 and not _numbers(inputs[1:]):
+            return Channels(axis, x.ids)
+    a.block([x, *_numbers(inputs[1:])], f"{v.name}: {v.op} spells the channel count out")
+    return None
+
+
+def _unsqueeze(a: _Analysis, v: Vertex, inputs: list[Any], out: Any) -> Any:
+    x = inputs[0]
+    if not isinstance(x, Channels):
+        return None
+    if v.op == "unsqueeze":
+        dim = v.args[1] % out.dim()
+        return Channels(x.axis + (dim <= x.axis), x.ids)
+    before = a.values[v.args[0].name].shape
+    dim = _arg(v, 1, "dim")
+    dims = range(len(before)) if dim is None else [dim] if isinstance(dim, int) else dim
+    dropped = {d % len(before) for d in dims if before[d] == 1}
+    if x.axis in dropped:
+        a.block(x, f"{v.name}: squeezes the channel axis away")
+        return None
+    return Channels(x.axis - sum(d < x.axis for d in dropped), x.ids)
+
+
+def _across_channels(reason: str, dim_index: int, dim_name: str, default: Any = None) -> Rule:
+    """Ops that keep every axis but mix values along one (softmax): fine unless that axis holds the
+    channels, where removing a channel changes the others."""
+
+    def rule(a: _Analysis, v: Vertex, inputs: list[Any], out: Any) -> Any:
+        x = inputs[0]
+        if not isinstance(x, Channels):
+            return None
+        dim = _arg(v, dim_index, dim_name, default)
+        if not isinstance(dim, int) or dim % out.dim() == x.axis:
+            a.block(x, f"{v.name}: {v.op} {reason}")
+            return None
+        return x
+
+    return rule
+
+
+def _softmax_module(a: _Analysis, v: Vertex, inputs: list[Any], out: Any) -> Any:
+    x = inputs[0]
+    if isinstance(x, Channels) and (v.module.dim is None or v.module.dim % out.dim() == x.axis):
+        a.block(x, f"{v.name}: {v.op} normalizes over the channels")
+        return None
+    return x
+
+
+def _pad(a: _Analysis, v: Vertex, inputs: list[Any], out: Any) -> Any:
+    x = inputs[0]
+    if not isinstance(x, Channels):
+        return None
+    widths = v.args[1]
+    padded = out.dim() - x.axis - 1  # the pad list starts at the last axis, two numbers per axis
+    if len(widths) > 2 * padded and any(widths[2 * padded: 2 * padded + 2]):
+        a.block(x, f"{v.name}: pads the channel axis")
+        return None
+    return x
+
+
+def _glu(a: _Analysis, v: Vertex, inputs: list[Any], out: Any) -> Any:
+    """glu halves its axis into value and gate: along the channels, the halves are tied."""
+    x = inputs[0]
+    if not isinstance(x, Channels):
+        return None
+    if _arg(v, 1, "dim", -1) % out.dim() != x.axis:
+        return x
+    table = x.ids.reshape(2, -1)
+    _tie_columns(a, table)
+    return Channels(x.axis, table[0])
+
+
+def _channel_shuffle(a: _Analysis, v: Vertex, inputs: list[Any], out: Any) -> Any:
+    """ShuffleNet's shuffle interleaves the groups: each group keeps the same positions, as in a grouped conv."""
+    x = inputs[0]
+    if not isinstance(x, Channels) or x.axis != 1:
+        a.block(x, f"{v.name}: channel_shuffle of channels off axis 1")
+        return None
+    table = x.ids.reshape(_arg(v, 1, "groups"), -1)
+    _tie_columns(a, table)
+    return Channels(1, table.T.reshape(-1))
+
+
+def _pixel_shuffle(a: _Analysis, v: Vertex, inputs: list[Any], out: Any) -> Any:
+    """pixel_shuffle turns r*r channels into one, pixel_unshuffle one channel into r*r."""
+    x = inputs[0]
+    if not isinstance(x, Channels) or x.axis != out.dim() - 3:
+        a.block(x, f"{v.name}: {v.op} of channels off the channel axis")
+        return None
+    unshuffle = v.op in ("pixel_unshuffle", "PixelUnshuffle")
+    factor = _arg(v, 1, "downscale_factor" if unshuffle else "upscale_factor") ** 2
+    if unshuffle:
+        return Channels(x.axis, np.repeat(x.ids, factor))
+    blocks = x.ids.reshape(-1, factor)
+    a.uf.union(np.repeat(blocks[:, 0], factor - 1), blocks[:, 1:].reshape(-1))
+    return Channels(x.axis, blocks[:, 0])
+
+
 RULES: dict[str, Rule] = {
     "Conv1d": _conv, "Conv2d": _conv, "Conv3d": _conv, "Linear": _linear,
     "BatchNorm1d": _per_channel_module(None), "BatchNorm2d": _per_channel_module(None),
@@ -548,33 +941,56 @@ RULES: dict[str, Rule] = {
     "add": _elementwise, "sub": _elementwise, "mul": _elementwise, "div": _elementwise,
     "flatten": _flatten_rule, "cat": _cat, "mean": _mean_sum, "sum": _mean_sum,
     "permute": _permute, "transpose": _permute, "getitem": _getitem,
-    "split": _split, "chunk": _split, "unbind": _split, "stack": _stack,
+    "split": _split, "chunk": _split, "unbind": _split, "stack": _stack, "amax": _mean_sum, "amin": _mean_sum,
+    "reshape": _reshape, "view_as": _reshape, "scaled_dot_product_attention": _attention, "matmul": _matmul, "expand": _expand, "expand_as": _expand,
+    "unsqueeze": _unsqueeze, "squeeze": _unsqueeze, "pad": _pad, "glu": _glu,
+    "softmax": _across_channels("normalizes over the channels", 1, "dim"),
+    "log_softmax": _across_channels("normalizes over the channels", 1, "dim"),
+    "Softmax": _softmax_module, "LogSoftmax": _softmax_module, "channel_shuffle": _channel_shuffle,
+    "GLU": _glu, "ChannelShuffle": _channel_shuffle, "PixelShuffle": _pixel_shuffle, "PixelUnshuffle": _pixel_shuffle, "pixel_shuffle": _pixel_shuffle, "pixel_unshuffle": _pixel_shuffle,
 }
 for _op in ("ReLU", "ReLU6", "LeakyReLU", "ELU", "CELU", "SELU", "GELU", "SiLU", "Mish", "Sigmoid", "Tanh",
             "Hardswish", "Hardsigmoid", "Hardtanh", "Softplus", "Identity", "Dropout", "Dropout1d", "Dropout2d",
             "Dropout3d", "MaxPool1d", "MaxPool2d", "MaxPool3d", "AvgPool1d", "AvgPool2d", "AvgPool3d",
             "AdaptiveAvgPool1d", "AdaptiveAvgPool2d", "AdaptiveAvgPool3d", "AdaptiveMaxPool2d", "contiguous",
-            "clone", "relu", "sigmoid", "gelu", "silu", "hardswish", "hardsigmoid", "tanh", "to"):
+            "clone", "relu", "sigmoid", "gelu", "silu", "hardswish", "hardsigmoid", "tanh", "to", "type_as",
+            "detach", "dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout", "interpolate",
+            "avg_pool1d", "avg_pool2d", "avg_pool3d", "max_pool1d", "max_pool2d", "max_pool3d",
+            "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d", "adaptive_max_pool1d",
+            "adaptive_max_pool2d", "lp_pool2d", "AdaptiveMaxPool3d", "AlphaDropout", "Hardshrink", "LogSigmoid",
+            "Softshrink", "Softsign", "Tanhshrink", "Threshold", "LPPool1d", "LPPool2d"):
     RULES[_op] = _pass_through
+# element-wise: one value per position, operands (tensors or numbers) broadcast against each other
+for _op in ("pow", "exp", "exp2", "expm1", "log", "log2", "log10", "log1p", "sqrt", "rsqrt", "sin", "cos", "erf",
+            "erfc", "erfinv", "floor", "ceil", "round", "trunc", "frac", "sign", "reciprocal", "square", "abs",
+            "neg", "sinh", "cosh", "tan", "atan", "logit", "nan_to_num", "clamp", "clamp_min", "clamp_max",
+            "maximum", "minimum", "atan2", "fmod", "remainder", "floor_divide", "rsub", "lerp", "where",
+            "masked_fill", "addcmul", "addcdiv", "eq", "ne", "gt", "ge", "lt", "le", "logical_not",
+            "logical_and", "logical_or", "logical_xor", "relu6", "elu", "celu", "selu", "leaky_relu", "hardtanh",
+            "mish", "softplus", "logsigmoid", "softsign", "tanhshrink", "hardshrink", "softshrink", "threshold"):
+    RULES[_op] = _elementwise
 _HARMLESS = frozenset({"dim", "dtype_of", "device_of"})  # facts that pruning does not change
 
 
 def _shape_query(a: _Analysis, v: Vertex, inputs: list[Any]) -> Any:
-    """`x.shape`, `x.size(d)`, `shape[i]`, `x.numel()`: a channel count read as a number ties the
-    channels to wherever that number goes, so reading it blocks them; other entries are free."""
+    """`x.shape`, `x.size(d)`, `shape[i]`, `x.numel()`: a channel count read as a number becomes a
+    `Count`, which only reshapes and expands may use; other entries are free; a slice of a shape
+    over the channels and the element count block them."""
     x = inputs[0]
     if v.op == "size":
         dim = v.args[1] if len(v.args) > 1 else None
         if isinstance(x, Channels) and dim is None:
             return ShapeOf(x)
         if isinstance(x, Channels) and isinstance(dim, int) and dim % _rank(a.values[v.args[0].name]) == x.axis:
-            a.block(x, f"{v.name}: reads the channel count")
+            return Count(x)
         return None
     if v.op == "numel":
         a.block(x, f"{v.name}: reads the element count")
         return None
     if v.op == "getitem" and isinstance(x, ShapeOf):
         index, rank = v.args[1], len(a.values[v.args[0].name])
+        if isinstance(index, int) and index % rank == x.channels.axis:
+            return Count(x.channels)
         covered = range(rank)[index] if isinstance(index, slice) else [index % rank] if isinstance(index, int) else None
         if covered is None or x.channels.axis in covered:
             a.block(x, f"{v.name}: reads the channel count from a shape")
@@ -583,6 +999,8 @@ def _shape_query(a: _Analysis, v: Vertex, inputs: list[Any]) -> Any:
 
 
 _NOT_A_QUERY = object()
+_SIZED_BY_COUNTS = frozenset({"reshape", "expand"})  # rules that check the counts they are given
+_ARITHMETIC = frozenset({"add", "sub", "mul", "div", "floor_divide", "remainder", "pow", "neg", "rsub"})
 
 
 def channel_groups(dag: DagModule, example_inputs: tuple, protected: Iterable[str] = (), *,
@@ -608,9 +1026,18 @@ def channel_groups(dag: DagModule, example_inputs: tuple, protected: Iterable[st
             info[vertex.name] = None
             continue
         rule = RULES.get(op)
+        if op in _ARITHMETIC and not isinstance(values[vertex.name], torch.Tensor) and _numbers(inputs):
+            numbers = _numbers(inputs)  # `C // heads`: a number that only a reshape may use
+            analysis.block(numbers[1:], f"{vertex.name}: {op} of several channel counts")
+            info[vertex.name] = Count(numbers[0].channels, exact=False)
+            continue
+        if op not in _SIZED_BY_COUNTS:  # a shape or count used in a new tensor's size, a comparison...
+            analysis.block(_numbers(inputs), f"{vertex.name}: {op} reads the channel count")
+        # rules read tensors from the positional arguments only: channels passed by keyword stay
+        analysis.block([info.get(r.name) for r in iter_refs(vertex.kwargs)], f"{vertex.name}: {op} takes them "
+                       "by keyword")
         if rule is None:
             analysis.block(inputs, f"{vertex.name}: no channel rule for op {op}")
-            analysis.block([info.get(r.name) for r in iter_refs(vertex.kwargs)], f"{vertex.name}: no rule for {op}")
             info[vertex.name] = None
             continue
         out = rule(analysis, vertex, inputs, values[vertex.name])

@@ -162,8 +162,11 @@ def _removed_roots(groups: list[Group], order: list[tuple[int, int]], remove: in
     for index, group in enumerate(groups):
         size = len(group.channels)
         keep = max(size - len(candidates[index]), min(config.min_channels, size))
-        if config.round_to > 1 and size >= config.round_to:
-            keep = min(size, max(config.round_to, math.ceil(keep / config.round_to) * config.round_to))
+        # a class of several channels per layer (an attention head): round the classes so that the
+        # layers' widths are multiples of round_to
+        step = config.round_to // math.gcd(config.round_to, group.unit)
+        if step > 1 and size >= step:
+            keep = min(size, max(step, math.ceil(keep / step) * step))
         removed.update(candidates[index][: size - keep])
     for roots in owners.values():
         if removed.issuperset(roots):
@@ -213,7 +216,9 @@ def prune(dag: DagModule, flops_ratio: float | None = None, example_inputs: tupl
     order = _removal_order(prunable, scores)
     model = _FlopModel(groups, report.params if by_params else report.flops)
 
-    owners = {i: sorted({int(r) for r in groups.root(ids)}) for i, ids in enumerate(groups.producers.values())}
+    # id sets that must each keep a channel: every producer's, every part of a split
+    must_keep = [*groups.producers.values(), *(p for role in groups.roles.values() for p in role.parts)]
+    owners = {i: sorted({int(r) for r in groups.root(ids)}) for i, ids in enumerate(must_keep)}
 
     def removed_roots(remove: int, round_to: int) -> np.ndarray:
         """A mask over channel ids, true at the class roots removed."""

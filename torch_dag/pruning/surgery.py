@@ -106,6 +106,8 @@ def apply(dag: DagModule, groups: ChannelGroups, keep: Callable[[np.ndarray], np
     """A new DAG with every role's tensors sliced to `keep(ids)` (a boolean mask per id)."""
     editor = Editor(dag)
     for name, role in groups.roles.items():
+        if role.rewrite is not None:  # a split's sizes, a slice's bounds
+            editor[name].args = role.rewrite(keep)
         in_mask = keep(role.in_ids) if role.in_ids is not None else None
         out_mask = keep(role.out_ids) if role.out_ids is not None else None
         if (in_mask is None or in_mask.all()) and (out_mask is None or out_mask.all()):
