@@ -162,22 +162,37 @@ def test_pruning_zeroed_channels_keeps_outputs(case):
     assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in dag.parameters())
 
 
-def test_pruning_zeroed_heads_keeps_vit_outputs():
+HEADS_TIMM = {  # (model, constructor arguments, input size, heads per block)
+    "vit": ("vit_tiny_patch16_224", {"depth": 2, "img_size": 64}, 64, 3),
+    "swin": ("swin_tiny_patch4_window7_224", {"depths": (1, 1, 1, 1)}, 224, None),  # relative position table
+    "relpos_mlp": ("test_vit_relpos", {}, 160, None),  # relative position bias made by an MLP per head
+}
+
+
+@pytest.mark.parametrize("case", sorted(HEADS_TIMM))
+def test_pruning_zeroed_heads_keeps_outputs(case):
+    name, kwargs, size, heads_per_block = HEADS_TIMM[case]
     torch.manual_seed(0)
-    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=2, img_size=64).eval()
-    inputs = (torch.randn(2, 3, 64, 64),)
+    model = timm.create_model(name, pretrained=False, **kwargs).eval()
+    inputs = (torch.randn(2, 3, size, size),)
     dag = td.build_from_unstructured_module(model, inputs)
     groups = channel_groups(dag, inputs)
     heads = [g for g in groups.groups() if g.prunable and g.unit > 1]
-    assert [(len(g.channels), g.unit) for g in heads] == [(3, 3 * 64)] * 2, groups.summary()
-    roots = {g.channels[1] for g in heads}
+    blocks = [v for v in dag if v.name.endswith("qkv")]
+    assert len(heads) == len(blocks) > 0, groups.summary()
+    if heads_per_block:
+        assert all(len(g.channels) == heads_per_block for g in heads)
+    roots = {g.channels[1] for g in heads}  # one head of every block
     _zero_channels(dag, groups, roots)
     with torch.no_grad():
         reference = dag(*inputs)
         pruned = surgery.apply(dag, groups, lambda ids: ~np.isin(groups.root(ids), list(roots)))
         equal, _, reason = compare_outputs(reference, pruned(*inputs), rtol=1e-4)
     assert equal, reason
-    assert [v.module.out_features for v in pruned if v.name.endswith("qkv")] == [2 * 3 * 64] * 2
+    for block in blocks:
+        head_size = dag[block.name].module.out_features // (3 * len(next(g for g in heads if block.name in
+                                                                            g.producers).channels))
+        assert pruned[block.name].module.out_features == dag[block.name].module.out_features - 3 * head_size
 
 
 def test_taylor_scores_are_zero_exactly_for_dead_channels():
@@ -223,10 +238,23 @@ def test_prune_reaches_the_flops_target(name, size, criterion, tmp_path):
 def test_prune_rounds_widths_and_keeps_input_untouched():
     dag, inputs = _timm("resnet18", 64)
     state = {k: v.clone() for k, v in dag.state_dict().items()}
-    pruned = prune(dag, 0.6, inputs, config=PruneConfig(round_to=8))
+    pruned, report = prune(dag, 0.6, inputs, config=PruneConfig(round_to=8), return_report=True)
     assert all(torch.equal(state[k], v) for k, v in dag.state_dict().items())
     widths = [v.module.out_channels for v in pruned if v.op == "Conv2d"]
     assert all(w % 8 == 0 for w in widths), widths
+    ratio = td.count_flops(pruned, *inputs).total_flops / td.count_flops(dag, *inputs).total_flops
+    assert report.round_to == 8 and report.reached == pytest.approx(ratio) and abs(ratio - 0.6) <= 0.02
+    assert (report.groups, report.prunable) == (13, 12) and 0 < report.narrowed <= 12
+
+
+def test_rounding_gives_way_when_the_target_is_out_of_its_reach():
+    model = nn.Sequential(nn.Conv2d(3, 12, 3), nn.ReLU(), nn.Conv2d(12, 12, 3), nn.ReLU(), nn.Conv2d(12, 4, 1))
+    x = torch.randn(1, 3, 12, 12)
+    dag = td.build_from_unstructured_module(model.eval(), (x,))
+    with pytest.warns(UserWarning, match="instead of 8"):
+        pruned, report = prune(dag, 0.3, (x,), return_report=True)  # 8 of 12 channels keep about half
+    assert report.round_to < 8 and abs(report.reached - 0.3) <= 0.02
+    assert all(v.module.out_channels % report.round_to == 0 for v in pruned if v.op == "Conv2d")
 
 
 def test_split_and_indexing_rules():
@@ -247,7 +275,7 @@ def test_attention_heads_go_whole():
     dag = td.build_from_unstructured_module(HeadsAttention().eval(), (x,))
     groups = channel_groups(dag, (x,))
     heads = [g for g in groups.groups() if "qkv" in g.producers or "q" in g.producers]
-    assert [(len(g.channels), g.unit, g.prunable) for g in heads] == [(4, 24, True), (4, 8, True)], \
+    assert [(len(g.channels), g.unit, g.prunable) for g in heads] == [(4, 24, True), (4, 16, True)], \
         groups.summary()
     pruned = prune(dag, 0.6, (x,), config=PruneConfig(round_to=1))
     reshapes = [v.args[1] for v in pruned if v.op == "reshape" and len(v.args[1]) == 5]

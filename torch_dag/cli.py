@@ -17,6 +17,7 @@ import argparse
 import importlib
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -125,25 +126,27 @@ def cmd_prune(args: argparse.Namespace) -> None:
     dag, inputs = _load_or_convert(args.source, args.input_size)
     config = pruning.PruneConfig(criterion=args.criterion, round_to=args.round_to, min_channels=args.min_channels)
     start = time.perf_counter()
-    pruned = pruning.prune(dag, args.flops_ratio, inputs, params_ratio=args.params_ratio, kmapp=args.kmapp,
-                           config=config, calibration=_calibration(args), progress=not args.quiet)
+    with warnings.catch_warnings():  # the report says which rounding was used
+        warnings.simplefilter("ignore")
+        pruned, report = pruning.prune(dag, args.flops_ratio, inputs, params_ratio=args.params_ratio,
+                                       kmapp=args.kmapp, config=config, calibration=_calibration(args),
+                                       progress=not args.quiet, return_report=True)
     seconds = time.perf_counter() - start
-    groups = pruning.channel_groups(dag, inputs).groups()
     serde.save(pruned, args.output)
     before, after = analysis.count_flops(dag, *inputs), analysis.count_flops(pruned, *inputs)
-    narrowed = sum(1 for g in groups if g.prunable and any(
-        dag[p].module.weight.shape[0] != pruned[p].module.weight.shape[0] for p in g.producers))
     rows = [("params (M)", before.total_params / 1e6, after.total_params / 1e6),
             ("FLOPs (G)", before.total_flops / 1e9, after.total_flops / 1e9),
             ("kmapp", before.kmapp or 0.0, after.kmapp or 0.0)]
     print(f"pruned {args.source} to {after.total_flops / before.total_flops:.1%} of its FLOPs and "
           f"{after.total_params / before.total_params:.1%} of its params in {seconds:.1f} s "
-          f"({config.criterion}; widths rounded to multiples of {config.round_to} where a group is that wide, "
-          f"as hardware kernels run fastest on such widths); saved to {args.output}")
+          f"({config.criterion}; widths rounded to multiples of {report.round_to} where a group is that wide, "
+          f"as hardware kernels run fastest on such widths"
+          f"{'' if report.round_to == config.round_to else f'; {config.round_to} could not reach the target'}"
+          f"); saved to {args.output}")
     print(f"  {'':12s} {'before':>10s} {'after':>10s} {'ratio':>7s}")
     for label, old, new in rows:
         print(f"  {label:12s} {old:10.3f} {new:10.3f} {new / old if old else 0:7.3f}")
-    print(f"  channel groups: {len(groups)}, prunable {sum(g.prunable for g in groups)}, narrowed {narrowed}")
+    print(f"  channel groups: {report.groups}, prunable {report.prunable}, narrowed {report.narrowed}")
 
 
 def _calibration(args: argparse.Namespace) -> list[tuple[torch.Tensor]] | None:

@@ -119,8 +119,9 @@ class ChannelGroups:
         for names in members.values():
             roots = sorted({r for n in names for r in self.root(self.producers[n]).tolist()})
             reasons = sorted({self.blocked[r] for r in roots if r in self.blocked})
-            unit = math.gcd(*(int(c) for n in names for c in np.unique(self.root(self.producers[n]),
-                                                                       return_counts=True)[1]))
+            # the widest layer's channels per class (an attention head's qkv rows, not its bias table's)
+            unit = max(math.gcd(*np.unique(self.root(self.producers[n]), return_counts=True)[1].tolist())
+                       for n in names)
             groups.append(Group(names, roots, reasons, unit))
         return groups
 
@@ -140,7 +141,7 @@ class Group:
     producers: list[str]
     channels: list[int]  # class roots: one per channel of the group
     reasons: list[str]
-    unit: int = 1  # channels each class has in every producer (an attention head: its head dim)
+    unit: int = 1  # channels per class in the widest producer (an attention head: 3 x head dim in qkv)
 
     @property
     def prunable(self) -> bool:
@@ -159,6 +160,7 @@ class _Analysis:
         self.producers: dict[str, np.ndarray] = {}
         self.blocked_ids: dict[int, str] = {}  # resolved to class roots once all unions are made
         self.protected = set(protected)
+        self.info: dict[str, Any] = {}  # vertex -> what it carries (Channels, ShapeOf, Count, tuples of them)
 
     def block(self, info: Any, reason: str) -> None:
         for channels in _flatten(info):
@@ -372,8 +374,9 @@ def _untracked_operand(a: _Analysis, v: Vertex, arg: Any, result: Channels, out_
 
 def _held_tensor(a: _Analysis, name: str, position: int) -> tuple[str, int] | None:
     """The Parameter / Constant vertex behind `name` and the axis of it that lands on `position`,
-    looking through `expand` (a class token broadcast over the batch) and reshapes that only add
-    or drop size-1 axes with -1 for the channels (ConvNeXt's `gamma.reshape(1, -1, 1, 1)`)."""
+    looking through ops that move that axis whole: `expand` (a class token broadcast over the batch),
+    reshapes with -1 there (ConvNeXt's `gamma.reshape(1, -1, 1, 1)`), permutes, unsqueezes and a
+    lookup table indexed along another axis (Swin's relative position bias, one column per head)."""
     while name in a.dag:
         vertex = a.dag[name]
         if isinstance(vertex.module, (Parameter, Constant)):
@@ -381,31 +384,38 @@ def _held_tensor(a: _Analysis, name: str, position: int) -> tuple[str, int] | No
         source = vertex.args[0] if vertex.args else None
         if not isinstance(source, Ref) or not isinstance(a.values.get(source.name), torch.Tensor):
             return None
-        before, after = a.values[source.name], a.values[name]
-        if vertex.op == "expand" and before.dim() == after.dim() and _expand_keeps(vertex.args[1:], position):
-            name = source.name
-            continue
-        if vertex.op == "reshape" and _reshape_keeps_only(vertex.args[1:], after.shape, position):
-            wide = [d for d, size in enumerate(before.shape) if size != 1]
-            if len(wide) != 1:
-                return None
-            name, position = source.name, wide[0]
-            continue
-        return None
+        position = _source_axis(a, vertex, a.values[source.name], a.values[name], position)
+        if position is None:
+            return None
+        name = source.name
     return None
 
 
-def _expand_keeps(size_args: tuple, position: int) -> bool:
-    """`expand` leaves axis `position` as it is (-1 there), so it follows a sliced operand."""
-    sizes = size_args[0] if len(size_args) == 1 and isinstance(size_args[0], (list, tuple)) else size_args
-    return len(sizes) > position and sizes[position] == -1
-
-
-def _reshape_keeps_only(shape_args: tuple, out_shape: torch.Size, position: int) -> bool:
-    """A reshape whose output is all size-1 axes but `position`, given there as -1."""
-    sizes = shape_args[0] if len(shape_args) == 1 and isinstance(shape_args[0], (list, tuple)) else shape_args
-    return (len(sizes) == len(out_shape) and sizes[position] == -1
-            and all(size == 1 for d, size in enumerate(out_shape) if d != position))
+def _source_axis(a: _Analysis, v: Vertex, before: torch.Tensor, after: torch.Tensor, position: int) -> int | None:
+    """The axis of `v`'s input that becomes axis `position` of its output whole, if it does."""
+    if v.op in ("contiguous", "clone", "to", "detach"):
+        return position
+    if v.op == "permute":
+        return v.args[1][position] % before.dim()
+    if v.op == "transpose":
+        d0, d1 = (d % before.dim() for d in v.args[1:3])
+        return {d0: d1, d1: d0}.get(position, position)
+    if v.op == "unsqueeze":
+        dim = v.args[1] % after.dim()
+        return None if position == dim else position - (position > dim)
+    if v.op == "expand":
+        sizes = v.args[1] if len(v.args) == 2 and isinstance(v.args[1], (list, tuple)) else v.args[1:]
+        offset = after.dim() - before.dim()
+        return position - offset if position >= offset and sizes[position] == -1 else None
+    if v.op == "reshape":
+        sizes = v.args[1]
+        axis = _kept_axis(after.shape, before.shape, position)
+        return axis if isinstance(sizes, (list, tuple)) and sizes[position] == -1 else None
+    if v.op == "getitem" and isinstance(v.args[1], Ref):  # table[index]: index's axes replace axis 0
+        index = a.values.get(v.args[1].name)
+        if _is_index_tensor(index):
+            return position - index.dim() + 1 if position >= index.dim() else None
+    return None
 
 
 def _flatten_rule(a: _Analysis, v: Vertex, inputs: list[Any], out: Any) -> Any:
@@ -467,6 +477,8 @@ def _getitem(a: _Analysis, v: Vertex, inputs: list[Any], out: Any) -> Any:
     value = a.values[v.args[0].name]
     if not isinstance(value, torch.Tensor):
         return None
+    if isinstance(index, Ref) and _is_index_tensor(a.values.get(index.name)) and x.axis > 0:
+        return Channels(x.axis - 1 + a.values[index.name].dim(), x.ids)  # table[index] looks rows up
     index = index if isinstance(index, tuple) else (index,)
     if sum(item is Ellipsis for item in index) > 1 or any(
             isinstance(item, (torch.Tensor, list, bool)) or (isinstance(item, Ref) and not _is_int(a, item))
@@ -516,6 +528,10 @@ def _channel_slice(a: _Analysis, v: Vertex, x: Channels, index: tuple, position:
     role = a.role(v)
     role.rewrite, role.parts = rewrite, [x.ids[start:stop]]
     return Channels(out_axis, x.ids[start:stop])
+
+
+def _is_index_tensor(value: Any) -> bool:
+    return isinstance(value, torch.Tensor) and not value.is_floating_point() and value.dtype != torch.bool
 
 
 def _is_int(a: _Analysis, ref: Ref) -> bool:
@@ -766,28 +782,34 @@ def _attention(a: _Analysis, v: Vertex, inputs: list[Any], out: Any) -> Any:
     """scaled_dot_product_attention over heads carried as channels (on a batch axis of q, k and v):
     a head goes from all three at once. Channels of v's last axis go to the output; channels on the
     axis q and k contract would change the default scale, so they stay."""
-    (q, k, value), rest = inputs[:3], inputs[3:]
+    q, k, value = inputs[:3]
     ranks = [_rank(a.values[r.name]) for r in v.args[:3]]
-    a.block(rest, f"{v.name}: an attention mask with tracked channels")
+    mask = _arg(v, 3, "attn_mask")
+    mask_info = a.info.get(mask.name) if isinstance(mask, Ref) else None
     tracked = [(info, rank) for info, rank in zip((q, k, value), ranks) if isinstance(info, Channels)]
     if not tracked:
+        a.block(mask_info, f"{v.name}: an attention mask with channels, on untracked q, k, v")
         return None
     batch = {(info.axis - rank) for info, rank in tracked if info.axis < rank - 2}
-    mask = _arg(v, 3, "attn_mask")
-    if isinstance(mask, Ref) and len(batch) == 1:  # a bias per head (relative positions) would need slicing
-        offset = next(iter(batch))
-        shape = a.values[mask.name].shape
-        if len(shape) >= -offset and shape[offset] != 1:
-            a.block([q, k, value], f"{v.name}: an attention mask of its own per channel (head)")
-            return None
     if len(batch) == 1 and len(tracked) == 3 and all(info.axis < rank - 2 for info, rank in tracked):
         for info, _ in tracked[1:]:
             a.uf.union(tracked[0][0].ids, info.ids)
-        return Channels(out.dim() + batch.pop(), value.ids)
+        offset = next(iter(batch))
+        # a bias per head (relative positions): its table is sliced, or its producer pruned, with the heads
+        if isinstance(mask_info, Channels) and mask_info.axis - a.values[mask.name].dim() == offset:
+            a.uf.union(q.ids, mask_info.ids)
+        elif mask_info is not None:
+            a.block([q, mask_info], f"{v.name}: an attention mask with channels on another axis than the heads")
+            return None
+        elif isinstance(mask, Ref) and not _untracked_operand(a, v, mask, Channels(ranks[0] + offset, q.ids),
+                                                            ranks[0]):
+            return None
+        return Channels(out.dim() + offset, value.ids)
     if isinstance(value, Channels) and value.axis == ranks[2] - 1 and not isinstance(q, Channels) \
             and not isinstance(k, Channels):
         return Channels(out.dim() - 1, value.ids)
-    a.block([q, k, value], f"{v.name}: attention with channels on axes it contracts or on some operands only")
+    a.block([q, k, value, mask_info], f"{v.name}: attention with channels on axes it contracts or on some "
+            "operands only")
     return None
 
 
@@ -884,6 +906,19 @@ def _softmax_module(a: _Analysis, v: Vertex, inputs: list[Any], out: Any) -> Any
     return x
 
 
+def _roll(a: _Analysis, v: Vertex, inputs: list[Any], out: Any) -> Any:
+    """torch.roll along other axes (Swin's shifted windows) keeps the channels where they are."""
+    x = inputs[0]
+    if not isinstance(x, Channels):
+        return None
+    dims = _arg(v, 2, "dims")
+    dims = [dims] if isinstance(dims, int) else dims
+    if dims is None or not dims or any(not isinstance(d, int) or d % out.dim() == x.axis for d in dims):
+        a.block(x, f"{v.name}: roll along the channel axis (or the flattened tensor)")
+        return None
+    return x
+
+
 def _pad(a: _Analysis, v: Vertex, inputs: list[Any], out: Any) -> Any:
     x = inputs[0]
     if not isinstance(x, Channels):
@@ -942,7 +977,7 @@ RULES: dict[str, Rule] = {
     "flatten": _flatten_rule, "cat": _cat, "mean": _mean_sum, "sum": _mean_sum,
     "permute": _permute, "transpose": _permute, "getitem": _getitem,
     "split": _split, "chunk": _split, "unbind": _split, "stack": _stack, "amax": _mean_sum, "amin": _mean_sum,
-    "reshape": _reshape, "view_as": _reshape, "scaled_dot_product_attention": _attention, "matmul": _matmul, "expand": _expand, "expand_as": _expand,
+    "roll": _roll, "reshape": _reshape, "view_as": _reshape, "scaled_dot_product_attention": _attention, "matmul": _matmul, "expand": _expand, "expand_as": _expand,
     "unsqueeze": _unsqueeze, "squeeze": _unsqueeze, "pad": _pad, "glu": _glu,
     "softmax": _across_channels("normalizes over the channels", 1, "dim"),
     "log_softmax": _across_channels("normalizes over the channels", 1, "dim"),
@@ -1000,6 +1035,7 @@ def _shape_query(a: _Analysis, v: Vertex, inputs: list[Any]) -> Any:
 
 _NOT_A_QUERY = object()
 _SIZED_BY_COUNTS = frozenset({"reshape", "expand"})  # rules that check the counts they are given
+_ATTENTION = "scaled_dot_product_attention"
 _ARITHMETIC = frozenset({"add", "sub", "mul", "div", "floor_divide", "remainder", "pow", "neg", "rsub"})
 
 
@@ -1011,7 +1047,7 @@ def channel_groups(dag: DagModule, example_inputs: tuple, protected: Iterable[st
         with torch.no_grad():
             values = dag.run_collecting(*example_inputs)
     analysis = _Analysis(dag, values, protected)
-    info: dict[str, Any] = {}
+    info = analysis.info
     for vertex in dag:
         inputs = [map_refs(arg, lambda r: info.get(r.name)) for arg in vertex.args]
         op = vertex.op
@@ -1033,9 +1069,10 @@ def channel_groups(dag: DagModule, example_inputs: tuple, protected: Iterable[st
             continue
         if op not in _SIZED_BY_COUNTS:  # a shape or count used in a new tensor's size, a comparison...
             analysis.block(_numbers(inputs), f"{vertex.name}: {op} reads the channel count")
-        # rules read tensors from the positional arguments only: channels passed by keyword stay
-        analysis.block([info.get(r.name) for r in iter_refs(vertex.kwargs)], f"{vertex.name}: {op} takes them "
-                       "by keyword")
+        # rules read tensors from the positional arguments only (and attention its mask): channels
+        # passed by keyword stay
+        keywords = {k: kw for k, kw in vertex.kwargs.items() if not (op == _ATTENTION and k == "attn_mask")}
+        analysis.block([info.get(r.name) for r in iter_refs(keywords)], f"{vertex.name}: {op} takes them by keyword")
         if rule is None:
             analysis.block(inputs, f"{vertex.name}: no channel rule for op {op}")
             info[vertex.name] = None

@@ -37,6 +37,24 @@ class PruneConfig:
     seed: int = 0
 
 
+@dataclass(frozen=True)
+class PruneReport:
+    """What a pruning run chose and reached (`prune(..., return_report=True)`)."""
+
+    measure: str  # "FLOPs" or "params"
+    target: float
+    reached: float
+    round_to: int  # the rounding of widths used: the one asked for, or a finer one when that could not reach the target
+    groups: int
+    prunable: int
+    narrowed: int  # prunable groups that lost channels
+
+    def __str__(self) -> str:
+        return (f"{self.measure} ratio {self.reached:.3f} (target {self.target:.3f}); widths rounded to multiples "
+                f"of {self.round_to} where a group is that wide; {self.groups} channel groups, {self.prunable} "
+                f"prunable, {self.narrowed} narrowed")
+
+
 def channel_scores(dag: DagModule, groups: ChannelGroups, criterion: str, seed: int = 0,
                    calibration: Iterable | None = None, loss: Callable[[Any], torch.Tensor] | None = None
                    ) -> dict[int, float]:
@@ -176,8 +194,8 @@ def _removed_roots(groups: list[Group], order: list[tuple[int, int]], remove: in
 
 def prune(dag: DagModule, flops_ratio: float | None = None, example_inputs: tuple | torch.Tensor | None = None, *,
           params_ratio: float | None = None, kmapp: float | None = None, config: PruneConfig = PruneConfig(),
-          calibration: Iterable | None = None, protected: Iterable[str] = (), progress: bool = False
-          ) -> DagModule:
+          calibration: Iterable | None = None, protected: Iterable[str] = (), progress: bool = False,
+          return_report: bool = False) -> DagModule | tuple[DagModule, PruneReport]:
     """A smaller DagModule with about `flops_ratio` of the FLOPs (fvcore convention), or `params_ratio`
     of the parameters, or a `kmapp` (FLOPs per input pixel / 1000) of its own, channels removed by
     importance across every prunable channel group; the input DAG is left untouched.
@@ -186,6 +204,7 @@ def prune(dag: DagModule, flops_ratio: float | None = None, example_inputs: tupl
     is bisected until the target is met within `config.tolerance`. A DAG with nested DagModules (from
     `passes.nest`) is flattened first, and the result is flat. `example_inputs` default to random
     inputs of the shapes the DAG was converted with; `calibration` batches feed the taylor criterion.
+    With `return_report`, returns `(pruned, PruneReport)`: the ratio reached and the rounding used.
     """
     given = {k: v for k, v in (("flops_ratio", flops_ratio), ("params_ratio", params_ratio), ("kmapp", kmapp))
              if v is not None}
@@ -257,7 +276,12 @@ def prune(dag: DagModule, flops_ratio: float | None = None, example_inputs: tupl
         warnings.warn(f"prune: widths rounded to multiples of {round_to} instead of {config.round_to}, the "
                       f"{what} target {target:.3f} being out of reach otherwise (reached {best_ratio:.3f})",
                       stacklevel=2)
-    return best
+    if not return_report:
+        return best
+    kept = {v.name: v.module.weight.shape[0] for v in best if getattr(v.module, "weight", None) is not None}
+    narrowed = sum(1 for g in prunable if any(p in kept and kept[p] != dag[p].module.weight.shape[0]
+                                              for p in g.producers))
+    return best, PruneReport(what, target, best_ratio, round_to, len(groups.groups()), len(prunable), narrowed)
 
 
 def _bisect(n: int, ratio_of: Callable[[int], float], target: float) -> int:
