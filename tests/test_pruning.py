@@ -169,18 +169,20 @@ HEADS_TIMM = {  # (model, constructor arguments, input size, heads per block)
 }
 
 
+@pytest.mark.parametrize("attention", ["heads", "head_dim"])
 @pytest.mark.parametrize("case", sorted(HEADS_TIMM))
-def test_pruning_zeroed_heads_keeps_outputs(case):
+def test_pruning_zeroed_heads_keeps_outputs(case, attention):
+    """Whole heads, or the same positions of every head (the scale of attention kept as it was)."""
     name, kwargs, size, heads_per_block = HEADS_TIMM[case]
     torch.manual_seed(0)
     model = timm.create_model(name, pretrained=False, **kwargs).eval()
     inputs = (torch.randn(2, 3, size, size),)
     dag = td.build_from_unstructured_module(model, inputs)
-    groups = channel_groups(dag, inputs)
+    groups = channel_groups(dag, inputs, attention=attention)
     heads = [g for g in groups.groups() if g.prunable and g.unit > 1]
     blocks = [v for v in dag if v.name.endswith("qkv")]
     assert len(heads) == len(blocks) > 0, groups.summary()
-    if heads_per_block:
+    if heads_per_block and attention == "heads":
         assert all(len(g.channels) == heads_per_block for g in heads)
     roots = {g.channels[1] for g in heads}  # one head of every block
     _zero_channels(dag, groups, roots)
@@ -270,18 +272,29 @@ def test_split_and_indexing_rules():
     assert pruned(x).shape == dag(x).shape
 
 
-def test_attention_heads_go_whole():
+@pytest.mark.parametrize("seed", range(4))
+def test_attention_heads_go_whole(seed):
+    torch.manual_seed(seed)
     x = torch.randn(2, 3, 16, 16)
     dag = td.build_from_unstructured_module(HeadsAttention().eval(), (x,))
     groups = channel_groups(dag, (x,))
     heads = [g for g in groups.groups() if "qkv" in g.producers or "q" in g.producers]
     assert [(len(g.channels), g.unit, g.prunable) for g in heads] == [(4, 24, True), (4, 16, True)], \
         groups.summary()
-    pruned = prune(dag, 0.6, (x,), config=PruneConfig(round_to=1))
+    pruned = prune(dag, 0.3, (x,), config=PruneConfig(round_to=1))
     reshapes = [v.args[1] for v in pruned if v.op == "reshape" and len(v.args[1]) == 5]
     assert any(shape[3] < 4 for shape in reshapes), reshapes  # heads removed, head size kept
     assert all(isinstance(shape[4], int) and shape[4] in (8, -1) for shape in reshapes), reshapes
     assert pruned(x).shape == (2, 5)
+
+    pruned = prune(dag, 0.3, (x,), config=PruneConfig(round_to=1, attention="head_dim"))
+    reshapes = [v.args[1] for v in pruned if v.op == "reshape" and len(v.args[1]) == 5]
+    assert all(shape[3] == 4 for shape in reshapes) and any(shape[4] < 8 for shape in reshapes), reshapes
+    (attention,) = [v for v in pruned if v.op == "scaled_dot_product_attention"]
+    assert attention.kwargs["scale"] == 8 ** -0.5  # as before pruning
+    assert pruned(x).shape == (2, 5)
+    with pytest.raises(td.DagError, match="attention='rows'"):
+        channel_groups(dag, (x,), attention="rows")
 
 
 def test_params_and_kmapp_targets():

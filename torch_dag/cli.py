@@ -124,7 +124,8 @@ def _load_or_convert(source: str, input_size: tuple[int, ...] | None) -> tuple:
 
 def cmd_prune(args: argparse.Namespace) -> None:
     dag, inputs = _load_or_convert(args.source, args.input_size)
-    config = pruning.PruneConfig(criterion=args.criterion, round_to=args.round_to, min_channels=args.min_channels)
+    config = pruning.PruneConfig(criterion=args.criterion, round_to=args.round_to, min_channels=args.min_channels,
+                                 attention=args.attention)
     start = time.perf_counter()
     with warnings.catch_warnings():  # the report says which rounding was used
         warnings.simplefilter("ignore")
@@ -296,6 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
     shrink.add_argument("--batch-size", type=int, default=8, help="calibration batch size")
     shrink.add_argument("--round-to", type=int, default=8, help="keep widths multiples of this (1: no rounding)")
     shrink.add_argument("--min-channels", type=int, default=1)
+    shrink.add_argument("--attention", choices=["heads", "head_dim"], default="heads",
+                        help="remove whole attention heads, or the same positions of every head")
     shrink.add_argument("--input-size", type=parse_size, help="CxHxW (default: as converted / pretrained_cfg)")
     shrink.add_argument("-o", "--output", type=Path, required=True)
     shrink.add_argument("-q", "--quiet", action="store_true")

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from ..core.dag import DagModule, Vertex
+from ..core.errors import DagError
 from ..core.ops import Constant, FunctionOp, Parameter
 from ..core.template import Ref, iter_refs, map_refs
 
@@ -70,6 +71,7 @@ class Role:
     # for a vertex whose call spells channel counts out (split sizes, slice bounds): its new args,
     # given keep(ids) -> mask; and the id sets that must each keep a channel (a split's parts)
     rewrite: Callable[[Callable[[np.ndarray], np.ndarray]], tuple] | None = None
+    keywords: dict[str, Any] = field(default_factory=dict)  # set on the call (attention's scale, as it was)
     parts: list[np.ndarray] = field(default_factory=list)
 
 
@@ -152,8 +154,9 @@ Rule = Callable[["_Analysis", Vertex, list[Any], Any], Any]
 
 
 class _Analysis:
-    def __init__(self, dag: DagModule, values: dict[str, Any], protected: Iterable[str]):
+    def __init__(self, dag: DagModule, values: dict[str, Any], protected: Iterable[str], attention: str = "heads"):
         self.dag = dag
+        self.attention = attention
         self.values = values
         self.uf = UnionFind()
         self.roles: dict[str, Role] = {}
@@ -738,7 +741,8 @@ def _kept_axis(before: torch.Size, after: torch.Size, axis: int) -> int | None:
 def _split_axis(a: _Analysis, x: Channels, before: torch.Size, after: torch.Size
                 ) -> tuple[Channels, dict[int, np.ndarray], range] | None:
     """The channel axis split into consecutive axes `after[first:last]`: the one before the last part
-    carries the channels (heads), whose entries are tied whole. Returns the channels, for the head
+    carries the channels (heads), whose entries are tied whole; with `attention="head_dim"` the last
+    part does (a position of the head dim, tied over every head). Returns the channels, for that
     axis the ids whose kept count is its new size, and the axes of `after` the channels span."""
     leading = math.prod(before[:x.axis])
     for first in range(len(after)):
@@ -750,7 +754,7 @@ def _split_axis(a: _Analysis, x: Channels, before: torch.Size, after: torch.Size
             last += 1
         if size != before[x.axis] or last - first < 2:
             return None
-        head = last - 2
+        head = last - 2 if a.attention == "heads" else last - 1  # or the same positions of every head
         table = np.moveaxis(x.ids.reshape(after[first:last]), head - first, 0).reshape(after[head], -1)
         a.uf.union(np.repeat(table[:, 0], table.shape[1] - 1), table[:, 1:].reshape(-1))
         return Channels(head, table[:, 0]), {head: table[:, 0]}, range(first, last)
@@ -780,8 +784,8 @@ def _merged_axis(x: Channels, before: torch.Size, after: torch.Size
 
 def _attention(a: _Analysis, v: Vertex, inputs: list[Any], out: Any) -> Any:
     """scaled_dot_product_attention over heads carried as channels (on a batch axis of q, k and v):
-    a head goes from all three at once. Channels of v's last axis go to the output; channels on the
-    axis q and k contract would change the default scale, so they stay."""
+    a head goes from all three at once. Channels of the head dim: v's go to the output, q's and k's
+    (contracted) are tied and the call keeps the scale it had (the default is 1/sqrt(head dim))."""
     q, k, value = inputs[:3]
     ranks = [_rank(a.values[r.name]) for r in v.args[:3]]
     mask = _arg(v, 3, "attn_mask")
@@ -805,9 +809,14 @@ def _attention(a: _Analysis, v: Vertex, inputs: list[Any], out: Any) -> Any:
                                                             ranks[0]):
             return None
         return Channels(out.dim() + offset, value.ids)
-    if isinstance(value, Channels) and value.axis == ranks[2] - 1 and not isinstance(q, Channels) \
-            and not isinstance(k, Channels):
-        return Channels(out.dim() - 1, value.ids)
+    last = [info.axis == rank - 1 for info, rank in zip((q, k, value), ranks) if isinstance(info, Channels)]
+    if all(last) and isinstance(q, Channels) == isinstance(k, Channels):
+        a.block(mask_info, f"{v.name}: an attention mask with channels while the head dim is pruned")
+        if isinstance(q, Channels):  # the head dim q and k contract: pruned in both, the scale kept
+            a.uf.union(q.ids, k.ids)
+            if _arg(v, 6, "scale") is None:
+                a.role(v).keywords = {"scale": a.values[v.args[0].name].shape[-1] ** -0.5}
+        return Channels(out.dim() - 1, value.ids) if isinstance(value, Channels) else None
     a.block([q, k, value, mask_info], f"{v.name}: attention with channels on axes it contracts or on some "
             "operands only")
     return None
@@ -815,7 +824,7 @@ def _attention(a: _Analysis, v: Vertex, inputs: list[Any], out: Any) -> Any:
 
 def _matmul(a: _Analysis, v: Vertex, inputs: list[Any], out: Any) -> Any:
     """x @ y: channels on broadcast (batch) axes are tied across the operands and stay; the rows of x
-    and the columns of y go to the output; the contracted axis is not pruned."""
+    and the columns of y go to the output; on the contracted axis both operands' are tied."""
     ranks = [_rank(a.values[r.name]) if isinstance(r, Ref) else 0 for r in v.args[:2]]
     if min(ranks) < 2:
         a.block(inputs, f"{v.name}: matmul with a vector")
@@ -839,7 +848,12 @@ def _matmul(a: _Analysis, v: Vertex, inputs: list[Any], out: Any) -> Any:
         return Channels(out.dim() - 2, left.ids)
     if isinstance(right, Channels) and right.axis == ranks[1] - 1 and not isinstance(left, Channels):
         return Channels(out.dim() - 1, right.ids)
-    a.block([left, right], f"{v.name}: matmul contracts the channel axis")
+    if isinstance(left, Channels) and isinstance(right, Channels) and left.axis == ranks[0] - 1 \
+            and right.axis == ranks[1] - 2:  # q @ k.T over the head dim: a position goes from both
+        a.uf.union(left.ids, right.ids)
+        a.role(v)  # handled: nothing of its own to slice
+        return None
+    a.block([left, right], f"{v.name}: matmul contracts the channel axis with an untracked operand")
     return None
 
 
@@ -1040,13 +1054,16 @@ _ARITHMETIC = frozenset({"add", "sub", "mul", "div", "floor_divide", "remainder"
 
 
 def channel_groups(dag: DagModule, example_inputs: tuple, protected: Iterable[str] = (), *,
-                   values: dict[str, Any] | None = None) -> ChannelGroups:
+                   values: dict[str, Any] | None = None, attention: str = "heads") -> ChannelGroups:
     """Analyse `dag` on `example_inputs` (shapes only matter) and return its channel groups;
-    `values` (from `dag.run_collecting(*example_inputs)`) saves the forward pass when at hand."""
+    `values` (from `dag.run_collecting(*example_inputs)`) saves the forward pass when at hand.
+    `attention`: "heads" prunes attention heads whole, "head_dim" the same positions of every head."""
+    if attention not in ("heads", "head_dim"):
+        raise DagError(f"attention={attention!r}: use 'heads' (whole heads) or 'head_dim' (positions of every head)")
     if values is None:
         with torch.no_grad():
             values = dag.run_collecting(*example_inputs)
-    analysis = _Analysis(dag, values, protected)
+    analysis = _Analysis(dag, values, protected, attention)
     info = analysis.info
     for vertex in dag:
         inputs = [map_refs(arg, lambda r: info.get(r.name)) for arg in vertex.args]

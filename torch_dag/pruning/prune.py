@@ -34,6 +34,7 @@ class PruneConfig:
     round_to: int = 8  # kept widths are multiples of this (where the group is wide enough): fast kernels
     min_channels: int = 1  # never keep fewer channels in a group
     tolerance: float = 0.02  # |achieved ratio - target| allowed
+    attention: str = "heads"  # heads: remove whole attention heads; head_dim: the same positions of every head
     seed: int = 0
 
 
@@ -228,7 +229,7 @@ def prune(dag: DagModule, flops_ratio: float | None = None, example_inputs: tupl
     if not 0 < target <= 1:
         raise DagError(f"the target must keep a fraction in (0, 1] of the model, got {target:.4g} "
                        f"({', '.join(f'{k}={v}' for k, v in given.items())})")
-    groups = channel_groups(dag, example_inputs, protected, values=values)
+    groups = channel_groups(dag, example_inputs, protected, values=values, attention=config.attention)
     del values
     prunable = [g for g in groups.groups() if g.prunable]
     scores = channel_scores(dag, groups, config.criterion, config.seed, calibration)

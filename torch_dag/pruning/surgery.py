@@ -108,6 +108,8 @@ def apply(dag: DagModule, groups: ChannelGroups, keep: Callable[[np.ndarray], np
     for name, role in groups.roles.items():
         if role.rewrite is not None:  # a split's sizes, a slice's bounds
             editor[name].args = role.rewrite(keep)
+        if role.keywords:
+            editor[name].kwargs = {**editor[name].kwargs, **role.keywords}
         in_mask = keep(role.in_ids) if role.in_ids is not None else None
         out_mask = keep(role.out_ids) if role.out_ids is not None else None
         if (in_mask is None or in_mask.all()) and (out_mask is None or out_mask.all()):
