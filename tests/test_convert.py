@@ -93,10 +93,16 @@ def test_shared_module_stays_shared():
 
 
 def test_functional_layers_on_own_weights_become_modules():
-    _, _, dag = convert("functional_own_weights")
+    model, inputs, dag = convert("functional_own_weights")
     ops = [v.op for v in dag]
     assert ops.count("Conv2d") == 1 and "BatchNorm2d" in ops and "LayerNorm" in ops
-    assert "conv2d" in ops  # the standardized weight is computed, so that conv stays functional
+    # weight standardization (with and without gain) is one op holding the model's own tensors
+    assert ops.count("WSConv2d") == 2 and "conv2d" not in ops and "batch_norm" not in ops, ops
+    plain, scaled = [v.module for v in dag if v.op == "WSConv2d"]
+    assert plain.gain is None and plain.bias is None and plain.weight is model.std_weight
+    assert scaled.gain is model.gain and scaled.bias is model.scaled_bias and scaled.scale == 72 ** -0.5
+    with torch.no_grad():
+        assert torch.equal(dag(*inputs), model(*inputs))  # the same ops, in the same order
 
 
 def test_functional_pooling_with_traced_sizes_stays_a_function():

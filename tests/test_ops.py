@@ -13,6 +13,7 @@ import torch_dag as td
 from torch_dag.core import ops
 from torch_dag.core.functions import FUNCTIONS
 from torch_dag.core.lowrank import LowRankConv2d, LowRankLinear
+from torch_dag.core.wsconv import WSConv2d
 
 # One or more instances per registered class, with non-default arguments wherever the class has them.
 # A new registration without an entry here fails `test_every_registered_op_has_a_case`.
@@ -109,6 +110,8 @@ CASES: dict[str, Callable[[], nn.Module]] = {
     "Constant": lambda: ops.Constant((2, 5), dtype=torch.int64),
     "LowRankLinear": lambda: LowRankLinear(6, 5, rank=2, bias=False),
     "LowRankConv2d": lambda: LowRankConv2d(4, 8, (3, 5), rank=3, stride=2, padding=(1, 2), dilation=2),
+    "WSConv2d": lambda: WSConv2d(4, 6, 3, stride=2, padding=1, groups=2, bias=False, gain=True, scale=0.3, eps=1e-6),
+    "WSConv2d_plain": lambda: WSConv2d(4, 6, (1, 3), padding="same", gain=False),
 }
 
 # Arguments the module does not keep as an attribute of the same name: the spec derives them from its

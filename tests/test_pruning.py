@@ -259,6 +259,20 @@ def test_rounding_gives_way_when_the_target_is_out_of_its_reach():
     assert all(v.module.out_channels % report.round_to == 0 for v in pruned if v.op == "Conv2d")
 
 
+def test_weight_standardized_convs_prune():
+    """NFNets: convs whose weight is standardized (WSConv2d) prune like convs, their gains sliced along."""
+    dag, inputs = _timm("test_nfnet", 64)
+    assert any(v.op == "WSConv2d" for v in dag)
+    pruned = prune(dag, 0.5, inputs)
+    ratio = td.count_flops(pruned, *inputs).total_flops / td.count_flops(dag, *inputs).total_flops
+    assert abs(ratio - 0.5) <= 0.02
+    convs = [v.module for v in pruned if v.op == "WSConv2d"]
+    assert all(c.gain is None or c.gain.shape[0] == c.out_channels for c in convs)
+    assert any(c.out_channels < dag[v.name].module.out_channels for v, c in zip(
+        [v for v in pruned if v.op == "WSConv2d"], convs))
+    assert pruned(*inputs).shape == dag(*inputs).shape
+
+
 def test_split_and_indexing_rules():
     x = torch.randn(2, 3, 8, 8)
     dag = td.build_from_unstructured_module(SplitIndex().eval(), (x,))

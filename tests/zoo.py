@@ -210,14 +210,20 @@ class FunctionalOwnWeights(nn.Module):
         self.ln = nn.LayerNorm(8)
         self.bn = BatchNormAct(8)
         self.std_weight = nn.Parameter(torch.randn(8, 8, 1, 1))
+        self.scaled_weight = nn.Parameter(torch.randn(6, 8, 3, 3))
+        self.gain = nn.Parameter(torch.rand(6, 1, 1, 1) + 0.5)
+        self.scaled_bias = nn.Parameter(torch.randn(6))
 
     def forward(self, x):
         x = F.conv2d(F.pad(x, (1, 1, 1, 1)), self.weight, self.bias, 1, 0, 1, 1)
         x = self.bn(x)
         x = F.layer_norm(x.permute(0, 2, 3, 1), (8,), self.ln.weight, self.ln.bias, 1e-6).permute(0, 3, 1, 2)
         w = F.batch_norm(self.std_weight.reshape(1, 8, -1), None, None, training=True, momentum=0.0,
-                         eps=1e-5).reshape_as(self.std_weight)  # weight standardization: a computed weight
-        return F.conv2d(x, w)
+                         eps=1e-5).reshape_as(self.std_weight)  # weight standardization (BiT's StdConv2d)
+        x = F.relu(F.conv2d(x, w))
+        w = F.batch_norm(self.scaled_weight.reshape(1, 6, -1), None, None, weight=(self.gain * 72 ** -0.5).view(-1),
+                         training=True, momentum=0.0, eps=1e-6).reshape_as(self.scaled_weight)  # NFNet's
+        return F.conv2d(x, w, self.scaled_bias, 1, 1)
 
 
 class Dropouts(nn.Module):

@@ -156,6 +156,12 @@ def _multihead_attention(vertex: Vertex, args: tuple, kwargs: dict, out: Any) ->
     return projections + batch * length * embed * embed + 2 * batch * length * source * embed
 
 
+def _ws_conv2d(vertex: Vertex, args: tuple, kwargs: dict, out: Any) -> int:
+    """The conv, and the batch_norm that standardizes its weight (as counted where written functionally)."""
+    weight = vertex.module.weight
+    return _conv(vertex, args, kwargs, out) + _numel(weight.shape) * (5 if vertex.module.gain is not None else 4)
+
+
 def _low_rank_linear(vertex: Vertex, args: tuple, kwargs: dict, out: Any) -> int:
     module = vertex.module
     rows = _numel(args[0].shape) // module.in_features
@@ -186,7 +192,7 @@ FLOP_RULES: dict[str, FlopRule] = {
     "interpolate": _interpolate, "grid_sample": _output_numel(4),
     "scaled_dot_product_attention": _sdpa,
     "MultiheadAttention": _multihead_attention,
-    "LowRankLinear": _low_rank_linear, "LowRankConv2d": _low_rank_conv2d,
+    "LowRankLinear": _low_rank_linear, "LowRankConv2d": _low_rank_conv2d, "WSConv2d": _ws_conv2d,
 }
 
 

@@ -19,6 +19,7 @@ from ..core.functions import FUNCTIONS
 from ..core.ops import Constant, FunctionOp, Parameter
 from ..core.template import Ref, is_constant, unique_refs
 from . import canonical
+from .patterns import raise_weight_standardization
 from .tracer import ConcreteTracer, vocabulary_spec
 
 # ops that return a view of their first argument: an in-place op on their result mutates the base
@@ -52,7 +53,7 @@ def build_from_unstructured_module(
     try:
         with torch.no_grad():
             graph, tracer = _trace(model, inputs)
-        dag = _Canonicalizer(model, graph, tracer).run()
+        dag = raise_weight_standardization(_Canonicalizer(model, graph, tracer).run())
         return dag.train(was_training)
     finally:
         _restore_attributes(snapshot)

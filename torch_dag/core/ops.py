@@ -22,6 +22,7 @@ from .errors import UnknownOpError
 from .functions import FUNCTIONS, FunctionSpec
 from .lowrank import LowRankConv2d, LowRankLinear
 from .template import is_constant
+from .wsconv import WSConv2d
 
 # --- torch_dag's own module ops -------------------------------------------------------------------
 
@@ -179,6 +180,7 @@ register_module_op(Parameter)
 register_module_op(Constant)
 register_module_op(LowRankLinear)
 register_module_op(LowRankConv2d)
+register_module_op(WSConv2d)
 
 
 def function_spec(name: str) -> FunctionSpec:

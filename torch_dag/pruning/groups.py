@@ -984,7 +984,7 @@ def _pixel_shuffle(a: _Analysis, v: Vertex, inputs: list[Any], out: Any) -> Any:
 
 
 RULES: dict[str, Rule] = {
-    "Conv1d": _conv, "Conv2d": _conv, "Conv3d": _conv, "Linear": _linear,
+    "Conv1d": _conv, "Conv2d": _conv, "Conv3d": _conv, "WSConv2d": _conv, "Linear": _linear,
     "BatchNorm1d": _per_channel_module(None), "BatchNorm2d": _per_channel_module(None),
     "BatchNorm3d": _per_channel_module(None), "LayerNorm": _per_channel_module(1), "GroupNorm": _group_norm,
     "add": _elementwise, "sub": _elementwise, "mul": _elementwise, "div": _elementwise,

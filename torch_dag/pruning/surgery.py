@@ -16,9 +16,9 @@ from .groups import ChannelGroups, Role
 
 # op -> [(tensor attribute, axis, side)], side "in" (input channels) or "out" (channels it produces)
 SLICES: dict[str, list[tuple[str, int, str]]] = {
-    "Conv": [("weight", 0, "out"), ("weight", 1, "in"), ("bias", 0, "out")],
-    "Depthwise": [("weight", 0, "out"), ("bias", 0, "out")],
-    "Grouped": [("weight", 0, "out"), ("weight", 1, "in_group"), ("bias", 0, "out")],
+    "Conv": [("weight", 0, "out"), ("weight", 1, "in"), ("bias", 0, "out"), ("gain", 0, "out")],
+    "Depthwise": [("weight", 0, "out"), ("bias", 0, "out"), ("gain", 0, "out")],
+    "Grouped": [("weight", 0, "out"), ("weight", 1, "in_group"), ("bias", 0, "out"), ("gain", 0, "out")],
     "Linear": [("weight", 0, "out"), ("weight", 1, "in"), ("bias", 0, "out")],
     "Norm": [("weight", 0, "in"), ("bias", 0, "in"), ("running_mean", 0, "in"), ("running_var", 0, "in")],
 }
