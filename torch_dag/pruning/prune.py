@@ -23,7 +23,8 @@ from ..core.errors import DagError
 from ..core.ops import Parameter, is_dag_module
 from ..passes.hierarchy import flatten
 from . import surgery
-from .groups import ChannelGroups, Group, channel_groups
+from .channels import ChannelGroups, Group
+from .groups import channel_groups
 
 
 @dataclass(frozen=True)

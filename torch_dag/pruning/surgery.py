@@ -12,7 +12,7 @@ from torch import nn
 
 from ..core.dag import DagModule
 from ..passes.editor import Editor
-from .groups import ChannelGroups, Role
+from .channels import ChannelGroups, Role
 
 # op -> [(tensor attribute, axis, side)], side "in" (input channels) or "out" (channels it produces)
 SLICES: dict[str, list[tuple[str, int, str]]] = {
