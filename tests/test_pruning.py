@@ -429,3 +429,22 @@ def test_reshape_sizes_follow_the_pruning_and_leave_the_batch_free():
     kept = pruned["b"].module.in_channels
     assert kept < 8 and [v.args[1][1] for v in pruned if v.op == "reshape"] == [kept, kept]
     assert pruned(torch.randn(3, 3, 8, 8)).shape == (3, 4, 6, 6)
+
+
+def test_a_parameter_expanded_to_a_read_shape_blocks_its_channels():
+    """resnetv2_50d_frn: `tau.expand(x.shape)`: the sizes are not spelled out, so the channels stay."""
+
+    class Expanded(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 4, 1)
+            self.tau = nn.Parameter(torch.randn(1, 8, 1, 1))
+
+        def forward(self, x):
+            y = self.a(x)
+            return self.b(torch.maximum(y, self.tau.expand(y.shape)))
+
+    x = torch.randn(2, 3, 6, 6)
+    groups = channel_groups(td.build_from_unstructured_module(Expanded().eval(), (x,)), (x,)).groups()
+    (a,) = [g for g in groups if g.producers == ["a"]]
+    assert not a.prunable, a.reasons

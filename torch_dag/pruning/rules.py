@@ -202,11 +202,12 @@ def _source_axis(a: Analysis, v: Vertex, before: torch.Tensor, after: torch.Tens
     if v.op == "expand":
         sizes = v.args[1] if len(v.args) == 2 and isinstance(v.args[1], (list, tuple)) else v.args[1:]
         offset = after.dim() - before.dim()
-        return position - offset if position >= offset and sizes[position] == -1 else None
+        spelled = isinstance(sizes, (list, tuple)) and len(sizes) == after.dim()
+        return position - offset if spelled and position >= offset and sizes[position] == -1 else None
     if v.op == "reshape":
         sizes = v.args[1]
-        axis = _kept_axis(after.shape, before.shape, position)
-        return axis if isinstance(sizes, (list, tuple)) and sizes[position] == -1 else None
+        spelled = isinstance(sizes, (list, tuple)) and len(sizes) == after.dim()
+        return _kept_axis(after.shape, before.shape, position) if spelled and sizes[position] == -1 else None
     if v.op == "getitem" and isinstance(v.args[1], Ref):  # table[index]: index's axes replace axis 0
         index = a.values.get(v.args[1].name)
         if _is_index_tensor(index):
