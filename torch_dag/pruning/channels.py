@@ -109,9 +109,9 @@ class ChannelGroups:
         for names in members.values():
             roots = sorted({r for n in names for r in self.root(self.producers[n]).tolist()})
             reasons = sorted({self.blocked[r] for r in roots if r in self.blocked})
-            # the widest layer's channels per class (an attention head's qkv rows, not its bias table's)
-            unit = max(math.gcd(*np.unique(self.root(self.producers[n]), return_counts=True)[1].tolist())
-                       for n in names)
+            # channels of a class side by side (an attention head's head dim; 1 for a grouped conv's
+            # in-group position, whose channels are strided): widths count in such blocks
+            unit = max(_block(self.root(self.producers[n])) for n in names)
             groups.append(Group(names, roots, reasons, unit))
         return groups
 
@@ -126,12 +126,18 @@ class ChannelGroups:
         return "\n".join(lines)
 
 
+def _block(roots: np.ndarray) -> int:
+    """The size of the runs of equal class roots along a producer's channels (their gcd)."""
+    starts = np.flatnonzero(np.diff(roots)) + 1
+    return math.gcd(*np.diff(np.concatenate([[0], starts, [len(roots)]])).tolist())
+
+
 @dataclass
 class Group:
     producers: list[str]
     channels: list[int]  # class roots: one per channel of the group
     reasons: list[str]
-    unit: int = 1  # channels per class in the widest producer (an attention head: 3 x head dim in qkv)
+    unit: int = 1  # channels per class side by side in a producer (an attention head: its head dim)
 
     @property
     def prunable(self) -> bool:

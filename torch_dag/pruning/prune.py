@@ -182,8 +182,8 @@ def _removed_roots(groups: list[Group], order: list[tuple[int, int]], remove: in
     for index, group in enumerate(groups):
         size = len(group.channels)
         keep = max(size - len(candidates[index]), min(config.min_channels, size))
-        # a class of several channels per layer (an attention head): round the classes so that the
-        # layers' widths are multiples of round_to
+        # a class of several channels side by side (an attention head): round the classes so that the
+        # layers' widths are multiples of round_to; strided ones (grouped convs) round the classes themselves
         step = config.round_to // math.gcd(config.round_to, group.unit)
         if step > 1 and size >= step:
             keep = min(size, max(step, math.ceil(keep / step) * step))
