@@ -237,5 +237,5 @@ def test_function_op_has_a_callable(name):
 def test_known_ops_is_the_whole_vocabulary():
     known = td.known_ops()
     assert known == sorted(known)
-    assert set(known) == {*FUNCTIONS, *(spec.name for spec in ops.MODULE_OPS.values()), "DagModule"}
+    assert set(known) == {*FUNCTIONS, *(spec.name for spec in ops.MODULE_OPS.values()), "DagModule", "Flex"}
     assert len(known) == len(set(known))

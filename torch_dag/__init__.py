@@ -5,7 +5,7 @@
     td.save(dag, "model.dag"); dag = td.load("model.dag")
 """
 
-from . import passes, pruning
+from . import flex, passes, pruning
 from .analysis import FlopReport, count_flops
 from .converters import build_from_unstructured_module
 from .converters.onnx import OnnxExportError, export_onnx
@@ -22,6 +22,7 @@ from .core import (
     register_module_op,
     verify,
 )
+from .flex import make_flexible
 from .passes import factorize
 from .pruning import prune
 from .serde import SCHEMA_VERSION, load, save
@@ -44,8 +45,10 @@ __all__ = [
     "count_flops",
     "export_onnx",
     "factorize",
+    "flex",
     "known_ops",
     "load",
+    "make_flexible",
     "passes",
     "prune",
     "pruning",

@@ -9,6 +9,7 @@
     torch-dag export-onnx resnet50.dag -o resnet50.onnx
     torch-dag prune timm:resnet50 --flops-ratio 0.5 -o resnet50_half.dag
     torch-dag factorize resnet50.dag --flops-ratio 0.7 --calibration images.npy -o resnet50_lr.dag
+    torch-dag flexify timm:resnet50 --levels 0.25 0.5 1.0 -o resnet50_flex.dag --delta-file r50.delta
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from . import analysis, converters, passes, pruning, serde, viz
+from . import analysis, converters, flex, passes, pruning, serde, viz
 from .core.errors import DagError
 
 
@@ -170,6 +171,33 @@ def cmd_factorize(args: argparse.Namespace) -> None:
     serde.save(small, args.output)
     print(report.table(top=args.top))
     print(f"saved to {args.output}")
+
+
+def cmd_flexify(args: argparse.Namespace) -> None:
+    dag, inputs = _load_or_convert(args.source, args.input_size)
+    config = flex.FlexConfig(criterion=args.criterion, round_to=args.round_to, min_channels=args.min_channels,
+                             attention=args.attention)
+    start = time.perf_counter()
+    model = flex.make_flexible(dag, args.levels, inputs, flops_ratios=args.flops_ratios, config=config,
+                               calibration=_calibration(args))
+    seconds = time.perf_counter() - start
+    serde.save(model, args.output)
+    full = analysis.count_flops(dag, *inputs)
+    print(f"made {args.source} flexible with {model.num_levels} levels over {len(model.width_info['ranking'])} "
+          f"channel groups in {seconds:.1f} s ({config.criterion}); saved to {args.output}")
+    print(f"  {'level':>5s} {'params (M)':>11s} {'FLOPs (G)':>10s} {'FLOPs ratio':>12s} {'kmapp':>8s}")
+    for level in range(model.num_levels):
+        model.set_level_use(level)
+        count = analysis.count_flops(model, *inputs)
+        print(f"  {level:5d} {count.total_params / 1e6:11.3f} {count.total_flops / 1e9:10.3f} "
+              f"{count.total_flops / full.total_flops:12.3f} {count.kmapp or 0.0:8.2f}")
+    if args.delta_file:
+        level = min(args.starting_level, model.max_level())
+        flex.FileDeltaManager.make_delta_file(args.delta_file, model, starting_level=level)
+        size = args.delta_file.stat().st_size
+        weights = sum(p.numel() * p.element_size() for p in model.parameters())
+        print(f"delta file {args.delta_file}: {size / 1e6:.2f} MB (the flexible model's weights: "
+              f"{weights / 1e6:.2f} MB), starting at level {level}")
 
 
 def cmd_export_onnx(args: argparse.Namespace) -> None:
@@ -321,6 +349,26 @@ def build_parser() -> argparse.ArgumentParser:
     low.add_argument("-o", "--output", type=Path, required=True)
     low.add_argument("-q", "--quiet", action="store_true")
     low.set_defaults(run=cmd_factorize)
+
+    flexify = sub.add_parser("flexify", help="one weight-shared model with switchable width levels (+ delta file)")
+    flexify.add_argument("source", help="a .dag file, timm:NAME or package.module:factory")
+    target = flexify.add_mutually_exclusive_group()
+    target.add_argument("--levels", type=float, nargs="+", default=[0.25, 0.5, 1.0],
+                        help="width fraction per level, narrowest first (default: 0.25 0.5 1.0)")
+    target.add_argument("--flops-ratios", type=float, nargs="+", help="FLOPs ratio per level instead")
+    flexify.add_argument("--criterion", default="l2", choices=["l1", "l2", "bn_scale", "taylor", "random"])
+    flexify.add_argument("--calibration", type=Path, help="a .npy array of model inputs (N x C x H x W), for taylor")
+    flexify.add_argument("--batch-size", type=int, default=8, help="calibration batch size")
+    flexify.add_argument("--round-to", type=int, default=8, help="keep widths multiples of this (1: no rounding)")
+    flexify.add_argument("--min-channels", type=int, default=1)
+    flexify.add_argument("--attention", choices=["heads", "head_dim"], default="heads",
+                         help="levels keep whole attention heads, or the same positions of every head")
+    flexify.add_argument("--input-size", type=parse_size, help="CxHxW (default: as converted / pretrained_cfg)")
+    flexify.add_argument("-o", "--output", type=Path, required=True)
+    flexify.add_argument("--delta-file", type=Path, help="also write the levels as a delta file")
+    flexify.add_argument("--starting-level", type=int, default=0, help="the level the delta file stores whole")
+    flexify.add_argument("-q", "--quiet", action="store_true")
+    flexify.set_defaults(run=cmd_flexify)
     return parser
 
 

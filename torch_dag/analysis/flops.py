@@ -11,7 +11,7 @@ from __future__ import annotations
 import collections
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..core.dag import DagModule, Vertex
-from ..core.ops import is_dag_module
+from ..core.ops import is_dag_module, is_flex_module, op_name
 from ..core.template import map_refs
 
 FlopRule = Callable[[Vertex, tuple, dict, Any], int]
@@ -265,13 +265,29 @@ def flops_from_values(dag: DagModule, values: dict[str, Any], inputs: tuple) -> 
             nested = count_flops(vertex.module, *args, **kw)
             report.nested[vertex.name] = nested
             report.flops[vertex.name] = nested.total_flops
+        elif is_flex_module(vertex.module):  # counted as the layer it is at the level in use
+            layer = vertex.module.view()
+            report.ops[vertex.name] = f"Flex({op_name(layer)})"
+            rule = FLOP_RULES.get(op_name(layer))
+            report.flops[vertex.name] = int(rule(replace(vertex, module=layer), args, kw, out)) if rule else 0
         else:
             rule = FLOP_RULES.get(vertex.op)
             report.flops[vertex.name] = int(rule(vertex, args, kw, out)) if rule else 0
-        fresh = [p for p in vertex.module.parameters() if id(p) not in seen_params]
-        seen_params.update(id(p) for p in fresh)
-        report.params[vertex.name] = sum(p.numel() for p in fresh)
+        report.params[vertex.name] = _new_params(vertex.module, seen_params)
     return report
+
+
+def _new_params(module: nn.Module, seen: set[int]) -> int:
+    """Parameters of `module` not counted yet (a flexible layer: those the level in use reads)."""
+    if id(module) in seen:
+        return 0
+    if is_flex_module(module):
+        seen.add(id(module))
+        layer = module.view()
+        return sum(getattr(layer, n).numel() for n, p in module._parameters.items() if p is not None)
+    fresh = [p for p in module.parameters() if id(p) not in seen]
+    seen.update(id(p) for p in fresh)
+    return sum(p.numel() for p in fresh)
 
 
 def _first_tensor(inputs: tuple) -> torch.Tensor | None:

@@ -16,7 +16,7 @@ from torch.fx.node import map_arg
 from ..core.dag import DagModule, Vertex, is_valid_vertex_name
 from ..core.errors import ConversionError
 from ..core.functions import FUNCTIONS
-from ..core.ops import Constant, FunctionOp, Parameter
+from ..core.ops import Constant, FunctionOp, Parameter, is_flex_module
 from ..core.template import Ref, is_constant, unique_refs
 from . import canonical
 from .patterns import raise_weight_standardization
@@ -54,6 +54,10 @@ def build_from_unstructured_module(
         with torch.no_grad():
             graph, tracer = _trace(model, inputs)
         dag = raise_weight_standardization(_Canonicalizer(model, graph, tracer).run())
+        if any(is_flex_module(v.module) for v in dag):  # a hand-written flexible model
+            from ..flex.model import FlexDagModule
+
+            dag = FlexDagModule.from_dag(dag)
         return dag.train(was_training)
     finally:
         _restore_attributes(snapshot)
@@ -276,7 +280,7 @@ class _Canonicalizer:
         if module is None:
             spec = vocabulary_spec(source)
             module = source
-            if type(source) is not spec.cls or getattr(source, "inplace", False):
+            if spec is not None and (type(source) is not spec.cls or getattr(source, "inplace", False)):
                 module = copy.copy(source)  # shares parameters; we only change class / inplace flag
                 module.__class__ = spec.cls
                 if hasattr(module, "inplace"):

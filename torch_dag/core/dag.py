@@ -190,7 +190,7 @@ class DagModule(nn.Module):
     def __deepcopy__(self, memo: dict[int, Any]) -> DagModule:
         import copy
 
-        clone = DagModule.__new__(DagModule)
+        clone = type(self).__new__(type(self))
         memo[id(self)] = clone
         state = {k: copy.deepcopy(v, memo) for k, v in self.__dict__.items() if k != "_fn"}
         clone.__dict__.update(state)

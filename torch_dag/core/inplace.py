@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .ops import Constant, FunctionOp, Parameter, callable_of, is_dag_module, op_name
+from .ops import Constant, FunctionOp, Parameter, callable_of, is_dag_module, is_flex_module, op_name
 from .template import Ref, unique_refs
 
 # op name -> in-place callable made from the vertex's module
@@ -49,6 +49,8 @@ def _fresh(module: nn.Module) -> bool:
         return module.op in _FRESH_FUNCTIONS
     if isinstance(module, (Parameter, Constant)) or is_dag_module(module):
         return False
+    if is_flex_module(module):  # a flexible layer may hand out a view of its parameter
+        return not isinstance(module.full, (Parameter, Constant))
     return op_name(module) not in _ALIASING_MODULES
 
 

@@ -203,6 +203,8 @@ def op_name(module: nn.Module) -> str:
     if spec is None:
         if is_dag_module(module):
             return "DagModule"
+        if is_flex_module(module):
+            return "Flex"
         raise UnknownOpError(
             f"module class {type(module).__qualname__} is not in the op vocabulary; "
             f"register it with torch_dag.register_module_op or let the converter trace through it"
@@ -214,8 +216,13 @@ def is_dag_module(module: nn.Module) -> bool:
     return getattr(module, "_is_torch_dag_module", False)
 
 
+def is_flex_module(module: nn.Module) -> bool:
+    """A flexible layer (`torch_dag.flex.FlexModule`): a vocabulary layer at one of several widths."""
+    return getattr(module, "_is_torch_dag_flex", False)
+
+
 def known_ops() -> list[str]:
-    return sorted([*FUNCTIONS, *_MODULE_OPS_BY_NAME, "DagModule"])
+    return sorted([*FUNCTIONS, *_MODULE_OPS_BY_NAME, "DagModule", "Flex"])
 
 
 def callable_of(module: nn.Module) -> Callable[..., Any]:

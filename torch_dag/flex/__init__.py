@@ -1,1 +1,35 @@
-"""Reserved for the flex subsystem (see DESIGN.md)."""
+"""Flexible models: one set of weights that runs at several nested widths (levels).
+
+    flex = td.make_flexible(dag, levels=[0.25, 0.5, 1.0])
+    flex.set_level_use(0); y = flex(x)
+    plain = flex.make_base_copy()
+
+Flexible atomic modules (`Conv2d`, `Linear`, `BatchNorm2d`, `LayerNorm`, `MultiheadAttention`) are
+also public building blocks for hand-written flexible models; level deltas and delta managers move
+plain models between levels without the flexible model.
+"""
+
+from .delta import FileDeltaManager, InMemoryDeltaManager, LevelDelta, file_delta_manager
+from .make import FlexConfig, make_flexible
+from .model import FlexDagModule, is_flex
+from .modules import BatchNorm2d, Conv2d, FlexModule, LayerNorm, Linear, MultiheadAttention, flex_layers
+from .train import sandwich_step
+
+__all__ = [
+    "BatchNorm2d",
+    "Conv2d",
+    "FileDeltaManager",
+    "FlexConfig",
+    "FlexDagModule",
+    "FlexModule",
+    "InMemoryDeltaManager",
+    "LayerNorm",
+    "LevelDelta",
+    "Linear",
+    "MultiheadAttention",
+    "file_delta_manager",
+    "flex_layers",
+    "is_flex",
+    "make_flexible",
+    "sandwich_step",
+]

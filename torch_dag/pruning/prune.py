@@ -237,9 +237,7 @@ def prune(dag: DagModule, flops_ratio: float | None = None, example_inputs: tupl
     order = _removal_order(prunable, scores)
     model = _FlopModel(groups, report.params if by_params else report.flops)
 
-    # id sets that must each keep a channel: every producer's, every part of a split
-    must_keep = [*groups.producers.values(), *(p for role in groups.roles.values() for p in role.parts)]
-    owners = {i: sorted({int(r) for r in groups.root(ids)}) for i, ids in enumerate(must_keep)}
+    owners = must_keep(groups)
 
     def removed_roots(remove: int, round_to: int) -> np.ndarray:
         """A mask over channel ids, true at the class roots removed."""
@@ -284,6 +282,12 @@ def prune(dag: DagModule, flops_ratio: float | None = None, example_inputs: tupl
     narrowed = sum(1 for g in prunable if any(p in kept and kept[p] != dag[p].module.weight.shape[0]
                                               for p in g.producers))
     return best, PruneReport(what, target, best_ratio, round_to, len(groups.groups()), len(prunable), narrowed)
+
+
+def must_keep(groups: ChannelGroups) -> dict[int, list[int]]:
+    """The class roots of each id set that must keep a channel: every producer's, every part of a split."""
+    sets = [*groups.producers.values(), *(p for role in groups.roles.values() for p in role.parts)]
+    return {i: sorted({int(r) for r in groups.root(ids)}) for i, ids in enumerate(sets)}
 
 
 def _bisect(n: int, ratio_of: Callable[[int], float], target: float) -> int:

@@ -56,32 +56,49 @@ def _fix_config(module: nn.Module, n_in: int | None, n_out: int | None) -> None:
         module.num_channels = n_in
 
 
-def _take(tensor: torch.Tensor, axis: int, mask: np.ndarray) -> torch.Tensor:
-    index = torch.from_numpy(np.flatnonzero(mask)).to(tensor.device)
-    return tensor.detach().index_select(axis, index).clone()
-
-
-def slice_module(module: nn.Module, role: Role, in_mask: np.ndarray | None, out_mask: np.ndarray | None
-                 ) -> nn.Module:
-    """A copy of `module` keeping the masked channels (the input module is left untouched)."""
-    new = copy.copy(module)
-    new._parameters = dict(module._parameters)
-    new._buffers = dict(module._buffers)
+def slice_plan(module: nn.Module, role: Role, in_mask: np.ndarray | None, out_mask: np.ndarray | None
+               ) -> dict[str, list[tuple[int, np.ndarray]]]:
+    """Which indices along which axes of each of `module`'s tensors the masks keep: {attr: [(axis, index)]}
+    (an attribute whose channels are all kept is left out)."""
+    plan: dict[str, list[tuple[int, np.ndarray]]] = {}
     if role.axis is not None:  # a Parameter / Constant operand
-        attr = "weight" if "weight" in new._parameters else "value"
-        _set(new, attr, _take(getattr(module, attr), role.axis, in_mask))
-        return new
+        attr = "weight" if "weight" in module._parameters else "value"
+        if in_mask is not None and not in_mask.all():
+            plan[attr] = [(role.axis, np.flatnonzero(in_mask))]
+        return plan
     masks = {"in": in_mask, "out": out_mask}
     if in_mask is not None and kind(module) == "Grouped":  # weight axis 1 holds one group's positions
         masks["in_group"] = in_mask.reshape(module.groups, -1)[0]
     for attr, axis, side in SLICES[kind(module)]:
-        tensor, mask = getattr(new, attr, None), masks.get(side)
-        if tensor is None or mask is None or tensor.dim() <= axis:
+        tensor, mask = getattr(module, attr, None), masks.get(side)
+        if tensor is None or mask is None or tensor.dim() <= axis or mask.all():
             continue
-        _set(new, attr, _take(tensor, axis, mask))
-    n_in = int(in_mask.sum()) if in_mask is not None else _size(module, "in")
-    n_out = int(out_mask.sum()) if out_mask is not None else _size(module, "out")
-    _fix_config(new, n_in, n_out)
+        plan.setdefault(attr, []).append((axis, np.flatnonzero(mask)))
+    return plan
+
+
+def take(tensor: torch.Tensor, cuts: list[tuple[int, np.ndarray]]) -> torch.Tensor:
+    """`tensor` restricted to the given indices along each axis (a new tensor, detached)."""
+    tensor = tensor.detach()
+    for axis, index in cuts:
+        tensor = tensor.index_select(axis, torch.from_numpy(index).to(tensor.device))
+    return tensor.clone() if not cuts else tensor
+
+
+def slice_module(module: nn.Module, role: Role, in_mask: np.ndarray | None, out_mask: np.ndarray | None,
+                 *, parameters: bool = True) -> nn.Module:
+    """A copy of `module` keeping the masked channels (the input module is left untouched). With
+    `parameters=False` the copy has no parameters at all (a flexible layer's per-level skeleton)."""
+    new = copy.copy(module)
+    new._parameters = dict(module._parameters) if parameters else {}
+    new._buffers = dict(module._buffers)
+    for attr, cuts in slice_plan(module, role, in_mask, out_mask).items():
+        if attr in new._parameters or attr in new._buffers:
+            _set(new, attr, take(getattr(module, attr), cuts))
+    if role.axis is None:
+        n_in = int(in_mask.sum()) if in_mask is not None else _size(module, "in")
+        n_out = int(out_mask.sum()) if out_mask is not None else _size(module, "out")
+        _fix_config(new, n_in, n_out)
     return new
 
 

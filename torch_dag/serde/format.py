@@ -18,6 +18,7 @@ import json
 import os
 import struct
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,14 @@ from ..core.template import DTYPES, from_json, to_json
 from ..core.verify import verify
 
 SCHEMA_VERSION = 1
+
+# ops stored by a subsystem above serde (flexible layers register "Flex"): op -> (config of a module,
+# module from a config and a location for errors); the config must be JSON and the builder must
+# validate it and raise LoadError, like the rest of this file
+EXTENSION_OPS: dict[str, tuple[Callable[[nn.Module], dict[str, Any]], Callable[[Any, str], nn.Module]]] = {}
+# DagModule subclasses with extra graph data (flexible DAGs): graph key -> (class, its JSON, a builder
+# from that JSON and the inputs, vertices, output and input meta)
+EXTENSION_DAGS: dict[str, tuple[type, Callable[[Any], Any], Callable[..., DagModule]]] = {}
 _FORMAT = "torch_dag"
 _MAX_HEADER = 100 * 1024 * 1024
 _MAX_DEPTH = 16
@@ -43,27 +52,39 @@ _MAX_DEPTH = 16
 
 def save(dag: DagModule, path: str | os.PathLike) -> Path:
     """Write `dag` to `path` (a single `.dag` file) atomically; return the path."""
+    path = Path(path)
+    data = dumps(dag)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, data)
+    return path
+
+
+def dumps(dag: DagModule) -> bytes:
+    """The bytes of a `.dag` file for `dag`."""
+    graph, tensors = graph_and_tensors(dag)
+    graph["checksum"] = _checksum(tensors)
+    metadata = {_FORMAT: json.dumps(graph, separators=(",", ":"), allow_nan=False)}
+    return safetensors.torch.save(tensors, metadata=metadata)
+
+
+def graph_and_tensors(dag: DagModule) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The graph JSON of `dag` (without checksum) and its tensors, each shared tensor once."""
     if not is_dag_module(dag):
         raise TypeError(f"td.save expects a DagModule, got {type(dag).__name__}")
     verify(dag)
-    path = Path(path)
     tensors, tied, frozen = _unique_tensors(dag)
-    graph = {
-        "format": _FORMAT,
-        "schema_version": SCHEMA_VERSION,
-        **_graph_json(dag),
-        "training": dag.training,
-        "tied": tied,
-        "frozen": frozen,
-        "checksum": _checksum(tensors),
-    }
-    metadata = {_FORMAT: json.dumps(graph, separators=(",", ":"), allow_nan=False)}
-    path.parent.mkdir(parents=True, exist_ok=True)
+    graph = {"format": _FORMAT, "schema_version": SCHEMA_VERSION, **_graph_json(dag), "training": dag.training,
+             "tied": tied, "frozen": frozen}
+    return graph, tensors
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write a file so that a crash never leaves it half-written: a temporary file, synced, renamed."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
     try:
-        safetensors.torch.save_file(tensors, tmp, metadata=metadata)
-        with open(tmp, "rb+") as f:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
             os.fsync(f.fileno())
         umask = os.umask(0)
         os.umask(umask)
@@ -72,7 +93,6 @@ def save(dag: DagModule, path: str | os.PathLike) -> Path:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    return path
 
 
 def _graph_json(dag: DagModule) -> dict[str, Any]:
@@ -85,6 +105,8 @@ def _graph_json(dag: DagModule) -> dict[str, Any]:
             entry["same_module_as"] = shared
         elif is_dag_module(vertex.module):
             entry["config"] = _graph_json(vertex.module)
+        elif vertex.op in EXTENSION_OPS:
+            entry["config"] = EXTENSION_OPS[vertex.op][0](vertex.module)
         elif not isinstance(vertex.module, FunctionOp):
             spec = module_op_spec(vertex.op)
             config = spec.config(vertex.module)
@@ -99,8 +121,12 @@ def _graph_json(dag: DagModule) -> dict[str, Any]:
         if vertex.meta:
             entry["meta"] = _json_safe(vertex.meta)
         vertices.append(entry)
-    return {"inputs": list(dag.input_names), "input_meta": _json_safe(dag.input_meta), "vertices": vertices,
-            "output": to_json(dag.output)}
+    graph = {"inputs": list(dag.input_names), "input_meta": _json_safe(dag.input_meta), "vertices": vertices,
+             "output": to_json(dag.output)}
+    for key, (cls, to_json_, _) in EXTENSION_DAGS.items():
+        if isinstance(dag, cls):
+            graph[key] = to_json_(dag)
+    return graph
 
 
 def _dtypes_differing(fresh: nn.Module, module: nn.Module) -> dict[str, str]:
@@ -165,23 +191,48 @@ def load(path: str | os.PathLike, *, strict_checksum: bool = True) -> DagModule:
     path = Path(path)
     if not path.is_file():
         raise LoadError(f"{path}: no such file")
-    header = _read_header(path)
-    graph = _read_graph(path, header)
+    with path.open("rb") as f:
+        start = f.read(8)
+        if len(start) == 8:
+            start += f.read(min(struct.unpack("<Q", start)[0], _MAX_HEADER))
+    header = _read_header(start, path.stat().st_size, str(path))
+    graph = _read_graph(str(path), header)
     try:
         with safetensors.safe_open(str(path), framework="pt") as f:
             # clone: fresh, allocator-aligned memory, so kernels take the same paths as before saving
             tensors = {key: f.get_tensor(key).clone() for key in f.keys()}  # noqa: SIM118 (not a dict)
     except Exception as e:  # safetensors reports what it could not read with its own error type
         raise LoadError(f"{path}: weights are unreadable ({type(e).__name__}: {e})") from None
+    return _checked_build(graph, tensors, str(path), strict_checksum)
+
+
+def loads(data: bytes, *, where: str = "<bytes>", strict_checksum: bool = True) -> DagModule:
+    """`load` from the bytes of a `.dag` file."""
+    header = _read_header(data, len(data), where)
+    graph = _read_graph(where, header)
+    try:
+        tensors = {key: t.clone() for key, t in safetensors.torch.load(data).items()}
+    except Exception as e:
+        raise LoadError(f"{where}: weights are unreadable ({type(e).__name__}: {e})") from None
+    return _checked_build(graph, tensors, where, strict_checksum)
+
+
+def _checked_build(graph: dict[str, Any], tensors: dict[str, torch.Tensor], where: str, strict_checksum: bool
+                   ) -> DagModule:
     if strict_checksum and _checksum(tensors) != graph.get("checksum"):
-        raise LoadError(f"{path}: weight checksum mismatch: the file is corrupted or was modified")
+        raise LoadError(f"{where}: weight checksum mismatch: the file is corrupted or was modified")
+    return build(graph, tensors, where)
+
+
+def build(graph: dict[str, Any], tensors: dict[str, torch.Tensor], where: str) -> DagModule:
+    """A DagModule from a checked graph JSON and its tensors (as `graph_and_tensors` gives them)."""
     dag = _build_dag(graph, depth=0)
-    _load_weights(dag, tensors, graph, path)
+    _load_weights(dag, tensors, graph, where)
     _restore_training_flags(dag, graph)
     try:
         verify(dag)
     except VerifyError as e:
-        raise LoadError(f"{path}: {e}") from None
+        raise LoadError(f"{where}: {e}") from None
     return dag
 
 
@@ -189,22 +240,20 @@ _ITEM_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16
                "BOOL": 1, "U16": 2, "U32": 4, "U64": 8, "F8_E4M3": 1, "F8_E5M2": 1}
 
 
-def _read_header(path: Path) -> dict[str, Any]:
-    """Read and check the safetensors header ourselves, so no malformed file reaches the parser."""
-    size = path.stat().st_size
-    with path.open("rb") as f:
-        prefix = f.read(8)
-        if len(prefix) < 8:
-            raise LoadError(f"{path}: file is truncated ({size} bytes)")
-        (header_len,) = struct.unpack("<Q", prefix)
-        if header_len > min(_MAX_HEADER, size - 8):
-            raise LoadError(f"{path}: header length {header_len} exceeds the file; truncated or not a DAG")
-        raw = f.read(header_len)
+def _read_header(start: bytes, size: int, where: str) -> dict[str, Any]:
+    """Read and check the safetensors header ourselves (from the file's first bytes, `start`, and its
+    `size`), so no malformed file reaches the parser."""
+    if len(start) < 8:
+        raise LoadError(f"{where}: file is truncated ({size} bytes)")
+    (header_len,) = struct.unpack("<Q", start[:8])
+    if header_len > min(_MAX_HEADER, size - 8):
+        raise LoadError(f"{where}: header length {header_len} exceeds the file; truncated or not a DAG")
+    raw = start[8:8 + header_len]
     try:
         header = json.loads(raw)
     except (ValueError, RecursionError) as e:
-        raise LoadError(f"{path}: header is not valid JSON ({type(e).__name__})") from None
-    _expect(isinstance(header, dict), f"{path}: header must be a JSON object")
+        raise LoadError(f"{where}: header is not valid JSON ({type(e).__name__})") from None
+    _expect(isinstance(header, dict), f"{where}: header must be a JSON object")
     data_size = size - 8 - header_len
     spans = []
     for key, info in header.items():
@@ -214,32 +263,32 @@ def _read_header(path: Path) -> dict[str, Any]:
               and all(type(d) is int and d >= 0 for d in info["shape"])
               and isinstance(info.get("data_offsets"), list) and len(info["data_offsets"]) == 2
               and all(type(o) is int for o in info["data_offsets"]))
-        _expect(ok, f"{path}: malformed entry for tensor {key!r} in the header")
+        _expect(ok, f"{where}: malformed entry for tensor {key!r} in the header")
         begin, end = info["data_offsets"]
         numel = 1
         for d in info["shape"]:
             numel *= d
         _expect(0 <= begin <= end <= data_size and end - begin == numel * _ITEM_SIZES[info["dtype"]],
-                f"{path}: tensor {key!r} lies outside the file or has the wrong size; the file is truncated")
+                f"{where}: tensor {key!r} lies outside the file or has the wrong size; the file is truncated")
         spans.append((begin, end))
     spans.sort()
-    _expect(all(a[1] <= b[0] for a, b in itertools.pairwise(spans)), f"{path}: tensors overlap in the file")
+    _expect(all(a[1] <= b[0] for a, b in itertools.pairwise(spans)), f"{where}: tensors overlap in the file")
     return header
 
 
-def _read_graph(path: Path, header: dict[str, Any]) -> dict[str, Any]:
+def _read_graph(where: str, header: dict[str, Any]) -> dict[str, Any]:
     metadata = header.get("__metadata__")
     if not isinstance(metadata, dict) or not isinstance(metadata.get(_FORMAT), str):
-        raise LoadError(f"{path}: not a torch_dag file (no graph in the safetensors metadata)")
+        raise LoadError(f"{where}: not a torch_dag file (no graph in the safetensors metadata)")
     try:
         graph = json.loads(metadata[_FORMAT])
     except (ValueError, RecursionError) as e:
-        raise LoadError(f"{path}: graph metadata is not valid JSON ({type(e).__name__})") from None
+        raise LoadError(f"{where}: graph metadata is not valid JSON ({type(e).__name__})") from None
     if not isinstance(graph, dict) or graph.get("format") != _FORMAT:
-        raise LoadError(f"{path}: not a torch_dag file")
+        raise LoadError(f"{where}: not a torch_dag file")
     version = graph.get("schema_version")
     if version != SCHEMA_VERSION:
-        raise LoadError(f"{path}: schema version {version!r} is not supported (this torch_dag reads "
+        raise LoadError(f"{where}: schema version {version!r} is not supported (this torch_dag reads "
                         f"{SCHEMA_VERSION}); upgrade torch_dag or re-save the model")
     return graph
 
@@ -282,6 +331,9 @@ def _build_dag(graph: Any, depth: int) -> DagModule:
     _expect(isinstance(input_meta, dict) and all(isinstance(v, dict) for v in input_meta.values()),
             "input_meta must map input names to objects")
     try:
+        for key, (_, _, build_) in EXTENSION_DAGS.items():
+            if key in graph:
+                return build_(graph[key], inputs, vertices, output, input_meta)
         return DagModule(inputs, vertices, output, input_meta)
     except DagError as e:
         raise LoadError(str(e)) from None
@@ -330,6 +382,8 @@ def _set_dtypes(module: nn.Module, dtypes: Any, where: str) -> None:
 def _build_module(op: str, config: Any, where: str, depth: int) -> nn.Module:
     if op == "DagModule":
         return _build_dag(config, depth + 1)
+    if op in EXTENSION_OPS:
+        return EXTENSION_OPS[op][1](config, where)
     if op in FUNCTIONS:
         _expect(config is None, f"{where}: a function op takes no config")
         return FunctionOp(op)
@@ -350,7 +404,7 @@ def _build_module(op: str, config: Any, where: str, depth: int) -> nn.Module:
     return module
 
 
-def _load_weights(dag: DagModule, tensors: dict[str, torch.Tensor], graph: dict[str, Any], path: Path) -> None:
+def _load_weights(dag: DagModule, tensors: dict[str, torch.Tensor], graph: dict[str, Any], path: str) -> None:
     tied, frozen = graph.get("tied", {}), graph.get("frozen", [])
     _expect(isinstance(tied, dict) and all(isinstance(v, str) and v in tensors for v in tied.values()),
             f"{path}: 'tied' must map names to stored tensors")

@@ -1,0 +1,380 @@
+"""Level deltas and delta managers: move a plain model between levels without the flexible model.
+
+A `LevelDelta` turns a plain DagModule of one level into the plain model of a neighbouring level, in
+place. Levels are nested, so going up only adds entries: each parameter keeps the old tensor at the
+positions where the old level's channels sit and takes the new values everywhere else; going down
+only selects (no values at all). Buffers that differ (batchnorm statistics per level) are stored
+whole, tensors that do not change are kept as they are.
+
+Delta file (`FileDeltaManager.make_delta_file`), little-endian:
+
+    b"TDDELTA1" | u64 index length | 32-byte SHA-256 of the index | index (JSON) | segments
+
+The index lists each segment (`base`: the `.dag` bytes of the starting level's plain model;
+`up/L`, `down/L`: the delta that arrives at level L from L-1 or L+1) with its offset from the end of
+the index, length and SHA-256. A delta segment is a safetensors blob whose metadata holds the delta's
+JSON. Readers check the index hash, every offset against the file's size, and each segment's hash
+before using it; nothing is unpickled or executed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import safetensors.torch
+import torch
+
+from ..core.dag import DagModule
+from ..core.errors import DagError, LoadError
+from ..serde.format import build, dumps, graph_and_tensors, loads, write_atomic
+from .model import FlexDagModule, is_flex
+from .serde import index_runs
+
+_MAGIC = b"TDDELTA1"
+_META = "torch_dag.delta"
+
+
+@dataclass
+class LevelDelta:
+    """What turns a plain model of level `source` into the plain model of level `target` (neighbours).
+
+    The target has tensors of the same names as the source. A name in `steps` is made from the source's
+    tensor: `expand` puts it at the given positions of a tensor of `shape` and fills the rest from
+    `values`; `shrink` selects positions. A name only in `values` is stored whole; any other name keeps
+    the source's tensor. Positions are runs `[start, stop)` per axis, numbered in the shared `runs`.
+    """
+
+    source: int
+    target: int
+    graph: dict[str, Any]  # the target's graph JSON where it differs: changed vertex entries, ties
+    source_shapes: dict[str, list[int]]  # the source's tensors, to refuse a model of another level
+    steps: dict[str, dict[str, Any]]
+    runs: list[list[list[int]]]
+    values: dict[str, torch.Tensor]
+
+    @classmethod
+    def between(cls, flex: FlexDagModule, source: int, target: int) -> LevelDelta:
+        if abs(source - target) != 1 or not (0 <= source <= flex.max_level() and 0 <= target <= flex.max_level()):
+            raise DagError(f"a delta joins neighbouring levels of 0..{flex.max_level()}, not {source} -> {target}")
+        was = flex.current_level()
+        try:
+            flex.set_level_use(source)
+            old_graph, old_tensors = graph_and_tensors(flex.make_base_copy())
+            before = {k: list(t.shape) for k, t in old_tensors.items()}
+            del old_tensors
+            flex.set_level_use(target)
+            graph, tensors = graph_and_tensors(flex.make_base_copy())
+        finally:
+            if was is not None:
+                flex.set_level_use(was)
+        if set(tensors) != set(before):
+            raise DagError("levels of a flexible model must have tensors of the same names")
+        delta = cls(source, target, _graph_change(old_graph, graph), before, {}, [], {})
+        interned: dict[str, int] = {}
+        flex_layers = {v.name: v.module for v in flex if is_flex(v.module)}
+        for key, tensor in tensors.items():
+            vertex, attr = _split_key(key)
+            module = flex_layers.get(vertex)
+            if module is not None and module._parameters.get(attr) is not None:
+                step, value = _param_step(tensor, module.cuts[source].get(attr, []), module.cuts[target].get(attr, []),
+                                          up=target > source)
+                if step is not None:
+                    for item in step.get("expand", step.get("shrink", [])):
+                        item[1] = interned.setdefault(json.dumps(item[1]), len(interned))
+                    delta.steps[key] = step
+            else:
+                value = _other_value(key, tensor, flex, source, before)
+            if value is not None:
+                delta.values[key] = value
+        delta.runs = [json.loads(r) for r in interned]
+        return delta
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of tensor data the delta holds."""
+        return sum(t.numel() * t.element_size() for t in self.values.values())
+
+    def apply(self, plain: DagModule) -> None:
+        """Turn `plain` (a plain model of level `source`) into the plain model of level `target`, in place."""
+        if type(plain) is not DagModule:
+            raise DagError(f"a level delta applies to a plain DagModule (make_base_copy()), not {type(plain).__name__}")
+        state = plain.state_dict(keep_vars=True)
+        shapes = {k: list(state[k].shape) for k in self.source_shapes if k in state}
+        if shapes != self.source_shapes:
+            wrong = next((k for k in self.source_shapes if shapes.get(k) != self.source_shapes[k]), None)
+            raise DagError(f"this delta moves level {self.source} -> {self.target}, but the model is not at level "
+                           f"{self.source}: {wrong} has shape {shapes.get(wrong)}, expected {self.source_shapes[wrong]}")
+        with torch.no_grad():
+            tensors = {key: self._make(key, state[key].detach()) for key in self.source_shapes}
+        graph = graph_and_tensors(plain)[0]
+        changed = self.graph["vertices"]
+        graph["vertices"] = [changed.get(entry["name"], entry) for entry in graph["vertices"]]
+        graph.update({k: v for k, v in self.graph.items() if k != "vertices"})
+        moved = build(graph, tensors, f"level delta {self.source} -> {self.target}")
+        training = plain.training
+        plain.__dict__.clear()
+        plain.__dict__.update(moved.__dict__)
+        if plain.training != training:
+            plain.train(training)
+
+    def _make(self, key: str, old: torch.Tensor) -> torch.Tensor:
+        step = self.steps.get(key)
+        if step is None:
+            return self.values.get(key, old)
+        if "shrink" in step:
+            for axis, runs in step["shrink"]:
+                old = old.index_select(axis, torch.from_numpy(_indices(self.runs[runs])))
+            return old
+        positions = [(axis, self.runs[runs]) for axis, runs in step["expand"]]
+        new = torch.empty(step["shape"], dtype=old.dtype)
+        covered = torch.zeros(step["shape"], dtype=torch.bool)
+        index = _region(positions, new.dim())
+        new[index] = old
+        covered[index] = True
+        new[~covered] = self.values[key]
+        return new
+
+    # --- bytes --------------------------------------------------------------------------------------
+
+    def to_bytes(self) -> bytes:
+        meta = {"source": self.source, "target": self.target, "graph": self.graph,
+                "source_shapes": self.source_shapes, "steps": self.steps, "runs": self.runs}
+        return safetensors.torch.save({k: v.contiguous() for k, v in self.values.items()},
+                                      metadata={_META: json.dumps(meta, separators=(",", ":"))})
+
+    @classmethod
+    def from_bytes(cls, data: bytes, where: str = "<delta>") -> LevelDelta:
+        try:
+            values = safetensors.torch.load(data)
+            header_len = struct.unpack("<Q", data[:8])[0]
+            meta = json.loads(json.loads(data[8:8 + header_len])["__metadata__"][_META])
+            delta = cls(int(meta["source"]), int(meta["target"]), meta["graph"], meta["source_shapes"],
+                        meta["steps"], meta["runs"], values)
+        except Exception as e:
+            raise LoadError(f"{where}: not a readable level delta ({type(e).__name__}: {e})") from None
+        if not set(delta.steps) | set(values) <= set(delta.source_shapes):
+            raise LoadError(f"{where}: the delta names tensors its models do not have")
+        return delta
+
+
+def _graph_change(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """The part of the target's graph JSON that differs from the source's (same vertices, same order)."""
+    if [e["name"] for e in old["vertices"]] != [e["name"] for e in new["vertices"]]:
+        raise DagError("levels of a flexible model must have the same vertices")
+    changed = {n["name"]: n for o, n in zip(old["vertices"], new["vertices"]) if o != n}
+    return {"vertices": changed, "tied": new["tied"], "frozen": new["frozen"]}
+
+
+def _split_key(key: str) -> tuple[str, str]:
+    """`vertex_modules.<vertex>.<attr>` -> (vertex, attr)."""
+    _, vertex, attr = key.split(".", 2)
+    return vertex, attr
+
+
+def _param_step(tensor: torch.Tensor, source_cuts: list, target_cuts: list, up: bool
+                ) -> tuple[dict[str, Any] | None, torch.Tensor | None]:
+    """A parameter of a flexible layer (`tensor` at the target level). Going up, the target's indices
+    contain the source's: record where the source's sit and store the rest; going down, record which
+    of the source's the target keeps. An axis without a cut is the full range."""
+    source, target = dict(source_cuts), dict(target_cuts)
+    positions = []
+    if up:
+        for axis, s_index in sorted(source.items()):
+            t_index = target.get(axis, np.arange(tensor.shape[axis]))
+            positions.append([axis, index_runs(np.searchsorted(t_index, s_index))])
+    else:
+        for axis, t_index in sorted(target.items()):
+            s_index = source.get(axis)
+            positions.append([axis, index_runs(t_index if s_index is None else np.searchsorted(s_index, t_index))])
+    if not positions:
+        return None, None
+    if not up:
+        return {"shrink": positions}, None
+    covered = torch.zeros(tensor.shape, dtype=torch.bool)
+    covered[_region(positions, tensor.dim())] = True
+    return {"expand": positions, "shape": list(tensor.shape)}, tensor[~covered].clone()
+
+
+def _other_value(key: str, tensor: torch.Tensor, flex: FlexDagModule, source: int, before: dict[str, list[int]]
+                 ) -> torch.Tensor | None:
+    """A buffer of a flexible layer (statistics per level: stored when they differ) or a tensor of a
+    plain vertex (the same at every level)."""
+    vertex, attr = _split_key(key)
+    module = flex[vertex].module
+    if not is_flex(module):
+        return None
+    old = module.levels[source]._buffers.get(attr)
+    if old is not None and old.shape == tensor.shape and torch.equal(old, tensor):
+        return None
+    return tensor
+
+
+def _indices(runs: list[list[int]]) -> np.ndarray:
+    return np.concatenate([np.arange(a, b) for a, b in runs]) if runs else np.zeros(0, dtype=np.int64)
+
+
+def _region(positions: list, ndim: int) -> tuple:
+    """An index selecting the outer product of per-axis positions (axes 0 and 1 are adjacent)."""
+    index: list[Any] = [slice(None)] * ndim
+    for k, (axis, runs) in enumerate(positions):
+        shape = [1] * len(positions)
+        shape[k] = -1
+        index[axis] = torch.from_numpy(_indices(runs)).reshape(shape)
+    return tuple(index)
+
+
+# --- managers -------------------------------------------------------------------------------------
+
+
+class InMemoryDeltaManager:
+    """Holds a plain model and every neighbour delta of a flexible model; `move_to(level)` moves the
+    plain model there (in place) through the levels between."""
+
+    def __init__(self, flex: FlexDagModule):
+        start = flex._require_level("a delta manager")
+        self.deltas: dict[tuple[int, int], LevelDelta] = {}
+        for level in range(flex.max_level() + 1):
+            self.deltas.update(_level_deltas(flex, level))
+        flex.set_level_use(start)
+        self.level, self.max_level = start, flex.max_level()
+        self._model = flex.make_base_copy()
+
+    def managed_model(self) -> DagModule:
+        return self._model
+
+    def move_to(self, level: int) -> DagModule:
+        _check_level(level, self.max_level)
+        for step in _path(self.level, level):
+            self.deltas[step].apply(self._model)
+        self.level = level
+        return self._model
+
+
+def _level_deltas(flex: FlexDagModule, level: int) -> dict[tuple[int, int], LevelDelta]:
+    flex.set_level_use(level)
+    down, up = flex.export_level_delta()
+    return {(d.source, d.target): d for d in (down, up) if d is not None}
+
+
+def _path(source: int, target: int) -> list[tuple[int, int]]:
+    step = 1 if target > source else -1
+    return [(level, level + step) for level in range(source, target, step)]
+
+
+def _check_level(level: int, max_level: int) -> None:
+    if not isinstance(level, (int, np.integer)) or not 0 <= level <= max_level:
+        raise DagError(f"level {level!r} does not exist: levels are 0..{max_level}")
+
+
+class FileDeltaManager:
+    """Moves a plain model between levels reading only the segments it needs from a delta file."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._file = self.path.open("rb")
+        try:
+            self.index, self._data_start = _read_index(self._file, self.path)
+        except BaseException:
+            self._file.close()
+            raise
+        self.max_level = int(self.index["levels"]) - 1
+        self.level: int | None = None
+        self._model: DagModule | None = None
+        self.bytes_read = 0
+
+    @staticmethod
+    def make_delta_file(file: str | Path, flex: FlexDagModule, starting_level: int = 0) -> Path:
+        """Write the plain model of `starting_level` and every neighbour delta of `flex` to `file`."""
+        was = flex._require_level("make_delta_file")
+        _check_level(starting_level, flex.max_level())
+        segments: list[tuple[str, bytes]] = []
+        try:
+            flex.set_level_use(starting_level)
+            segments.append(("base", dumps(flex.make_base_copy())))
+            for level in range(flex.max_level() + 1):
+                for (source, target), delta in sorted(_level_deltas(flex, level).items()):
+                    name = f"{'up' if target > source else 'down'}/{target}"
+                    segments.append((name, delta.to_bytes()))
+        finally:
+            flex.set_level_use(was)
+        entries, offset = [], 0
+        for name, data in segments:
+            entries.append({"name": name, "offset": offset, "length": len(data),
+                            "sha256": hashlib.sha256(data).hexdigest()})
+            offset += len(data)
+        index = json.dumps({"format": "torch_dag.deltas", "version": 1, "levels": flex.max_level() + 1,
+                            "starting_level": starting_level, "segments": entries}, separators=(",", ":")).encode()
+        path = Path(file)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        header = _MAGIC + struct.pack("<Q", len(index)) + hashlib.sha256(index).digest() + index
+        write_atomic(path, b"".join([header, *(data for _, data in segments)]))
+        return path
+
+    def move_to(self, level: int) -> DagModule:
+        """The plain model at `level` (the same model object, moved in place, on every call)."""
+        _check_level(level, self.max_level)
+        if self._model is None:
+            self._model = loads(self._segment("base"), where=f"{self.path} base")
+            self.level = int(self.index["starting_level"])
+        for source, target in _path(self.level, level):
+            name = f"{'up' if target > source else 'down'}/{target}"
+            LevelDelta.from_bytes(self._segment(name), f"{self.path} {name}").apply(self._model)
+            self.level = target
+        return self._model
+
+    def _segment(self, name: str) -> bytes:
+        entry = self.index["by_name"].get(name)
+        if entry is None:
+            raise LoadError(f"{self.path}: no segment {name!r} in the delta file")
+        self._file.seek(self._data_start + entry["offset"])
+        data = self._file.read(entry["length"])
+        self.bytes_read += len(data)
+        if len(data) != entry["length"] or hashlib.sha256(data).hexdigest() != entry["sha256"]:
+            raise LoadError(f"{self.path}: segment {name!r} is corrupted (checksum mismatch or truncated)")
+        return data
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def _read_index(f, path: Path) -> tuple[dict[str, Any], int]:
+    size = path.stat().st_size
+    head = f.read(48)
+    if len(head) < 48 or head[:8] != _MAGIC:
+        raise LoadError(f"{path}: not a torch_dag delta file (bad magic or truncated)")
+    (length,) = struct.unpack("<Q", head[8:16])
+    if length > size - 48:
+        raise LoadError(f"{path}: the index is longer than the file: truncated")
+    raw = f.read(length)
+    if hashlib.sha256(raw).digest() != head[16:48]:
+        raise LoadError(f"{path}: the index is corrupted (checksum mismatch)")
+    index = json.loads(raw)
+    data_start = 48 + length
+    index["by_name"] = {}
+    for entry in index.get("segments", []):
+        if not (isinstance(entry, dict) and type(entry.get("offset")) is int and type(entry.get("length")) is int
+                and isinstance(entry.get("sha256"), str) and isinstance(entry.get("name"), str)
+                and entry["offset"] >= 0 and data_start + entry["offset"] + entry["length"] <= size):
+            raise LoadError(f"{path}: segment {str(entry)[:80]} lies outside the file: truncated or corrupted")
+        index["by_name"][entry["name"]] = entry
+    if type(index.get("levels")) is not int or type(index.get("starting_level")) is not int:
+        raise LoadError(f"{path}: the index does not say its levels")
+    return index, data_start
+
+
+@contextlib.contextmanager
+def file_delta_manager(path: str | Path) -> Iterator[FileDeltaManager]:
+    """`with file_delta_manager(path) as m: plain = m.move_to(level)`; the file is closed at the end."""
+    manager = FileDeltaManager(path)
+    try:
+        yield manager
+    finally:
+        manager.close()

@@ -1,0 +1,222 @@
+"""`make_flexible`: one pass that turns every prunable channel group into nested, weight-shared widths.
+
+The channel groups and importance scores are the pruning analysis's. Each prunable group ranks its
+channel classes by importance; a level keeps the top k of every group (k from the level's width), so
+each level's channels contain the previous level's and every kept set is the best one of its size.
+Every vertex that holds weights for a prunable group becomes a `FlexModule` whose level i reads the
+kept channels; call templates that spell widths out (split sizes, slice bounds) get one per level.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..analysis.flops import flops_from_values
+from ..core.dag import DagModule, Vertex
+from ..core.errors import DagError
+from ..core.ops import is_dag_module
+from ..core.template import from_json, to_json
+from ..passes.hierarchy import flatten
+from ..pruning import surgery
+from ..pruning.channels import ChannelGroups, Group, Role
+from ..pruning.groups import channel_groups
+from ..pruning.prune import _FlopModel, channel_scores, must_keep
+from .model import FlexDagModule, is_flex
+from .modules import Cuts, FlexModule
+
+Keep = Callable[[np.ndarray], np.ndarray]
+
+
+@dataclass(frozen=True)
+class FlexConfig:
+    """Settings of `make_flexible` (the same meaning as in `PruneConfig`)."""
+
+    criterion: str = "l2"  # l1 | l2 | bn_scale | taylor (needs calibration) | random
+    round_to: int = 8  # widths are multiples of this where a group is that wide
+    min_channels: int = 1
+    attention: str = "heads"  # heads | head_dim
+    seed: int = 0
+
+
+@dataclass
+class WidthPlan:
+    """The channel analysis of the full-width model and each prunable group's ranking."""
+
+    groups: ChannelGroups
+    prunable: list[Group]
+    ranked: list[np.ndarray]  # per prunable group: its class roots, most important first
+    owners: dict[int, list[int]]
+    config: FlexConfig
+
+    @classmethod
+    def rebuild(cls, flex: FlexDagModule) -> WidthPlan:
+        """Redo the analysis of a loaded flexible model (its ranking was saved with it)."""
+        info = flex.width_info
+        if not info:
+            raise DagError("set_widths needs a model made by make_flexible (it knows the channel groups); this "
+                           "one was written by hand: use set_level_use")
+        full = _full_width_dag(flex, info.get("full_args", {}))
+        config = FlexConfig(**info["config"])
+        groups = channel_groups(full, full.example_inputs(), info["protected"], attention=config.attention)
+        prunable = [g for g in groups.groups() if g.prunable]
+        if len(prunable) != len(info["ranking"]):
+            raise DagError(f"the saved ranking has {len(info['ranking'])} groups, the analysis finds {len(prunable)}")
+        ranked = [np.asarray(g.channels)[np.asarray(r, dtype=np.int64)] for g, r in zip(prunable, info["ranking"])]
+        return cls(groups, prunable, ranked, must_keep(groups), config)
+
+    def removed(self, counts: Sequence[int]) -> np.ndarray:
+        """A mask over channel ids: true where a class falls outside its group's top `counts[g]`."""
+        mask = np.zeros(self.groups.size, dtype=bool)
+        for ranked, k in zip(self.ranked, counts):
+            mask[ranked[k:]] = True
+        for roots in self.owners.values():  # never every channel of a producer or a split's part
+            if mask[roots].all():
+                mask[roots[0]] = False
+        return mask
+
+    def counts(self, widths: Sequence[float | int]) -> list[int]:
+        """Kept classes per group for widths given as fractions (floats) or channel counts (ints),
+        rounded up to the rounding step and at least `min_channels`."""
+        if len(widths) != len(self.prunable):
+            raise DagError(f"give one width per prunable channel group: {len(self.prunable)} (the search "
+                           f"dimension), got {len(widths)}")
+        counts = []
+        for group, width in zip(self.prunable, widths):
+            size = len(group.channels)
+            if isinstance(width, (int, np.integer)) and not isinstance(width, bool) and width >= 1:
+                keep = math.ceil(width / group.unit)
+            elif isinstance(width, (float, np.floating)) and 0 < width <= 1:
+                keep = math.ceil(width * size - 1e-9)
+            else:
+                raise DagError(f"width {width!r} for the group of {group.producers[0]}: give a fraction in (0, 1] "
+                               "or a channel count >= 1")
+            step = self.config.round_to // math.gcd(self.config.round_to, group.unit)
+            if step > 1 and size >= step:
+                keep = math.ceil(keep / step) * step
+            counts.append(min(size, max(keep, min(self.config.min_channels, size))))
+        return counts
+
+
+def make_flexible(dag: DagModule, levels: Sequence[float | Sequence[float | int]] = (0.25, 0.5, 1.0),
+                  example_inputs: tuple | torch.Tensor | None = None, *, flops_ratios: Sequence[float] | None = None,
+                  config: FlexConfig = FlexConfig(), calibration: Iterable | None = None,
+                  protected: Iterable[str] = ()) -> FlexDagModule:
+    """A flexible copy of `dag` with one level per entry of `levels` (narrowest first): a width fraction
+    for every prunable group, or a vector of widths (one per group, fractions or channel counts); or,
+    with `flops_ratios`, levels whose widths (one fraction for all groups) keep those FLOPs ratios.
+    The input DAG is left untouched; at a level of full widths the outputs equal the input's."""
+    if example_inputs is None:
+        example_inputs = dag.example_inputs()
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    dag = copy.deepcopy(flatten(dag) if any(is_dag_module(v.module) for v in dag) else dag)
+    protected = list(protected)
+    with torch.no_grad():
+        values = dag.run_collecting(*example_inputs)
+    groups = channel_groups(dag, example_inputs, protected, values=values, attention=config.attention)
+    prunable = [g for g in groups.groups() if g.prunable]
+    if not prunable:
+        raise DagError("no prunable channel group: nothing can be made flexible " + groups.summary()[:300])
+    scores = channel_scores(dag, groups, config.criterion, config.seed, calibration)
+    ranking = [np.argsort([-scores.get(r, 0.0) for r in g.channels], kind="stable") for g in prunable]
+    plan = WidthPlan(groups, prunable, [np.asarray(g.channels)[r] for g, r in zip(prunable, ranking)],
+                     must_keep(groups), config)
+    if flops_ratios is not None:
+        model = _FlopModel(groups, flops_from_values(dag, values, example_inputs).flops)
+        levels = [_fraction_for(plan, model, float(t)) for t in flops_ratios]
+    del values
+    if not levels:
+        raise DagError("give at least one level")
+    widths = [[w] * len(prunable) if isinstance(w, (int, float)) else list(w) for w in levels]
+    removed = [plan.removed(plan.counts(w)) for w in widths]
+    for i in range(len(removed) - 2, -1, -1):  # nested: a level keeps at most what the next one keeps
+        removed[i] |= removed[i + 1]
+    keeps = [_keep(plan.groups, r) for r in removed]
+
+    vertices, level_args, full_args = [], {}, {}
+    for vertex in dag:
+        role = groups.roles.get(vertex.name)
+        module = vertex.module
+        if role is not None and _holds_channels(module, role):
+            module = FlexModule(module, *zip(*(_at_widths(module, role, keep) for keep in keeps)))
+        args, kwargs = vertex.args, {**vertex.kwargs, **(role.keywords if role else {})}
+        if role is not None and role.rewrite is not None:
+            level_args[vertex.name] = [(role.rewrite(keep), kwargs) for keep in keeps]
+            full = role.rewrite(lambda ids: np.ones(len(ids), dtype=bool))
+            full_args[vertex.name] = [to_json(list(full)), {k: to_json(v) for k, v in kwargs.items()}]
+        vertices.append(Vertex(vertex.name, module, args, kwargs, dict(vertex.meta)))
+    width_info = {"protected": protected, "config": config.__dict__.copy(), "full_args": full_args,
+                  "ranking": [r.tolist() for r in ranking]}
+    flex = FlexDagModule(dag.input_names, vertices, dag.output, dag.input_meta, level_args, width_info)
+    flex.train(dag.training)
+    flex._width_plan = plan
+    return flex
+
+
+def apply_widths(flex: FlexDagModule, plan: WidthPlan, widths: Sequence[float | int]) -> None:
+    """Switch `flex` to the sub-network of the given per-group widths (custom level)."""
+    keep = _keep(plan.groups, plan.removed(plan.counts(widths)))
+    changed = False
+    for vertex in flex:
+        role = plan.groups.roles.get(vertex.name)
+        if role is None:
+            continue
+        if is_flex(vertex.module):
+            vertex.module.set_custom(*_at_widths(_full_view(vertex.module), role, keep))
+        if role.rewrite is not None:
+            vertex.args, changed = role.rewrite(keep), True
+    if changed:
+        flex.recompile()
+
+
+def _keep(groups: ChannelGroups, removed: np.ndarray) -> Keep:
+    return lambda ids: ~removed[groups.root(ids)]
+
+
+def _holds_channels(module: nn.Module, role: Role) -> bool:
+    return role.axis is not None or surgery.kind(module) is not None
+
+
+def _at_widths(module: nn.Module, role: Role, keep: Keep) -> tuple[nn.Module, Cuts]:
+    """The skeleton of `module` at the kept channels and which indices of its parameters it reads."""
+    in_mask = keep(role.in_ids) if role.in_ids is not None else None
+    out_mask = keep(role.out_ids) if role.out_ids is not None else None
+    cuts = {attr: axes for attr, axes in surgery.slice_plan(module, role, in_mask, out_mask).items()
+            if attr in module._parameters}
+    return surgery.slice_module(module, role, in_mask, out_mask, parameters=False), cuts
+
+
+def _full_view(flex: FlexModule) -> nn.Module:
+    """The flexible layer's full-width module, with its (shared) parameters."""
+    full = copy.copy(flex.full)
+    full._parameters = dict(flex._parameters)
+    return full
+
+
+def _full_width_dag(flex: FlexDagModule, full_args: dict[str, Any]) -> DagModule:
+    vertices = []
+    for v in flex:
+        args = tuple(from_json(full_args[v.name][0])) if v.name in full_args else v.args
+        module = _full_view(v.module) if is_flex(v.module) else v.module
+        vertices.append(Vertex(v.name, module, args, dict(v.kwargs), dict(v.meta)))
+    return DagModule(flex.input_names, vertices, flex.output, flex.input_meta)
+
+
+def _fraction_for(plan: WidthPlan, model: _FlopModel, target: float) -> float:
+    """The width fraction (the same for every group) whose predicted FLOPs ratio is closest to `target`."""
+    if not 0 < target <= 1:
+        raise DagError(f"a FLOPs ratio must lie in (0, 1], got {target}")
+    low, high = 0.0, 1.0
+    for _ in range(30):
+        middle = (low + high) / 2
+        ratio = model.ratio(plan.removed(plan.counts([max(middle, 1e-6)] * len(plan.prunable))))
+        low, high = (middle, high) if ratio < target else (low, middle)
+    return max(high, 1e-6)
