@@ -4,8 +4,11 @@ the delta managers, save/load, hand-written flexible layers, and sandwich traini
 from __future__ import annotations
 
 import copy
+import hashlib
 import itertools
+import json
 import random
+import struct
 import subprocess
 import sys
 
@@ -13,6 +16,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from safetensors.torch import save_file
 from torch import nn
 from zoo import make
@@ -100,7 +105,7 @@ def test_the_input_dag_is_untouched_and_levels_are_nested():
                     assert kept is None or set(index.tolist()) <= set(kept.tolist()), (vertex.name, attr)
 
 
-def test_levels_keep_the_most_important_channels():
+def test_channels_are_sorted_by_importance_so_levels_take_prefixes():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Conv2d(16, 4, 1)).eval()
     x = (torch.randn(2, 3, 8, 8),)
@@ -110,10 +115,36 @@ def test_levels_keep_the_most_important_channels():
     (group,) = [g for g in groups.groups() if g.prunable]
     scores = channel_scores(dag, groups, "l1")
     best = sorted(range(16), key=lambda c: -scores[group.channels[c]])
-    first = next(v.module for v in flex.flex_vertices() if v.module.op == "Conv2d")
+    first, second = (v.module for v in flex.flex_vertices())
+    assert torch.equal(first.weight, model[0].weight[best])  # the most important channels first
+    assert torch.equal(second.weight, model[2].weight[:, best])
     for level, keep in enumerate([4, 8, 16]):
         rows = dict(first.cuts[level].get("weight", [(0, np.arange(16))]))[0]
-        assert sorted(rows.tolist()) == sorted(best[:keep]), level
+        assert rows.tolist() == list(range(keep)), level  # a prefix
+    equal, worst, why = compare_outputs(run(model, x), run(flex, x))
+    assert equal, (worst, why)
+    unsorted = tf.make_flexible(dag, [0.25, 1.0], x, config=tf.FlexConfig(criterion="l1", round_to=1, reorder=False))
+    rows = dict(next(iter(unsorted.flex_vertices())).module.cuts[0]["weight"])[0]
+    assert sorted(rows.tolist()) == sorted(best[:4]) and bitwise_equal(run(unsorted.set_level_use(1) or unsorted, x),
+                                                                       run(dag, x))
+
+
+def test_an_order_the_graph_does_not_carry_is_caught_and_left_out(monkeypatch):
+    from torch_dag.flex import make as flex_make
+
+    calls = itertools.count(1)
+
+    def inconsistent(roots, rank, allowed):  # each axis moved its own way: layers disagree on the order
+        return np.roll(np.arange(len(roots)), next(calls)) if allowed else np.arange(len(roots))
+
+    monkeypatch.setattr(flex_make, "_sorted_runs", inconsistent)
+    model, inputs = make("residual")
+    dag = td.build_from_unstructured_module(model, inputs)
+    with pytest.warns(UserWarning, match="keep their channel order"):
+        flex = tf.make_flexible(dag, LEVELS, inputs, config=tf.FlexConfig(round_to=1))
+    assert bitwise_equal(run(model, inputs), run(flex, inputs))  # left in place
+    flex.set_level_use(0)
+    assert bitwise_equal(run(flex, inputs), run(flex.make_base_copy(), inputs))
 
 
 def test_levels_from_flops_ratios_land_near_them(resnet):
@@ -222,7 +253,7 @@ def test_set_widths_runs_the_sub_network(resnet):
     with pytest.raises(td.DagError, match="set_level_use"):
         flex.export_level_delta()
     flex.set_level_use(2)
-    assert bitwise_equal(run(flex, x), run(dag, x))
+    assert compare_outputs(run(dag, x), run(flex, x))[0]
 
 
 # --- save / load ----------------------------------------------------------------------------------
@@ -464,3 +495,91 @@ def test_a_flexible_file_loads_in_a_fresh_process(tmp_path):
             f"m = td.load({str(tmp_path / 'f.dag')!r}); io = load_file({str(tmp_path / 'io.safetensors')!r})\n"
             "with torch.no_grad(): assert m.current_level() == 0 and torch.equal(m(io['x']), io['ref'])\n")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# --- fuzzing the delta file -----------------------------------------------------------------------
+
+FUZZ = settings(max_examples=100, deadline=None, database=None,
+                suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+
+
+@pytest.fixture(scope="module")
+def delta_file(tmp_path_factory):
+    flex = flexible("residual")[3]
+    path = tf.FileDeltaManager.make_delta_file(tmp_path_factory.mktemp("fuzz") / "r.delta", flex)
+    return DeltaFile(path.read_bytes(), [plain_at(flex, level) for level in range(3)])
+
+
+class DeltaFile(tuple):
+    """(file bytes, plain model per level), with a short repr for hypothesis's reports."""
+
+    def __new__(cls, raw: bytes, plains: list):
+        return super().__new__(cls, (raw, plains))
+
+    def __repr__(self) -> str:
+        return f"<delta file of {len(self[0])} bytes>"
+
+
+def move_everywhere(path, plains) -> None:
+    """Move through every level; a `LoadError` is an acceptable answer, and what loads must be right."""
+    try:
+        with tf.file_delta_manager(path) as manager:
+            for level in (0, 2, 1, 0):
+                assert same_state(manager.move_to(level), plains[level])
+    except td.LoadError:
+        pass
+
+
+@FUZZ
+@given(data=st.data())
+def test_fuzz_delta_file_bytes(tmp_path, delta_file, data):
+    raw, plains = delta_file
+    out = bytearray(raw)
+    for _ in range(data.draw(st.integers(1, 3))):
+        if len(out) < 2:
+            break
+        where = data.draw(st.integers(0, len(out) - 1))
+        kind = data.draw(st.sampled_from(["flip", "truncate", "delete"]))
+        if kind == "flip":
+            out[where] ^= 1 << data.draw(st.integers(0, 7))
+        elif kind == "truncate":
+            del out[max(where, 1):]
+        else:
+            del out[where:where + data.draw(st.integers(1, 16))]
+    (tmp_path / "f.delta").write_bytes(bytes(out))
+    move_everywhere(tmp_path / "f.delta", plains)
+
+
+JUNK = st.none() | st.integers(-3, 50) | st.lists(st.integers(-3, 50), max_size=3) | st.text(max_size=4) | st.just({})
+
+
+@FUZZ
+@given(segment=st.integers(1, 6), field=st.sampled_from(["source", "target", "graph", "source_shapes", "steps", "runs"]),
+       entry=st.integers(0, 1000), whole=st.booleans(), junk=JUNK)
+def test_fuzz_delta_contents_with_valid_checksums(tmp_path, delta_file, segment, field, entry, whole, junk):
+    """A hostile file whose checksums match its (edited) contents: still only `LoadError`s."""
+    raw, plains = delta_file
+    length = struct.unpack("<Q", raw[8:16])[0]
+    index = json.loads(raw[48:48 + length])
+    blobs = [raw[48 + length + e["offset"]:48 + length + e["offset"] + e["length"]] for e in index["segments"]]
+    k = segment % (len(blobs) - 1) + 1  # a delta segment (0 is the base model): edit its JSON
+    head = struct.unpack("<Q", blobs[k][:8])[0]
+    header = json.loads(blobs[k][8:8 + head])
+    meta = json.loads(header["__metadata__"]["torch_dag.delta"])
+    if isinstance(meta[field], dict) and meta[field] and not whole:
+        meta[field][sorted(meta[field])[entry % len(meta[field])]] = junk
+    else:
+        meta[field] = junk
+    header["__metadata__"]["torch_dag.delta"] = json.dumps(meta)
+    new_head = json.dumps(header).encode()
+    new_head += b" " * (-len(new_head) % 8)
+    blobs[k] = struct.pack("<Q", len(new_head)) + new_head + blobs[k][8 + head:]
+    offset = 0
+    for item, blob in zip(index["segments"], blobs):
+        item.update(offset=offset, length=len(blob), sha256=hashlib.sha256(blob).hexdigest())
+        offset += len(blob)
+    index_bytes = json.dumps(index).encode()
+    out = (raw[:8] + struct.pack("<Q", len(index_bytes)) + hashlib.sha256(index_bytes).digest() + index_bytes
+           + b"".join(blobs))
+    (tmp_path / "f.delta").write_bytes(out)
+    move_everywhere(tmp_path / "f.delta", plains)

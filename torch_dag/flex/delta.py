@@ -22,6 +22,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
+import mmap
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -34,7 +36,7 @@ import torch
 
 from ..core.dag import DagModule
 from ..core.errors import DagError, LoadError
-from ..serde.format import build, dumps, graph_and_tensors, loads, write_atomic
+from ..serde.format import build, dumps, graph_and_tensors, loads, tensor_views, write_atomic
 from .model import FlexDagModule, is_flex
 from .serde import index_runs
 
@@ -104,6 +106,10 @@ class LevelDelta:
 
     def apply(self, plain: DagModule) -> None:
         """Turn `plain` (a plain model of level `source`) into the plain model of level `target`, in place."""
+        self._commit(plain, self._prepare(plain), graph_and_tensors(plain)[0])
+
+    def _prepare(self, plain: DagModule) -> dict[str, torch.Tensor]:
+        """The target's tensors, made from `plain`'s (checked to be the source level's); `plain` is untouched."""
         if type(plain) is not DagModule:
             raise DagError(f"a level delta applies to a plain DagModule (make_base_copy()), not {type(plain).__name__}")
         state = plain.state_dict(keep_vars=True)
@@ -113,34 +119,68 @@ class LevelDelta:
             raise DagError(f"this delta moves level {self.source} -> {self.target}, but the model is not at level "
                            f"{self.source}: {wrong} has shape {shapes.get(wrong)}, expected {self.source_shapes[wrong]}")
         with torch.no_grad():
-            tensors = {key: self._make(key, state[key].detach()) for key in self.source_shapes}
-        graph = graph_and_tensors(plain)[0]
+            return {key: self._make(key, state[key].detach()) for key in self.source_shapes}
+
+    def _commit(self, plain: DagModule, tensors: dict[str, torch.Tensor], graph: dict[str, Any]) -> dict[str, Any]:
+        """Rebuild `plain` in place from its graph JSON (`graph`, as `graph_and_tensors` gives it) with the
+        delta's changes and the target's `tensors`; returns the target's graph JSON."""
         changed = self.graph["vertices"]
-        graph["vertices"] = [changed.get(entry["name"], entry) for entry in graph["vertices"]]
-        graph.update({k: v for k, v in self.graph.items() if k != "vertices"})
+        graph = {**graph, **{k: v for k, v in self.graph.items() if k != "vertices"},
+                 "vertices": [changed.get(entry["name"], entry) for entry in graph["vertices"]]}
         moved = build(graph, tensors, f"level delta {self.source} -> {self.target}")
         training = plain.training
         plain.__dict__.clear()
         plain.__dict__.update(moved.__dict__)
         if plain.training != training:
             plain.train(training)
+        return graph
 
     def _make(self, key: str, old: torch.Tensor) -> torch.Tensor:
         step = self.steps.get(key)
         if step is None:
-            return self.values.get(key, old)
+            return self.values[key].clone() if key in self.values else old
         if "shrink" in step:
             for axis, runs in step["shrink"]:
-                old = old.index_select(axis, torch.from_numpy(_indices(self.runs[runs])))
+                old = _take(old, axis, self._index(runs))
             return old
-        positions = [(axis, self.runs[runs]) for axis, runs in step["expand"]]
-        new = torch.empty(step["shape"], dtype=old.dtype)
-        covered = torch.zeros(step["shape"], dtype=torch.bool)
-        index = _region(positions, new.dim())
-        new[index] = old
-        covered[index] = True
-        new[~covered] = self.values[key]
-        return new
+        shape, axes = list(step["shape"]), [(axis, self._index(runs)) for axis, runs in step["expand"]]
+        pieces, region = [], list(shape)  # the pieces' shapes (see `_outside`), outermost first
+        for axis, on in axes:
+            count = on[1] if isinstance(on, tuple) else len(on)
+            pieces.append([*region[:axis], shape[axis] - count, *region[axis + 1:]])
+            region[axis] = count
+        sizes = [math.prod(p) for p in pieces]
+        value = self.values[key]
+        if value.numel() != sum(sizes) or list(old.shape) != region:
+            raise DagError(f"{key}: the delta's values do not fit a {shape} tensor around a {list(old.shape)} one")
+        parts = value.split(sizes)
+        offs = [_complement(on, shape[axis]) for axis, on in axes]
+        if all(isinstance(on, tuple) for _, on in axes) and all(isinstance(o, tuple) or not len(o) for o in offs):
+            new = torch.empty(shape, dtype=old.dtype)  # all contiguous: copy each part once, into place
+            view = new
+            for (axis, on), off, piece, part in zip(axes, offs, pieces, parts):
+                if len(off):
+                    view.narrow(axis, *off).copy_(part.reshape(piece))
+                view = view.narrow(axis, *on)
+            view.copy_(old)
+            return new
+        for (axis, on), off, piece, part in reversed(list(zip(axes, offs, pieces, parts))):
+            outer = list(old.shape)
+            outer[axis] = shape[axis]
+            new = torch.empty(outer, dtype=old.dtype)
+            _put(new, axis, on, old)
+            _put(new, axis, off, part.reshape(piece))
+            old = new
+        return old
+
+    def _index(self, runs: int) -> torch.Tensor | tuple[int, int]:
+        """Run list `runs` as (start, length) when it is one run, else as an index tensor (cached)."""
+        cache = self.__dict__.setdefault("_indices", {})
+        if runs not in cache:
+            spans = self.runs[runs]
+            cache[runs] = (spans[0][0], spans[0][1] - spans[0][0]) if len(spans) == 1 else torch.from_numpy(
+                _indices(spans))
+        return cache[runs]
 
     # --- bytes --------------------------------------------------------------------------------------
 
@@ -151,18 +191,64 @@ class LevelDelta:
                                       metadata={_META: json.dumps(meta, separators=(",", ":"))})
 
     @classmethod
-    def from_bytes(cls, data: bytes, where: str = "<delta>") -> LevelDelta:
+    def from_bytes(cls, data: bytes | bytearray | memoryview, where: str = "<delta>") -> LevelDelta:
+        """The delta in `data` (`to_bytes`); its tensors are views into a writable buffer given here."""
+        data = bytearray(data) if isinstance(data, bytes) else data
         try:
-            values = safetensors.torch.load(data)
-            header_len = struct.unpack("<Q", data[:8])[0]
-            meta = json.loads(json.loads(data[8:8 + header_len])["__metadata__"][_META])
-            delta = cls(int(meta["source"]), int(meta["target"]), meta["graph"], meta["source_shapes"],
-                        meta["steps"], meta["runs"], values)
+            header, values = tensor_views(data, where)
+            meta = json.loads(header["__metadata__"][_META])
+        except LoadError:
+            raise
         except Exception as e:
             raise LoadError(f"{where}: not a readable level delta ({type(e).__name__}: {e})") from None
-        if not set(delta.steps) | set(values) <= set(delta.source_shapes):
-            raise LoadError(f"{where}: the delta names tensors its models do not have")
-        return delta
+        _check_meta(meta, values, where)
+        return cls(meta["source"], meta["target"], meta["graph"], meta["source_shapes"], meta["steps"], meta["runs"],
+                   values)
+
+
+def _check_meta(meta: Any, values: dict[str, torch.Tensor], where: str) -> None:
+    """Refuse a delta whose JSON does not have the shape `to_bytes` writes (a hostile or broken file)."""
+
+    def expect(ok: bool, what: str) -> None:
+        if not ok:
+            raise LoadError(f"{where}: malformed level delta: {what}")
+
+    def ints(value: Any, length: int | None = None) -> bool:
+        return (isinstance(value, list) and all(type(v) is int and v >= 0 for v in value)
+                and (length is None or len(value) == length))
+
+    expect(isinstance(meta, dict) and all(k in meta for k in ("source", "target", "graph", "source_shapes",
+                                                                 "steps", "runs")), "missing fields")
+    expect(type(meta["source"]) is int and type(meta["target"]) is int and abs(meta["source"] - meta["target"]) == 1,
+           "source and target must be neighbouring levels")
+    graph = meta["graph"]
+    expect(isinstance(graph, dict) and isinstance(graph.get("vertices"), dict)
+           and all(isinstance(v, dict) and v.get("name") == k for k, v in graph["vertices"].items())
+           and isinstance(graph.get("tied", {}), dict) and isinstance(graph.get("frozen", []), list),
+           "the graph changes must map vertex names to vertex entries")
+    shapes = meta["source_shapes"]
+    expect(isinstance(shapes, dict) and all(ints(v) for v in shapes.values()), "source_shapes must map names to shapes")
+    runs = meta["runs"]
+    expect(isinstance(runs, list) and all(isinstance(r, list) and all(ints(span, 2) and span[0] <= span[1]
+                                                                      for span in r) for r in runs),
+           "runs must be lists of [start, stop) spans")
+    expect(isinstance(meta["steps"], dict), "steps must be an object")
+    for key, step in meta["steps"].items():
+        ndim = len(shapes.get(key, []))
+        kind = "shrink" if isinstance(step, dict) and "shrink" in step else "expand"
+        cuts = step.get(kind) if isinstance(step, dict) else None
+        expect(key in shapes and isinstance(cuts, list) and all(ints(c, 2) and c[0] < ndim and c[1] < len(runs)
+                                                                 for c in cuts), f"bad step for {key!r}")
+        if kind == "expand":
+            expect(ints(step.get("shape"), ndim) and key in values, f"bad expansion of {key!r}")
+            for axis, index in cuts:
+                spans = runs[index]
+                expect(not spans or spans[-1][1] <= step["shape"][axis], f"{key!r}: positions outside the tensor")
+        else:
+            for axis, index in cuts:
+                spans = runs[index]
+                expect(not spans or spans[-1][1] <= shapes[key][axis], f"{key!r}: positions outside the tensor")
+    expect(set(values) <= set(shapes), "the delta names tensors its models do not have")
 
 
 def _graph_change(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
@@ -198,9 +284,19 @@ def _param_step(tensor: torch.Tensor, source_cuts: list, target_cuts: list, up: 
         return None, None
     if not up:
         return {"shrink": positions}, None
-    covered = torch.zeros(tensor.shape, dtype=torch.bool)
-    covered[_region(positions, tensor.dim())] = True
-    return {"expand": positions, "shape": list(tensor.shape)}, tensor[~covered].clone()
+    return {"expand": positions, "shape": list(tensor.shape)}, _outside(tensor, positions)
+
+
+def _outside(tensor: torch.Tensor, positions: list) -> torch.Tensor:
+    """The entries of `tensor` outside the outer product of the per-axis `positions`, flat, in pieces: for
+    each axis in turn, the entries off its positions among those on the earlier axes' positions."""
+    pieces = []
+    for axis, runs in positions:
+        on = _indices(runs)
+        off = _complement(on, tensor.shape[axis])
+        pieces.append(_take(tensor, axis, off if isinstance(off, tuple) else torch.from_numpy(off)).reshape(-1))
+        tensor = tensor.index_select(axis, torch.from_numpy(on))
+    return torch.cat(pieces)
 
 
 def _other_value(key: str, tensor: torch.Tensor, flex: FlexDagModule, source: int, before: dict[str, list[int]]
@@ -218,17 +314,35 @@ def _other_value(key: str, tensor: torch.Tensor, flex: FlexDagModule, source: in
 
 
 def _indices(runs: list[list[int]]) -> np.ndarray:
-    return np.concatenate([np.arange(a, b) for a, b in runs]) if runs else np.zeros(0, dtype=np.int64)
+    """The integers of runs [start, stop), in order."""
+    spans = np.asarray(runs, dtype=np.int64).reshape(-1, 2)
+    lengths = spans[:, 1] - spans[:, 0]
+    if (lengths < 0).any():
+        raise DagError(f"runs must have start <= stop, got {runs[:4]}")
+    offsets = np.repeat(spans[:, 0] - (np.cumsum(lengths) - lengths), lengths)
+    return np.arange(int(lengths.sum()), dtype=np.int64) + offsets
 
 
-def _region(positions: list, ndim: int) -> tuple:
-    """An index selecting the outer product of per-axis positions (axes 0 and 1 are adjacent)."""
-    index: list[Any] = [slice(None)] * ndim
-    for k, (axis, runs) in enumerate(positions):
-        shape = [1] * len(positions)
-        shape[k] = -1
-        index[axis] = torch.from_numpy(_indices(runs)).reshape(shape)
-    return tuple(index)
+def _complement(on: np.ndarray | torch.Tensor | tuple[int, int], size: int) -> np.ndarray | tuple[int, int]:
+    """The positions of range(size) not in `on`."""
+    if isinstance(on, tuple):
+        on = np.arange(on[0], on[0] + on[1])
+    mask = np.ones(size, dtype=bool)
+    mask[np.asarray(on)] = False
+    off = np.flatnonzero(mask)
+    return (int(off[0]), len(off)) if len(off) and off[-1] - off[0] + 1 == len(off) else off
+
+
+def _take(tensor: torch.Tensor, axis: int, where: torch.Tensor | tuple[int, int]) -> torch.Tensor:
+    return tensor.narrow(axis, *where).contiguous() if isinstance(where, tuple) else tensor.index_select(axis, where)
+
+
+def _put(tensor: torch.Tensor, axis: int, where: np.ndarray | torch.Tensor | tuple[int, int], value: torch.Tensor
+         ) -> None:
+    if isinstance(where, tuple):
+        tensor.narrow(axis, *where).copy_(value)
+    elif len(where):
+        tensor.index_copy_(axis, torch.as_tensor(where), value)
 
 
 # --- managers -------------------------------------------------------------------------------------
@@ -282,12 +396,15 @@ class FileDeltaManager:
         self._file = self.path.open("rb")
         try:
             self.index, self._data_start = _read_index(self._file, self.path)
+            # segments are read through a private mapping: straight from the page cache, no copy
+            self._map = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_COPY)
         except BaseException:
             self._file.close()
             raise
         self.max_level = int(self.index["levels"]) - 1
         self.level: int | None = None
         self._model: DagModule | None = None
+        self._graph: dict[str, Any] = {}  # the model's graph JSON, kept in step with it
         self.bytes_read = 0
 
     @staticmethod
@@ -322,26 +439,45 @@ class FileDeltaManager:
         """The plain model at `level` (the same model object, moved in place, on every call)."""
         _check_level(level, self.max_level)
         if self._model is None:
-            self._model = loads(self._segment("base"), where=f"{self.path} base")
+            data, digest = self._segment("base")
+            self._check(data, digest, "base")
+            self._model = loads(data, where=f"{self.path} base")
+            self._graph = graph_and_tensors(self._model)[0]
             self.level = int(self.index["starting_level"])
         for source, target in _path(self.level, level):
             name = f"{'up' if target > source else 'down'}/{target}"
-            LevelDelta.from_bytes(self._segment(name), f"{self.path} {name}").apply(self._model)
+            data, digest = self._segment(name)
+            self._check(data, digest, name)
+            delta = LevelDelta.from_bytes(data, f"{self.path} {name}")
+            try:  # the model stays as it was if the delta cannot be applied
+                self._graph = delta._commit(self._model, delta._prepare(self._model), self._graph)
+            except LoadError:
+                raise
+            except Exception as e:  # the file's delta does not fit the file's own models
+                raise LoadError(f"{self.path}: segment {name!r} does not apply ({type(e).__name__}: "
+                                f"{str(e)[:200]})") from None
             self.level = target
         return self._model
 
-    def _segment(self, name: str) -> bytes:
+    def _segment(self, name: str) -> tuple[memoryview, str]:
+        """The bytes of segment `name` and the SHA-256 the index gives for them (not yet checked)."""
         entry = self.index["by_name"].get(name)
         if entry is None:
             raise LoadError(f"{self.path}: no segment {name!r} in the delta file")
-        self._file.seek(self._data_start + entry["offset"])
-        data = self._file.read(entry["length"])
-        self.bytes_read += len(data)
-        if len(data) != entry["length"] or hashlib.sha256(data).hexdigest() != entry["sha256"]:
-            raise LoadError(f"{self.path}: segment {name!r} is corrupted (checksum mismatch or truncated)")
-        return data
+        start = self._data_start + entry["offset"]
+        if start + entry["length"] > len(self._map):
+            raise LoadError(f"{self.path}: segment {name!r} is truncated")
+        self.bytes_read += entry["length"]
+        return memoryview(self._map)[start:start + entry["length"]], entry["sha256"]
+
+    def _check(self, data: bytes, digest: str, name: str) -> None:
+        if hashlib.sha256(data).hexdigest() != digest:
+            raise LoadError(f"{self.path}: segment {name!r} is corrupted (checksum mismatch)")
 
     def close(self) -> None:
+        self._model = None
+        with contextlib.suppress(BufferError):  # a caller still holds a view of a segment: it keeps the map
+            self._map.close()
         self._file.close()
 
 

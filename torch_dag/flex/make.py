@@ -1,8 +1,10 @@
 """`make_flexible`: one pass that turns every prunable channel group into nested, weight-shared widths.
 
-The channel groups and importance scores are the pruning analysis's. Each prunable group ranks its
-channel classes by importance; a level keeps the top k of every group (k from the level's width), so
-each level's channels contain the previous level's and every kept set is the best one of its size.
+The channel groups and importance scores are the pruning analysis's. First each prunable group's
+channels are sorted by importance (physically, in every member: a function-preserving permutation,
+checked on the example inputs), so a level that keeps the top k channels of a group keeps the first k
+of each run of that group's channels along an axis: a prefix in a plain chain or residual stream, one
+per query/key/value or per conv group. Levels are nested and each keeps the best channels of its size.
 Every vertex that holds weights for a prunable group becomes a `FlexModule` whose level i reads the
 kept channels; call templates that spell widths out (split sizes, slice bounds) get one per level.
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -29,6 +32,7 @@ from ..pruning import surgery
 from ..pruning.channels import ChannelGroups, Group, Role
 from ..pruning.groups import channel_groups
 from ..pruning.prune import _FlopModel, channel_scores, must_keep
+from ..testing import compare_outputs
 from .model import FlexDagModule, is_flex
 from .modules import Cuts, FlexModule
 
@@ -44,6 +48,7 @@ class FlexConfig:
     min_channels: int = 1
     attention: str = "heads"  # heads | head_dim
     seed: int = 0
+    reorder: bool = True  # sort channels by importance first, so that levels take the first ones
 
 
 @dataclass
@@ -126,6 +131,8 @@ def make_flexible(dag: DagModule, levels: Sequence[float | Sequence[float | int]
     if not prunable:
         raise DagError("no prunable channel group: nothing can be made flexible " + groups.summary()[:300])
     scores = channel_scores(dag, groups, config.criterion, config.seed, calibration)
+    if config.reorder:
+        dag, scores = _reorder(dag, groups, prunable, scores, example_inputs)
     ranking = [np.argsort([-scores.get(r, 0.0) for r in g.channels], kind="stable") for g in prunable]
     plan = WidthPlan(groups, prunable, [np.asarray(g.channels)[r] for g, r in zip(prunable, ranking)],
                      must_keep(groups), config)
@@ -175,6 +182,100 @@ def apply_widths(flex: FlexDagModule, plan: WidthPlan, widths: Sequence[float | 
             vertex.args, changed = role.rewrite(keep), True
     if changed:
         flex.recompile()
+
+
+def _reorder(dag: DagModule, groups: ChannelGroups, prunable: list[Group], scores: dict[int, float],
+             example_inputs: tuple) -> tuple[DagModule, dict[int, float]]:
+    """`dag` with each prunable group's channels sorted by importance, and the scores of the classes at
+    their new places. Along an axis, a group's channels lie in runs (a residual stream: one run; the
+    query, key and value of attention: one each; a grouped conv's inputs: one per group); each run is
+    sorted, so every level keeps the first channels of each run (contiguous slices, cheap deltas). The
+    result is checked on `example_inputs`; a group whose order the graph does not carry (the rules tie
+    its channels, but an op in between shuffles them) keeps its channels in place."""
+    rank = {}
+    for index, group in enumerate(prunable):
+        best_first = sorted(group.channels, key=lambda root: -scores.get(root, 0.0))
+        rank.update({root: (index, k) for k, root in enumerate(best_first)})
+
+    def reordered(allowed: set[int]) -> DagModule:
+        cache: dict[bytes, np.ndarray] = {}
+
+        def order(ids: np.ndarray) -> np.ndarray:
+            key = ids.tobytes()
+            if key not in cache:
+                cache[key] = _sorted_runs(groups.root(ids), rank, allowed)
+            return cache[key]
+
+        return surgery.permute(dag, groups, order)
+
+    reference = _outputs(dag, example_inputs)
+
+    def agrees(candidate: DagModule) -> bool:
+        return compare_outputs(reference, _outputs(candidate, example_inputs), rtol=1e-4)[0]
+
+    everything = allowed = set(range(len(prunable)))
+    candidate = reordered(allowed)
+    if not agrees(candidate):
+        allowed = {g for g in everything if agrees(reordered({g}))}
+        candidate = reordered(allowed)
+        if not agrees(candidate):
+            allowed, candidate = set(), dag
+        kept = [prunable[g].producers[0] for g in sorted(everything - allowed)]
+        warnings.warn(f"{len(kept)} channel groups keep their channel order (an op between their members "
+                      f"moves channels): {', '.join(kept[:5])}{' ...' if len(kept) > 5 else ''}", stacklevel=3)
+    moved = dict(scores)
+    for ids in groups.producers.values():  # the class now at position j had the score of the one at order[j]
+        roots = groups.root(ids)
+        order = _sorted_runs(roots, rank, allowed)
+        for new, old in zip(roots.tolist(), roots[order].tolist()):
+            if new in rank:
+                moved[new] = scores.get(old, 0.0)
+    return candidate, moved
+
+
+def _sorted_runs(roots: np.ndarray, rank: dict[int, tuple[int, int]], allowed: set[int]) -> np.ndarray:
+    """Positions along an axis of class `roots`, each run of one group's classes sorted by rank. A run is
+    made of blocks (a class over side-by-side positions: an attention head) and ends where the group
+    changes or a class comes back (the next head's positions, the next conv group)."""
+    order = np.arange(len(roots))
+    blocks: list[tuple[int, int, int]] = []  # (start, stop, root) of side-by-side positions of one class
+    for position, root in enumerate(roots.tolist()):
+        if blocks and blocks[-1][2] == root and blocks[-1][1] == position:
+            blocks[-1] = (blocks[-1][0], position + 1, root)
+        else:
+            blocks.append((position, position + 1, root))
+    run: list[tuple[int, int, int]] = []
+    seen: set[int] = set()
+
+    def flush() -> None:
+        if len(run) > 1:
+            start = run[0][0]
+            placed = sorted(run, key=lambda block: rank[block[2]][1])
+            order[start:run[-1][1]] = np.concatenate([np.arange(a, b) for a, b, _ in placed])
+        run.clear()
+        seen.clear()
+
+    for block in blocks:
+        key = rank.get(block[2])
+        if key is None or key[0] not in allowed:
+            flush()
+            continue
+        if run and (rank[run[0][2]][0] != key[0] or block[2] in seen):
+            flush()
+        run.append(block)
+        seen.add(block[2])
+    flush()
+    return order
+
+
+def _outputs(dag: DagModule, inputs: tuple) -> Any:
+    was = dag.training
+    dag.eval()
+    try:
+        with torch.no_grad():
+            return dag(*inputs)
+    finally:
+        dag.train(was)
 
 
 def _keep(groups: ChannelGroups, removed: np.ndarray) -> Keep:

@@ -7,8 +7,10 @@ level i's channels contain level i-1's. At run time the skeleton is called with 
 so gradients reach the shared full-width weights from every level.
 
 The hand-written building blocks (`Conv2d`, `Linear`, `BatchNorm2d`, `LayerNorm`, `MultiheadAttention`)
-use prefixes of the channels; `make_flexible` builds the same `FlexModule` with the channels a group's
-importance ranking chose, so both kinds convert, save, load and move between levels alike.
+use prefixes of the channels; `make_flexible` builds the same `FlexModule` after sorting channels by
+importance, so its levels too take prefixes (of each run of a group's channels, e.g. per attention
+projection); both kinds convert, save, load and move between levels alike. Contiguous index sets are
+read as views (`narrow`), others with `index_select`.
 """
 
 from __future__ import annotations

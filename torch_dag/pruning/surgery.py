@@ -58,23 +58,50 @@ def _fix_config(module: nn.Module, n_in: int | None, n_out: int | None) -> None:
 
 def slice_plan(module: nn.Module, role: Role, in_mask: np.ndarray | None, out_mask: np.ndarray | None
                ) -> dict[str, list[tuple[int, np.ndarray]]]:
-    """Which indices along which axes of each of `module`'s tensors the masks keep: {attr: [(axis, index)]}
-    (an attribute whose channels are all kept is left out)."""
+    """Which indices along which axes of each of `module`'s tensors the selections keep: {attr: [(axis,
+    index)]}. A selection is a boolean mask over an axis's channel ids or, for a reordering, the positions
+    to take in order; an attribute that keeps all its channels in place is left out."""
     plan: dict[str, list[tuple[int, np.ndarray]]] = {}
     if role.axis is not None:  # a Parameter / Constant operand
         attr = "weight" if "weight" in module._parameters else "value"
-        if in_mask is not None and not in_mask.all():
-            plan[attr] = [(role.axis, np.flatnonzero(in_mask))]
+        if in_mask is not None and not _whole(in_mask):
+            plan[attr] = [(role.axis, _positions(in_mask))]
         return plan
     masks = {"in": in_mask, "out": out_mask}
     if in_mask is not None and kind(module) == "Grouped":  # weight axis 1 holds one group's positions
-        masks["in_group"] = in_mask.reshape(module.groups, -1)[0]
+        masks["in_group"] = _in_group(in_mask, module.groups)
     for attr, axis, side in SLICES[kind(module)]:
         tensor, mask = getattr(module, attr, None), masks.get(side)
-        if tensor is None or mask is None or tensor.dim() <= axis or mask.all():
+        if tensor is None or mask is None or tensor.dim() <= axis or _whole(mask):
             continue
-        plan.setdefault(attr, []).append((axis, np.flatnonzero(mask)))
+        plan.setdefault(attr, []).append((axis, _positions(mask)))
     return plan
+
+
+def _positions(selection: np.ndarray) -> np.ndarray:
+    return np.flatnonzero(selection) if selection.dtype == bool else selection
+
+
+def _whole(selection: np.ndarray) -> bool:
+    """Whether a selection keeps every channel where it is."""
+    if selection.dtype == bool:
+        return bool(selection.all())
+    return bool((selection == np.arange(len(selection))).all())
+
+
+def _count(selection: np.ndarray) -> int:
+    return int(selection.sum()) if selection.dtype == bool else len(selection)
+
+
+def _in_group(selection: np.ndarray, groups: int) -> np.ndarray:
+    """A grouped conv's selection within one group (the weight's axis 1); every group must agree."""
+    if selection.dtype == bool:
+        return selection.reshape(groups, -1)[0]
+    per_group = selection.reshape(groups, -1)
+    first = per_group[0]
+    if not (per_group - per_group[:, :1] == first - first[0]).all() or first.min() != 0:
+        raise ValueError("a reordering of a grouped conv's inputs must move the channels of every group alike")
+    return first
 
 
 def take(tensor: torch.Tensor, cuts: list[tuple[int, np.ndarray]]) -> torch.Tensor:
@@ -96,8 +123,8 @@ def slice_module(module: nn.Module, role: Role, in_mask: np.ndarray | None, out_
         if attr in new._parameters or attr in new._buffers:
             _set(new, attr, take(getattr(module, attr), cuts))
     if role.axis is None:
-        n_in = int(in_mask.sum()) if in_mask is not None else _size(module, "in")
-        n_out = int(out_mask.sum()) if out_mask is not None else _size(module, "out")
+        n_in = _count(in_mask) if in_mask is not None else _size(module, "in")
+        n_out = _count(out_mask) if out_mask is not None else _size(module, "out")
         _fix_config(new, n_in, n_out)
     return new
 
@@ -132,4 +159,19 @@ def apply(dag: DagModule, groups: ChannelGroups, keep: Callable[[np.ndarray], np
         if (in_mask is None or in_mask.all()) and (out_mask is None or out_mask.all()):
             continue
         editor.set_module(name, slice_module(editor[name].module, role, in_mask, out_mask))
+    return editor.build()
+
+
+def permute(dag: DagModule, groups: ChannelGroups, order: Callable[[np.ndarray], np.ndarray]) -> DagModule:
+    """A new DAG with every role's tensors reordered: the channels along an axis of ids `ids` taken in the
+    order `order(ids)` (positions). The caller makes orders that agree along every path through the graph."""
+    editor = Editor(dag)
+    for name, role in groups.roles.items():
+        if role.axis is None and kind(editor[name].module) is None:
+            continue  # holds no channels (a split's sizes stay: orders move channels within their parts)
+        in_order = order(role.in_ids) if role.in_ids is not None else None
+        out_order = order(role.out_ids) if role.out_ids is not None else None
+        if (in_order is None or _whole(in_order)) and (out_order is None or _whole(out_order)):
+            continue
+        editor.set_module(name, slice_module(editor[name].module, role, in_order, out_order))
     return editor.build()

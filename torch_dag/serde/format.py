@@ -206,15 +206,11 @@ def load(path: str | os.PathLike, *, strict_checksum: bool = True) -> DagModule:
     return _checked_build(graph, tensors, str(path), strict_checksum)
 
 
-def loads(data: bytes, *, where: str = "<bytes>", strict_checksum: bool = True) -> DagModule:
+def loads(data: bytes | bytearray | memoryview, *, where: str = "<bytes>", strict_checksum: bool = True) -> DagModule:
     """`load` from the bytes of a `.dag` file."""
-    header = _read_header(data, len(data), where)
+    header, views = tensor_views(bytearray(data) if isinstance(data, bytes) else data, where)
     graph = _read_graph(where, header)
-    try:
-        tensors = {key: t.clone() for key, t in safetensors.torch.load(data).items()}
-    except Exception as e:
-        raise LoadError(f"{where}: weights are unreadable ({type(e).__name__}: {e})") from None
-    return _checked_build(graph, tensors, where, strict_checksum)
+    return _checked_build(graph, {key: t.clone() for key, t in views.items()}, where, strict_checksum)
 
 
 def _checked_build(graph: dict[str, Any], tensors: dict[str, torch.Tensor], where: str, strict_checksum: bool
@@ -240,6 +236,30 @@ _ITEM_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16
                "BOOL": 1, "U16": 2, "U32": 4, "U64": 8, "F8_E4M3": 1, "F8_E5M2": 1}
 
 
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                       "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def tensor_views(data: bytearray | memoryview, where: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The checked header of safetensors bytes and its tensors as views into `data` (no copy: the caller
+    keeps `data` alive and clones what it keeps)."""
+    header = _read_header(data, len(data), where)
+    start = 8 + struct.unpack("<Q", data[:8])[0]
+    tensors = {}
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        dtype = _SAFETENSORS_DTYPES.get(info["dtype"])
+        _expect(dtype is not None, f"{where}: tensor {key!r} has a dtype torch_dag does not read ({info['dtype']})")
+        begin, end = info["data_offsets"]
+        flat = (torch.frombuffer(data, dtype=torch.uint8, count=end - begin, offset=start + begin) if end > begin
+                else torch.empty(0, dtype=torch.uint8))
+        tensors[key] = flat.view(dtype).reshape(info["shape"]) if flat.numel() else torch.empty(info["shape"],
+                                                                                                 dtype=dtype)
+    return header, tensors
+
+
 def _read_header(start: bytes, size: int, where: str) -> dict[str, Any]:
     """Read and check the safetensors header ourselves (from the file's first bytes, `start`, and its
     `size`), so no malformed file reaches the parser."""
@@ -248,7 +268,7 @@ def _read_header(start: bytes, size: int, where: str) -> dict[str, Any]:
     (header_len,) = struct.unpack("<Q", start[:8])
     if header_len > min(_MAX_HEADER, size - 8):
         raise LoadError(f"{where}: header length {header_len} exceeds the file; truncated or not a DAG")
-    raw = start[8:8 + header_len]
+    raw = bytes(start[8:8 + header_len])
     try:
         header = json.loads(raw)
     except (ValueError, RecursionError) as e:
