@@ -36,7 +36,7 @@ import torch
 
 from ..core.dag import DagModule
 from ..core.errors import DagError, LoadError
-from ..serde.format import build, dumps, graph_and_tensors, loads, tensor_views, write_atomic
+from ..serde.format import dumps, graph_and_tensors, loads, rebuild, tensor_views, write_atomic
 from .model import FlexDagModule, is_flex
 from .serde import index_runs
 
@@ -122,12 +122,13 @@ class LevelDelta:
             return {key: self._make(key, state[key].detach()) for key in self.source_shapes}
 
     def _commit(self, plain: DagModule, tensors: dict[str, torch.Tensor], graph: dict[str, Any]) -> dict[str, Any]:
-        """Rebuild `plain` in place from its graph JSON (`graph`, as `graph_and_tensors` gives it) with the
-        delta's changes and the target's `tensors`; returns the target's graph JSON."""
+        """Move `plain` in place to the target: its graph JSON (`graph`, as `graph_and_tensors` gives it)
+        with the delta's vertex entries, and the target's `tensors`; returns the target's graph JSON. Only
+        the vertices the delta changes get new modules."""
         changed = self.graph["vertices"]
         graph = {**graph, **{k: v for k, v in self.graph.items() if k != "vertices"},
                  "vertices": [changed.get(entry["name"], entry) for entry in graph["vertices"]]}
-        moved = build(graph, tensors, f"level delta {self.source} -> {self.target}")
+        moved = rebuild(plain, graph, set(changed), tensors, f"level delta {self.source} -> {self.target}")
         training = plain.training
         plain.__dict__.clear()
         plain.__dict__.update(moved.__dict__)
@@ -146,40 +147,32 @@ class LevelDelta:
         shape, axes = list(step["shape"]), [(axis, self._index(runs)) for axis, runs in step["expand"]]
         pieces, region = [], list(shape)  # the pieces' shapes (see `_outside`), outermost first
         for axis, on in axes:
-            count = on[1] if isinstance(on, tuple) else len(on)
-            pieces.append([*region[:axis], shape[axis] - count, *region[axis + 1:]])
-            region[axis] = count
+            pieces.append([*region[:axis], shape[axis] - _count(on), *region[axis + 1:]])
+            region[axis] = _count(on)
         sizes = [math.prod(p) for p in pieces]
         value = self.values[key]
         if value.numel() != sum(sizes) or list(old.shape) != region:
             raise DagError(f"{key}: the delta's values do not fit a {shape} tensor around a {list(old.shape)} one")
-        parts = value.split(sizes)
-        offs = [_complement(on, shape[axis]) for axis, on in axes]
-        if all(isinstance(on, tuple) for _, on in axes) and all(isinstance(o, tuple) or not len(o) for o in offs):
-            new = torch.empty(shape, dtype=old.dtype)  # all contiguous: copy each part once, into place
-            view = new
-            for (axis, on), off, piece, part in zip(axes, offs, pieces, parts):
-                if len(off):
-                    view.narrow(axis, *off).copy_(part.reshape(piece))
-                view = view.narrow(axis, *on)
-            view.copy_(old)
+        parts = [part.reshape(piece) for part, piece in zip(value.split(sizes), pieces)]
+        axes = [(axis, on, _complement(on, shape[axis])) for axis, on in axes]
+        if all(isinstance(on, list) for _, on, _ in axes):  # few runs: copy everything once, into place
+            new = torch.empty(shape, dtype=old.dtype)
+            _fill(new, axes, old, parts)
             return new
-        for (axis, on), off, piece, part in reversed(list(zip(axes, offs, pieces, parts))):
+        for (axis, on, off), part in reversed(list(zip(axes, parts))):  # scattered: grow axis by axis
             outer = list(old.shape)
             outer[axis] = shape[axis]
             new = torch.empty(outer, dtype=old.dtype)
             _put(new, axis, on, old)
-            _put(new, axis, off, part.reshape(piece))
+            _put(new, axis, off, part)
             old = new
         return old
 
-    def _index(self, runs: int) -> torch.Tensor | tuple[int, int]:
-        """Run list `runs` as (start, length) when it is one run, else as an index tensor (cached)."""
-        cache = self.__dict__.setdefault("_indices", {})
+    def _index(self, runs: int) -> Where:
+        """The positions of run list `runs` (cached)."""
+        cache = self.__dict__.setdefault("_where", {})
         if runs not in cache:
-            spans = self.runs[runs]
-            cache[runs] = (spans[0][0], spans[0][1] - spans[0][0]) if len(spans) == 1 else torch.from_numpy(
-                _indices(spans))
+            cache[runs] = _where(_indices(self.runs[runs]))
         return cache[runs]
 
     # --- bytes --------------------------------------------------------------------------------------
@@ -292,10 +285,9 @@ def _outside(tensor: torch.Tensor, positions: list) -> torch.Tensor:
     each axis in turn, the entries off its positions among those on the earlier axes' positions."""
     pieces = []
     for axis, runs in positions:
-        on = _indices(runs)
-        off = _complement(on, tensor.shape[axis])
-        pieces.append(_take(tensor, axis, off if isinstance(off, tuple) else torch.from_numpy(off)).reshape(-1))
-        tensor = tensor.index_select(axis, torch.from_numpy(on))
+        on = _where(_indices(runs))
+        pieces.append(_take(tensor, axis, _complement(on, tensor.shape[axis])).reshape(-1))
+        tensor = _take(tensor, axis, on)
     return torch.cat(pieces)
 
 
@@ -323,26 +315,67 @@ def _indices(runs: list[list[int]]) -> np.ndarray:
     return np.arange(int(lengths.sum()), dtype=np.int64) + offsets
 
 
-def _complement(on: np.ndarray | torch.Tensor | tuple[int, int], size: int) -> np.ndarray | tuple[int, int]:
-    """The positions of range(size) not in `on`."""
-    if isinstance(on, tuple):
-        on = np.arange(on[0], on[0] + on[1])
+# Positions along an axis: (start, length) runs when there are few (copied run by run, contiguously),
+# else an index tensor (gathered / scattered).
+Where = list[tuple[int, int]] | torch.Tensor
+_FEW_RUNS = 8
+
+
+def _where(positions: np.ndarray) -> Where:
+    runs = index_runs(positions)
+    return [(a, b - a) for a, b in runs] if len(runs) <= _FEW_RUNS else torch.from_numpy(positions)
+
+
+def _count(where: Where) -> int:
+    return sum(length for _, length in where) if isinstance(where, list) else len(where)
+
+
+def _complement(where: Where, size: int) -> Where:
+    """The positions of range(size) not in `where`."""
     mask = np.ones(size, dtype=bool)
-    mask[np.asarray(on)] = False
-    off = np.flatnonzero(mask)
-    return (int(off[0]), len(off)) if len(off) and off[-1] - off[0] + 1 == len(off) else off
+    if isinstance(where, list):
+        for start, length in where:
+            mask[start:start + length] = False
+    else:
+        mask[where.numpy()] = False
+    return _where(np.flatnonzero(mask))
 
 
-def _take(tensor: torch.Tensor, axis: int, where: torch.Tensor | tuple[int, int]) -> torch.Tensor:
-    return tensor.narrow(axis, *where).contiguous() if isinstance(where, tuple) else tensor.index_select(axis, where)
+def _take(tensor: torch.Tensor, axis: int, where: Where) -> torch.Tensor:
+    if not isinstance(where, list):
+        return tensor.index_select(axis, where)
+    if len(where) == 1:
+        return tensor.narrow(axis, *where[0]).contiguous()
+    return torch.cat([tensor.narrow(axis, start, length) for start, length in where] or [tensor.narrow(axis, 0, 0)],
+                     axis)
 
 
-def _put(tensor: torch.Tensor, axis: int, where: np.ndarray | torch.Tensor | tuple[int, int], value: torch.Tensor
-         ) -> None:
-    if isinstance(where, tuple):
-        tensor.narrow(axis, *where).copy_(value)
-    elif len(where):
-        tensor.index_copy_(axis, torch.as_tensor(where), value)
+def _put(tensor: torch.Tensor, axis: int, where: Where, value: torch.Tensor) -> None:
+    """`tensor` at `where` along `axis` = `value`."""
+    if not isinstance(where, list):
+        if len(where):
+            tensor.index_copy_(axis, where, value)
+        return
+    offset = 0
+    for start, length in where:
+        tensor.narrow(axis, start, length).copy_(value.narrow(axis, offset, length))
+        offset += length
+
+
+def _fill(new: torch.Tensor, axes: list[tuple[int, list, Where]], old: torch.Tensor, parts: list[torch.Tensor]
+          ) -> None:
+    """Write an expansion into `new`: for the first axis, its part off the kept positions, then each run
+    of kept positions recursively (the next axes), down to the old tensor."""
+    if not axes:
+        new.copy_(old)
+        return
+    (axis, on, off), rest = axes[0], axes[1:]
+    _put(new, axis, off, parts[0])
+    offset = 0
+    for start, length in on:
+        _fill(new.narrow(axis, start, length), rest, old.narrow(axis, offset, length),
+              [part.narrow(axis, offset, length) for part in parts[1:]])
+        offset += length
 
 
 # --- managers -------------------------------------------------------------------------------------

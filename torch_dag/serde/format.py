@@ -12,6 +12,7 @@ file beside the target and renames it into place, so a crash never leaves a half
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import itertools
 import json
@@ -230,6 +231,47 @@ def build(graph: dict[str, Any], tensors: dict[str, torch.Tensor], where: str) -
     except VerifyError as e:
         raise LoadError(f"{where}: {e}") from None
     return dag
+
+
+def rebuild(dag: DagModule, graph: dict[str, Any], changed: set[str], tensors: dict[str, torch.Tensor],
+            where: str) -> DagModule:
+    """A DagModule for `graph` (the JSON of `dag` with the entries of the vertices `changed` edited) and
+    its `tensors`, built like `build` but reusing `dag`'s other modules (copies of them, so `dag` is
+    untouched): the cheap way to move between graphs that differ in a few vertices."""
+    _expect(type(dag) is DagModule, f"{where}: rebuild takes a plain DagModule")
+    entries = graph.get("vertices")
+    _expect(isinstance(entries, list) and [e.get("name") if isinstance(e, dict) else None for e in entries]
+            == [v.name for v in dag], f"{where}: the graph must have the model's vertices, in order")
+    vertices: list[Vertex] = []
+    by_name: dict[str, Vertex] = {}
+    for index, (entry, old) in enumerate(zip(entries, dag)):
+        if entry["name"] in changed or "same_module_as" in entry:
+            vertex = _build_vertex(entry, index, by_name, depth=0)
+        else:
+            vertex = Vertex(old.name, _shallow_copy(old.module), old.args, dict(old.kwargs), dict(old.meta))
+        by_name[vertex.name] = vertex
+        vertices.append(vertex)
+    try:
+        moved = DagModule(dag.input_names, vertices, dag.output, dag.input_meta)
+    except DagError as e:
+        raise LoadError(f"{where}: {e}") from None
+    _load_weights(moved, tensors, graph, where)
+    _restore_training_flags(moved, graph)
+    try:
+        verify(moved)
+    except VerifyError as e:
+        raise LoadError(f"{where}: {e}") from None
+    return moved
+
+
+def _shallow_copy(module: nn.Module) -> nn.Module:
+    """A copy of `module` whose tensors can be reassigned without touching the original's."""
+    if is_dag_module(module):
+        return copy.deepcopy(module)
+    clone = copy.copy(module)
+    clone._parameters, clone._buffers = dict(module._parameters), dict(module._buffers)
+    clone._modules = {k: _shallow_copy(m) for k, m in module._modules.items()}
+    return clone
 
 
 _ITEM_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
