@@ -192,7 +192,32 @@ class ConcreteTracer(fx.Tracer):
     def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict[str, Any]) -> Any:
         if self._eager:
             return attr_val
-        return super().getattr(attr, attr_val, parameter_proxy_cache)
+        if isinstance(attr_val, torch.Tensor):  # fx searches every parameter on each access: use an index
+            params, buffers = self._tensor_names()
+            name = params.get(id(attr_val)) if isinstance(attr_val, nn.Parameter) else None
+            if name is None and self.proxy_buffer_attributes:
+                name = buffers.get(id(attr_val))
+            if name is not None:
+                if name not in parameter_proxy_cache:
+                    parameter_proxy_cache[name] = self.create_proxy("get_attr", name, (), {})
+                return parameter_proxy_cache[name]
+        return super().getattr(attr, attr_val, parameter_proxy_cache)  # a tensor made since: search
+
+    def create_arg(self, a: Any) -> Any:
+        if isinstance(a, torch.Tensor) and not isinstance(a, fx.Proxy):  # a parameter/buffer: by index
+            params, buffers = self._tensor_names()
+            name = params.get(id(a)) if isinstance(a, nn.Parameter) else buffers.get(id(a))
+            if name is not None:
+                return self.create_node("get_attr", name, (), {})
+        return super().create_arg(a)
+
+    def _tensor_names(self) -> tuple[dict[int, str], dict[int, str]]:
+        """id -> qualified name of the root's parameters and buffers (the first name of a shared one)."""
+        if getattr(self, "_names_of", None) is None or self._names_of[0] is not self.root:
+            params = {id(p): n for n, p in reversed(list(self.root.named_parameters()))}
+            buffers = {id(b): n for n, b in reversed(list(self.root.named_buffers()))}
+            self._names_of = (self.root, params, buffers)
+        return self._names_of[1], self._names_of[2]
 
     def call_module(self, m: nn.Module, forward: Any, args: tuple, kwargs: dict) -> Any:
         if self._eager:
