@@ -480,6 +480,8 @@ def test_cli_flexify_prints_levels_and_writes_files(tmp_path, capsys):
     assert [r[0] for r in rows] == ["0", "1", "2"] and float(rows[2][3]) == 1.0 > float(rows[1][3]) > float(rows[0][3])
     flex = td.load(out)
     assert isinstance(flex, tf.FlexDagModule) and flex.max_level() == 2
+    main(["info", str(out)])
+    assert "flexible: 3 levels" in capsys.readouterr().out
     with tf.file_delta_manager(deltas) as manager:
         flex.set_level_use(0)
         assert same_state(manager.move_to(0), flex.make_base_copy())

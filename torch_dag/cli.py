@@ -108,6 +108,22 @@ def cmd_info(args: argparse.Namespace) -> None:
     shapes = ", ".join(f"{n}: {'x'.join(map(str, t.shape))}" for n, t in zip(dag.input_names, inputs))
     print(f"{args.path}  (inputs {shapes})")
     print(report.table(top=args.top))
+    if isinstance(dag, flex.FlexDagModule):
+        print(f"flexible: {dag.num_levels} levels (the figures above are of level {dag.current_level()})")
+        _print_levels(dag, inputs, report)
+
+
+def _print_levels(model: flex.FlexDagModule, inputs: tuple, full: analysis.FlopReport) -> None:
+    """Params, FLOPs and kmapp of every level of a flexible model (ratios to `full`)."""
+    was = model.current_level()
+    print(f"  {'level':>5s} {'params (M)':>11s} {'FLOPs (G)':>10s} {'FLOPs ratio':>12s} {'kmapp':>8s}")
+    for level in range(model.num_levels):
+        model.set_level_use(level)
+        count = analysis.count_flops(model, *inputs)
+        print(f"  {level:5d} {count.total_params / 1e6:11.3f} {count.total_flops / 1e9:10.3f} "
+              f"{count.total_flops / full.total_flops:12.3f} {count.kmapp or 0.0:8.2f}")
+    if was is not None:
+        model.set_level_use(was)
 
 
 def _load_or_convert(source: str, input_size: tuple[int, ...] | None) -> tuple:
@@ -182,15 +198,10 @@ def cmd_flexify(args: argparse.Namespace) -> None:
                                calibration=_calibration(args))
     seconds = time.perf_counter() - start
     serde.save(model, args.output)
-    full = analysis.count_flops(dag, *inputs)
     print(f"made {args.source} flexible with {model.num_levels} levels over {len(model.width_info['ranking'])} "
           f"channel groups in {seconds:.1f} s ({config.criterion}); saved to {args.output}")
-    print(f"  {'level':>5s} {'params (M)':>11s} {'FLOPs (G)':>10s} {'FLOPs ratio':>12s} {'kmapp':>8s}")
-    for level in range(model.num_levels):
-        model.set_level_use(level)
-        count = analysis.count_flops(model, *inputs)
-        print(f"  {level:5d} {count.total_params / 1e6:11.3f} {count.total_flops / 1e9:10.3f} "
-              f"{count.total_flops / full.total_flops:12.3f} {count.kmapp or 0.0:8.2f}")
+    model.set_level_use(model.max_level())
+    _print_levels(model, inputs, analysis.count_flops(dag, *inputs))
     if args.delta_file:
         level = min(args.starting_level, model.max_level())
         flex.FileDeltaManager.make_delta_file(args.delta_file, model, starting_level=level)
