@@ -26,7 +26,7 @@ import math
 import mmap
 import struct
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,11 @@ from .serde import index_runs
 
 _MAGIC = b"TDDELTA1"
 _META = "torch_dag.delta"
+
+# Positions along an axis: (start, length) runs when there are few (copied run by run, contiguously),
+# else an index tensor (gathered / scattered).
+Where = list[tuple[int, int]] | torch.Tensor
+_FEW_RUNS = 8
 
 
 @dataclass
@@ -61,6 +66,7 @@ class LevelDelta:
     steps: dict[str, dict[str, Any]]
     runs: list[list[list[int]]]
     values: dict[str, torch.Tensor]
+    _where: dict[int, Where] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @classmethod
     def between(cls, flex: FlexDagModule, source: int, target: int) -> LevelDelta:
@@ -170,10 +176,9 @@ class LevelDelta:
 
     def _index(self, runs: int) -> Where:
         """The positions of run list `runs` (cached)."""
-        cache = self.__dict__.setdefault("_where", {})
-        if runs not in cache:
-            cache[runs] = _where(_indices(self.runs[runs]))
-        return cache[runs]
+        if runs not in self._where:
+            self._where[runs] = _where(_indices(self.runs[runs]))
+        return self._where[runs]
 
     # --- bytes --------------------------------------------------------------------------------------
 
@@ -314,11 +319,6 @@ def _indices(runs: list[list[int]]) -> np.ndarray:
     offsets = np.repeat(spans[:, 0] - (np.cumsum(lengths) - lengths), lengths)
     return np.arange(int(lengths.sum()), dtype=np.int64) + offsets
 
-
-# Positions along an axis: (start, length) runs when there are few (copied run by run, contiguously),
-# else an index tensor (gathered / scattered).
-Where = list[tuple[int, int]] | torch.Tensor
-_FEW_RUNS = 8
 
 
 def _where(positions: np.ndarray) -> Where:
