@@ -204,7 +204,7 @@ def cmd_flexify(args: argparse.Namespace) -> None:
     _print_levels(model, inputs, analysis.count_flops(dag, *inputs))
     if args.delta_file:
         level = min(args.starting_level, model.max_level())
-        flex.FileDeltaManager.make_delta_file(args.delta_file, model, starting_level=level)
+        flex.FileDeltaManager.make_delta_file(args.delta_file, model, starting_level=level, progress=not args.quiet)
         size = args.delta_file.stat().st_size
         weights = sum(p.numel() * p.element_size() for p in model.parameters())
         print(f"delta file {args.delta_file}: {size / 1e6:.2f} MB (the flexible model's weights: "
@@ -331,16 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     target.add_argument("--flops-ratio", type=float, help="fraction of the FLOPs to keep")
     target.add_argument("--params-ratio", type=float, help="fraction of the parameters to keep")
     target.add_argument("--kmapp", type=float, help="target kmapp (FLOPs per input pixel / 1000)")
-    shrink.add_argument("--criterion", default="l2", choices=["l1", "l2", "bn_scale", "taylor", "random"])
-    shrink.add_argument("--calibration", type=Path, help="a .npy array of model inputs (N x C x H x W), for taylor")
-    shrink.add_argument("--batch-size", type=int, default=8, help="calibration batch size")
-    shrink.add_argument("--round-to", type=int, default=8, help="keep widths multiples of this (1: no rounding)")
-    shrink.add_argument("--min-channels", type=int, default=1)
-    shrink.add_argument("--attention", choices=["heads", "head_dim"], default="heads",
-                        help="remove whole attention heads, or the same positions of every head")
-    shrink.add_argument("--input-size", type=parse_size, help="CxHxW (default: as converted / pretrained_cfg)")
-    shrink.add_argument("-o", "--output", type=Path, required=True)
-    shrink.add_argument("-q", "--quiet", action="store_true")
+    _add_width_options(shrink, "remove whole attention heads, or the same positions of every head")
     shrink.set_defaults(run=cmd_prune)
 
     low = sub.add_parser("factorize", help="replace Linear/Conv2d layers by low-rank pairs to a target")
@@ -367,20 +358,24 @@ def build_parser() -> argparse.ArgumentParser:
     target.add_argument("--levels", type=float, nargs="+", default=[0.25, 0.5, 1.0],
                         help="width fraction per level, narrowest first (default: 0.25 0.5 1.0)")
     target.add_argument("--flops-ratios", type=float, nargs="+", help="FLOPs ratio per level instead")
-    flexify.add_argument("--criterion", default="l2", choices=["l1", "l2", "bn_scale", "taylor", "random"])
-    flexify.add_argument("--calibration", type=Path, help="a .npy array of model inputs (N x C x H x W), for taylor")
-    flexify.add_argument("--batch-size", type=int, default=8, help="calibration batch size")
-    flexify.add_argument("--round-to", type=int, default=8, help="keep widths multiples of this (1: no rounding)")
-    flexify.add_argument("--min-channels", type=int, default=1)
-    flexify.add_argument("--attention", choices=["heads", "head_dim"], default="heads",
-                         help="levels keep whole attention heads, or the same positions of every head")
-    flexify.add_argument("--input-size", type=parse_size, help="CxHxW (default: as converted / pretrained_cfg)")
-    flexify.add_argument("-o", "--output", type=Path, required=True)
+    _add_width_options(flexify, "levels keep whole attention heads, or the same positions of every head")
     flexify.add_argument("--delta-file", type=Path, help="also write the levels as a delta file")
     flexify.add_argument("--starting-level", type=int, default=0, help="the level the delta file stores whole")
-    flexify.add_argument("-q", "--quiet", action="store_true")
     flexify.set_defaults(run=cmd_flexify)
     return parser
+
+
+def _add_width_options(parser: argparse.ArgumentParser, attention_help: str) -> None:
+    """The options `prune` and `flexify` share: how channels are ranked and widths chosen, and I/O."""
+    parser.add_argument("--criterion", default="l2", choices=["l1", "l2", "bn_scale", "taylor", "random"])
+    parser.add_argument("--calibration", type=Path, help="a .npy array of model inputs (N x C x H x W), for taylor")
+    parser.add_argument("--batch-size", type=int, default=8, help="calibration batch size")
+    parser.add_argument("--round-to", type=int, default=8, help="keep widths multiples of this (1: no rounding)")
+    parser.add_argument("--min-channels", type=int, default=1)
+    parser.add_argument("--attention", choices=["heads", "head_dim"], default="heads", help=attention_help)
+    parser.add_argument("--input-size", type=parse_size, help="CxHxW (default: as converted / pretrained_cfg)")
+    parser.add_argument("-o", "--output", type=Path, required=True)
+    parser.add_argument("-q", "--quiet", action="store_true")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 import safetensors.torch
 import torch
+from tqdm import tqdm
 
 from ..core.dag import DagModule
 from ..core.errors import DagError, LoadError
@@ -441,15 +442,17 @@ class FileDeltaManager:
         self.bytes_read = 0
 
     @staticmethod
-    def make_delta_file(file: str | Path, flex: FlexDagModule, starting_level: int = 0) -> Path:
-        """Write the plain model of `starting_level` and every neighbour delta of `flex` to `file`."""
+    def make_delta_file(file: str | Path, flex: FlexDagModule, starting_level: int = 0, *,
+                        progress: bool = False) -> Path:
+        """Write the plain model of `starting_level` and every neighbour delta of `flex` to `file`
+        (with a progress bar over the levels when `progress`)."""
         was = flex._require_level("make_delta_file")
         _check_level(starting_level, flex.max_level())
         segments: list[tuple[str, bytes]] = []
         try:
             flex.set_level_use(starting_level)
             segments.append(("base", dumps(flex.make_base_copy())))
-            for level in range(flex.max_level() + 1):
+            for level in tqdm(range(flex.max_level() + 1), desc="level deltas", unit="level", disable=not progress):
                 for (source, target), delta in sorted(_level_deltas(flex, level).items()):
                     name = f"{'up' if target > source else 'down'}/{target}"
                     segments.append((name, delta.to_bytes()))

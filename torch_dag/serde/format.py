@@ -223,7 +223,11 @@ def _checked_build(graph: dict[str, Any], tensors: dict[str, torch.Tensor], wher
 
 def build(graph: dict[str, Any], tensors: dict[str, torch.Tensor], where: str) -> DagModule:
     """A DagModule from a checked graph JSON and its tensors (as `graph_and_tensors` gives them)."""
-    dag = _build_dag(graph, depth=0)
+    return _finish(_build_dag(graph, depth=0), graph, tensors, where)
+
+
+def _finish(dag: DagModule, graph: dict[str, Any], tensors: dict[str, torch.Tensor], where: str) -> DagModule:
+    """Give a freshly built DAG its tensors and train/eval flags, and check it."""
     _load_weights(dag, tensors, graph, where)
     _restore_training_flags(dag, graph)
     try:
@@ -255,13 +259,7 @@ def rebuild(dag: DagModule, graph: dict[str, Any], changed: set[str], tensors: d
         moved = DagModule(dag.input_names, vertices, dag.output, dag.input_meta)
     except DagError as e:
         raise LoadError(f"{where}: {e}") from None
-    _load_weights(moved, tensors, graph, where)
-    _restore_training_flags(moved, graph)
-    try:
-        verify(moved)
-    except VerifyError as e:
-        raise LoadError(f"{where}: {e}") from None
-    return moved
+    return _finish(moved, graph, tensors, where)
 
 
 def _shallow_copy(module: nn.Module) -> nn.Module:
