@@ -18,6 +18,7 @@ from ..core.errors import ConversionError
 from ..core.functions import FUNCTIONS
 from ..core.ops import Constant, FunctionOp, Parameter, is_flex_module
 from ..core.template import Ref, is_constant, unique_refs
+from ..testing import compare_outputs
 from . import canonical
 from .patterns import raise_weight_standardization
 from .tracer import ConcreteTracer, vocabulary_spec
@@ -32,17 +33,61 @@ def build_from_unstructured_module(
     model: nn.Module,
     example_inputs: Sequence[Any] | Any | None = None,
     example_kwargs: dict[str, Any] | None = None,
+    *,
+    tracer: str = "auto",
 ) -> DagModule:
-    """Trace `model` with torch.fx into a `DagModule` of atomic vertices with equal outputs.
+    """Trace `model` into a `DagModule` of atomic vertices with equal outputs.
 
-    `example_inputs` (a tensor or a tuple of positional inputs) let the tracer run the model while it
-    traces, which resolves Python control flow on shapes (each such decision becomes a run-time
-    guard). Without them, timm-style models use `model.pretrained_cfg['input_size']`, and anything
-    else is traced purely symbolically. Parameters and buffers are shared with `model`, as with fx.
+    `example_inputs` (a tensor or a tuple of positional inputs) and `example_kwargs` let the tracer run
+    the model while it traces, which resolves Python control flow on shapes (each such decision becomes
+    a run-time guard). Without them, timm-style models use `model.pretrained_cfg['input_size']`, and
+    anything else is traced purely symbolically. Parameters and buffers are shared with `model`.
+
+    `tracer`: "fx" (symbolic tracing), "export" (torch.export, mapped back to the same vocabulary; needs
+    example inputs) or "auto": fx, then torch.export when fx fails and example inputs are given. The
+    DAG's `traced_with` says which one made it.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected an nn.Module, got {type(model).__name__}")
+    if tracer not in ("auto", "fx", "export"):
+        raise ValueError(f"tracer must be 'auto', 'fx' or 'export', got {tracer!r}")
     inputs = _bind_example_inputs(model, example_inputs, example_kwargs)
+    if tracer == "export":
+        return _from_export(model, inputs)
+    try:
+        return _from_fx(model, inputs)
+    except ConversionError as fx_error:
+        if tracer == "fx" or inputs is None:
+            raise
+        try:
+            return _from_export(model, inputs)
+        except ConversionError as export_error:
+            raise ConversionError(f"{fx_error}\n(torch.export fallback: {export_error})") from fx_error
+
+
+def _from_export(model: nn.Module, inputs: dict[str, Any] | None) -> DagModule:
+    from . import export
+
+    if inputs is None:
+        raise ConversionError("the torch.export path needs example inputs")
+    was_training = model.training
+    model.eval()
+    try:
+        graph, _ = export.trace(model, inputs)
+        tracer = ConcreteTracer(inputs)
+        dag = raise_weight_standardization(_Canonicalizer(model, graph, tracer).run()).eval()
+        with torch.no_grad():
+            equal, worst, why = compare_outputs(model(**_clone(inputs)), dag(**_clone(inputs)))
+        if not equal:
+            raise ConversionError(f"the DAG made through torch.export differs from {type(model).__name__} on the "
+                                  f"example inputs (max difference {worst:.3g}: {why}); not returned")
+        dag.traced_with = "export"
+        return dag.train(was_training)
+    finally:
+        model.train(was_training)
+
+
+def _from_fx(model: nn.Module, inputs: dict[str, Any] | None) -> DagModule:
     if vocabulary_spec(model) is not None:  # fx never treats the root as a leaf: wrap it
         model = _Root(model)
         inputs = {"input": inputs[next(iter(inputs))]} if inputs else None
@@ -58,6 +103,7 @@ def build_from_unstructured_module(
             from ..flex.model import FlexDagModule
 
             dag = FlexDagModule.from_dag(dag)
+        dag.traced_with = "fx"
         return dag.train(was_training)
     finally:
         _restore_attributes(snapshot)
@@ -102,7 +148,11 @@ def _bind_example_inputs(model: nn.Module, example_inputs: Any, example_kwargs: 
         bound = signature.bind(*(example_inputs or ()), **(example_kwargs or {}))
     except TypeError as e:
         raise ConversionError(f"example inputs do not fit {type(model).__name__}.forward{signature}: {e}") from e
-    return {name: _clone(value) for name, value in bound.arguments.items()}
+    arguments = {}
+    for name, value in bound.arguments.items():  # **kwargs: its entries are inputs of their own names
+        kind = signature.parameters[name].kind
+        arguments.update(value if kind is inspect.Parameter.VAR_KEYWORD else {name: value})
+    return {name: _clone(value) for name, value in arguments.items()}
 
 
 def _clone(value: Any) -> Any:
@@ -545,7 +595,21 @@ def _absorb_rms_norm(c: _Canonicalizer, args: tuple, node: fx.Node) -> tuple[nn.
     return module, (x,)
 
 
+def _absorb_embedding(c: _Canonicalizer, args: tuple, node: fx.Node) -> tuple[nn.Module, tuple]:
+    ids, weight, *options = args
+    weight = _attr(c, weight)
+    padding_idx, max_norm, norm_type, scale_grad_by_freq, sparse = (*options, None, None, 2.0, False, False)[:5]
+    if weight is None or weight.dim() != 2 or max_norm is not None:
+        raise _NotAbsorbable
+    _constants(padding_idx, norm_type, scale_grad_by_freq, sparse)
+    module = _meta_module(nn.Embedding, num_embeddings=weight.shape[0], embedding_dim=weight.shape[1],
+                          padding_idx=padding_idx, scale_grad_by_freq=scale_grad_by_freq, sparse=sparse)
+    module.weight = weight
+    return module, (ids,)
+
+
 _ABSORBERS = {
+    "embedding": _absorb_embedding,
     "linear": _absorb_linear,
     "conv1d": _absorb_conv(nn.Conv1d),
     "conv2d": _absorb_conv(nn.Conv2d),

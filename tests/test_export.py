@@ -1,0 +1,137 @@
+"""The torch.export path: ATen graphs mapped back to the vocabulary, the fallback from fx, and
+Hugging Face models (built from small configs, random weights, no download)."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from zoo import make
+
+import torch_dag as td
+from torch_dag.testing import bitwise_equal, compare_outputs
+
+
+def run(module, *args, **kwargs):
+    with torch.no_grad():
+        return module(*args, **kwargs)
+
+
+@pytest.mark.parametrize("name", ["residual", "concat_split", "depthwise_grouped", "squeeze_excite", "attention"])
+def test_zoo_through_export_equals_eager_and_has_the_same_layers(name, tmp_path):
+    model, inputs = make(name)
+    dag = td.build_from_unstructured_module(model, inputs, tracer="export")
+    assert dag.traced_with == "export"
+    td.verify(dag)
+    equal, worst, why = compare_outputs(run(model, *inputs), run(dag, *inputs))
+    assert equal, (worst, why)
+    by_fx = td.build_from_unstructured_module(model, inputs, tracer="fx")
+    if not any(v.op == "MultiheadAttention" for v in by_fx):  # export decomposes it into its linears
+        layers = sorted(v.op for v in dag if v.op[0].isupper() and v.op not in ("Parameter", "Constant"))
+        assert layers == sorted(v.op for v in by_fx if v.op[0].isupper() and v.op not in ("Parameter", "Constant"))
+    td.save(dag, tmp_path / "m.dag")
+    assert bitwise_equal(run(dag, *inputs), run(td.load(tmp_path / "m.dag"), *inputs))
+
+
+class KeywordsOnly(nn.Module):
+    """A forward fx cannot trace (it takes **kwargs), with integer ids, an embedding and a dict output."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(20, 16)
+        self.proj = nn.Linear(16, 16)
+        self.norm = nn.LayerNorm(16)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, **kwargs):
+        h = self.embed(kwargs["ids"]) * kwargs["mask"][..., None]
+        h = self.norm(h + torch.relu(self.proj(h)))
+        return {"logits": self.head(h.mean(1)), "hidden": h}
+
+
+def test_auto_falls_back_to_export_when_fx_fails():
+    torch.manual_seed(0)
+    model = KeywordsOnly().eval()
+    kwargs = {"ids": torch.randint(0, 20, (2, 5)), "mask": torch.ones(2, 5)}
+    with pytest.raises(td.ConversionError, match="kwargs"):
+        td.build_from_unstructured_module(model, None, kwargs, tracer="fx")
+    dag = td.build_from_unstructured_module(model, None, kwargs)
+    assert dag.traced_with == "export" and dag.input_names == ["ids", "mask"]
+    assert {"Embedding", "Linear", "LayerNorm"} <= {v.op for v in dag}
+    out = run(dag, **kwargs)
+    assert set(out) == {"logits", "hidden"}
+    assert compare_outputs(run(model, **kwargs), out)[0]
+
+
+def test_an_op_with_no_torch_level_form_is_named():
+    class Special(nn.Module):
+        def forward(self, x):
+            return torch.special.erfcx(x)
+
+    with pytest.raises(td.ConversionError, match=r"special_erfcx.*no torch-level form"):
+        td.build_from_unstructured_module(Special(), (torch.randn(3),), tracer="export")
+
+
+def test_export_needs_example_inputs():
+    with pytest.raises(td.ConversionError, match="needs example inputs"):
+        td.build_from_unstructured_module(nn.Linear(2, 2), tracer="export")
+
+
+# --- Hugging Face transformers --------------------------------------------------------------------
+
+
+def hf_models():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    small = dict(num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)
+    ids = torch.randint(0, 100, (2, 7))
+    return {
+        "bert": (transformers.BertModel(transformers.BertConfig(hidden_size=64, vocab_size=100, **small)),
+                 {"input_ids": ids, "attention_mask": torch.ones(2, 7, dtype=torch.long)}),
+        "vit": (transformers.ViTModel(transformers.ViTConfig(hidden_size=64, image_size=32, patch_size=8, **small)),
+                {"pixel_values": torch.randn(2, 3, 32, 32)}),
+        "gpt2": (transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=100,
+                                                                      n_positions=32, use_cache=False,
+                                                                      bos_token_id=0, eos_token_id=0)),
+                 {"input_ids": ids}),
+    }
+
+
+@pytest.mark.parametrize("name", ["bert", "vit", "gpt2"])
+def test_hugging_face_models_convert_save_and_load(name, tmp_path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model, kwargs = hf_models()[name]
+        model.eval()
+        dag = td.build_from_unstructured_module(model, None, kwargs)
+    assert dag.traced_with == "export"
+    reference = run(model, **kwargs)
+    out = run(dag, **kwargs)
+    assert set(out) == set(reference)  # a ModelOutput becomes a dict of the same fields
+    for key in reference:
+        assert compare_outputs(reference[key], out[key])[0], key
+    td.save(dag, tmp_path / "m.dag")
+    assert bitwise_equal(out, run(td.load(tmp_path / "m.dag"), **kwargs))
+
+
+@pytest.mark.parametrize("name", ["bert", "vit"])
+def test_hugging_face_models_prune_heads_and_mlp_and_factorize(name):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model, kwargs = hf_models()[name]
+        dag = td.build_from_unstructured_module(model.eval(), None, kwargs)
+    inputs = tuple(kwargs.values())
+    groups = td.pruning.channel_groups(dag, inputs)
+    prunable = [g for g in groups.groups() if g.prunable]
+    assert any(len(g.producers) == 3 for g in prunable)  # query, key and value: whole heads
+    pruned = td.prune(dag, 0.6, inputs)
+    td.verify(pruned)
+    ratio = td.count_flops(pruned, *inputs).total_flops / td.count_flops(dag, *inputs).total_flops
+    assert ratio < 0.7
+    shapes = {k: v.shape for k, v in run(dag, *inputs).items()}
+    assert {k: v.shape for k, v in run(pruned, *inputs).items()} == shapes
+    small = td.factorize(dag, rank_ratio=0.5, example_inputs=inputs)
+    assert any(v.op == "LowRankLinear" for v in small)
+    assert {k: v.shape for k, v in run(small, *inputs).items()} == shapes

@@ -1,0 +1,146 @@
+"""The torch.export path: for models symbolic tracing cannot follow (control flow on values, helpers fx
+cannot trace), trace with `torch.export` and map its ATen graph back to the calls the fx path sees.
+
+`torch.export.export` records a graph of ATen ops over lifted parameters and buffers. Each op is turned
+back into the torch-level call it stands for (`aten.conv2d` -> `F.conv2d` on the model's own weight,
+`aten.batch_norm` -> `F.batch_norm`, `aten.view` -> `x.view(...)`, ...), parameters and buffers become
+`get_attr` nodes of their original names, and the result goes through the same canonicalizer as a
+symbolic trace, so a conv on its weight becomes a `Conv2d` vertex either way. ATen ops with no torch
+counterpart here raise an error naming the node and op. The DAG is checked against the model on the
+example inputs before it is returned.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+from torch.utils import _pytree as pytree
+
+from ..core.errors import ConversionError
+from .tracer import _light
+
+# ATen ops whose torch-level spelling takes its arguments in another order or form
+_ADAPTERS: dict[str, Callable[..., tuple[Any, tuple, dict]]] = {
+    "batch_norm": lambda x, w, b, mean, var, training, momentum, eps, *_: (
+        F.batch_norm, (x, mean, var, w, b, training, momentum, eps), {}),
+    "layer_norm": lambda x, shape, w=None, b=None, eps=1e-5, *_: (F.layer_norm, (x, shape, w, b, eps), {}),
+    "group_norm": lambda x, groups, w=None, b=None, eps=1e-5, *_: (F.group_norm, (x, groups, w, b, eps), {}),
+    "split_with_sizes": lambda x, sizes, dim=0: (torch.split, (x, sizes, dim), {}),
+    "embedding": lambda weight, ids, padding_idx=-1, *_: (
+        F.embedding, (ids, weight, None if padding_idx == -1 else padding_idx), {}),
+}
+_DROPPED = {"_assert_tensor_metadata", "_assert_scalar", "sym_constrain_range_for_size"}
+_METHODS = {"view", "contiguous", "expand", "repeat", "to", "type_as", "clone", "detach", "masked_fill",
+            "new_zeros", "new_ones", "new_full", "new_empty", "fill_", "zero_", "copy_", "index_put_"}
+
+
+def _index(node: fx.Node, args: tuple) -> tuple:
+    """`x[..., a:b:s]` / `x[..., i]` along dim for aten.slice / aten.select (their rank from the export)."""
+    x, dim, *rest = args
+    leading = (slice(None),) * (dim % node.args[0].meta["val"].dim())
+    if node.target._schema.name.endswith("select"):
+        return x, (*leading, rest[0])
+    start, end, step = (rest + [None, None, 1][len(rest):])[:3]
+    end = None if isinstance(end, int) and end >= 2**62 else end  # aten spells "to the end" as int64 max
+    return x, (*leading, slice(start, end, step))
+
+
+def trace(model: nn.Module, inputs: dict[str, Any]) -> tuple[fx.Graph, list[str]]:
+    """A torch-level fx graph of `model` (get_attr nodes name its own parameters and buffers), made with
+    torch.export on the example `inputs` (keyword arguments of forward), with each node's value kept in
+    `meta["td_value"]` as the fx path keeps it; and the names of the inputs."""
+    try:
+        program = torch.export.export(model, (), dict(inputs), strict=False)
+    except Exception as e:
+        raise ConversionError(f"torch.export could not trace {type(model).__name__}: {type(e).__name__}: "
+                              f"{str(e)[:500]}") from e
+    signature = program.graph_signature
+    attrs = {**signature.inputs_to_parameters, **signature.inputs_to_buffers}
+    if signature.inputs_to_lifted_tensor_constants or signature.buffers_to_mutate or signature.user_inputs_to_mutate:
+        raise ConversionError(f"{type(model).__name__}: the exported program has tensor constants or mutates "
+                              "buffers or inputs, which the torch.export path does not map yet")
+    graph, env = fx.Graph(), {}
+    user_inputs = [n for n in program.graph.nodes if n.op == "placeholder" and n.name not in attrs]
+    names = list(inputs)
+    if len(user_inputs) != len(names):
+        raise ConversionError(f"{type(model).__name__}: torch.export flattened the inputs {names} into "
+                              f"{len(user_inputs)} tensors; only tensor inputs are mapped")
+    for node in program.graph.nodes:
+        if node.op == "placeholder":
+            env[node] = (graph.get_attr(attrs[node.name]) if node.name in attrs
+                         else graph.placeholder(names[user_inputs.index(node)]))
+        elif node.op == "call_function":
+            env[node] = _call(graph, node, env)
+        elif node.op == "output":
+            outputs = [env[n] if isinstance(n, fx.Node) else n for n in node.args[0]]
+            graph.output(pytree.tree_unflatten(outputs, program.call_spec.out_spec))
+        else:
+            raise ConversionError(f"exported node '{node.name}' (op={node.op}) has no torch-level form")
+        if isinstance(env.get(node), fx.Node) and "nn_module_stack" in node.meta:
+            env[node].meta["nn_module_stack"] = node.meta["nn_module_stack"]
+    graph.eliminate_dead_code()
+    _record_values(model, graph, inputs)
+    return graph, names
+
+
+def _call(graph: fx.Graph, node: fx.Node, env: dict[fx.Node, Any]) -> Any:
+    """The torch-level node for an ATen call (None for checks that have no place in a DAG)."""
+    args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: env[n])
+    target = node.target
+    if target is operator.getitem:
+        return graph.call_function(operator.getitem, args, kwargs)
+    if not isinstance(target, torch._ops.OpOverload):
+        raise ConversionError(f"exported node '{node.name}': call of {target} has no torch-level form")
+    name = target._schema.name.split("::")[-1]
+    if name in _DROPPED:
+        return None
+    if name in ("alias", "lift_fresh_copy") and not kwargs:  # the same values
+        return args[0]
+    if name in ("slice", "select") and not kwargs:
+        return graph.call_function(operator.getitem, _index(node, args))
+    if name == "index" and not kwargs:  # x[i, j] with index tensors (None: the whole axis)
+        x, indices = args
+        return graph.call_function(operator.getitem, (x, tuple(slice(None) if i is None else i for i in indices)))
+    if name in ("_to_copy", "to"):  # a dtype / device change; layout and memory format stay as they are
+        kept = {k: v for k, v in kwargs.items() if k in ("dtype", "device") and v is not None}
+        return graph.call_method("to", args[:1], kept) if kept else args[0]
+    if name in _ADAPTERS:
+        function, args, kwargs = _ADAPTERS[name](*args, **kwargs)
+        return graph.call_function(function, args, kwargs)
+    if name in _METHODS or (not hasattr(F, name) and not hasattr(torch, name) and hasattr(torch.Tensor, name)):
+        return graph.call_method(name, args, kwargs)
+    function = getattr(F, name, None) or getattr(torch, name, None)
+    if function is None:
+        raise ConversionError(f"exported node '{node.name}': ATen op {target} has no torch-level form here")
+    return graph.call_function(function, args, kwargs)
+
+
+def _fetch(root: nn.Module, qualname: str) -> Any:
+    obj: Any = root
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _record_values(model: nn.Module, graph: fx.Graph, inputs: dict[str, Any]) -> None:
+    """Run the graph on the example inputs and keep each node's value (shape and dtype) as the fx path does."""
+    module = fx.GraphModule(model, graph)
+
+    class Recorder(fx.Interpreter):
+        def run_node(self, node: fx.Node) -> Any:
+            try:
+                value = super().run_node(node)
+            except Exception as e:
+                raise ConversionError(f"the torch-level form of exported node '{node.name}' ({node.op} "
+                                      f"{getattr(node.target, '__name__', node.target)}) does not run: "
+                                      f"{type(e).__name__}: {str(e)[:300]}") from e
+            node.meta["td_value"] = _light(value)
+            return value
+
+    with torch.no_grad():
+        Recorder(module).run(*[inputs[n.target] for n in graph.nodes if n.op == "placeholder"])
