@@ -135,3 +135,40 @@ def test_hugging_face_models_prune_heads_and_mlp_and_factorize(name):
     small = td.factorize(dag, rank_ratio=0.5, example_inputs=inputs)
     assert any(v.op == "LowRankLinear" for v in small)
     assert {k: v.shape for k, v in run(small, *inputs).items()} == shapes
+
+
+def test_sizes_vary_within_what_export_traced_and_are_checked_outside():
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(6, 4)
+
+        def forward(self, x):
+            if x.shape[0] > 2:  # export keeps this branch for batches of 3 and more
+                return self.fc(x) * 2
+            return self.fc(x) * 3
+
+    torch.manual_seed(0)
+    model = Branchy().eval()
+    dag = td.build_from_unstructured_module(model, (torch.randn(4, 6),), tracer="export")
+    for batch in (3, 4, 9):
+        x = torch.randn(batch, 6)
+        assert compare_outputs(run(model, x), run(dag, x))[0], batch
+    with pytest.raises(AssertionError, match=r"input 'x' dimension 0: .* sizes >= 3"):
+        run(dag, torch.randn(2, 6))  # the other branch: refused, never silently the traced one
+    with pytest.raises(AssertionError, match="dimension 1"):
+        run(dag, torch.randn(4, 5))
+
+
+@pytest.mark.parametrize("name", ["bert", "gpt2"])
+def test_hugging_face_dags_run_at_other_batch_sizes_and_lengths(name):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model, kwargs = hf_models()[name]
+        dag = td.build_from_unstructured_module(model.eval(), None, kwargs)
+        for batch, length in ((5, 7), (3, 11), (2, 3)):
+            other = {k: v[:1].repeat(batch, 1)[:, :length] if length <= v.shape[1] else
+                     torch.cat([v[:1].repeat(batch, 1)] * 2, 1)[:, :length] for k, v in kwargs.items()}
+            reference, out = run(model, **other), run(dag, **other)
+            for key in reference:
+                assert compare_outputs(reference[key], out[key])[0], (batch, length, key)

@@ -34,7 +34,7 @@ _ADAPTERS: dict[str, Callable[..., tuple[Any, tuple, dict]]] = {
     "embedding": lambda weight, ids, padding_idx=-1, *_: (
         F.embedding, (ids, weight, None if padding_idx == -1 else padding_idx), {}),
 }
-_DROPPED = {"_assert_tensor_metadata", "_assert_scalar", "sym_constrain_range_for_size"}
+_DROPPED = {"_assert_tensor_metadata", "sym_constrain_range_for_size"}
 _METHODS = {"view", "contiguous", "expand", "repeat", "to", "type_as", "clone", "detach", "masked_fill",
             "new_zeros", "new_ones", "new_full", "new_empty", "fill_", "zero_", "copy_", "index_put_"}
 
@@ -54,8 +54,15 @@ def trace(model: nn.Module, inputs: dict[str, Any]) -> tuple[fx.Graph, list[str]
     """A torch-level fx graph of `model` (get_attr nodes name its own parameters and buffers), made with
     torch.export on the example `inputs` (keyword arguments of forward), with each node's value kept in
     `meta["td_value"]` as the fx path keeps it; and the names of the inputs."""
+    # every size of a tensor input may vary (export keeps the ones the model fixes, and checks its
+    # assumptions on the others); a model that cannot be exported so is exported at the example's sizes
+    dynamic = {name: ({d: torch.export.Dim.AUTO for d in range(value.dim())} if isinstance(value, torch.Tensor)
+                      else None) for name, value in inputs.items()}
     try:
-        program = torch.export.export(model, (), dict(inputs), strict=False)
+        try:
+            program = torch.export.export(model, (), dict(inputs), dynamic_shapes=dynamic, strict=False)
+        except Exception:
+            program = torch.export.export(model, (), dict(inputs), strict=False)
     except Exception as e:
         raise ConversionError(f"torch.export could not trace {type(model).__name__}: {type(e).__name__}: "
                               f"{str(e)[:500]}") from e
@@ -65,6 +72,7 @@ def trace(model: nn.Module, inputs: dict[str, Any]) -> tuple[fx.Graph, list[str]
         raise ConversionError(f"{type(model).__name__}: the exported program has tensor constants or mutates "
                               "buffers or inputs, which the torch.export path does not map yet")
     graph, env = fx.Graph(), {}
+    _check_sizes.seen = {}
     user_inputs = [n for n in program.graph.nodes if n.op == "placeholder" and n.name not in attrs]
     names = list(inputs)
     if len(user_inputs) != len(names):
@@ -74,6 +82,8 @@ def trace(model: nn.Module, inputs: dict[str, Any]) -> tuple[fx.Graph, list[str]
         if node.op == "placeholder":
             env[node] = (graph.get_attr(attrs[node.name]) if node.name in attrs
                          else graph.placeholder(names[user_inputs.index(node)]))
+            if node.name not in attrs:
+                _check_sizes(graph, env[node], node, program.range_constraints)
         elif node.op == "call_function":
             env[node] = _call(graph, node, env)
         elif node.op == "output":
@@ -88,15 +98,58 @@ def trace(model: nn.Module, inputs: dict[str, Any]) -> tuple[fx.Graph, list[str]
     return graph, names
 
 
+def _check_sizes(graph: fx.Graph, placeholder: fx.Node, node: fx.Node, ranges: dict) -> None:
+    """Assert, when the DAG runs, the sizes torch.export traced the model for: a fixed size, the range
+    of a size it let vary (a branch on it narrows that range), and sizes it found equal."""
+    value = node.meta.get("val")
+    if not isinstance(value, torch.Tensor):
+        return
+    for dim, size in enumerate(value.shape):
+        where = f"input {placeholder.target!r} dimension {dim}"
+        read = graph.call_method("size", (placeholder, dim))
+        if isinstance(size, torch.SymInt) and size.node.expr.is_number:  # specialized while tracing
+            size = int(size.node.expr)
+        if isinstance(size, int):
+            _assert(graph, operator.eq, read, size, f"{where}: torch.export traced the model for size {size}")
+            continue
+        symbol = size.node.expr
+        first = _check_sizes.seen.setdefault(symbol, (read, where))
+        if first[0] is not read:
+            _assert(graph, operator.eq, read, first[0], f"{where} must equal {first[1]}, as when traced")
+        bounds = ranges.get(symbol)
+        if bounds is not None:
+            low, high = _finite(bounds.lower), _finite(bounds.upper)
+            if low is not None:
+                _assert(graph, operator.ge, read, low, f"{where}: torch.export traced the model for sizes >= {low}")
+            if high is not None:
+                _assert(graph, operator.le, read, high, f"{where}: torch.export traced the model for sizes <= {high}")
+
+
+def _finite(bound: Any) -> int | None:
+    """A range bound as an int (None for an infinite one)."""
+    try:
+        return int(bound)
+    except (TypeError, ValueError, OverflowError, AttributeError):
+        return None
+
+
+def _assert(graph: fx.Graph, compare: Callable, size: fx.Node, bound: Any, message: str) -> None:
+    graph.call_function(torch._assert, (graph.call_function(compare, (size, bound)), message))
+
+
 def _call(graph: fx.Graph, node: fx.Node, env: dict[fx.Node, Any]) -> Any:
     """The torch-level node for an ATen call (None for checks that have no place in a DAG)."""
     args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: env[n])
     target = node.target
-    if target is operator.getitem:
-        return graph.call_function(operator.getitem, args, kwargs)
+    if getattr(target, "__module__", None) == "_operator":  # getitem, and arithmetic on sizes
+        return graph.call_function(target, args, kwargs)
     if not isinstance(target, torch._ops.OpOverload):
         raise ConversionError(f"exported node '{node.name}': call of {target} has no torch-level form")
     name = target._schema.name.split("::")[-1]
+    if name == "sym_size":  # a size read at run time (dynamic batch / sequence length)
+        return graph.call_method("size", args, kwargs)
+    if name == "_assert_scalar":  # a condition export assumed on the sizes: checked when the DAG runs
+        return graph.call_function(torch._assert, args, kwargs)
     if name in _DROPPED:
         return None
     if name in ("alias", "lift_fresh_copy") and not kwargs:  # the same values
@@ -107,7 +160,10 @@ def _call(graph: fx.Graph, node: fx.Node, env: dict[fx.Node, Any]) -> Any:
         x, indices = args
         return graph.call_function(operator.getitem, (x, tuple(slice(None) if i is None else i for i in indices)))
     if name in ("_to_copy", "to"):  # a dtype / device change; layout and memory format stay as they are
-        kept = {k: v for k, v in kwargs.items() if k in ("dtype", "device") and v is not None}
+        named = _by_name(node, args, kwargs)
+        if "other" in named:
+            return graph.call_method("to", (args[0], named["other"]), {})
+        kept = {k: named[k] for k in ("dtype", "device") if named.get(k) is not None}
         return graph.call_method("to", args[:1], kept) if kept else args[0]
     if name in _ADAPTERS:
         function, args, kwargs = _ADAPTERS[name](*args, **kwargs)
@@ -118,6 +174,12 @@ def _call(graph: fx.Graph, node: fx.Node, env: dict[fx.Node, Any]) -> Any:
     if function is None:
         raise ConversionError(f"exported node '{node.name}': ATen op {target} has no torch-level form here")
     return graph.call_function(function, args, kwargs)
+
+
+def _by_name(node: fx.Node, args: tuple, kwargs: dict) -> dict[str, Any]:
+    """An ATen call's arguments by their schema names."""
+    names = [a.name for a in node.target._schema.arguments]
+    return {**dict(zip(names, args)), **kwargs}
 
 
 def _fetch(root: nn.Module, qualname: str) -> Any:
