@@ -22,6 +22,7 @@ from torch import fx, nn
 from torch.utils import _pytree as pytree
 
 from ..core.errors import ConversionError
+from . import canonical
 from .tracer import _light
 
 # ATen ops whose torch-level spelling takes its arguments in another order or form
@@ -141,8 +142,8 @@ def _call(graph: fx.Graph, node: fx.Node, env: dict[fx.Node, Any]) -> Any:
     """The torch-level node for an ATen call (None for checks that have no place in a DAG)."""
     args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: env[n])
     target = node.target
-    if getattr(target, "__module__", None) == "_operator":  # getitem, and arithmetic on sizes
-        return graph.call_function(target, args, kwargs)
+    if not isinstance(target, torch._ops.OpOverload) and target in canonical.OP_BY_TARGET:
+        return graph.call_function(target, args, kwargs)  # getitem, arithmetic on sizes, sym_min, ...
     if not isinstance(target, torch._ops.OpOverload):
         raise ConversionError(f"exported node '{node.name}': call of {target} has no torch-level form")
     name = target._schema.name.split("::")[-1]

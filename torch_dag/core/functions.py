@@ -111,6 +111,17 @@ def floor_divide(input, other):
     return input // other
 
 
+@function_op("size_min", torch=["sym_min"])
+def size_min(a, b):
+    """The smaller of two sizes (torch.export's `sym_min`, e.g. a window clamped to the feature map)."""
+    return min(a, b)
+
+
+@function_op("size_max", torch=["sym_max"])
+def size_max(a, b):
+    return max(a, b)
+
+
 @function_op("remainder", torch=["remainder"], operator=["mod", "imod"],
              methods=["remainder", "remainder_", "__mod__"])
 def remainder(input, other):
