@@ -50,6 +50,8 @@ def sweep(names: Iterable[str], fn: Callable[[str, Any], dict], out: Path, field
     Names for which `exclusive(name)` holds (very large models) run alone, to bound memory.
     """
     done = read_rows(out)
+    if done and list(next(iter(done.values()))) != fields:  # columns added since: rewrite with them (empty)
+        _write(out, fields, list(done.values()))
     todo = [n for n in names if n not in done or (retry is not None and retry(done[n]))]
     if retry is not None:  # rewrite the CSV without the rows that will be redone
         kept = [r for n, r in done.items() if n not in set(todo)]

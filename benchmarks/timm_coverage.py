@@ -31,7 +31,7 @@ SIZES = RESULTS / "timm_sizes.json"
 BIG = 300e6  # parameters above which a model runs alone
 FIELDS = ["model", "status", "stage", "params_m", "input_size", "build_s", "convert_s", "vertices",
           "converted", "outputs_equal", "max_diff", "roundtrip_equal", "bn_pairs", "bn_folded", "fold_equal",
-          "error_class", "error"]
+          "error_class", "error", "traced_with"]
 STAGES = ["start", "build", "eager", "convert", "compare", "roundtrip", "fold", "done"]
 
 
@@ -71,7 +71,8 @@ def check_model(name: str, stage) -> dict:
     except Exception as e:
         return {**row, "status": "convert_error", "error_class": type(e).__name__,
                 "error": str(e)[:300].replace("\n", " ")}
-    row.update(convert_s=round(time.perf_counter() - t0, 3), vertices=len(dag), converted=True)
+    row.update(convert_s=round(time.perf_counter() - t0, 3), vertices=len(dag), converted=True,
+               traced_with=dag.traced_with)
     at("compare")
     with torch.no_grad():
         out = dag(x)
@@ -153,6 +154,8 @@ def summarize(rows: dict[str, dict[str, str]]) -> str:
         f"conversion time: median {statistics.median(times):.3f} s, p90 {times[int(0.9 * len(times))]:.3f} s, "
         f"max {times[-1]:.3f} s over {len(times)} models" if times else "conversion time: n/a",
         _fold_summary(ok),
+        "tracer used: " + ", ".join(f"{k or 'not recorded (rows from before the export fallback: fx)'}={v}"
+                                    for k, v in collections.Counter(r.get("traced_with", "") for r in ok).items()),
         "status counts: " + ", ".join(f"{k}={v}" for k, v in statuses.most_common()),
         "failures by class:",
     ]
