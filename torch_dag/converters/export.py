@@ -8,6 +8,10 @@ back into the torch-level call it stands for (`aten.conv2d` -> `F.conv2d` on the
 symbolic trace, so a conv on its weight becomes a `Conv2d` vertex either way. ATen ops with no torch
 counterpart here raise an error naming the node and op. The DAG is checked against the model on the
 example inputs before it is returned.
+
+Every size of a tensor input is exported as dynamic (`Dim.AUTO`): sizes the model fixes stay fixed,
+the others become size reads, so the DAG runs at other batch sizes and sequence lengths. What export
+assumed about the sizes (its range constraints) becomes assert vertices on the inputs.
 """
 
 from __future__ import annotations
@@ -72,8 +76,7 @@ def trace(model: nn.Module, inputs: dict[str, Any]) -> tuple[fx.Graph, list[str]
     if signature.inputs_to_lifted_tensor_constants or signature.buffers_to_mutate or signature.user_inputs_to_mutate:
         raise ConversionError(f"{type(model).__name__}: the exported program has tensor constants or mutates "
                               "buffers or inputs, which the torch.export path does not map yet")
-    graph, env = fx.Graph(), {}
-    _check_sizes.seen = {}
+    graph, env, symbols = fx.Graph(), {}, {}
     user_inputs = [n for n in program.graph.nodes if n.op == "placeholder" and n.name not in attrs]
     names = list(inputs)
     if len(user_inputs) != len(names):
@@ -84,7 +87,7 @@ def trace(model: nn.Module, inputs: dict[str, Any]) -> tuple[fx.Graph, list[str]
             env[node] = (graph.get_attr(attrs[node.name]) if node.name in attrs
                          else graph.placeholder(names[user_inputs.index(node)]))
             if node.name not in attrs:
-                _check_sizes(graph, env[node], node, program.range_constraints)
+                _check_sizes(graph, env[node], node, program.range_constraints, symbols)
         elif node.op == "call_function":
             env[node] = _call(graph, node, env)
         elif node.op == "output":
@@ -99,9 +102,11 @@ def trace(model: nn.Module, inputs: dict[str, Any]) -> tuple[fx.Graph, list[str]
     return graph, names
 
 
-def _check_sizes(graph: fx.Graph, placeholder: fx.Node, node: fx.Node, ranges: dict) -> None:
+def _check_sizes(graph: fx.Graph, placeholder: fx.Node, node: fx.Node, ranges: dict,
+                 symbols: dict[Any, tuple[fx.Node, str]]) -> None:
     """Assert, when the DAG runs, the sizes torch.export traced the model for: a fixed size, the range
-    of a size it let vary (a branch on it narrows that range), and sizes it found equal."""
+    of a size it let vary (a branch on it narrows that range), and sizes it found equal (`symbols`: the
+    first read of each size symbol, shared across inputs)."""
     value = node.meta.get("val")
     if not isinstance(value, torch.Tensor):
         return
@@ -114,7 +119,7 @@ def _check_sizes(graph: fx.Graph, placeholder: fx.Node, node: fx.Node, ranges: d
             _assert(graph, operator.eq, read, size, f"{where}: torch.export traced the model for size {size}")
             continue
         symbol = size.node.expr
-        first = _check_sizes.seen.setdefault(symbol, (read, where))
+        first = symbols.setdefault(symbol, (read, where))
         if first[0] is not read:
             _assert(graph, operator.eq, read, first[0], f"{where} must equal {first[1]}, as when traced")
         bounds = ranges.get(symbol)
