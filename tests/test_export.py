@@ -172,3 +172,19 @@ def test_hugging_face_dags_run_at_other_batch_sizes_and_lengths(name):
             reference, out = run(model, **other), run(dag, **other)
             for key in reference:
                 assert compare_outputs(reference[key], out[key])[0], (batch, length, key)
+
+
+def test_a_hugging_face_dag_becomes_flexible():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model, kwargs = hf_models()["vit"]
+        dag = td.build_from_unstructured_module(model.eval(), None, kwargs)
+    inputs = tuple(kwargs.values())
+    flex = td.make_flexible(dag, [0.5, 1.0], inputs, config=td.flex.FlexConfig(round_to=1))
+    flops = []
+    for level in range(2):
+        flex.set_level_use(level)
+        assert bitwise_equal(run(flex, *inputs), run(flex.make_base_copy(), *inputs))
+        flops.append(td.count_flops(flex, *inputs).total_flops)
+    assert flops[0] < flops[1]
+    assert compare_outputs(run(dag, *inputs), run(flex, *inputs))[0]
