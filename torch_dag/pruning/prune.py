@@ -272,7 +272,11 @@ def prune(dag: DagModule, flops_ratio: float | None = None, example_inputs: tupl
         if abs(best_ratio - target) <= config.tolerance:
             break
     bar.close()
-    if round_to != config.round_to:
+    if abs(best_ratio - target) > config.tolerance:  # removing channels in order of importance skips it
+        warnings.warn(f"prune: the {what} ratio reached is {best_ratio:.3f}, outside {target:.3f} +- "
+                      f"{config.tolerance:.3f}: removing channels in order of importance has no step closer "
+                      "(few, wide channels); try another criterion or target", stacklevel=2)
+    elif round_to != config.round_to:
         warnings.warn(f"prune: widths rounded to multiples of {round_to} instead of {config.round_to}, the "
                       f"{what} target {target:.3f} being out of reach otherwise (reached {best_ratio:.3f})",
                       stacklevel=2)
