@@ -74,6 +74,26 @@ def test_an_op_with_no_torch_level_form_is_named():
         td.build_from_unstructured_module(Special(), (torch.randn(3),), tracer="export")
 
 
+@pytest.mark.parametrize("tracer", ["fx", "export"])
+def test_a_matrix_product_on_an_in_out_weight_becomes_a_shared_linear(tracer):
+    """`torch.addmm(bias, x, weight)` with weight (in, out), as GPT-2's Conv1D writes a linear layer: a
+    Linear vertex on the transposed weight, one copy for a weight used twice."""
+    class Conv1DTwice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight, self.bias = nn.Parameter(torch.randn(6, 6)), nn.Parameter(torch.randn(6))
+
+        def forward(self, x):
+            return torch.addmm(self.bias, torch.addmm(self.bias, x, self.weight).relu(), self.weight)
+
+    model, x = Conv1DTwice(), torch.randn(3, 6)
+    dag = td.build_from_unstructured_module(model, (x,), tracer=tracer)
+    linears = [v.module for v in dag if v.op == "Linear"]
+    assert len(linears) == 2 and linears[0].weight is linears[1].weight
+    assert torch.equal(linears[0].weight, model.weight.T)
+    assert compare_outputs(run(model, x), run(dag, x))[0]
+
+
 def test_export_needs_example_inputs():
     with pytest.raises(td.ConversionError, match="needs example inputs"):
         td.build_from_unstructured_module(nn.Linear(2, 2), tracer="export")
@@ -92,9 +112,9 @@ def hf_models():
                  {"input_ids": ids, "attention_mask": torch.ones(2, 7, dtype=torch.long)}),
         "vit": (transformers.ViTModel(transformers.ViTConfig(hidden_size=64, image_size=32, patch_size=8, **small)),
                 {"pixel_values": torch.randn(2, 3, 32, 32)}),
-        "gpt2": (transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=100,
-                                                                      n_positions=32, use_cache=False,
-                                                                      bos_token_id=0, eos_token_id=0)),
+        "gpt2": (transformers.GPT2LMHeadModel(transformers.GPT2Config(
+            n_embd=64, n_layer=2, n_head=4, n_inner=128, vocab_size=100, n_positions=32, use_cache=False,
+            bos_token_id=0, eos_token_id=0)),
                  {"input_ids": ids}),
     }
 
@@ -116,8 +136,10 @@ def test_hugging_face_models_convert_save_and_load(name, tmp_path):
     assert bitwise_equal(out, run(td.load(tmp_path / "m.dag"), **kwargs))
 
 
-@pytest.mark.parametrize("name", ["bert", "vit"])
+@pytest.mark.parametrize("name", ["bert", "vit", "gpt2"])
 def test_hugging_face_models_prune_heads_and_mlp_and_factorize(name):
+    """Whole heads and MLP widths prune, whether query, key and value are three Linear layers (BERT, ViT)
+    or one matrix product split in three (GPT-2's Conv1D: `addmm` on an (in, out) weight)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model, kwargs = hf_models()[name]
@@ -125,7 +147,9 @@ def test_hugging_face_models_prune_heads_and_mlp_and_factorize(name):
     inputs = tuple(kwargs.values())
     groups = td.pruning.channel_groups(dag, inputs)
     prunable = [g for g in groups.groups() if g.prunable]
-    assert any(len(g.producers) == 3 for g in prunable)  # query, key and value: whole heads
+    heads = [g for g in prunable if len(g.channels) == 4 and g.unit == 16]  # 4 heads of 16 channels each
+    assert len(heads) == 2 and len(heads[0].producers) == (1 if name == "gpt2" else 3)
+    assert any(len(g.channels) == 128 for g in prunable)  # the MLP hidden width
     pruned = td.prune(dag, 0.6, inputs)
     td.verify(pruned)
     ratio = td.count_flops(pruned, *inputs).total_flops / td.count_flops(dag, *inputs).total_flops

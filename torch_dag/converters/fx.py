@@ -219,6 +219,7 @@ class _Canonicalizer:
         self.view_base: dict[str, str] = {}  # vertex -> the vertex it is a view of
         self.used_names: set[str] = set()
         self.baked_nodes: set[fx.Node] = set()  # fx's checks of baked default arguments
+        self.transposed: dict[int, nn.Parameter] = {}  # id((in, out) weight) -> its (out, in) copy
 
     # --- driver -----------------------------------------------------------------------------------
 
@@ -519,6 +520,21 @@ def _absorb_linear(c: _Canonicalizer, args: tuple, node: fx.Node) -> tuple[nn.Mo
     return module, (x,)
 
 
+def _absorb_addmm(c: _Canonicalizer, args: tuple, node: fx.Node) -> tuple[nn.Module, tuple]:
+    """`torch.addmm(bias, x, weight)` on the model's own (in, out) weight, a linear layer written as a
+    matrix product (GPT-2's Conv1D) -> a `Linear` vertex. Its weight is a transposed copy, made once per
+    source weight so that a weight used twice stays shared in the DAG (not with the source model)."""
+    bias, x, weight = args
+    bias, weight = _attr(c, bias), _attr(c, weight)
+    if weight is None or weight.dim() != 2 or bias is None or tuple(bias.shape) != (weight.shape[1],):
+        raise _NotAbsorbable
+    if id(weight) not in c.transposed:
+        c.transposed[id(weight)] = nn.Parameter(weight.detach().t().contiguous(), weight.requires_grad)
+    module = _meta_module(nn.Linear, in_features=weight.shape[0], out_features=weight.shape[1])
+    module.weight, module.bias = c.transposed[id(weight)], bias
+    return module, (x,)
+
+
 def _absorb_conv(cls: type[nn.Module]):
     def absorb(c: _Canonicalizer, args: tuple, node: fx.Node) -> tuple[nn.Module, tuple]:
         x, weight, bias, stride, padding, dilation, groups = args
@@ -611,6 +627,7 @@ def _absorb_embedding(c: _Canonicalizer, args: tuple, node: fx.Node) -> tuple[nn
 _ABSORBERS = {
     "embedding": _absorb_embedding,
     "linear": _absorb_linear,
+    "addmm": _absorb_addmm,
     "conv1d": _absorb_conv(nn.Conv1d),
     "conv2d": _absorb_conv(nn.Conv2d),
     "conv3d": _absorb_conv(nn.Conv3d),
