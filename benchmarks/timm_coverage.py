@@ -6,6 +6,8 @@ every conv/linear + BatchNorm pair folds with equal outputs.
     python benchmarks/timm_coverage.py --retry-failed       # redo rows that did not pass
     python benchmarks/timm_coverage.py --redo-missing bn_pairs   # redo rows written before a column existed
     python benchmarks/timm_coverage.py --summary            # print the table from the CSV only
+    python benchmarks/timm_coverage.py --tracer export --sample   # the torch.export path alone, on the CI
+                                                            # sample (its own CSV: timm_coverage_export.csv)
 
 Each model runs in a forked subprocess (default input size, pretrained=False, batch 1, eval) with a
 timeout; rows go to benchmarks/results/timm_coverage.csv as they finish.
@@ -32,6 +34,7 @@ BIG = 300e6  # parameters above which a model runs alone
 FIELDS = ["model", "status", "stage", "params_m", "input_size", "build_s", "convert_s", "vertices",
           "converted", "outputs_equal", "max_diff", "roundtrip_equal", "bn_pairs", "bn_folded", "fold_equal",
           "error_class", "error", "traced_with"]
+TRACER = "auto"  # set by --tracer before the children are forked
 STAGES = ["start", "build", "eager", "convert", "compare", "roundtrip", "fold", "done"]
 
 
@@ -67,7 +70,7 @@ def check_model(name: str, stage) -> dict:
     at("convert")
     t0 = time.perf_counter()
     try:
-        dag = td.build_from_unstructured_module(model, (x,))
+        dag = td.build_from_unstructured_module(model, (x,), tracer=TRACER)
     except Exception as e:
         return {**row, "status": "convert_error", "error_class": type(e).__name__,
                 "error": str(e)[:300].replace("\n", " ")}
@@ -185,7 +188,18 @@ def main() -> None:
     parser.add_argument("--retry-failed", action="store_true", help="redo rows whose status is not ok")
     parser.add_argument("--redo-missing", metavar="COLUMN", help="redo ok rows with no value in COLUMN")
     parser.add_argument("--summary", action="store_true", help="only print the summary of the CSV")
+    parser.add_argument("--tracer", choices=["auto", "fx", "export"], default="auto",
+                        help="force one conversion path (a CSV of its own unless --out is given)")
+    parser.add_argument("--sample", action="store_true", help="the CI sample of tests/test_timm.py only")
     args = parser.parse_args()
+    global TRACER
+    TRACER = args.tracer
+    if args.tracer != "auto" and args.out == OUT:
+        args.out = RESULTS / f"timm_coverage_{args.tracer}.csv"
+    if args.sample:
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+        from test_timm import SAMPLE
+        args.models = [n for n, _ in SAMPLE]
     if not args.summary:
         import timm
         import torch  # noqa: F401  (imported once here; children are forked)

@@ -7,6 +7,7 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from zoo import make
 
@@ -92,6 +93,32 @@ def test_a_matrix_product_on_an_in_out_weight_becomes_a_shared_linear(tracer):
     assert len(linears) == 2 and linears[0].weight is linears[1].weight
     assert torch.equal(linears[0].weight, model.weight.T)
     assert compare_outputs(run(model, x), run(dag, x))[0]
+
+
+def test_export_maps_in_place_activations_resizes_norms_and_size_math():
+    """ATen spellings timm models reach torch.export with: `silu_`, `upsample_*`, `linalg_vector_norm`
+    (F.normalize), and `math.ceil` on sizes ("same" padding)."""
+    import math
+
+    class Mixed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+
+        def forward(self, x):
+            pad = math.ceil(x.shape[-1] / 3) * 3 - x.shape[-1]
+            y = F.silu(self.conv(F.pad(x, (0, pad, 0, pad))), inplace=True)
+            twice = (2 * y.shape[-2], 2 * y.shape[-1])
+            y = F.interpolate(y, scale_factor=2, mode="nearest") + F.interpolate(y, twice, mode="bicubic")
+            return F.normalize(F.interpolate(y, scale_factor=0.5, mode="bilinear"), dim=1)
+
+    model, x = Mixed().eval(), torch.randn(2, 3, 10, 10)
+    dag = td.build_from_unstructured_module(model, (x,), tracer="export")
+    ops = {v.op for v in dag}
+    assert {"interpolate", "norm", "size_ceil", "silu"} <= ops, ops
+    for size in (10, 13):
+        x = torch.randn(3, 3, size, size)
+        assert compare_outputs(run(model, x), run(dag, x))[0], size
 
 
 def test_export_needs_example_inputs():

@@ -16,6 +16,8 @@ assumed about the sizes (its range constraints) becomes assert vertices on the i
 
 from __future__ import annotations
 
+import inspect
+import math
 import operator
 from collections.abc import Callable
 from typing import Any
@@ -25,6 +27,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.utils import _pytree as pytree
 
+from ..core import functions
 from ..core.errors import ConversionError
 from . import canonical
 from .tracer import _light
@@ -39,6 +42,7 @@ _ADAPTERS: dict[str, Callable[..., tuple[Any, tuple, dict]]] = {
     "embedding": lambda weight, ids, padding_idx=-1, *_: (
         F.embedding, (ids, weight, None if padding_idx == -1 else padding_idx), {}),
 }
+_SIZE_MATH = {math.ceil: functions.size_ceil, math.floor: functions.size_floor}
 _DROPPED = {"_assert_tensor_metadata", "sym_constrain_range_for_size"}
 _METHODS = {"view", "contiguous", "expand", "repeat", "to", "type_as", "clone", "detach", "masked_fill",
             "new_zeros", "new_ones", "new_full", "new_empty", "fill_", "zero_", "copy_", "index_put_"}
@@ -147,6 +151,8 @@ def _call(graph: fx.Graph, node: fx.Node, env: dict[fx.Node, Any]) -> Any:
     """The torch-level node for an ATen call (None for checks that have no place in a DAG)."""
     args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: env[n])
     target = node.target
+    if target in _SIZE_MATH:
+        return graph.call_function(_SIZE_MATH[target], args, kwargs)
     if not isinstance(target, torch._ops.OpOverload) and target in canonical.OP_BY_TARGET:
         return graph.call_function(target, args, kwargs)  # getitem, arithmetic on sizes, sym_min, ...
     if not isinstance(target, torch._ops.OpOverload):
@@ -171,6 +177,23 @@ def _call(graph: fx.Graph, node: fx.Node, env: dict[fx.Node, Any]) -> Any:
             return graph.call_method("to", (args[0], named["other"]), {})
         kept = {k: named[k] for k in ("dtype", "device") if named.get(k) is not None}
         return graph.call_method("to", args[:1], kept) if kept else args[0]
+    if name.startswith("upsample_") and not kwargs:  # upsample_nearest2d, upsample_bilinear2d, ...
+        named = _by_name(node, args, kwargs)
+        mode = name.removeprefix("upsample_").rstrip("123d")
+        mode = {"linear": {3: "linear", 4: "bilinear", 5: "trilinear"}.get(node.args[0].meta["val"].dim(), mode),
+                "cubic": "bicubic", "nearest_exact": "nearest-exact"}.get(mode, mode)
+        options = {"size": named.get("output_size"), "scale_factor": named.get("scale_factors"), "mode": mode}
+        if "align_corners" in named:
+            options["align_corners"] = named["align_corners"]
+        return graph.call_function(F.interpolate, (args[0],), options)
+    if name == "linalg_vector_norm":  # what F.normalize decomposes into
+        named = _by_name(node, args, kwargs)
+        options = {"p": named.get("ord", 2), "dim": named.get("dim"), "keepdim": named.get("keepdim", False)}
+        if named.get("dtype") is not None:
+            options["dtype"] = named["dtype"]
+        return graph.call_function(torch.norm, (args[0],), options)
+    if name.endswith("_") and "inplace" in _parameters(getattr(F, name[:-1], None)):  # F.silu(x, inplace=True)
+        return graph.call_function(getattr(F, name[:-1]), args, {**kwargs, "inplace": True})
     if name in _ADAPTERS:
         function, args, kwargs = _ADAPTERS[name](*args, **kwargs)
         return graph.call_function(function, args, kwargs)
@@ -180,6 +203,13 @@ def _call(graph: fx.Graph, node: fx.Node, env: dict[fx.Node, Any]) -> Any:
     if function is None:
         raise ConversionError(f"exported node '{node.name}': ATen op {target} has no torch-level form here")
     return graph.call_function(function, args, kwargs)
+
+
+def _parameters(function: Callable | None) -> set[str]:
+    try:
+        return set(inspect.signature(function).parameters) if function is not None else set()
+    except (TypeError, ValueError):
+        return set()
 
 
 def _by_name(node: fx.Node, args: tuple, kwargs: dict) -> dict[str, Any]:

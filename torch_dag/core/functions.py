@@ -122,6 +122,17 @@ def size_max(a, b):
     return max(a, b)
 
 
+@function_op("size_ceil")
+def size_ceil(a):
+    """`math.ceil` of a size expression (torch.export keeps it where a model computes "same" padding)."""
+    return math.ceil(a)
+
+
+@function_op("size_floor")
+def size_floor(a):
+    return math.floor(a)
+
+
 @function_op("remainder", torch=["remainder"], operator=["mod", "imod"],
              methods=["remainder", "remainder_", "__mod__"])
 def remainder(input, other):
