@@ -22,6 +22,7 @@ from .core import (
     register_module_op,
     verify,
 )
+from .finetuning import FinetuneReport, finetune
 from .flex import make_flexible
 from .passes import factorize
 from .pruning import prune
@@ -34,6 +35,7 @@ __all__ = [
     "ConversionError",
     "DagError",
     "DagModule",
+    "FinetuneReport",
     "FlopReport",
     "LoadError",
     "OnnxExportError",
@@ -45,6 +47,7 @@ __all__ = [
     "count_flops",
     "export_onnx",
     "factorize",
+    "finetune",
     "flex",
     "known_ops",
     "load",

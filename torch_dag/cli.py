@@ -10,12 +10,15 @@
     torch-dag prune timm:resnet50 --flops-ratio 0.5 -o resnet50_half.dag
     torch-dag factorize resnet50.dag --flops-ratio 0.7 --calibration images.npy -o resnet50_lr.dag
     torch-dag flexify timm:resnet50 --levels 0.25 0.5 1.0 -o resnet50_flex.dag --delta-file r50.delta
+    torch-dag finetune resnet50_half.dag --teacher resnet50.dag --data images.npy -o resnet50_half_ft.dag
+    torchrun --nproc_per_node 4 -m torch_dag.cli finetune ...      (the same, data-parallel)
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 import time
 import warnings
@@ -25,7 +28,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from . import analysis, converters, flex, passes, pruning, serde, viz
+from . import analysis, converters, finetuning, flex, passes, pruning, serde, viz
 from .core.errors import DagError
 
 
@@ -211,6 +214,35 @@ def cmd_flexify(args: argparse.Namespace) -> None:
               f"{weights / 1e6:.2f} MB), starting at level {level}")
 
 
+def cmd_finetune(args: argparse.Namespace) -> None:
+    import numpy as np
+
+    student = serde.load(args.student)
+    teacher, _ = _load_or_convert(args.teacher, None)
+    inputs = torch.from_numpy(np.load(args.data, allow_pickle=False)).float()
+    tensors = [inputs]
+    if args.labels is not None:
+        labels = torch.from_numpy(np.load(args.labels, allow_pickle=False)).long()
+        if len(labels) != len(inputs):
+            raise SystemExit(f"--labels has {len(labels)} entries for {len(inputs)} inputs")
+        tensors.append(labels)
+    dataset = torch.utils.data.TensorDataset(*tensors)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=True, drop_last=True,
+                                         collate_fn=None if args.labels is not None else lambda b: torch.stack(
+                                             [item[0] for item in b]))
+    report = finetuning.finetune(
+        student, teacher, loader, epochs=args.epochs, lr=args.lr, optimizer=args.optimizer,
+        weight_decay=args.weight_decay, temperature=args.temperature, alpha=args.alpha, features=args.features,
+        checkpoint=args.checkpoint, checkpoint_every=args.checkpoint_every, progress=not args.quiet)
+    if int(os.environ.get("RANK", "0")) == 0:
+        serde.save(student, args.output)
+        losses = ", ".join(f"{loss:.4f}" for loss in report.epoch_losses)
+        print(f"finetuned {args.student} towards {args.teacher}: {report.steps} steps on {report.world_size} "
+              f"process(es) in {report.seconds:.1f} s" + (f" (resumed at step {report.resumed_at})"
+                                                          if report.resumed_at else "")
+              + f"; mean loss per epoch: {losses}; saved to {args.output}")
+
+
 def cmd_export_onnx(args: argparse.Namespace) -> None:
     from .converters.onnx import export_onnx
 
@@ -362,6 +394,25 @@ def build_parser() -> argparse.ArgumentParser:
     flexify.add_argument("--delta-file", type=Path, help="also write the levels as a delta file")
     flexify.add_argument("--starting-level", type=int, default=0, help="the level the delta file stores whole")
     flexify.set_defaults(run=cmd_flexify)
+
+    tune = sub.add_parser("finetune", help="distill a compressed .dag from its original (DDP under torchrun)")
+    tune.add_argument("student", type=Path, help="the .dag to train (pruned, factorized or flexible)")
+    tune.add_argument("--teacher", required=True, help="a .dag file, timm:NAME or package.module:factory")
+    tune.add_argument("--data", type=Path, required=True, help="a .npy array of model inputs (N x ...)")
+    tune.add_argument("--labels", type=Path, help="a .npy array of N class labels (default: distillation only)")
+    tune.add_argument("--epochs", type=int, default=1)
+    tune.add_argument("--batch-size", type=int, default=32, help="per process")
+    tune.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (cosine schedule)")
+    tune.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw")
+    tune.add_argument("--weight-decay", type=float, default=0.0)
+    tune.add_argument("--temperature", type=float, default=1.0, help="distillation temperature")
+    tune.add_argument("--alpha", type=float, default=0.5, help="weight of distillation vs the labels' loss")
+    tune.add_argument("--features", nargs="*", default=[], metavar="VERTEX", help="vertices to match too")
+    tune.add_argument("--checkpoint", type=Path, help="a checkpoint folder: written as training goes, resumed from")
+    tune.add_argument("--checkpoint-every", type=int, default=0, help="steps between checkpoints (0: each epoch)")
+    tune.add_argument("-o", "--output", type=Path, required=True)
+    tune.add_argument("-q", "--quiet", action="store_true")
+    tune.set_defaults(run=cmd_finetune)
     return parser
 
 

@@ -1,0 +1,215 @@
+"""Distillation finetuning: `td.finetune` (losses, flexible students, feature matching, checkpoints and
+resume, DDP under torchrun) and `torch-dag finetune`."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from torch import nn
+
+import torch_dag as td
+from torch_dag.cli import main as cli
+
+HERE = Path(__file__).resolve().parent
+
+
+def small_teacher_and_student(flexible: bool = False) -> tuple[td.DagModule, td.DagModule]:
+    """A small CNN as teacher (logits large enough that distillation has something to learn) and its
+    half-FLOPs pruning (or a two-level flexible version) as student; the same on every call."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                        nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10))
+    with torch.no_grad():
+        net[-1].weight.mul_(8)
+        net.train()  # norm statistics of the data, as a trained model has
+        for batch in synthetic_batches(8, seed=5):
+            net(batch)
+    x = torch.randn(4, 3, 12, 12)
+    teacher = td.build_from_unstructured_module(net.eval(), (x,))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if flexible:
+            student = td.make_flexible(teacher, [0.5, 1.0], (x,), config=td.flex.FlexConfig(round_to=1))
+            with torch.no_grad():  # the top level starts away from the teacher too
+                for p in student.parameters():
+                    p.add_(0.1 * torch.randn_like(p))
+        else:
+            student = td.prune(teacher, 0.5, (x,))
+    return teacher, student
+
+
+def synthetic_batches(n: int, labels: bool = False, seed: int = 1) -> list:
+    """n batches of 16 random images (with random labels when asked), the same on every call."""
+    g = torch.Generator().manual_seed(seed)
+    xs = [torch.randn(16, 3, 12, 12, generator=g) for _ in range(n)]
+    if labels:
+        return [(x, torch.randint(0, 10, (16,), generator=g)) for x in xs]
+    return xs
+
+
+def distance(student: nn.Module, teacher: nn.Module, x: torch.Tensor) -> float:
+    """KL divergence of the student's output distribution from the teacher's on held-out inputs."""
+    with torch.no_grad():
+        return float(F.kl_div(student(x).log_softmax(-1), teacher(x).log_softmax(-1), reduction="batchmean",
+                              log_target=True))
+
+
+HELD_OUT = torch.Generator().manual_seed(99)
+HELD = torch.randn(128, 3, 12, 12, generator=HELD_OUT)
+
+
+def test_distillation_brings_a_pruned_student_towards_its_teacher():
+    teacher, student = small_teacher_and_student()
+    before = distance(student, teacher, HELD)
+    report = td.finetune(student, teacher, synthetic_batches(16), epochs=3, lr=1e-2, progress=False)
+    assert report.steps == 48 and report.world_size == 1 and len(report.epoch_losses) == 3
+    assert report.epoch_losses[-1] < report.epoch_losses[0]
+    assert distance(student, teacher, HELD) < 0.5 * before
+    assert not student.training and not teacher.training
+
+
+def test_labels_enter_the_loss_with_weight_one_minus_alpha():
+    teacher, student = small_teacher_and_student()
+    batches = synthetic_batches(4, labels=True)
+    pure = td.finetune(student, teacher, batches, alpha=1.0, lr=0.0, progress=False).epoch_losses[0]
+    mixed = td.finetune(student, teacher, batches, alpha=0.0, lr=0.0, progress=False).epoch_losses[0]
+    with torch.no_grad():
+        student.train()
+        expected = np.mean([float(F.cross_entropy(student(x), y)) for x, y in batches])
+    assert mixed == pytest.approx(expected, rel=1e-5) and pure != pytest.approx(mixed)
+
+
+def test_a_student_sharing_layers_with_its_teacher_leaves_the_teacher_alone():
+    """A factorized model keeps the layers it did not factorize: the teacher is copied, not trained."""
+    teacher, _ = small_teacher_and_student()
+    student = td.factorize(teacher, rank_ratio=0.5, example_inputs=(HELD[:2],))
+    shared = {id(p) for p in student.parameters()} & {id(p) for p in teacher.parameters()}
+    assert shared
+    reference = {k: v.clone() for k, v in teacher.state_dict().items()}
+    td.finetune(student, teacher, synthetic_batches(4), lr=1e-2, progress=False)
+    # the shared tensors are the student's to train; the teacher used a copy of their starting values
+    assert any(not torch.equal(reference[k], v) for k, v in teacher.state_dict().items())
+    assert teacher.training is False
+
+
+def test_a_flexible_student_trains_every_level():
+    teacher, student = small_teacher_and_student(flexible=True)
+    before = []
+    for level in range(student.max_level() + 1):
+        student.set_level_use(level)
+        before.append(distance(student, teacher, HELD))
+    td.finetune(student, teacher, synthetic_batches(16), epochs=3, lr=1e-2, progress=False)
+    assert student.current_level() == student.max_level()
+    for level in range(student.max_level() + 1):
+        student.set_level_use(level)
+        assert distance(student, teacher, HELD) < 0.7 * before[level], level
+
+
+def test_features_are_matched_by_vertex_name():
+    teacher, student = small_teacher_and_student()
+    name = next(v.name for v in teacher if v.op == "AdaptiveAvgPool2d")  # pruning narrows it: a clear error
+    with pytest.raises(td.DagError, match=f"feature '{name}'.*shape"):
+        td.finetune(student, teacher, synthetic_batches(2), features=[name], progress=False)
+    with pytest.raises(td.DagError, match="not in the student"):
+        td.finetune(student, teacher, synthetic_batches(2), features=["nowhere"], progress=False)
+    kept = [v.name for v in teacher if v.op == "Linear"]  # the output layer keeps its width
+    with_features = td.finetune(student, teacher, synthetic_batches(2), features=kept, lr=0.0, progress=False)
+    without = td.finetune(student, teacher, synthetic_batches(2), lr=0.0, progress=False)
+    assert with_features.epoch_losses[0] > without.epoch_losses[0]
+
+
+def test_bad_arguments_are_refused_clearly():
+    teacher, student = small_teacher_and_student()
+    with pytest.raises(ValueError, match="one-pass iterator"):
+        td.finetune(student, teacher, iter(synthetic_batches(2)), epochs=2, progress=False)
+    with pytest.raises(ValueError, match="alpha"):
+        td.finetune(student, teacher, synthetic_batches(2), alpha=2.0, progress=False)
+    with pytest.raises(TypeError, match="a batch must be"):
+        td.finetune(student, teacher, [(HELD[:2], None, None)], progress=False)
+
+
+def test_a_resumed_run_ends_exactly_where_an_uninterrupted_one_does(tmp_path):
+    batches = synthetic_batches(6, labels=True)
+    teacher, straight = small_teacher_and_student()
+    td.finetune(straight, teacher, batches, epochs=3, lr=3e-3, progress=False)
+
+    class Crashing:  # the same batches, but the process dies at the 6th
+        def __len__(self):
+            return len(batches)
+
+        def __iter__(self):
+            yield from batches[:5]
+            raise RuntimeError("stop")
+
+    teacher, student = small_teacher_and_student()  # (pruning shares the tensors it left whole: a fresh pair)
+    with pytest.raises(RuntimeError, match="stop"):  # checkpointed at step 4, then lost step 5
+        td.finetune(student, teacher, Crashing(), epochs=3, lr=3e-3, checkpoint=tmp_path / "mid",
+                    checkpoint_every=4, progress=False)
+    teacher, resumed = small_teacher_and_student()
+    report = td.finetune(resumed, teacher, batches, epochs=3, lr=3e-3, checkpoint=tmp_path / "mid",
+                         checkpoint_every=4, progress=False)
+    assert report.resumed_at == 4 and report.total_steps == 18 and report.steps == 14
+    for key, value in straight.state_dict().items():
+        assert torch.equal(value, resumed.state_dict()[key]), key
+    assert td.load(tmp_path / "mid" / "student.dag").state_dict().keys() == straight.state_dict().keys()
+
+
+def torchrun(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("kind", ["pruned", "flex"])
+def test_two_ddp_processes_end_with_identical_weights(tmp_path, kind):
+    done = torchrun(str(HERE / "_ddp_finetune.py"), str(tmp_path), *(["flex"] if kind == "flex" else []))
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [load_file(tmp_path / f"rank{r}.safetensors") for r in range(2)]
+    assert ranks[0].keys() == ranks[1].keys()
+    for key in ranks[0]:
+        assert torch.equal(ranks[0][key], ranks[1][key]), key
+    _, start = small_teacher_and_student(flexible=kind == "flex")
+    assert any(not torch.equal(v, ranks[0][k]) for k, v in start.state_dict().items())  # and they trained
+    from safetensors import safe_open
+    with safe_open(str(tmp_path / "rank0.safetensors"), "pt") as f:
+        assert f.metadata() == {"world_size": "2", "steps": "8"}  # 8 batches, 2 epochs, half each
+
+
+def test_cli_finetune(tmp_path, capsys):
+    teacher, student = small_teacher_and_student()
+    td.save(teacher, tmp_path / "teacher.dag")
+    td.save(student, tmp_path / "student.dag")
+    np.save(tmp_path / "x.npy", torch.randn(64, 3, 12, 12).numpy())
+    np.save(tmp_path / "y.npy", torch.randint(0, 10, (64,)).numpy())
+    cli(["finetune", str(tmp_path / "student.dag"), "--teacher", str(tmp_path / "teacher.dag"),
+         "--data", str(tmp_path / "x.npy"), "--labels", str(tmp_path / "y.npy"), "--batch-size", "16",
+         "--epochs", "2", "--checkpoint", str(tmp_path / "ckpt"), "-o", str(tmp_path / "out.dag"), "-q"])
+    out = capsys.readouterr().out
+    assert "8 steps on 1 process(es)" in out and "mean loss per epoch" in out
+    tuned = td.load(tmp_path / "out.dag")
+    assert any(not torch.equal(v, tuned.state_dict()[k]) for k, v in student.state_dict().items())
+    assert (tmp_path / "ckpt" / "state.safetensors").exists()
+
+
+def test_cli_finetune_under_torchrun_runs_two_processes(tmp_path):
+    teacher, student = small_teacher_and_student()
+    td.save(teacher, tmp_path / "teacher.dag")
+    td.save(student, tmp_path / "student.dag")
+    np.save(tmp_path / "x.npy", torch.randn(64, 3, 12, 12).numpy())
+    done = torchrun("-m", "torch_dag.cli", "finetune", str(tmp_path / "student.dag"), "--teacher",
+                    str(tmp_path / "teacher.dag"), "--data", str(tmp_path / "x.npy"), "--batch-size", "8",
+                    "-o", str(tmp_path / "out.dag"), "-q")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("finetuned") == 1 and "4 steps on 2 process(es)" in done.stdout  # 64 / 8 / 2
+    td.load(tmp_path / "out.dag")
