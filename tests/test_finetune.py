@@ -89,6 +89,15 @@ def test_labels_enter_the_loss_with_weight_one_minus_alpha():
     assert mixed == pytest.approx(expected, rel=1e-5) and pure != pytest.approx(mixed)
 
 
+def test_frozen_batch_norm_statistics_stay_as_they_are():
+    teacher, student = small_teacher_and_student()
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    td.finetune(student, teacher, synthetic_batches(4), lr=1e-2, freeze_bn=True, progress=False)
+    after = student.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in before.items() if "running" in k)
+    assert not torch.equal(before["vertex_modules._1.weight"], after["vertex_modules._1.weight"])  # affine: trained
+
+
 def test_a_student_sharing_layers_with_its_teacher_leaves_the_teacher_alone():
     """A factorized model keeps the layers it did not factorize: the teacher is copied, not trained."""
     teacher, _ = small_teacher_and_student()

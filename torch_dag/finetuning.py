@@ -67,6 +67,7 @@ def finetune(student: DagModule, teacher: torch.nn.Module, data: Iterable[Any], 
              schedule: str = "cosine", temperature: float = 1.0, alpha: float = 0.5,
              label_loss: Callable[[torch.Tensor, Any], torch.Tensor] = F.cross_entropy,
              features: Sequence[str] = (), feature_weight: float = 1.0,
+             freeze_bn: bool = False,
              checkpoint: str | Path | None = None, checkpoint_every: int = 0, resume: bool = True,
              device: str | torch.device | None = None, seed: int = 0, progress: bool = True
              ) -> FinetuneReport:
@@ -79,7 +80,9 @@ def finetune(student: DagModule, teacher: torch.nn.Module, data: Iterable[Any], 
 
     `optimizer` is "adamw" or "sgd" (with `momentum`); `schedule` "cosine" (to zero over the run, when
     `data` has a length) or "constant". `features` names vertices of both DAGs whose values are
-    matched (weight `feature_weight`). `checkpoint` is a folder written every `checkpoint_every` steps
+    matched (weight `feature_weight`). `freeze_bn` keeps the batch norms' statistics as they are (they run
+    in eval mode; their affine weights still train): for finetuning sets too small or too narrow to
+    re-estimate them. `checkpoint` is a folder written every `checkpoint_every` steps
     (0: at the end of each epoch) and at the end. The student is left in eval mode."""
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha (the weight of distillation against labels) must be in [0, 1], got {alpha}")
@@ -92,6 +95,10 @@ def finetune(student: DagModule, teacher: torch.nn.Module, data: Iterable[Any], 
     device = torch.device(device) if device is not None else _default_device(student, world)
     teacher = _own_teacher(teacher, student)
     student.to(device).train()
+    if freeze_bn:
+        for module in student.modules():
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                module.eval()
     teacher.to(device).eval()
     tapped_student, tapped_teacher = _tap(student, teacher, features)
     model = tapped_student
@@ -142,7 +149,7 @@ def finetune(student: DagModule, teacher: torch.nn.Module, data: Iterable[Any], 
                     out = model(*inputs, **kwargs)
                     term = _loss(out, expected, target, features, temperature, alpha, label_loss, feature_weight)
                     term.backward()
-                    loss += float(term)
+                    loss += term.item()
                 opt.step()
                 done, in_epoch = done + 1, index + 1
                 report.steps += 1

@@ -1,0 +1,150 @@
+"""Shared by the quality benchmarks: Torch-Pruning at a FLOPs target with a given criterion, the
+fidelity measures (top-1 agreement, KL divergence), resumable CSV rows and the plots."""
+
+from __future__ import annotations
+
+import copy
+import csv
+import math
+import sys
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+BENCH = Path(__file__).resolve().parent.parent
+RESULTS = BENCH / "results" / "quality"
+sys.path.insert(0, str(BENCH))  # _fmnist, _sweep
+
+import _fmnist  # noqa: E402, F401  (for the scripts here: benchmarks/_fmnist.py)
+
+import torch_dag as td  # noqa: E402
+
+CRITERIA = ["l1", "l2", "bn_scale", "taylor", "random"]
+
+
+def flops(module: torch.nn.Module, x: torch.Tensor) -> float:
+    """fvcore-convention FLOPs of any module, counted on its conversion (the same counter for both tools)."""
+    dag = module if isinstance(module, td.DagModule) else td.build_from_unstructured_module(module, (x,))
+    return td.count_flops(dag, x).total_flops
+
+
+def self_supervised_loss(logits: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy against the model's own top-1: torch-dag's default loss for the taylor criterion."""
+    return F.cross_entropy(logits, logits.argmax(1))
+
+
+def tp_prune(model: torch.nn.Module, x: torch.Tensor, target: float, criterion: str,
+             calibration: Iterable[torch.Tensor], ignored: list[torch.nn.Module], round_to: int | None = None,
+             steps: int = 8) -> tuple[torch.nn.Module, float]:
+    """Torch-Pruning's MetaPruner (global ranking) with the matching importance, its pruning ratio
+    bisected until the FLOPs ratio is closest to `target`; (pruned copy, FLOPs ratio reached)."""
+    import torch_pruning as tp
+
+    base = flops(model, x)
+    importance = {"l1": lambda: tp.importance.GroupMagnitudeImportance(p=1),
+                  "l2": lambda: tp.importance.GroupMagnitudeImportance(p=2),
+                  "bn_scale": lambda: tp.importance.BNScaleImportance(),
+                  "taylor": lambda: tp.importance.GroupTaylorImportance(),
+                  "random": lambda: tp.importance.RandomImportance()}[criterion]
+    batches = list(calibration)
+
+    def attempt(ratio: float) -> torch.nn.Module:
+        candidate = copy.deepcopy(model).eval()
+        names = {id(m): n for n, m in model.named_modules()}
+        skip = [dict(candidate.named_modules())[names[id(m)]] for m in ignored]
+        if criterion == "taylor":  # gradients of the same self-supervised loss, accumulated over batches
+            candidate.zero_grad()
+            for batch in batches:
+                self_supervised_loss(candidate(batch)).backward()
+        torch.manual_seed(0)
+        pruner = tp.pruner.MetaPruner(candidate, x, importance=importance(), global_pruning=True,
+                                      pruning_ratio=ratio, ignored_layers=skip, round_to=round_to)
+        pruner.step()
+        candidate.zero_grad(set_to_none=True)
+        return candidate.eval()
+
+    low, high, best = 0.0, 0.95, None
+    for _ in range(steps):
+        ratio = (low + high) / 2
+        kept = flops(attempt(ratio), x) / base
+        if best is None or abs(kept - target) < abs(best[1] - target):
+            best = (ratio, kept)
+        low, high = (ratio, high) if kept > target else (low, ratio)
+    return attempt(best[0]), best[1]
+
+
+@torch.no_grad()
+def logits_of(model: torch.nn.Module, x: torch.Tensor, batch: int = 64) -> torch.Tensor:
+    model.eval()
+    return torch.cat([model(chunk) for chunk in x.split(batch)])
+
+
+def agreement_and_kl(student: torch.Tensor, teacher: torch.Tensor) -> tuple[float, float]:
+    """Top-1 agreement with the teacher, and the mean KL(teacher || student) of the softmax outputs."""
+    agree = (student.argmax(1) == teacher.argmax(1)).float().mean().item()
+    kl = F.kl_div(student.log_softmax(1), teacher.log_softmax(1), reduction="batchmean", log_target=True).item()
+    return agree, kl
+
+
+class Rows:
+    """A CSV of result rows keyed by some columns; rows already there are skipped (resumable)."""
+
+    def __init__(self, path: Path, fields: list[str], key: list[str]):
+        self.path, self.fields, self.key = path, fields, key
+        self.rows: dict[tuple, dict] = {}
+        if path.exists():
+            for row in csv.DictReader(path.open()):
+                self.rows[tuple(row[k] for k in key)] = row
+
+    def has(self, **key) -> bool:
+        return tuple(str(key[k]) for k in self.key) in self.rows
+
+    def add(self, row: dict) -> None:
+        self.rows[tuple(str(row[k]) for k in self.key)] = {k: row.get(k, "") for k in self.fields}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("w", newline="") as f:
+            writer = csv.DictWriter(f, self.fields)
+            writer.writeheader()
+            writer.writerows(self.rows.values())
+
+    def all(self) -> list[dict]:
+        return list(self.rows.values())
+
+
+def plot(rows: list[dict], x: str, y: str, line: Callable[[dict], str], path: Path, title: str,
+         ylabel: str, reference: float | None = None) -> None:
+    """One line per method (rows grouped by `line`), y against x; saved as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lines: dict[str, list[tuple[float, float]]] = {}
+    for row in rows:
+        if row.get(y) not in (None, "") and not math.isnan(float(row[y])):
+            lines.setdefault(line(row), []).append((float(row[x]), float(row[y])))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, points in sorted(lines.items()):
+        points.sort()
+        style = "--" if "finetuned" in label else "-"
+        ax.plot([p[0] for p in points], [p[1] for p in points], style, marker="o", label=label)
+    if reference is not None:
+        ax.axhline(reference, color="gray", linestyle=":", label="unpruned")
+    ax.set_xlabel("FLOPs ratio kept" if x.endswith("flops") else x)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def timed(fn: Callable, *args, **kwargs):
+    start = time.perf_counter()
+    out = fn(*args, **kwargs)
+    return out, time.perf_counter() - start
