@@ -18,7 +18,9 @@ its own share; gradients are averaged, and every rank ends with the same weights
 Checkpoints are a folder: `student.dag` (written by `td.save`) and `state.safetensors` (optimizer state
 and the position in the data; JSON metadata, no pickle). With `resume=True` (the default) a run
 pointed at an existing checkpoint continues from it: the same batches, the same learning-rate
-schedule, as if it had not stopped.
+schedule, as if it had not stopped. (Each epoch starts by seeding torch's global generator, which a
+shuffling DataLoader draws its order from; a loader given a generator of its own keeps that order
+instead, the same on every rank but not replayed on resume.)
 """
 
 from __future__ import annotations
