@@ -64,7 +64,12 @@ def tp_prune(model: torch.nn.Module, x: torch.Tensor, target: float, criterion: 
                                       pruning_ratio=ratio, ignored_layers=skip, round_to=round_to)
         pruner.step()
         candidate.zero_grad(set_to_none=True)
-        return candidate.eval()
+        try:
+            with torch.no_grad():
+                candidate.eval()(x)
+        except Exception as e:
+            raise RuntimeError(f"Torch-Pruning's pruned model does not run: {type(e).__name__}: {e}") from e
+        return candidate
 
     low, high, best = 0.0, 0.95, None
     for _ in range(steps):

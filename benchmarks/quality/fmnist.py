@@ -182,7 +182,8 @@ def summarize() -> None:
         raise SystemExit(f"no rows in {OUT}")
     base = next(float(r["accuracy"]) for r in rows if r["experiment"] == "base")
     print(f"unpruned CNN test accuracy: {base:.2%}")
-    print(f"{'experiment':10} {'method':28} {'target':>6} {'FLOPs':>6} {'no finetune':>11} {'1 epoch':>8} {'vs unpruned':>11}")
+    print(f"{'experiment':10} {'method':28} {'target':>6} {'FLOPs':>6} {'compressed':>10} {'+1 epoch':>8} "
+          f"{'final vs unpruned':>17}   (scratch: trained as long as the original; flex: after its one epoch)")
     by = {(r["experiment"], r["method"], r["target"], r["finetuned"]): r for r in rows}
     for (experiment, method, target, finetuned), r in sorted(by.items()):
         if experiment == "base" or (finetuned == "True" and (experiment, method, target, "False") in by):
@@ -190,9 +191,9 @@ def summarize() -> None:
         tuned = by.get((experiment, method, target, "True"))
         plain = by.get((experiment, method, target, "False"))
         final = float((tuned or plain)["accuracy"])
-        print(f"{experiment:10} {method:28} {target:>6} {float(r['flops']):6.3f} "
-              f"{float(plain['accuracy']) if plain else float('nan'):11.2%} "
-              f"{float(tuned['accuracy']) if tuned else float('nan'):8.2%} {100 * (final - base):+10.2f}p")
+        cells = [f"{float(row['accuracy']):.2%}" if row else "-" for row in (plain, tuned)]
+        print(f"{experiment:10} {method:28} {target:>6} {float(r['flops']):6.3f} {cells[0]:>10} {cells[1]:>8} "
+              f"{100 * (final - base):+16.2f}p")
     final_rows = [r for r in rows if r["experiment"] in ("prune", "scratch", "flex")
                   and (r["finetuned"] == "True" or r["experiment"] == "scratch")]
     plot(final_rows, "flops", "accuracy", lambda r: f"{r['experiment']}: {r['method']}", OUT.with_suffix(".png"),
