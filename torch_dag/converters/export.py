@@ -179,9 +179,7 @@ def _call(graph: fx.Graph, node: fx.Node, env: dict[fx.Node, Any]) -> Any:
         return graph.call_method("to", args[:1], kept) if kept else args[0]
     if name.startswith("upsample_") and not kwargs:  # upsample_nearest2d, upsample_bilinear2d, ...
         named = _by_name(node, args, kwargs)
-        mode = name.removeprefix("upsample_").rstrip("123d")
-        mode = {"linear": {3: "linear", 4: "bilinear", 5: "trilinear"}.get(node.args[0].meta["val"].dim(), mode),
-                "cubic": "bicubic", "nearest_exact": "nearest-exact"}.get(mode, mode)
+        mode = name.removeprefix("upsample_").rstrip("123d")  # nearest, linear, bilinear, bicubic, trilinear
         options = {"size": named.get("output_size"), "scale_factor": named.get("scale_factors"), "mode": mode}
         if "align_corners" in named:
             options["align_corners"] = named["align_corners"]
