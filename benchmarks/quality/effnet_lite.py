@@ -17,8 +17,11 @@ top-1 agreement and mean KL(unpruned || pruned) over the test views.
 
 Both tools prune with global ranking, the same criterion and no width rounding, to the FLOPs ratio
 (counted the same way for both) closest to the target (Torch-Pruning: its pruning ratio bisected, 8
-steps). The finetune is `td.finetune` for both (logit distillation from the unpruned model, AdamW,
-cosine schedule, batch norms' statistics frozen: the tune set is a handful of photos).
+steps). `torch-dag` compensates the layers that lost inputs from the same calibration batches the taylor
+criterion uses (its default, `lstsq`); `torch-dag-plain` is the same pruning without it
+(`compensate="none"`). The finetune is `td.finetune` for both (logit distillation from the unpruned
+model, AdamW, cosine schedule, batch norms' statistics frozen: the tune set is a handful of photos).
+`--factorize` adds `td.factorize` to 70 % of the FLOPs (data-aware, SVD, uniform rank).
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ OUT = RESULTS / "effnet_lite.csv"
 FIELDS = ["tool", "criterion", "target", "flops", "finetuned", "agreement", "kl", "prune_s", "finetune_s"]
 TARGETS = [0.9, 0.75, 0.5, 0.3]
 SIZE = 224
+TOOLS = ["torch-dag", "torch-dag-plain", "torch-pruning"]
 
 
 def photos() -> list[np.ndarray]:
@@ -145,9 +149,10 @@ def run(args: argparse.Namespace) -> None:
                     continue
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
-                    if tool == "torch-dag":
-                        pruned, seconds = timed(td.prune, teacher, target, (x,), calibration=calibration,
-                                                config=PruneConfig(criterion=criterion, round_to=1))
+                    if tool.startswith("torch-dag"):
+                        config = PruneConfig(criterion=criterion, round_to=1,
+                                             compensate="none" if tool == "torch-dag-plain" else "lstsq")
+                        pruned, seconds = timed(td.prune, teacher, target, (x,), calibration=calibration, config=config)
                     else:
                         (pruned, _), seconds = timed(tp_prune, model, x, target, criterion, calibration,
                                                      ignored=[model._fc])
@@ -164,31 +169,61 @@ def run(args: argparse.Namespace) -> None:
                                prune_s=round(seconds, 2), finetune_s=round(spent, 1))
                     rows.add(row)
                     print("  ".join(f"{k}={v}" for k, v in row.items()), flush=True)
+    if args.factorize:
+        factorize(args, rows, teacher, x, x_test, reference, calibration, tuning)
+
+
+def factorize(args: argparse.Namespace, rows: Rows, teacher: td.DagModule, x: torch.Tensor, x_test: torch.Tensor,
+              reference: torch.Tensor, calibration: list, tuning: list) -> None:
+    """Low-rank factorization to 70 % of the FLOPs: data-aware ranks and solution vs truncated SVD vs one
+    rank fraction for all layers, before and after the same short finetune."""
+    base = flops(teacher, x)
+    for method, options in (("data-aware", dict(calibration=calibration)), ("svd", {}),
+                            ("uniform rank", dict(calibration=calibration, allocation="uniform"))):
+        if rows.has(tool="torch-dag factorize", criterion=method, target=0.7, finetuned=True):
+            continue
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            small, seconds = timed(td.factorize, teacher, 0.7, example_inputs=(x,), **options)
+        for finetuned in (False, True):
+            spent = 0.0
+            if finetuned:
+                spent = td.finetune(small, teacher, TuneViews(tuning, args.steps, args.batch), lr=args.lr,
+                                    freeze_bn=True, progress=False).seconds
+            agree, kl = agreement_and_kl(logits_of(small, x_test), reference)
+            row = dict(tool="torch-dag factorize", criterion=method, target=0.7, flops=round(flops(small, x) / base, 4),
+                       finetuned=finetuned, agreement=round(agree, 4), kl=round(kl, 4), prune_s=round(seconds, 2),
+                       finetune_s=round(spent, 1))
+            rows.add(row)
+            print("  ".join(f"{k}={v}" for k, v in row.items()), flush=True)
 
 
 def summarize() -> None:
     rows = Rows(OUT, FIELDS, ["tool", "criterion", "target", "finetuned"]).all()
     if not rows:
         raise SystemExit(f"no rows in {OUT}")
-    print(f"{'target':>6} {'criterion':9} {'finetuned':9} | {'torch-dag agree / KL (FLOPs)':30} | "
-          f"{'Torch-Pruning agree / KL (FLOPs)':30}")
+    print(f"{'target':>6} {'criterion':9} {'finetuned':9} | " + " | ".join(f"{t + ' agree / KL (FLOPs)':36}" for t in TOOLS))
     by = {(r["tool"], r["criterion"], r["target"], r["finetuned"]): r for r in rows}
     for target in sorted({r["target"] for r in rows}, key=float, reverse=True):
         for finetuned in ("False", "True"):
             for criterion in CRITERIA:
                 cells = []
-                for tool in ("torch-dag", "torch-pruning"):
+                for tool in TOOLS:
                     r = by.get((tool, criterion, target, finetuned))
                     cells.append(f"{float(r['agreement']):6.1%} / {float(r['kl']):6.3f} ({float(r['flops']):.3f})"
                                  if r else "-")
                 if any(c != "-" for c in cells):
-                    print(f"{target:>6} {criterion:9} {finetuned:9} | {cells[0]:30} | {cells[1]:30}")
+                    print(f"{target:>6} {criterion:9} {finetuned:9} | " + " | ".join(f"{c:36}" for c in cells))
     for target in sorted({r["target"] for r in rows}, key=float, reverse=True):
         plain = [r for r in rows if r["target"] == target and r["finetuned"] == "False"]
         best = {tool: max((float(r["agreement"]) for r in plain if r["tool"] == tool), default=float("nan"))
-                for tool in ("torch-dag", "torch-pruning")}
-        print(f"best criterion at {target}: torch-dag {best['torch-dag']:.1%}, Torch-Pruning {best['torch-pruning']:.1%}")
-    seconds = [float(r["prune_s"]) for r in rows if r["finetuned"] == "False"]
+                for tool in TOOLS}
+        print(f"best criterion at {target}: " + ", ".join(f"{t} {best[t]:.1%}" for t in TOOLS))
+    for r in rows:
+        if r["tool"] == "torch-dag factorize":
+            print(f"factorized, {r['criterion']:12} finetuned={r['finetuned']:5}: agreement {float(r['agreement']):6.1%}, "
+                  f"KL {float(r['kl']):.3f} (FLOPs {float(r['flops']):.3f})")
+    seconds = [float(r["prune_s"]) for r in rows if r["finetuned"] == "False" and r["tool"] in TOOLS]
     print(f"prune time median {statistics.median(seconds):.2f} s")
     plot(rows, "flops", "agreement", lambda r: f"{r['tool']} {r['criterion']}" + (" finetuned" if r["finetuned"] == "True" else ""),
          OUT.with_suffix(".png"), "EfficientNet-Lite0 on photos: top-1 agreement with the unpruned model",
@@ -199,11 +234,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--targets", type=float, nargs="+", default=TARGETS)
     parser.add_argument("--criteria", nargs="+", default=CRITERIA, choices=CRITERIA)
-    parser.add_argument("--tools", nargs="+", default=["torch-dag", "torch-pruning"],
-                        choices=["torch-dag", "torch-pruning"])
+    parser.add_argument("--tools", nargs="+", default=TOOLS, choices=TOOLS)
     parser.add_argument("--finetune-criteria", nargs="*", default=["l2", "taylor"], choices=CRITERIA,
                         help="criteria whose pruned models are also finetuned (CPU time)")
     parser.add_argument("--finetune-targets", type=float, nargs="*", default=[0.75, 0.5])
+    parser.add_argument("--factorize", action="store_true", help="also factorize to 70 %% of the FLOPs "
+                        "(data-aware, SVD, uniform rank)")
     parser.add_argument("--steps", type=int, default=40, help="finetuning steps")
     parser.add_argument("--batch", type=int, default=16, help="finetuning batch size")
     parser.add_argument("--lr", type=float, default=1e-4)

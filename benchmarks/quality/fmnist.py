@@ -3,18 +3,27 @@
 
 - pruning to 50 % and 30 % of the FLOPs and one epoch of distillation finetuning (`td.finetune`, labels
   and the unpruned model as teacher), torch-dag vs Torch-Pruning under the identical protocol (same
-  criterion, FLOPs, finetune), vs the pruned architecture trained from scratch as long as the original;
+  criterion, FLOPs, calibration batches, finetune), vs the pruned architecture trained from scratch as
+  long as the original (torch-dag-plain: torch-dag without its compensation of the pruned layers);
 - factorization to 70 % of the FLOPs: data-aware vs truncated SVD vs uniform rank, before and after the
   same one-epoch finetune;
 - one flexible model (levels at 30 / 50 / 100 % of the FLOPs) trained one epoch with the sandwich rule,
-  each level against the separately pruned-and-finetuned model of the same FLOPs.
+  each level against the separately pruned-and-finetuned model of the same FLOPs (CNN only).
+
+Torch-Pruning prunes the ViT's head dims with its `num_heads` option (the attributes of timm's attention
+updated after the step, as its examples do); torch-dag removes whole heads and MLP / embedding widths
+(torch-dag-head-dim: the same positions of every head instead, as Torch-Pruning does).
 
     sudo apt-get install dataset-fashion-mnist    # /usr/share/datasets/fashion-mnist
-    python benchmarks/quality/fmnist.py           # resumable: rows in results/quality/fmnist.csv
+    python benchmarks/quality/fmnist.py               # resumable: rows in results/quality/fmnist.csv
+    python benchmarks/quality/fmnist.py --model vit   # a small timm ViT: results/quality/fmnist_vit.csv
     python benchmarks/quality/fmnist.py --summary
 
-Test accuracy is on all 10k test images. Everything is seeded; the trained CNN is cached
-(benchmarks/.cache, git-ignored).
+Test accuracy is on all 10k test images. The finetuning learning rate is chosen on a validation split
+(the last 5k training images, left out of every finetune): each rate of `--lrs` finetunes both tools'
+l2 models at 50 % once, and the rate with the best mean validation accuracy serves every finetune.
+(The CNN itself was trained on all 60k, so validation accuracies are optimistic; they only rank rates.)
+Everything is seeded; the trained CNN is cached (benchmarks/.cache, git-ignored).
 """
 
 from __future__ import annotations
@@ -23,10 +32,11 @@ import argparse
 import copy
 import time
 import warnings
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from _common import RESULTS, Rows, _fmnist, flops, plot, tp_prune
+from _common import RESULTS, Rows, _fmnist, flops, plot, timed, tp_prune
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -34,8 +44,9 @@ import torch_dag as td
 from torch_dag.pruning import PruneConfig
 
 OUT = RESULTS / "fmnist.csv"
-FIELDS = ["model", "experiment", "method", "target", "flops", "finetuned", "accuracy", "seconds"]
-KEY = ["model", "experiment", "method", "target", "finetuned"]
+FIELDS = ["model", "experiment", "method", "target", "flops", "finetuned", "lr", "accuracy", "seconds"]
+KEY = ["model", "experiment", "method", "target", "finetuned", "lr"]
+VALIDATION = 5000  # the last training images: for choosing the finetuning learning rate
 
 
 def cnn() -> nn.Module:
@@ -45,6 +56,38 @@ def cnn() -> nn.Module:
 
     return nn.Sequential(*block(1, 16), *block(16, 32), nn.MaxPool2d(2), *block(32, 64), nn.MaxPool2d(2),
                          *block(64, 64), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10))
+
+
+def vit() -> nn.Module:
+    """A small ViT for 28 x 28 gray images: 7 x 7 patches, width 96, 4 blocks of 4 heads (about 8 M
+    multiply-adds)."""
+    import timm
+
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=28, patch_size=7, in_chans=1,
+                             num_classes=10, embed_dim=96, depth=4, num_heads=4)
+
+
+def _tp_vit_options(model: nn.Module) -> dict:
+    """Torch-Pruning's arguments for timm attention: each qkv's head count (it prunes head dims)."""
+    import timm
+
+    return {"num_heads": {m.qkv: m.num_heads for m in model.modules()
+                          if isinstance(m, timm.models.vision_transformer.Attention)}}
+
+
+def _tp_vit_after(model: nn.Module, pruner) -> None:
+    import timm
+
+    for m in model.modules():
+        if isinstance(m, timm.models.vision_transformer.Attention):
+            m.num_heads = pruner.num_heads[m.qkv]
+            m.head_dim = m.qkv.out_features // (3 * m.num_heads)
+            m.attn_dim = m.head_dim * m.num_heads
+
+
+# name: (factory, training epochs, training learning rate, the output layer, Torch-Pruning's options)
+MODELS = {"cnn": (cnn, 6, 2e-3, lambda m: m[-1], {}),
+          "vit": (vit, 10, 1e-3, lambda m: m.head, dict(options=_tp_vit_options, after=_tp_vit_after))}
 
 
 def data() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -97,91 +140,135 @@ def reinitialized(model: nn.Module) -> nn.Module:
 def run(args: argparse.Namespace) -> None:
     _fmnist.require()
     torch.set_num_threads(args.threads)
-    rows = Rows(OUT, FIELDS, KEY)
+    rows = Rows(csv_of(args.model), FIELDS, KEY)
     x, y, x_test, y_test = data()
+    x_tune, y_tune, x_val, y_val = x[:-VALIDATION], y[:-VALIDATION], x[-VALIDATION:], y[-VALIDATION:]
     example = x_test[:1]
-    cache = _fmnist.CACHE / f"fmnist_cnn_{args.epochs}ep.safetensors"
+    name = args.model
+    factory, epochs, train_lr, output_layer, tp_options = MODELS[name]
+    epochs = args.epochs or epochs
+    cache = _fmnist.CACHE / f"fmnist_{name}_{epochs}ep.safetensors"
     torch.manual_seed(0)
-    model = cnn()
+    model = factory()
     if cache.exists():
         model.load_state_dict(load_file(cache))
     else:
-        print(f"training the CNN for {args.epochs} epochs")
-        train(model, x, y, args.epochs)
+        print(f"training the {name} for {epochs} epochs")
+        train(model, x, y, epochs, lr=train_lr)
         cache.parent.mkdir(parents=True, exist_ok=True)
         save_file(model.state_dict(), cache)
     model.eval()
     teacher = td.build_from_unstructured_module(model, (example,))
     base_flops = flops(teacher, example)
     base = accuracy(teacher, x_test, y_test)
-    rows.add(dict(model="cnn", experiment="base", method="unpruned", target=1.0, flops=1.0, finetuned=False,
-                  accuracy=base, seconds=0))
-    print(f"CNN: {base_flops / 1e6:.1f} MFLOPs, test accuracy {base:.2%}")
+    rows.add(dict(model=name, experiment="base", method="unpruned", target=1.0, flops=1.0, finetuned=False,
+                  lr=0, accuracy=base, seconds=0))
+    print(f"{name}: {base_flops / 1e6:.1f} MFLOPs, test accuracy {base:.2%}")
     calibration = [(x[i:i + 64],) for i in range(0, 256, 64)]
+
+    def pruned_by(tool: str, criterion: str, target: float) -> nn.Module:
+        if tool == "torch-pruning":
+            return tp_prune(model, example, target, criterion, [b[0] for b in calibration],
+                            ignored=[output_layer(model)], **tp_options)[0]
+        config = PruneConfig(criterion=criterion, round_to=1, compensate="none" if tool == "torch-dag-plain" else "lstsq",
+                             attention="head_dim" if tool == "torch-dag-head-dim" else "heads")
+        return td.prune(teacher, target, (example,), calibration=calibration, config=config)
+
+    def finetune(student: nn.Module, lr: float):
+        return td.finetune(student, teacher, loader(x_tune, y_tune, 128, seed=2), epochs=1, lr=lr, progress=False)
+
+    validation = {}
+    for lr in args.lrs:
+        for tool in ("torch-dag", "torch-pruning"):
+            key = dict(model=name, experiment="lr", method=f"{tool} l2", target=0.5, finetuned=True, lr=lr)
+            if not rows.has(**key):
+                student = pruned_by(tool, "l2", 0.5)
+                report = finetune(student, lr)
+                rows.add({**key, "flops": round(flops(student, example) / base_flops, 4),
+                          "accuracy": accuracy(student, x_val, y_val), "seconds": round(report.seconds, 1)})
+            validation.setdefault(lr, []).append(float(rows.rows[tuple(str(key[k]) for k in KEY)]["accuracy"]))
+    lr = max(args.lrs, key=lambda r: sum(validation[r]))
+    print("validation accuracy per finetuning rate: " + ", ".join(
+        f"{r:g}: {sum(v) / len(v):.2%}" for r, v in validation.items()) + f"; finetuning at {lr:g}")
 
     def record(experiment: str, method: str, target: float, student: nn.Module, seconds: float = 0.0) -> None:
         ratio = flops(student, example) / base_flops
-        row = dict(model="cnn", experiment=experiment, method=method, target=target, flops=round(ratio, 4),
-                   finetuned=False, accuracy=accuracy(student, x_test, y_test), seconds=round(seconds, 2))
+        row = dict(model=name, experiment=experiment, method=method, target=target, flops=round(ratio, 4),
+                   finetuned=False, lr=lr if experiment != "scratch" else 0,
+                   accuracy=accuracy(student, x_test, y_test), seconds=round(seconds, 2))
         rows.add(row)
         print("  ".join(f"{k}={v}" for k, v in row.items()), flush=True)
         if experiment != "scratch":
-            report = td.finetune(student, teacher, loader(x, y, 128, seed=2), epochs=1, lr=args.lr,
-                                 progress=False)
+            report = finetune(student, lr)
             tuned = accuracy(student, x_test, y_test)
             rows.add({**row, "finetuned": True, "accuracy": tuned, "seconds": round(report.seconds, 1)})
             print(f"    after one finetune epoch: {tuned:.4f}", flush=True)
 
-    for target in (0.5, 0.3):
-        for criterion in args.criteria:
-            if not rows.has(model="cnn", experiment="prune", method=f"torch-dag {criterion}", target=target,
-                            finetuned=True):
+    for tool in args.tools:
+        for target in (0.5, 0.3):
+            for criterion in args.criteria:
+                method = f"{tool} {criterion}"
+                if not rows.has(model=name, experiment="prune", method=method, target=target, finetuned=True, lr=lr):
+                    student, seconds = timed(pruned_by, tool, criterion, target)
+                    record("prune", method, target, student, seconds)
+        if tool != "torch-dag":
+            continue
+        for target in (0.5, 0.3):
+            if not rows.has(model=name, experiment="scratch", method="torch-dag l2 architecture", target=target,
+                            finetuned=False, lr=0):
+                architecture = td.prune(teacher, target, (example,), config=PruneConfig(criterion="l2", round_to=1))
                 start = time.perf_counter()
-                pruned = td.prune(teacher, target, (example,), calibration=calibration,
-                                  config=PruneConfig(criterion=criterion, round_to=1))
-                record("prune", f"torch-dag {criterion}", target, pruned, time.perf_counter() - start)
-            if not rows.has(model="cnn", experiment="prune", method=f"torch-pruning {criterion}", target=target,
-                            finetuned=True):
-                start = time.perf_counter()
-                pruned, _ = tp_prune(model, example, target, criterion, [b[0] for b in calibration],
-                                     ignored=[model[-1]])
-                record("prune", f"torch-pruning {criterion}", target, pruned, time.perf_counter() - start)
-        if not rows.has(model="cnn", experiment="scratch", method="torch-dag l2 architecture", target=target,
-                        finetuned=False):
-            architecture = td.prune(teacher, target, (example,), config=PruneConfig(criterion="l2", round_to=1))
-            start = time.perf_counter()
-            scratch = train(reinitialized(architecture), x, y, args.epochs)
-            record("scratch", "torch-dag l2 architecture", target, scratch, time.perf_counter() - start)
+                scratch = train(reinitialized(architecture), x, y, epochs, lr=train_lr)
+                record("scratch", "torch-dag l2 architecture", target, scratch, time.perf_counter() - start)
 
-    for method, options in (("data-aware", dict(calibration=calibration)), ("svd", {}),
-                            ("uniform rank", dict(calibration=calibration, allocation="uniform"))):
-        if not rows.has(model="cnn", experiment="factorize", method=method, target=0.7, finetuned=True):
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                start = time.perf_counter()
-                small = td.factorize(teacher, 0.7, example_inputs=(example,), **options)
-            record("factorize", method, 0.7, small, time.perf_counter() - start)
+        for method, options in (("data-aware", dict(calibration=calibration)), ("svd", {}),
+                                ("uniform rank", dict(calibration=calibration, allocation="uniform"))):
+            if not rows.has(model=name, experiment="factorize", method=method, target=0.7, finetuned=True, lr=lr):
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    small, seconds = timed(td.factorize, teacher, 0.7, example_inputs=(example,), **options)
+                record("factorize", method, 0.7, small, seconds)
 
-    if not rows.has(model="cnn", experiment="flex", method="flexible level", target=0.3, finetuned=True):
-        flexible = td.make_flexible(teacher, example_inputs=(example,), flops_ratios=[0.3, 0.5, 1.0],
-                                    calibration=calibration, config=td.flex.FlexConfig(round_to=1))
-        report = td.finetune(flexible, teacher, loader(x, y, 128, seed=2), epochs=1, lr=args.lr, progress=False)
-        for level, target in enumerate((0.3, 0.5, 1.0)):
-            flexible.set_level_use(level)
-            plain = flexible.make_base_copy()
-            row = dict(model="cnn", experiment="flex", method="flexible level", target=target,
-                       flops=round(flops(plain, example) / base_flops, 4), finetuned=True,
-                       accuracy=accuracy(plain, x_test, y_test), seconds=round(report.seconds, 1))
-            rows.add(row)
-            print("  ".join(f"{k}={v}" for k, v in row.items()), flush=True)
+        if name == "cnn" and not rows.has(model=name, experiment="flex", method="flexible level", target=0.3,
+                                          finetuned=True, lr=lr):
+            flexible = td.make_flexible(teacher, example_inputs=(example,), flops_ratios=[0.3, 0.5, 1.0],
+                                        calibration=calibration, config=td.flex.FlexConfig(round_to=1))
+            report = finetune(flexible, lr)
+            for level, target in enumerate((0.3, 0.5, 1.0)):
+                flexible.set_level_use(level)
+                plain = flexible.make_base_copy()
+                row = dict(model=name, experiment="flex", method="flexible level", target=target,
+                           flops=round(flops(plain, example) / base_flops, 4), finetuned=True, lr=lr,
+                           accuracy=accuracy(plain, x_test, y_test), seconds=round(report.seconds, 1))
+                rows.add(row)
+                print("  ".join(f"{k}={v}" for k, v in row.items()), flush=True)
+
+
+def csv_of(name: str) -> Path:
+    """Each model's rows in a file of its own (two models can run at once)."""
+    return OUT if name == "cnn" else OUT.with_name(f"fmnist_{name}.csv")
 
 
 def summarize() -> None:
-    rows = Rows(OUT, FIELDS, KEY).all()
-    if not rows:
+    done = [name for name in MODELS if csv_of(name).exists()]
+    if not done:
         raise SystemExit(f"no rows in {OUT}")
+    for name in done:
+        summarize_model(name, Rows(csv_of(name), FIELDS, KEY).all())
+
+
+def summarize_model(name: str, rows: list[dict]) -> None:
     base = next(float(r["accuracy"]) for r in rows if r["experiment"] == "base")
-    print(f"unpruned CNN test accuracy: {base:.2%}")
+    print(f"unpruned {name} test accuracy: {base:.2%}")
+    validation: dict[str, list[float]] = {}
+    for r in rows:
+        if r["experiment"] == "lr":
+            validation.setdefault(r["lr"], []).append(float(r["accuracy"]))
+    if validation:
+        lr = max(validation, key=lambda k: sum(validation[k]))
+        print("finetuning rate chosen on the validation split (mean of both tools' l2 models at 50 %): " + ", ".join(
+            f"{float(k):g}: {sum(v) / len(v):.2%}" for k, v in validation.items()) + f" -> {float(lr):g}")
+        rows = [r for r in rows if r["experiment"] != "lr" and float(r["lr"]) in (0.0, float(lr))]
     print(f"{'experiment':10} {'method':28} {'target':>6} {'FLOPs':>6} {'compressed':>10} {'+1 epoch':>8} "
           f"{'final vs unpruned':>17}   (scratch: trained as long as the original; flex: after its one epoch)")
     by = {(r["experiment"], r["method"], r["target"], r["finetuned"]): r for r in rows}
@@ -196,15 +283,21 @@ def summarize() -> None:
               f"{100 * (final - base):+16.2f}p")
     final_rows = [r for r in rows if r["experiment"] in ("prune", "scratch", "flex")
                   and (r["finetuned"] == "True" or r["experiment"] == "scratch")]
-    plot(final_rows, "flops", "accuracy", lambda r: f"{r['experiment']}: {r['method']}", OUT.with_suffix(".png"),
-         "Fashion-MNIST CNN: test accuracy after one finetune epoch", "test accuracy", reference=base)
+    plot(final_rows, "flops", "accuracy", lambda r: f"{r['experiment']}: {r['method']}",
+         csv_of(name).with_suffix(".png"),
+         f"Fashion-MNIST {name}: test accuracy after one finetune epoch", "test accuracy", reference=base)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--epochs", type=int, default=6, help="training epochs of the CNN (and of scratch runs)")
+    parser.add_argument("--model", choices=sorted(MODELS), default="cnn")
+    parser.add_argument("--epochs", type=int, help="training epochs of the model and of scratch runs "
+                        "(default: cnn 6, vit 10)")
     parser.add_argument("--criteria", nargs="+", default=["l2", "taylor"])
-    parser.add_argument("--lr", type=float, default=1e-3, help="finetuning learning rate")
+    parser.add_argument("--lrs", type=float, nargs="+", default=[1e-3, 3e-4, 1e-4],
+                        help="finetuning learning rates to choose from on the validation split")
+    parser.add_argument("--tools", nargs="+", default=["torch-dag", "torch-pruning", "torch-dag-plain"],
+                        choices=["torch-dag", "torch-pruning", "torch-dag-plain", "torch-dag-head-dim"])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--summary", action="store_true")
     args = parser.parse_args()

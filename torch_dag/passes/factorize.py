@@ -241,7 +241,7 @@ class _Layer:
         """What calibration accumulates from one call: output rows (bias removed) or input rows."""
         geometry = _conv_geometry(self.module)
         if not self.records_outputs:
-            return _input_rows(x, geometry)
+            return input_rows(x, geometry)
         bias = self.module.bias
         if geometry is None:
             y = y.reshape(-1, y.shape[-1])
@@ -444,7 +444,7 @@ def _record(dag: DagModule, layers: list[_Layer], batches: list[tuple], progress
     return moments
 
 
-def _input_rows(x: torch.Tensor, geometry: tuple | None) -> torch.Tensor:
+def input_rows(x: torch.Tensor, geometry: tuple | None) -> torch.Tensor:
     """The rows a layer multiplies by its weight matrix: features of a linear, patches of a conv."""
     if geometry is None:
         return x.reshape(-1, x.shape[-1])

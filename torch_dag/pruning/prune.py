@@ -21,6 +21,7 @@ from ..analysis.flops import flops_from_values
 from ..core.dag import DagModule, evaluating
 from ..core.errors import DagError
 from ..core.ops import Parameter, is_dag_module
+from ..passes.factorize import input_rows
 from ..passes.hierarchy import flatten
 from . import surgery
 from .channels import ChannelGroups, Group
@@ -37,6 +38,14 @@ class PruneConfig:
     tolerance: float = 0.02  # |achieved ratio - target| allowed
     attention: str = "heads"  # heads: remove whole attention heads; head_dim: the same positions of every head
     seed: int = 0
+    max_removed: float = 1.0  # the largest fraction of any group's channels removed
+    compensate: str = "lstsq"  # with calibration batches, make up for removed inputs: lstsq | mean | none
+
+    def __post_init__(self) -> None:
+        if self.compensate not in ("lstsq", "mean", "none"):
+            raise DagError(f"unknown compensation {self.compensate!r}: use lstsq, mean or none")
+        if not 0 < self.max_removed <= 1:
+            raise DagError(f"max_removed is a fraction of a group's channels in (0, 1], got {self.max_removed}")
 
 
 @dataclass(frozen=True)
@@ -181,7 +190,8 @@ def _removed_roots(groups: list[Group], order: list[tuple[int, int]], remove: in
     removed: set[int] = set()
     for index, group in enumerate(groups):
         size = len(group.channels)
-        keep = max(size - len(candidates[index]), min(config.min_channels, size))
+        keep = max(size - len(candidates[index]), min(config.min_channels, size),
+                   math.ceil(size * (1 - config.max_removed) - 1e-9))
         # a class of several channels side by side (an attention head): round the classes so that the
         # layers' widths are multiples of round_to; strided ones (grouped convs) round the classes themselves
         step = config.round_to // math.gcd(config.round_to, group.unit)
@@ -205,7 +215,8 @@ def prune(dag: DagModule, flops_ratio: float | None = None, example_inputs: tupl
     The least important channels (scores normalized within each group) go first; the number removed
     is bisected until the target is met within `config.tolerance`. A DAG with nested DagModules (from
     `passes.nest`) is flattened first, and the result is flat. `example_inputs` default to random
-    inputs of the shapes the DAG was converted with; `calibration` batches feed the taylor criterion.
+    inputs of the shapes the DAG was converted with; `calibration` batches feed the taylor criterion and
+    then make up for what the pruned layers lost (`config.compensate`: least squares by default).
     With `return_report`, returns `(pruned, PruneReport)`: the ratio reached and the rounding used.
     """
     given = {k: v for k, v in (("flops_ratio", flops_ratio), ("params_ratio", params_ratio), ("kmapp", kmapp))
@@ -246,12 +257,12 @@ def prune(dag: DagModule, flops_ratio: float | None = None, example_inputs: tupl
         mask[list(_removed_roots(prunable, order, remove, rounded, owners, scores))] = True
         return mask
 
-    def build(remove: int, round_to: int) -> tuple[DagModule, float]:
+    def build(remove: int, round_to: int) -> tuple[DagModule, float, np.ndarray]:
         removed = removed_roots(remove, round_to)
         pruned = surgery.apply(dag, groups, lambda ids: ~removed[groups.root(ids)])
         if by_params:
-            return pruned, sum(p.numel() for p in pruned.parameters()) / report.total_params
-        return pruned, count_flops(pruned, *example_inputs).total_flops / report.total_flops
+            return pruned, sum(p.numel() for p in pruned.parameters()) / report.total_params, removed
+        return pruned, count_flops(pruned, *example_inputs).total_flops / report.total_flops, removed
 
     what = "params" if by_params else "FLOPs"
     # rounding widths makes the reachable ratios coarse: when the target is out of reach at this
@@ -263,15 +274,18 @@ def prune(dag: DagModule, flops_ratio: float | None = None, example_inputs: tupl
     for round_to in roundings:
         # FLOPs (and params) of convs, linears and norms scale with their kept channel fractions: bisect on that
         remove = _bisect(len(order), lambda k, r=round_to: model.ratio(removed_roots(k, r)), target)
-        best, best_ratio = build(remove, round_to)
+        best, best_ratio, removed = build(remove, round_to)
         if abs(best_ratio - target) > config.tolerance / 2:  # ops outside the model moved it: measure
             remove = _bisect(len(order), lambda k, r=round_to: build(k, r)[1], target)
-            best, best_ratio = build(remove, round_to)
+            best, best_ratio, removed = build(remove, round_to)
         bar.update()
         bar.set_postfix_str(f"{what} ratio {best_ratio:.3f}, widths rounded to {round_to}")
         if abs(best_ratio - target) <= config.tolerance:
             break
     bar.close()
+    if config.compensate != "none" and calibration is not None:
+        compensate(dag, best, groups, lambda ids: ~removed[groups.root(ids)], calibration, config.compensate,
+                   progress)
     if abs(best_ratio - target) > config.tolerance:  # removing channels in order of importance skips it
         warnings.warn(f"prune: the {what} ratio reached is {best_ratio:.3f}, outside {target:.3f} +- "
                       f"{config.tolerance:.3f}: removing channels in order of importance has no step closer "
@@ -286,6 +300,103 @@ def prune(dag: DagModule, flops_ratio: float | None = None, example_inputs: tupl
     narrowed = sum(1 for g in prunable if any(p in kept and kept[p] != dag[p].module.weight.shape[0]
                                               for p in g.producers))
     return best, PruneReport(what, target, best_ratio, round_to, len(groups.groups()), len(prunable), narrowed)
+
+
+def compensate(dag: DagModule, pruned: DagModule, groups: ChannelGroups, keep: Callable[[np.ndarray], np.ndarray],
+               calibration: Iterable, how: str = "lstsq", progress: bool = False) -> None:
+    """Make up, in place on `pruned`, for the input channels each layer lost, from what they carried on
+    the calibration batches (run through the unpruned `dag`).
+
+    `mean`: fold the removed channels' mean contribution into the layer's bias. A removed channel
+    rarely carries zero on average (after a ReLU it never does), so dropping it shifts every output of
+    the layers that read it; restoring the mean keeps the statistics the following norms and
+    activations were trained on. Exact for a constant channel (one whose weights upstream were zero).
+    `lstsq`: also re-solve the layer's kept weights so that its outputs, from the kept inputs alone,
+    are the least-squares best fit of the unpruned outputs (ridge-regularized; a conv's k x k patches
+    are its inputs; one float64 matrix of (inputs + 1)^2 per layer while recording). Convs with groups,
+    and layers with over `MAX_LSTSQ` inputs, get `mean`."""
+    readers = {}
+    for name, role in groups.roles.items():
+        module = dag[name].module
+        if role.axis is not None or role.in_ids is None or surgery.kind(module) not in ("Conv", "Grouped", "Linear"):
+            continue  # a depthwise conv's removed inputs only feed removed outputs
+        dropped = ~keep(role.in_ids)
+        if dropped.any():
+            solve = how == "lstsq" and (isinstance(module, nn.Linear) or (
+                isinstance(module, nn.Conv2d) and module.groups == 1 and module.padding_mode == "zeros"))
+            readers[name] = _Reader(module, torch.from_numpy(dropped), solve)
+    if not readers:
+        return
+    hooks = [r.module.register_forward_hook(r.record) for r in readers.values()]
+    try:
+        with evaluating(dag), torch.no_grad():
+            for batch in tqdm(calibration, desc="prune: compensation", unit="batch", disable=not progress):
+                dag(*((batch,) if isinstance(batch, torch.Tensor) else tuple(batch)))
+    finally:
+        for handle in hooks:
+            handle.remove()
+    for name, reader in readers.items():
+        role = groups.roles[name]
+        out = torch.from_numpy(keep(role.out_ids)) if role.out_ids is not None else slice(None)
+        reader.apply(pruned[name].module, out)  # a new module: surgery sliced its inputs
+
+
+MAX_LSTSQ = 4096  # inputs (channels x kernel positions) up to which a layer's weights are re-solved
+RIDGE = 1e-2  # lstsq's pull towards the layer's own weights, relative to its inputs' mean energy
+
+
+class _Reader:
+    """A layer that lost input channels, and what it saw of them on the calibration batches."""
+
+    def __init__(self, module: nn.Module, dropped: torch.Tensor, solve: bool):
+        self.module, self.dropped = module, dropped
+        self.geometry = None
+        if isinstance(module, nn.Conv2d):
+            self.geometry = (module.kernel_size, module.stride, module.padding, module.dilation)
+        self.width = module.weight[0].numel() + 1  # the inputs of one output, and a constant
+        self.solve = solve and self.width <= MAX_LSTSQ
+        self.mean: torch.Tensor | float = 0.0  # summed over batches
+        self.gram: torch.Tensor | float = 0.0
+        self.batches = 0
+
+    def record(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        x = args[0]
+        self.batches += 1
+        if self.solve:
+            rows = input_rows(x, self.geometry).double()
+            rows = torch.cat([rows, rows.new_ones(len(rows), 1)], 1)
+            self.gram = self.gram + rows.T @ rows / len(rows)
+            return
+        mask = self.dropped.to(x.device, x.dtype)
+        if isinstance(module, nn.Linear):
+            part = F.linear(x * mask, module.weight).reshape(-1, module.out_features)
+        else:
+            part = module._conv_forward(x * mask.view((-1,) + (1,) * (x.dim() - 2)), module.weight, None)
+            part = part.transpose(0, 1).reshape(part.shape[1], -1).T
+        self.mean = self.mean + part.double().mean(0)
+
+    def apply(self, new: nn.Module, out: torch.Tensor | slice) -> None:
+        """Set `new` (the sliced copy of the layer) to the compensated weights of its kept outputs."""
+        weight = new.weight
+        if self.solve:
+            full = self.module.weight.detach().double().reshape(len(self.module.weight), -1)
+            bias = self.module.bias.detach().double() if self.module.bias is not None else full.new_zeros(len(full))
+            full = torch.cat([full, bias[:, None]], 1)[out]
+            positions = self.module.weight[0, 0].numel()
+            kept = torch.cat([(~self.dropped).repeat_interleave(positions), torch.tensor([True])])
+            gram = self.gram / self.batches
+            inner = gram[kept][:, kept]
+            # ridge towards the layer's own weights (not towards zero), the constant left free: a strong
+            # ridge gives back `mean`
+            ridge = RIDGE * inner.diagonal()[:-1].mean() * torch.ones(len(inner), dtype=inner.dtype)
+            ridge[-1] = 0
+            solved = torch.linalg.solve(inner + ridge.diag(), (full @ gram[:, kept] + full[:, kept] * ridge).T).T
+            new.weight = nn.Parameter(solved[:, :-1].reshape(weight.shape).to(weight), requires_grad=weight.requires_grad)
+            bias = solved[:, -1]
+        else:
+            shift = (self.mean / self.batches)[out]
+            bias = shift if new.bias is None else new.bias.detach().double() + shift
+        new.bias = nn.Parameter(bias.to(weight), requires_grad=weight.requires_grad)
 
 
 def must_keep(groups: ChannelGroups) -> dict[int, list[int]]:
