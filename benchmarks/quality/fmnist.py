@@ -7,8 +7,9 @@
   long as the original (torch-dag-plain: torch-dag without its compensation of the pruned layers);
 - factorization to 70 % of the FLOPs: data-aware vs truncated SVD vs uniform rank, before and after the
   same one-epoch finetune;
-- one flexible model (levels at 30 / 50 / 100 % of the FLOPs) trained one epoch with the sandwich rule,
-  each level against the separately pruned-and-finetuned model of the same FLOPs (CNN only).
+- one flexible model (levels at 30 / 50 / 100 % of the FLOPs; channels ranked by l2, or by taylor) trained
+  one epoch with the sandwich rule, each level against the separately pruned-and-finetuned model of the
+  same FLOPs and criterion (CNN only).
 
 Torch-Pruning prunes the ViT's head dims with its `num_heads` option (the attributes of timm's attention
 updated after the step, as its examples do); torch-dag removes whole heads and MLP / embedding widths
@@ -229,15 +230,18 @@ def run(args: argparse.Namespace) -> None:
                     small, seconds = timed(td.factorize, teacher, 0.7, example_inputs=(example,), **options)
                 record("factorize", method, 0.7, small, seconds)
 
-        if name == "cnn" and not rows.has(model=name, experiment="flex", method="flexible level", target=0.3,
-                                          finetuned=True, lr=lr):
+        for criterion in ("l2", "taylor") if name == "cnn" else ():
+            method = "flexible level" + ("" if criterion == "l2" else f" {criterion}")
+            if rows.has(model=name, experiment="flex", method=method, target=0.3, finetuned=True, lr=lr):
+                continue
             flexible = td.make_flexible(teacher, example_inputs=(example,), flops_ratios=[0.3, 0.5, 1.0],
-                                        calibration=calibration, config=td.flex.FlexConfig(round_to=1))
+                                        calibration=calibration,
+                                        config=td.flex.FlexConfig(criterion=criterion, round_to=1))
             report = finetune(flexible, lr)
             for level, target in enumerate((0.3, 0.5, 1.0)):
                 flexible.set_level_use(level)
                 plain = flexible.make_base_copy()
-                row = dict(model=name, experiment="flex", method="flexible level", target=target,
+                row = dict(model=name, experiment="flex", method=method, target=target,
                            flops=round(flops(plain, example) / base_flops, 4), finetuned=True, lr=lr,
                            accuracy=accuracy(plain, x_test, y_test), seconds=round(report.seconds, 1))
                 rows.add(row)
