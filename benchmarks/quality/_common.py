@@ -113,6 +113,9 @@ class Rows:
     def has(self, **key) -> bool:
         return tuple(str(key[k]) for k in self.key) in self.rows
 
+    def get(self, **key) -> dict:
+        return self.rows[tuple(str(key[k]) for k in self.key)]
+
     def add(self, row: dict) -> None:
         self.rows[tuple(str(row[k]) for k in self.key)] = {k: row.get(k, "") for k in self.fields}
         self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -119,7 +119,7 @@ def main() -> None:
     plot([r for r in rows.all() if r["tool"] != "unpruned"], "flops", "accuracy",
          lambda r: f"{r['tool']} {r['criterion']}", OUT.with_suffix(".png"),
          "CREPE tiny on synthetic tones: raw pitch accuracy (50 cents)", "raw pitch accuracy",
-         reference=float(rows.rows[("unpruned", "-", "1.0")]["accuracy"]))
+         reference=float(rows.get(tool="unpruned", criterion="-", target=1.0)["accuracy"]))
 
 
 if __name__ == "__main__":

@@ -187,7 +187,7 @@ def run(args: argparse.Namespace) -> None:
                 report = finetune(student, lr)
                 rows.add({**key, "flops": round(flops(student, example) / base_flops, 4),
                           "accuracy": accuracy(student, x_val, y_val), "seconds": round(report.seconds, 1)})
-            validation.setdefault(lr, []).append(float(rows.rows[tuple(str(key[k]) for k in KEY)]["accuracy"]))
+            validation.setdefault(lr, []).append(float(rows.get(**key)["accuracy"]))
     lr = max(args.lrs, key=lambda r: sum(validation[r]))
     print("validation accuracy per finetuning rate: " + ", ".join(
         f"{r:g}: {sum(v) / len(v):.2%}" for r, v in validation.items()) + f"; finetuning at {lr:g}")

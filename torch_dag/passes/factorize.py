@@ -239,7 +239,7 @@ class _Layer:
 
     def rows(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """What calibration accumulates from one call: output rows (bias removed) or input rows."""
-        geometry = _conv_geometry(self.module)
+        geometry = conv_geometry(self.module)
         if not self.records_outputs:
             return input_rows(x, geometry)
         bias = self.module.bias
@@ -334,7 +334,7 @@ def _find_layers(dag: DagModule, flops: dict[str, int], protected: set[str]
         report.reason = _why_not(module, names, protected, report)
         if report.reason:
             continue
-        geometry = _conv_geometry(module)
+        geometry = conv_geometry(module)
         inputs = tuple(_first_ref(v) for v in vertices)
         layers.append(_Layer(module, report, weight.double(), (inputs, geometry),
                              report.flops / macs * (out + d), out + d))
@@ -373,7 +373,7 @@ def _macs_per_position(module: nn.Module, out: int, d: int) -> int:
     return out * d
 
 
-def _conv_geometry(module: nn.Module) -> tuple | None:
+def conv_geometry(module: nn.Module) -> tuple | None:
     if isinstance(module, (nn.Conv2d, LowRankConv2d)):
         return (tuple(module.kernel_size), tuple(module.stride), module.padding if isinstance(module.padding, str)
                 else tuple(module.padding), tuple(module.dilation))

@@ -21,7 +21,7 @@ from ..analysis.flops import flops_from_values
 from ..core.dag import DagModule, evaluating
 from ..core.errors import DagError
 from ..core.ops import Parameter, is_dag_module
-from ..passes.factorize import input_rows
+from ..passes.factorize import conv_geometry, input_rows
 from ..passes.hierarchy import flatten
 from . import surgery
 from .channels import ChannelGroups, Group
@@ -350,9 +350,7 @@ class _Reader:
 
     def __init__(self, module: nn.Module, dropped: torch.Tensor, solve: bool):
         self.module, self.dropped = module, dropped
-        self.geometry = None
-        if isinstance(module, nn.Conv2d):
-            self.geometry = (module.kernel_size, module.stride, module.padding, module.dilation)
+        self.geometry = conv_geometry(module)
         self.width = module.weight[0].numel() + 1  # the inputs of one output, and a constant
         self.solve = solve and self.width <= MAX_LSTSQ
         self.mean: torch.Tensor | float = 0.0  # summed over batches
