@@ -565,3 +565,15 @@ def test_no_group_loses_more_than_max_removed():
     assert all(after >= 0.6 * before for before, after in widths), widths
     assert any(after < before for before, after in widths)
     assert abs(td.count_flops(pruned, *inputs).total_flops / td.count_flops(dag, *inputs).total_flops - 0.5) <= 0.02
+
+
+def test_calibration_given_as_a_generator_serves_taylor_and_compensation():
+    torch.manual_seed(0)
+    batches = [torch.randn(32, 16) for _ in range(3)]
+    dag = td.build_from_unstructured_module(_Mlp().eval(), (batches[0],))
+    config = PruneConfig(criterion="taylor", round_to=1)
+    from_list = prune(dag, 0.5, (batches[0],), calibration=batches, config=config)
+    from_generator = prune(dag, 0.5, (batches[0],), calibration=(b for b in batches), config=config)
+    assert bitwise_equal(from_list.state_dict(), from_generator.state_dict())
+    with pytest.raises(td.DagError, match="at least one calibration batch"):
+        prune(dag, 0.5, (batches[0],), calibration=[])

@@ -227,6 +227,8 @@ def prune(dag: DagModule, flops_ratio: float | None = None, example_inputs: tupl
         example_inputs = dag.example_inputs()
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
+    if calibration is not None:  # read twice (taylor, then compensation): a generator would be spent
+        calibration = list(calibration)
     if any(is_dag_module(v.module) for v in dag):  # channels cross block boundaries: prune the flat graph
         dag = flatten(dag)
     with torch.no_grad():
@@ -335,6 +337,8 @@ def compensate(dag: DagModule, pruned: DagModule, groups: ChannelGroups, keep: C
     finally:
         for handle in hooks:
             handle.remove()
+    if any(r.batches == 0 for r in readers.values()):
+        raise DagError("compensation needs at least one calibration batch (the calibration given is empty)")
     for name, reader in readers.items():
         role = groups.roles[name]
         out = torch.from_numpy(keep(role.out_ids)) if role.out_ids is not None else slice(None)
