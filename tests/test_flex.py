@@ -11,6 +11,7 @@ import random
 import struct
 import subprocess
 import sys
+import zlib
 
 import numpy as np
 import pytest
@@ -25,6 +26,7 @@ from zoo import make
 import torch_dag as td
 from torch_dag import flex as tf
 from torch_dag.cli import main
+from torch_dag.flex import delta as delta_module
 from torch_dag.pruning import channel_groups, channel_scores
 from torch_dag.testing import bitwise_equal, compare_outputs
 
@@ -365,6 +367,41 @@ def test_delta_file_corruption_is_reported(tmp_path, resnet):
                 manager.move_to(level)
 
 
+def test_delta_file_checks_every_chunk_of_a_segment(tmp_path, resnet, monkeypatch):
+    _, _, flex = resnet
+    plains = [plain_at(flex, level) for level in range(3)]
+    monkeypatch.setattr(delta_module, "_CHUNK", 4096)  # many pieces per segment
+    path = tf.FileDeltaManager.make_delta_file(tmp_path / "r.delta", flex)
+    with tf.file_delta_manager(path) as manager:
+        index = manager.index
+        for level in (2, 0, 1):
+            assert same_state(manager.move_to(level), plains[level])
+    entry = index["by_name"]["up/2"]
+    assert len(entry["crc32"]) > 4
+    data = bytearray(path.read_bytes())
+    at = len(data) - sum(e["length"] for e in index["segments"]) + entry["offset"] + 3 * 4096 + 17
+    data[at] ^= 0x01  # one bit in the fourth piece of one segment
+    (tmp_path / "bad.delta").write_bytes(bytes(data))
+    with tf.file_delta_manager(tmp_path / "bad.delta") as manager:
+        manager.move_to(1)  # the segments it needs are intact
+        with pytest.raises(td.LoadError, match="'up/2' is corrupted"):
+            manager.move_to(2)
+        assert manager.level == 1 and same_state(manager.move_to(1), plains[1])
+
+
+def test_delta_file_of_another_version_is_refused(tmp_path, resnet):
+    _, _, flex = resnet
+    data = tf.FileDeltaManager.make_delta_file(tmp_path / "r.delta", flex).read_bytes()
+    length = struct.unpack("<Q", data[8:16])[0]
+    index = json.loads(data[48:48 + length])
+    index["version"] = 1
+    raw = json.dumps(index).encode()
+    (tmp_path / "old.delta").write_bytes(data[:8] + struct.pack("<Q", len(raw)) + hashlib.sha256(raw).digest() + raw
+                                         + data[48 + length:])
+    with pytest.raises(td.LoadError, match="not a version 2 torch_dag delta file"):
+        tf.FileDeltaManager(tmp_path / "old.delta")
+
+
 # --- hand-written flexible models -----------------------------------------------------------------
 
 
@@ -578,7 +615,8 @@ def test_fuzz_delta_contents_with_valid_checksums(tmp_path, delta_file, segment,
     blobs[k] = struct.pack("<Q", len(new_head)) + new_head + blobs[k][8 + head:]
     offset = 0
     for item, blob in zip(index["segments"], blobs):
-        item.update(offset=offset, length=len(blob), sha256=hashlib.sha256(blob).hexdigest())
+        crcs = [zlib.crc32(blob[i:i + index["chunk"]]) for i in range(0, len(blob), index["chunk"])]
+        item.update(offset=offset, length=len(blob), crc32=crcs)
         offset += len(blob)
     index_bytes = json.dumps(index).encode()
     out = (raw[:8] + struct.pack("<Q", len(index_bytes)) + hashlib.sha256(index_bytes).digest() + index_bytes

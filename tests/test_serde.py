@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import torch_dag as td
-from torch_dag.serde.format import _checksum
+from torch_dag.serde.format import _checksum, build, graph_and_tensors, update_in_place
 from torch_dag.testing import bitwise_equal
 
 # --- models -----------------------------------------------------------------------------------------
@@ -881,3 +881,59 @@ def test_fuzz_graph(tmp_path, saved, data):
             parent[path[-1]] = data.draw(json_values(names))
     file = write(tmp_path / "fuzz.dag", join_file(header, graph, tensor_bytes))
     load_or_load_error(file)
+
+
+# --- moving a model in place to an edited graph ---------------------------------------------------
+
+
+def _narrowed(dag: td.DagModule, width: int) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The graph and tensors of `dag` (Linear 4 -> 8, ReLU, Linear 8 -> 3) with the hidden width cut."""
+    graph, tensors = graph_and_tensors(dag)
+    first, _, second = graph["vertices"]
+    first["config"]["out_features"] = width
+    second["config"]["in_features"] = width
+    for key in list(tensors):
+        if first["name"] in key:
+            tensors[key] = tensors[key][:width].clone()
+        elif second["name"] in key and key.endswith("weight"):
+            tensors[key] = tensors[key][:, :width].clone()
+    return graph, tensors
+
+
+def _mlp_dag() -> tuple[td.DagModule, torch.Tensor]:
+    torch.manual_seed(0)
+    x = torch.randn(5, 4)
+    return td.build_from_unstructured_module(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)), (x,)), x
+
+
+def test_update_in_place_keeps_the_forward_and_equals_a_fresh_build():
+    dag, x = _mlp_dag()
+    graph, tensors = _narrowed(dag, 5)
+    code, first, relu = dag.code, dag.vertices[0], dag.vertices[1]
+    update_in_place(dag, graph, {first.name, dag.vertices[2].name}, tensors, "test")
+    assert dag.code is code and dag.vertices[1] is relu and dag.vertices[0] is not first
+    assert dag.vertices[0].module.out_features == 5 and dag.vertex_modules[first.name] is dag.vertices[0].module
+    fresh = build(graph, tensors, "test")
+    assert bitwise_equal(dag(x), fresh(x)) and graph_and_tensors(dag)[0] == graph_and_tensors(fresh)[0]
+
+
+def test_update_in_place_leaves_the_model_as_it_was_on_an_error():
+    dag, x = _mlp_dag()
+    before = dag(x)
+    graph, tensors = _narrowed(dag, 5)
+    tensors[next(k for k in tensors if k.endswith("bias"))] = torch.zeros(7)
+    with pytest.raises(td.LoadError, match="is stored as \\(7,\\)"):
+        update_in_place(dag, graph, {v.name for v in dag}, tensors, "test")
+    assert dag.vertices[0].module.out_features == 8 and bitwise_equal(dag(x), before)
+
+
+def test_update_in_place_rebuilds_when_the_edit_rewires_a_vertex():
+    dag, x = _mlp_dag()
+    graph, tensors = graph_and_tensors(dag)
+    graph["vertices"][1]["args"] = [graph["vertices"][0]["args"][0]]  # the ReLU now reads the input
+    graph["vertices"][2]["config"]["in_features"] = 4
+    weight = next(k for k in tensors if graph["vertices"][2]["name"] in k and k.endswith("weight"))
+    tensors[weight] = tensors[weight][:, :4].clone()
+    update_in_place(dag, graph, {v["name"] for v in graph["vertices"][1:]}, tensors, "test")
+    assert bitwise_equal(dag(x), build(graph, tensors, "test")(x))
+    assert dag.vertices[1].predecessors == dag.input_names

@@ -134,6 +134,25 @@ class DagModule(nn.Module):
         self._inference_calls = in_place_calls(self)
         self._constants = tuple(_collect_constants(self))
 
+    def replace_vertices(self, vertices: Sequence[Vertex]) -> None:
+        """Swap vertices for new ones of the same names, ops and predecessors (other modules or arguments,
+        such as new widths and the reshape sizes that go with them): the cheap way to edit a DAG in place.
+        The forward is regenerated only when arguments changed."""
+        for new in vertices:
+            old = self[new.name]
+            if new.op != old.op or new.predecessors != old.predecessors:
+                raise DagError(f"vertex {new.name!r} ({old.op} of {old.predecessors}) can only be replaced by "
+                               f"one of the same op and inputs, not {new.op} of {new.predecessors}")
+        same_code = all(self[v.name].args == v.args and self[v.name].kwargs == v.kwargs for v in vertices)
+        for new in vertices:
+            self._vertices[new.name] = new
+            self.vertex_modules[new.name] = new.module
+        if same_code:
+            self._calls = tuple(callable_of(v.module) for v in self)
+            self._inference_calls = in_place_calls(self)
+        else:
+            self.recompile()
+
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         try:
             calls = self._calls if torch.is_grad_enabled() else self._inference_calls

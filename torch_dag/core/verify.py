@@ -41,7 +41,7 @@ def verify(dag: DagModule) -> DagModule:
             except VerifyError as e:
                 problems.append(f"{where}: nested DAG: {e}")
         elif op != "?":
-            problem = _arity_problem(vertex)
+            problem = arity_problem(vertex)
             if problem:
                 problems.append(f"{where}: {problem}")
         seen.add(vertex.name)
@@ -53,7 +53,7 @@ def verify(dag: DagModule) -> DagModule:
     return dag
 
 
-def _arity_problem(vertex) -> str | None:
+def arity_problem(vertex) -> str | None:
     """Whether the vertex's arguments fit its op's signature (when the op has a Python one)."""
     if isinstance(vertex.module, FunctionOp):
         signature = vertex.module.spec.signature

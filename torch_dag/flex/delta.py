@@ -10,11 +10,13 @@ Delta file (`FileDeltaManager.make_delta_file`), little-endian:
 
     b"TDDELTA1" | u64 index length | 32-byte SHA-256 of the index | index (JSON) | segments
 
-The index lists each segment (`base`: the `.dag` bytes of the starting level's plain model;
-`up/L`, `down/L`: the delta that arrives at level L from L-1 or L+1) with its offset from the end of
-the index, length and SHA-256. A delta segment is a safetensors blob whose metadata holds the delta's
-JSON. Readers check the index hash, every offset against the file's size, and each segment's hash
-before using it; nothing is unpickled or executed.
+The index (`"format": "torch_dag.deltas", "version": 2`) lists each segment (`base`: the `.dag` bytes
+of the starting level's plain model; `up/L`, `down/L`: the delta that arrives at level L from L-1 or
+L+1) with its offset from the end of the index, its length and the CRC-32 of each of its `chunk`-byte
+pieces (4 MiB; checked in parallel). A delta segment is a safetensors blob whose metadata holds the
+delta's JSON. Readers check the index hash, every offset against the file's size, and each segment's
+checksums before reading anything in it; nothing is unpickled or executed. The checksums detect
+corruption and truncation, not deliberate tampering (the file is not signed).
 """
 
 from __future__ import annotations
@@ -24,8 +26,11 @@ import hashlib
 import json
 import math
 import mmap
+import os
 import struct
+import zlib
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,12 +42,14 @@ from tqdm import tqdm
 
 from ..core.dag import DagModule
 from ..core.errors import DagError, LoadError
-from ..serde.format import dumps, graph_and_tensors, loads, rebuild, tensor_views, write_atomic
+from ..serde.format import dumps, graph_and_tensors, loads, tensor_views, update_in_place, write_atomic
 from .model import FlexDagModule, is_flex
 from .serde import index_runs
 
 _MAGIC = b"TDDELTA1"
 _META = "torch_dag.delta"
+_VERSION = 2
+_CHUNK = 1 << 22  # bytes per checksummed piece of a segment
 
 # Positions along an axis: (start, length) runs when there are few (copied run by run, contiguously),
 # else an index tensor (gathered / scattered).
@@ -135,10 +142,8 @@ class LevelDelta:
         changed = self.graph["vertices"]
         graph = {**graph, **{k: v for k, v in self.graph.items() if k != "vertices"},
                  "vertices": [changed.get(entry["name"], entry) for entry in graph["vertices"]]}
-        moved = rebuild(plain, graph, set(changed), tensors, f"level delta {self.source} -> {self.target}")
         training = plain.training
-        plain.__dict__.clear()
-        plain.__dict__.update(moved.__dict__)
+        update_in_place(plain, graph, set(changed), tensors, f"level delta {self.source} -> {self.target}")
         if plain.training != training:
             plain.train(training)
         return graph
@@ -440,6 +445,7 @@ class FileDeltaManager:
         self._model: DagModule | None = None
         self._graph: dict[str, Any] = {}  # the model's graph JSON, kept in step with it
         self.bytes_read = 0
+        self._pool = ThreadPoolExecutor(min(4, os.cpu_count() or 1))  # zlib releases the GIL while it sums
 
     @staticmethod
     def make_delta_file(file: str | Path, flex: FlexDagModule, starting_level: int = 0, *,
@@ -460,11 +466,12 @@ class FileDeltaManager:
             flex.set_level_use(was)
         entries, offset = [], 0
         for name, data in segments:
-            entries.append({"name": name, "offset": offset, "length": len(data),
-                            "sha256": hashlib.sha256(data).hexdigest()})
+            crcs = [zlib.crc32(chunk) for chunk in _chunks(data)]
+            entries.append({"name": name, "offset": offset, "length": len(data), "crc32": crcs})
             offset += len(data)
-        index = json.dumps({"format": "torch_dag.deltas", "version": 1, "levels": flex.max_level() + 1,
-                            "starting_level": starting_level, "segments": entries}, separators=(",", ":")).encode()
+        index = json.dumps({"format": "torch_dag.deltas", "version": _VERSION, "chunk": _CHUNK,
+                            "levels": flex.max_level() + 1, "starting_level": starting_level, "segments": entries},
+                           separators=(",", ":")).encode()
         path = Path(file)
         path.parent.mkdir(parents=True, exist_ok=True)
         header = _MAGIC + struct.pack("<Q", len(index)) + hashlib.sha256(index).digest() + index
@@ -475,15 +482,13 @@ class FileDeltaManager:
         """The plain model at `level` (the same model object, moved in place, on every call)."""
         _check_level(level, self.max_level)
         if self._model is None:
-            data, digest = self._segment("base")
-            self._check(data, digest, "base")
+            data = self._segment("base")
             self._model = loads(data, where=f"{self.path} base")
             self._graph = graph_and_tensors(self._model)[0]
             self.level = int(self.index["starting_level"])
         for source, target in _path(self.level, level):
             name = f"{'up' if target > source else 'down'}/{target}"
-            data, digest = self._segment(name)
-            self._check(data, digest, name)
+            data = self._segment(name)
             delta = LevelDelta.from_bytes(data, f"{self.path} {name}")
             try:  # the model stays as it was if the delta cannot be applied
                 self._graph = delta._commit(self._model, delta._prepare(self._model), self._graph)
@@ -495,8 +500,8 @@ class FileDeltaManager:
             self.level = target
         return self._model
 
-    def _segment(self, name: str) -> tuple[memoryview, str]:
-        """The bytes of segment `name` and the SHA-256 the index gives for them (not yet checked)."""
+    def _segment(self, name: str) -> memoryview:
+        """The bytes of segment `name`, checked against the index's checksums."""
         entry = self.index["by_name"].get(name)
         if entry is None:
             raise LoadError(f"{self.path}: no segment {name!r} in the delta file")
@@ -504,17 +509,22 @@ class FileDeltaManager:
         if start + entry["length"] > len(self._map):
             raise LoadError(f"{self.path}: segment {name!r} is truncated")
         self.bytes_read += entry["length"]
-        return memoryview(self._map)[start:start + entry["length"]], entry["sha256"]
-
-    def _check(self, data: bytes, digest: str, name: str) -> None:
-        if hashlib.sha256(data).hexdigest() != digest:
+        data = memoryview(self._map)[start:start + entry["length"]]
+        if list(self._pool.map(zlib.crc32, _chunks(data))) != entry["crc32"]:
             raise LoadError(f"{self.path}: segment {name!r} is corrupted (checksum mismatch)")
+        return data
 
     def close(self) -> None:
         self._model = None
+        self._pool.shutdown()
         with contextlib.suppress(BufferError):  # a caller still holds a view of a segment: it keeps the map
             self._map.close()
         self._file.close()
+
+
+def _chunks(data: bytes | memoryview) -> list[memoryview]:
+    view = memoryview(data)
+    return [view[i:i + _CHUNK] for i in range(0, len(view), _CHUNK)]
 
 
 def _read_index(f, path: Path) -> tuple[dict[str, Any], int]:
@@ -529,11 +539,18 @@ def _read_index(f, path: Path) -> tuple[dict[str, Any], int]:
     if hashlib.sha256(raw).digest() != head[16:48]:
         raise LoadError(f"{path}: the index is corrupted (checksum mismatch)")
     index = json.loads(raw)
+    if not isinstance(index, dict) or index.get("format") != "torch_dag.deltas" or index.get("version") != _VERSION:
+        raise LoadError(f"{path}: not a version {_VERSION} torch_dag delta file (format "
+                        f"{str(index.get('format') if isinstance(index, dict) else index)[:40]!r}, version "
+                        f"{index.get('version') if isinstance(index, dict) else None}): make it again with this torch_dag")
+    if index.get("chunk") != _CHUNK:
+        raise LoadError(f"{path}: the index gives checksum pieces of {str(index.get('chunk'))[:20]} bytes, "
+                        f"expected {_CHUNK}")
     data_start = 48 + length
     index["by_name"] = {}
     for entry in index.get("segments", []):
         if not (isinstance(entry, dict) and type(entry.get("offset")) is int and type(entry.get("length")) is int
-                and isinstance(entry.get("sha256"), str) and isinstance(entry.get("name"), str)
+                and isinstance(entry.get("crc32"), list) and isinstance(entry.get("name"), str)
                 and entry["offset"] >= 0 and data_start + entry["offset"] + entry["length"] <= size):
             raise LoadError(f"{path}: segment {str(entry)[:80]} lies outside the file: truncated or corrupted")
         index["by_name"][entry["name"]] = entry

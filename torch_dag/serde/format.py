@@ -32,7 +32,7 @@ from ..core.errors import DagError, LoadError, UnknownOpError, VerifyError
 from ..core.functions import FUNCTIONS
 from ..core.ops import FunctionOp, is_dag_module, module_op_spec, op_name
 from ..core.template import DTYPES, from_json, to_json
-from ..core.verify import verify
+from ..core.verify import arity_problem, verify
 
 SCHEMA_VERSION = 1
 
@@ -262,6 +262,39 @@ def rebuild(dag: DagModule, graph: dict[str, Any], changed: set[str], tensors: d
     return _finish(moved, graph, tensors, where)
 
 
+def update_in_place(dag: DagModule, graph: dict[str, Any], changed: set[str], tensors: dict[str, torch.Tensor],
+                    where: str) -> None:
+    """Move `dag` itself to `graph` (its JSON with the entries of the vertices `changed` edited) and
+    `tensors`. When the edits keep every vertex's op and inputs (new widths, say) and touch no shared or
+    nested module, only the changed vertices are rebuilt; otherwise `dag` takes over a `rebuild`.
+    Everything is built and checked before `dag` is touched: on an error it stays as it was."""
+    _expect(type(dag) is DagModule, f"{where}: update_in_place takes a plain DagModule")
+    entries = graph.get("vertices")
+    _expect(isinstance(entries, list) and [e.get("name") if isinstance(e, dict) else None for e in entries]
+            == [v.name for v in dag], f"{where}: the graph must have the model's vertices, in order")
+    vertices: dict[str, Vertex] = {}
+    for index, (entry, old) in enumerate(zip(entries, dag)):
+        if entry["name"] not in changed and "same_module_as" not in entry:
+            continue
+        vertex = None if "same_module_as" in entry else _build_vertex(entry, index, {}, depth=0)
+        if (vertex is None or is_dag_module(vertex.module) or is_dag_module(old.module) or vertex.op != old.op
+                or vertex.predecessors != old.predecessors):
+            moved = rebuild(dag, graph, changed, tensors, where)
+            dag.__dict__.clear()
+            dag.__dict__.update(moved.__dict__)
+            return
+        problem = arity_problem(vertex)
+        _expect(problem is None, f"{where}: vertex {vertex.name!r} (op {vertex.op}): {problem}")
+        vertices[vertex.name] = vertex
+    expected = {f"vertex_modules.{v.name}.{key}": value for v in dag
+                for key, value in vertices.get(v.name, v).module.state_dict(keep_vars=True).items()}
+    weights = _weights(expected, tensors, graph, where)
+    dag.replace_vertices(list(vertices.values()))
+    for key, tensor in weights.items():
+        _assign(dag, key, tensor)
+    _restore_training_flags(dag, graph)
+
+
 def _shallow_copy(module: nn.Module) -> nn.Module:
     """A copy of `module` whose tensors can be reassigned without touching the original's."""
     if is_dag_module(module):
@@ -465,11 +498,18 @@ def _build_module(op: str, config: Any, where: str, depth: int) -> nn.Module:
 
 
 def _load_weights(dag: DagModule, tensors: dict[str, torch.Tensor], graph: dict[str, Any], path: str) -> None:
+    for key, tensor in _weights(dag.state_dict(keep_vars=True), tensors, graph, path).items():
+        _assign(dag, key, tensor)
+
+
+def _weights(expected: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], graph: dict[str, Any], path: str
+             ) -> dict[str, torch.Tensor]:
+    """The tensor (a Parameter where `expected` has one) for each state key of a model whose state is
+    shaped like `expected`, from the stored `tensors` and the graph's ties and frozen keys, all checked."""
     tied, frozen = graph.get("tied", {}), graph.get("frozen", [])
     _expect(isinstance(tied, dict) and all(isinstance(v, str) and v in tensors for v in tied.values()),
             f"{path}: 'tied' must map names to stored tensors")
     _expect(isinstance(frozen, list) and all(isinstance(k, str) for k in frozen), f"{path}: bad 'frozen'")
-    expected = dag.state_dict(keep_vars=True)
     stored = set(tensors) | set(tied)
     missing, unexpected = sorted(set(expected) - stored), sorted(stored - set(expected))
     _expect(not missing, f"{path}: weights missing for {missing[:5]}")
@@ -490,7 +530,8 @@ def _load_weights(dag: DagModule, tensors: dict[str, torch.Tensor], graph: dict[
             if isinstance(like, nn.Parameter):
                 tensor = nn.Parameter(tensor, requires_grad=key not in frozen and like.requires_grad)
             objects[source] = tensor
-        _assign(dag, key, objects[source])
+        objects[key] = objects[source]
+    return {key: objects[key] for key in expected}
 
 
 def _assign(dag: nn.Module, key: str, tensor: torch.Tensor) -> None:
