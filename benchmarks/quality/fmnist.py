@@ -9,7 +9,8 @@
   same one-epoch finetune;
 - one flexible model (levels at 30 / 50 / 100 % of the FLOPs; channels ranked by l2, or by taylor) trained
   one epoch with the sandwich rule, each level against the separately pruned-and-finetuned model of the
-  same FLOPs and criterion (CNN only).
+  same FLOPs and criterion (CNN only); its rate is chosen from the same `--lrs` on the same validation
+  split (mean validation accuracy of its levels).
 
 Torch-Pruning prunes the ViT's head dims with its `num_heads` option (the attributes of timm's attention
 updated after the step, as its examples do); torch-dag removes whole heads and MLP / embedding widths
@@ -232,20 +233,22 @@ def run(args: argparse.Namespace) -> None:
 
         for criterion in ("l2", "taylor") if name == "cnn" else ():
             method = "flexible level" + ("" if criterion == "l2" else f" {criterion}")
-            if rows.has(model=name, experiment="flex", method=method, target=0.3, finetuned=True, lr=lr):
-                continue
-            flexible = td.make_flexible(teacher, example_inputs=(example,), flops_ratios=[0.3, 0.5, 1.0],
-                                        calibration=calibration,
-                                        config=td.flex.FlexConfig(criterion=criterion, round_to=1))
-            report = finetune(flexible, lr)
-            for level, target in enumerate((0.3, 0.5, 1.0)):
-                flexible.set_level_use(level)
-                plain = flexible.make_base_copy()
-                row = dict(model=name, experiment="flex", method=method, target=target,
-                           flops=round(flops(plain, example) / base_flops, 4), finetuned=True, lr=lr,
-                           accuracy=accuracy(plain, x_test, y_test), seconds=round(report.seconds, 1))
-                rows.add(row)
-                print("  ".join(f"{k}={v}" for k, v in row.items()), flush=True)
+            for flex_lr in args.lrs:  # the flexible model's own rate, chosen on validation like the others'
+                if rows.has(model=name, experiment="flex", method=method, target=0.3, finetuned=True, lr=flex_lr):
+                    continue
+                flexible = td.make_flexible(teacher, example_inputs=(example,), flops_ratios=[0.3, 0.5, 1.0],
+                                            calibration=calibration,
+                                            config=td.flex.FlexConfig(criterion=criterion, round_to=1))
+                report = finetune(flexible, flex_lr)
+                for level, target in enumerate((0.3, 0.5, 1.0)):
+                    flexible.set_level_use(level)
+                    plain = flexible.make_base_copy()
+                    row = dict(model=name, experiment="flex", method=method, target=target,
+                               flops=round(flops(plain, example) / base_flops, 4), finetuned=True, lr=flex_lr,
+                               accuracy=accuracy(plain, x_test, y_test), seconds=round(report.seconds, 1))
+                    rows.add({**row, "experiment": "flex-lr", "accuracy": accuracy(plain, x_val, y_val)})
+                    rows.add(row)
+                    print("  ".join(f"{k}={v}" for k, v in row.items()), flush=True)
 
 
 def csv_of(name: str) -> Path:
@@ -272,7 +275,22 @@ def summarize_model(name: str, rows: list[dict]) -> None:
         lr = max(validation, key=lambda k: sum(validation[k]))
         print("finetuning rate chosen on the validation split (mean of both tools' l2 models at 50 %): " + ", ".join(
             f"{float(k):g}: {sum(v) / len(v):.2%}" for k, v in validation.items()) + f" -> {float(lr):g}")
-        rows = [r for r in rows if r["experiment"] != "lr" and float(r["lr"]) in (0.0, float(lr))]
+        flex_validation: dict[tuple[str, str], list[float]] = {}
+        for r in rows:
+            if r["experiment"] == "flex-lr":
+                flex_validation.setdefault((r["method"], r["lr"]), []).append(float(r["accuracy"]))
+        flex_lr = {}
+        for (method, rate), values in sorted(flex_validation.items()):
+            best = flex_lr.get(method)
+            if best is None or sum(values) > sum(flex_validation[method, best]):
+                flex_lr[method] = rate
+        for method, best in flex_lr.items():
+            print(f"{method}: its rate chosen on validation (mean of its levels): " + ", ".join(
+                f"{float(k):g}: {sum(v) / len(v):.2%}" for (m, k), v in flex_validation.items() if m == method)
+                + f" -> {float(best):g}")
+        rows = [r for r in rows if r["experiment"] not in ("lr", "flex-lr") and (
+            float(r["lr"]) == float(flex_lr[r["method"]]) if r["experiment"] == "flex" and r["method"] in flex_lr
+            else float(r["lr"]) in (0.0, float(lr)))]
     print(f"{'experiment':10} {'method':28} {'target':>6} {'FLOPs':>6} {'compressed':>10} {'+1 epoch':>8} "
           f"{'final vs unpruned':>17}   (scratch: trained as long as the original; flex: after its one epoch)")
     by = {(r["experiment"], r["method"], r["target"], r["finetuned"]): r for r in rows}
