@@ -504,6 +504,70 @@ def test_sandwich_training_lowers_the_loss_at_every_level():
     assert all(after[level] < 0.7 * before[level] for level in range(3)), (before, after)
 
 
+# --- compensation ---------------------------------------------------------------------------------
+
+
+def _two_layer_flex(compensate: str, batches: list) -> tuple[td.DagModule, tf.FlexDagModule]:
+    """An MLP whose only layer that loses inputs is its (protected) output layer."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 48), nn.ReLU(), nn.Linear(48, 10)).eval()
+    dag = td.build_from_unstructured_module(model, (batches[0],))
+    return dag, tf.make_flexible(dag, LEVELS, (batches[0],), calibration=batches,
+                                 config=tf.FlexConfig(round_to=1, compensate=compensate))
+
+
+def test_compensation_fits_all_levels_at_once():
+    """The re-solved shared weights fit the input model's outputs better summed over the levels (what
+    the layer's solution minimizes, here the model's outputs), giving up the top level's exactness."""
+    torch.manual_seed(1)
+    batches = [torch.randn(64, 16) for _ in range(4)]
+    errors = {}
+    for how in ("none", "lstsq"):
+        dag, flex = _two_layer_flex(how, batches)
+        with torch.no_grad():
+            reference = torch.cat([dag(b) for b in batches])
+            errors[how] = []
+            for level in range(flex.max_level() + 1):
+                flex.set_level_use(level)
+                errors[how].append((torch.cat([flex(b) for b in batches]) - reference).square().sum().item())
+                assert bitwise_equal(flex.make_base_copy()(batches[0]), flex(batches[0]))
+    assert errors["none"][-1] < 1e-9 < errors["lstsq"][-1]  # float rounding only: the sort permutes sums
+    assert sum(errors["lstsq"]) < sum(errors["none"]), errors
+    assert errors["lstsq"][0] < errors["none"][0], errors
+
+
+def test_compensation_needs_calibration_and_a_known_mode():
+    dag, _ = _two_layer_flex("none", [torch.randn(8, 16)])
+    with pytest.raises(td.DagError, match="unknown compensation 'mean'"):
+        tf.FlexConfig(compensate="mean")
+    with pytest.raises(td.DagError, match="needs calibration batches"):
+        tf.make_flexible(dag, LEVELS, (torch.randn(2, 16),), config=tf.FlexConfig(compensate="lstsq"))
+    with pytest.raises(td.DagError, match="at least one calibration batch"):
+        tf.make_flexible(dag, LEVELS, (torch.randn(2, 16),), calibration=iter([]),
+                         config=tf.FlexConfig(round_to=1, compensate="lstsq"))
+
+
+def test_cli_flexify_compensates_like_the_api(tmp_path):
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    data = torch.randn(16, 3, 32, 32)
+    source = td.build_from_unstructured_module(timm.create_model("resnet18", pretrained=False).eval(), (data[:1],))
+    td.save(source, tmp_path / "r18.dag")
+    np.save(tmp_path / "calibration.npy", data.numpy())
+    out = tmp_path / "flex.dag"
+    main(["flexify", str(tmp_path / "r18.dag"), "--calibration", str(tmp_path / "calibration.npy"),
+          "--compensate", "lstsq", "-q", "-o", str(out)])
+    loaded = td.load(out)
+    assert loaded.width_info["config"]["compensate"] == "lstsq"
+    expected = tf.make_flexible(source, LEVELS, (data[:1],), calibration=[(b,) for b in data.split(8)],
+                                config=tf.FlexConfig(compensate="lstsq"))
+    assert bitwise_equal(loaded.state_dict(), expected.state_dict())
+    assert not bitwise_equal(loaded.state_dict(), tf.make_flexible(source, LEVELS, (data[:1],)).state_dict())
+    for level in range(3):
+        loaded.set_level_use(level)
+        assert bitwise_equal(loaded.make_base_copy()(data[:2]), loaded(data[:2]))
+
+
 # --- command line ---------------------------------------------------------------------------------
 
 

@@ -195,7 +195,7 @@ def cmd_factorize(args: argparse.Namespace) -> None:
 def cmd_flexify(args: argparse.Namespace) -> None:
     dag, inputs = _load_or_convert(args.source, args.input_size)
     config = flex.FlexConfig(criterion=args.criterion, round_to=args.round_to, min_channels=args.min_channels,
-                             attention=args.attention)
+                             attention=args.attention, compensate=args.compensate)
     start = time.perf_counter()
     model = flex.make_flexible(dag, args.levels, inputs, flops_ratios=args.flops_ratios, config=config,
                                calibration=_calibration(args))
@@ -394,6 +394,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="width fraction per level, narrowest first (default: 0.25 0.5 1.0)")
     target.add_argument("--flops-ratios", type=float, nargs="+", help="FLOPs ratio per level instead")
     _add_width_options(flexify, "levels keep whole attention heads, or the same positions of every head")
+    flexify.add_argument("--compensate", choices=["lstsq", "none"], default="none",
+                         help="with --calibration: re-solve the shared weights of the layers that lose inputs for "
+                              "all levels at once (the top level no longer equals the source exactly)")
     flexify.add_argument("--delta-file", type=Path, help="also write the levels as a delta file")
     flexify.add_argument("--starting-level", type=int, default=0, help="the level the delta file stores whole")
     flexify.set_defaults(run=cmd_flexify)
@@ -423,7 +426,7 @@ def _add_width_options(parser: argparse.ArgumentParser, attention_help: str) -> 
     """The options `prune` and `flexify` share: how channels are ranked and widths chosen, and I/O."""
     parser.add_argument("--criterion", default="l2", choices=["l1", "l2", "bn_scale", "taylor", "random"])
     parser.add_argument("--calibration", type=Path, help="a .npy array of model inputs (N x C x H x W): "
-                        "for taylor, and for prune's compensation")
+                        "for taylor, and for compensation")
     parser.add_argument("--batch-size", type=int, default=8, help="calibration batch size")
     parser.add_argument("--round-to", type=int, default=8, help="keep widths multiples of this (1: no rounding)")
     parser.add_argument("--min-channels", type=int, default=1)

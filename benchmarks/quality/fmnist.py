@@ -10,7 +10,8 @@
 - one flexible model (levels at 30 / 50 / 100 % of the FLOPs; channels ranked by l2, or by taylor) trained
   one epoch with the sandwich rule, each level against the separately pruned-and-finetuned model of the
   same FLOPs and criterion (CNN only); its rate is chosen from the same `--lrs` on the same validation
-  split (mean validation accuracy of its levels).
+  split (mean validation accuracy of its levels); "compensated": made with
+  `FlexConfig(compensate="lstsq")` on the calibration batches (shared weights re-solved for all levels).
 
 Torch-Pruning prunes the ViT's head dims with its `num_heads` option (the attributes of timm's attention
 updated after the step, as its examples do); torch-dag removes whole heads and MLP / embedding widths
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import time
 import warnings
 from pathlib import Path
@@ -231,14 +233,16 @@ def run(args: argparse.Namespace) -> None:
                     small, seconds = timed(td.factorize, teacher, 0.7, example_inputs=(example,), **options)
                 record("factorize", method, 0.7, small, seconds)
 
-        for criterion in ("l2", "taylor") if name == "cnn" else ():
-            method = "flexible level" + ("" if criterion == "l2" else f" {criterion}")
+        for criterion, compensate in itertools.product(("l2", "taylor") if name == "cnn" else (), ("none", "lstsq")):
+            method = ("flexible level" + ("" if criterion == "l2" else f" {criterion}")
+                      + (" compensated" if compensate == "lstsq" else ""))
             for flex_lr in args.lrs:  # the flexible model's own rate, chosen on validation like the others'
                 if rows.has(model=name, experiment="flex", method=method, target=0.3, finetuned=True, lr=flex_lr):
                     continue
                 flexible = td.make_flexible(teacher, example_inputs=(example,), flops_ratios=[0.3, 0.5, 1.0],
                                             calibration=calibration,
-                                            config=td.flex.FlexConfig(criterion=criterion, round_to=1))
+                                            config=td.flex.FlexConfig(criterion=criterion, round_to=1,
+                                                                      compensate=compensate))
                 report = finetune(flexible, flex_lr)
                 for level, target in enumerate((0.3, 0.5, 1.0)):
                     flexible.set_level_use(level)
@@ -291,7 +295,7 @@ def summarize_model(name: str, rows: list[dict]) -> None:
         rows = [r for r in rows if r["experiment"] not in ("lr", "flex-lr") and (
             float(r["lr"]) == float(flex_lr[r["method"]]) if r["experiment"] == "flex" and r["method"] in flex_lr
             else float(r["lr"]) in (0.0, float(lr)))]
-    print(f"{'experiment':10} {'method':28} {'target':>6} {'FLOPs':>6} {'compressed':>10} {'+1 epoch':>8} "
+    print(f"{'experiment':10} {'method':34} {'target':>6} {'FLOPs':>6} {'compressed':>10} {'+1 epoch':>8} "
           f"{'final vs unpruned':>17}   (scratch: trained as long as the original; flex: after its one epoch)")
     by = {(r["experiment"], r["method"], r["target"], r["finetuned"]): r for r in rows}
     for (experiment, method, target, finetuned), r in sorted(by.items()):
@@ -301,7 +305,7 @@ def summarize_model(name: str, rows: list[dict]) -> None:
         plain = by.get((experiment, method, target, "False"))
         final = float((tuned or plain)["accuracy"])
         cells = [f"{float(row['accuracy']):.2%}" if row else "-" for row in (plain, tuned)]
-        print(f"{experiment:10} {method:28} {target:>6} {float(r['flops']):6.3f} {cells[0]:>10} {cells[1]:>8} "
+        print(f"{experiment:10} {method:34} {target:>6} {float(r['flops']):6.3f} {cells[0]:>10} {cells[1]:>8} "
               f"{100 * (final - base):+16.2f}p")
     final_rows = [r for r in rows if r["experiment"] in ("prune", "scratch", "flex")
                   and (r["finetuned"] == "True" or r["experiment"] == "scratch")]

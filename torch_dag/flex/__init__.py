@@ -10,7 +10,7 @@ plain models between levels without the flexible model.
 """
 
 from .delta import FileDeltaManager, InMemoryDeltaManager, LevelDelta, file_delta_manager
-from .make import FlexConfig, make_flexible
+from .make import FlexConfig, compensate_levels, make_flexible
 from .model import FlexDagModule, is_flex
 from .modules import BatchNorm2d, Conv2d, FlexModule, LayerNorm, Linear, MultiheadAttention, flex_layers
 from .train import sandwich_step
@@ -27,6 +27,7 @@ __all__ = [
     "LevelDelta",
     "Linear",
     "MultiheadAttention",
+    "compensate_levels",
     "file_delta_manager",
     "flex_layers",
     "is_flex",

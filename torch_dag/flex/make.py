@@ -23,15 +23,16 @@ import torch
 from torch import nn
 
 from ..analysis.flops import flops_from_values
-from ..core.dag import DagModule, Vertex
+from ..core.dag import DagModule, Vertex, evaluating
 from ..core.errors import DagError
 from ..core.ops import is_dag_module
 from ..core.template import from_json, to_json
+from ..passes.factorize import conv_geometry, input_rows
 from ..passes.hierarchy import flatten
 from ..pruning import surgery
 from ..pruning.channels import ChannelGroups, Group, Role
 from ..pruning.groups import channel_groups
-from ..pruning.prune import _FlopModel, channel_scores, must_keep
+from ..pruning.prune import MAX_LSTSQ, RIDGE, _FlopModel, channel_scores, must_keep
 from ..testing import compare_outputs
 from .model import FlexDagModule, is_flex
 from .modules import Cuts, FlexModule
@@ -49,6 +50,13 @@ class FlexConfig:
     attention: str = "heads"  # heads | head_dim
     seed: int = 0
     reorder: bool = True  # sort channels by importance first, so that levels take the first ones
+    # lstsq (needs calibration): re-solve the shared weights of the layers that lose inputs, for all levels
+    # at once (`compensate_levels`); the top level then no longer equals the input model exactly
+    compensate: str = "none"
+
+    def __post_init__(self) -> None:
+        if self.compensate not in ("lstsq", "none"):
+            raise DagError(f"unknown compensation {self.compensate!r} for a flexible model: use lstsq or none")
 
 
 @dataclass
@@ -117,7 +125,11 @@ def make_flexible(dag: DagModule, levels: Sequence[float | Sequence[float | int]
     """A flexible copy of `dag` with one level per entry of `levels` (narrowest first): a width fraction
     for every prunable group, or a vector of widths (one per group, fractions or channel counts); or,
     with `flops_ratios`, levels whose widths (one fraction for all groups) keep those FLOPs ratios.
-    The input DAG is left untouched; at a level of full widths the outputs equal the input's."""
+    The input DAG is left untouched; at a level of full widths the outputs equal the input's (unless
+    `config.compensate` trades that for better narrow levels)."""
+    if config.compensate != "none" and calibration is None:
+        raise DagError(f"FlexConfig(compensate={config.compensate!r}) needs calibration batches")
+    calibration = list(calibration) if calibration is not None else None  # read by scores and compensation
     if example_inputs is None:
         example_inputs = dag.example_inputs()
     if isinstance(example_inputs, torch.Tensor):
@@ -165,7 +177,97 @@ def make_flexible(dag: DagModule, levels: Sequence[float | Sequence[float | int]
     flex = FlexDagModule(dag.input_names, vertices, dag.output, dag.input_meta, level_args, width_info)
     flex.train(dag.training)
     flex._width_plan = plan
+    if config.compensate == "lstsq":
+        compensate_levels(flex, calibration)
     return flex
+
+
+def compensate_levels(flex: FlexDagModule, calibration: Iterable) -> None:
+    """Re-solve, in place, the shared weights of every Conv2d / Linear that loses input channels at some
+    level: each output's weights become the least-squares best fit, summed over the levels it is part of
+    (the top level included), of the layer's full outputs from the inputs that level keeps. Inputs are
+    recorded at the top level on the calibration batches (a conv's k x k patches; one float64 matrix of
+    (inputs + 1)^2 per layer). A ridge pulls towards the layer's own weights, as in pruning's `lstsq`
+    compensation; the narrow levels gain what that gives a separately pruned model, and the top level
+    moves off the input model's outputs by the same trade. Grouped convs, other padding modes and layers
+    with over `MAX_LSTSQ` inputs are left as they are."""
+    layers = {v.name: v.module for v in flex if is_flex(v.module) and _solvable(v.module)}
+    if not layers:
+        return
+    grams: dict[str, torch.Tensor | float] = dict.fromkeys(layers, 0.0)
+
+    def recorder(name: str, geometry: tuple | None, bias: bool) -> Callable:
+        def record(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            rows = input_rows(args[0], geometry).double()
+            if bias:
+                rows = torch.cat([rows, rows.new_ones(len(rows), 1)], 1)
+            grams[name] = grams[name] + rows.T @ rows / len(rows)
+        return record
+
+    was = flex.current_level()
+    flex.set_level_use(flex.max_level())
+    hooks = [m.register_forward_hook(recorder(n, conv_geometry(m.full), m.bias is not None)) for n, m in layers.items()]
+    batches = 0
+    try:
+        with evaluating(flex), torch.no_grad():
+            for batch in calibration:
+                flex(*((batch,) if isinstance(batch, torch.Tensor) else tuple(batch)))
+                batches += 1
+    finally:
+        for handle in hooks:
+            handle.remove()
+        if was is not None:
+            flex.set_level_use(was)
+    if not batches:
+        raise DagError("compensation needs at least one calibration batch (the calibration given is empty)")
+    for name, module in layers.items():
+        _solve_shared(module, grams[name] / batches)
+
+
+def _solvable(module: FlexModule) -> bool:
+    full = module.full
+    if not (isinstance(full, nn.Linear) or (isinstance(full, nn.Conv2d) and full.groups == 1
+                                             and full.padding_mode == "zeros")):
+        return False
+    inputs = module.weight.shape[1]
+    loses = any(len(index) < inputs for cuts in module.cuts[:-1] for axis, index in cuts.get("weight", []) if axis == 1)
+    return loses and module.weight[0].numel() + 1 <= MAX_LSTSQ
+
+
+def _solve_shared(module: FlexModule, gram: torch.Tensor) -> None:
+    """`compensate_levels` for one layer, from the Gram matrix of its full-width input rows."""
+    weight, bias = module.weight, module.bias
+    full = weight.detach().double().reshape(len(weight), -1)
+    if bias is not None:
+        full = torch.cat([full, bias.detach().double()[:, None]], 1)
+    positions = weight[0, 0].numel()
+    ridge = torch.full((len(gram),), RIDGE * float(gram.diagonal()[:weight[0].numel()].mean()), dtype=gram.dtype)
+    if bias is not None:
+        ridge[-1] = 0  # the constant is free
+    narrower = []  # per level below the top: which columns it reads, which outputs it has
+    for cuts in module.cuts[:-1]:
+        axes = dict(cuts.get("weight", []))
+        inputs, outputs = np.zeros(weight.shape[1], bool), np.zeros(len(weight), bool)
+        inputs[axes.get(1, slice(None))] = True
+        outputs[axes.get(0, slice(None))] = True
+        columns = np.append(np.repeat(inputs, positions), [True] * (bias is not None))
+        narrower.append((torch.from_numpy(columns).to(gram.dtype), outputs))
+    bands: dict[tuple[bool, ...], list[int]] = {}  # outputs by the levels they are part of
+    for row in range(len(weight)):
+        bands.setdefault(tuple(bool(outputs[row]) for _, outputs in narrower), []).append(row)
+    solved = full.clone()
+    for levels, rows in bands.items():
+        target = full[rows].T
+        lhs, rhs = gram + ridge.diag(), gram @ target + ridge[:, None] * target  # the top level, the ridge
+        for (columns, _), part in zip(narrower, levels):
+            if part:
+                lhs = lhs + columns[:, None] * gram * columns[None, :]
+                rhs = rhs + columns[:, None] * (gram @ target)
+        solved[rows] = torch.linalg.solve(lhs, rhs).T
+    with torch.no_grad():
+        weight.copy_(solved[:, :weight[0].numel()].reshape(weight.shape))
+        if bias is not None:
+            bias.copy_(solved[:, -1])
 
 
 def apply_widths(flex: FlexDagModule, plan: WidthPlan, widths: Sequence[float | int]) -> None:
