@@ -241,7 +241,8 @@ def _solve_shared(module: FlexModule, gram: torch.Tensor) -> None:
     if bias is not None:
         full = torch.cat([full, bias.detach().double()[:, None]], 1)
     positions = weight[0, 0].numel()
-    ridge = torch.full((len(gram),), RIDGE * float(gram.diagonal()[:weight[0].numel()].mean()), dtype=gram.dtype)
+    energy = float(gram.diagonal()[:weight[0].numel()].mean()) or 1.0  # (inputs that are all zero: any scale)
+    ridge = torch.full((len(gram),), RIDGE * energy, dtype=gram.dtype)
     if bias is not None:
         ridge[-1] = 0  # the constant is free
     narrower = []  # per level below the top: which columns it reads, which outputs it has
