@@ -91,7 +91,7 @@ def _tp_vit_after(model: nn.Module, pruner) -> None:
 
 # name: (factory, training epochs, training learning rate, the output layer, Torch-Pruning's options)
 MODELS = {"cnn": (cnn, 6, 2e-3, lambda m: m[-1], {}),
-          "vit": (vit, 10, 1e-3, lambda m: m.head, dict(options=_tp_vit_options, after=_tp_vit_after))}
+          "vit": (vit, 20, 1e-3, lambda m: m.head, dict(options=_tp_vit_options, after=_tp_vit_after))}
 
 
 def data() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -318,7 +318,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=sorted(MODELS), default="cnn")
     parser.add_argument("--epochs", type=int, help="training epochs of the model and of scratch runs "
-                        "(default: cnn 6, vit 10)")
+                        "(default: cnn 6, vit 20)")
     parser.add_argument("--criteria", nargs="+", default=["l2", "taylor"])
     parser.add_argument("--lrs", type=float, nargs="+", default=[1e-3, 3e-4, 1e-4],
                         help="finetuning learning rates to choose from on the validation split")
