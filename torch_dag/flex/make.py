@@ -27,7 +27,7 @@ from ..core.dag import DagModule, Vertex, evaluating
 from ..core.errors import DagError
 from ..core.ops import is_dag_module
 from ..core.template import from_json, to_json
-from ..passes.factorize import conv_geometry, input_rows
+from ..passes.factorize import conv_geometry, row_gram
 from ..passes.hierarchy import flatten
 from ..pruning import surgery
 from ..pruning.channels import ChannelGroups, Group, Role
@@ -198,10 +198,7 @@ def compensate_levels(flex: FlexDagModule, calibration: Iterable) -> None:
 
     def recorder(name: str, geometry: tuple | None, bias: bool) -> Callable:
         def record(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-            rows = input_rows(args[0], geometry).double()
-            if bias:
-                rows = torch.cat([rows, rows.new_ones(len(rows), 1)], 1)
-            grams[name] = grams[name] + rows.T @ rows / len(rows)
+            grams[name] = grams[name] + row_gram(args[0], geometry, constant=bias)
         return record
 
     was = flex.current_level()

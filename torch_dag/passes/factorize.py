@@ -444,6 +444,15 @@ def _record(dag: DagModule, layers: list[_Layer], batches: list[tuple], progress
     return moments
 
 
+def row_gram(x: torch.Tensor, geometry: tuple | None, constant: bool = True) -> torch.Tensor:
+    """The float64 Gram matrix of a layer's input rows (`input_rows`), per row, with a column of ones
+    appended when `constant` (for a bias): what least-squares refits of the layer accumulate."""
+    rows = input_rows(x, geometry).double()
+    if constant:
+        rows = torch.cat([rows, rows.new_ones(len(rows), 1)], 1)
+    return rows.T @ rows / len(rows)
+
+
 def input_rows(x: torch.Tensor, geometry: tuple | None) -> torch.Tensor:
     """The rows a layer multiplies by its weight matrix: features of a linear, patches of a conv."""
     if geometry is None:

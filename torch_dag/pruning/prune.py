@@ -21,7 +21,7 @@ from ..analysis.flops import flops_from_values
 from ..core.dag import DagModule, evaluating
 from ..core.errors import DagError
 from ..core.ops import Parameter, is_dag_module
-from ..passes.factorize import conv_geometry, input_rows
+from ..passes.factorize import conv_geometry, row_gram
 from ..passes.hierarchy import flatten
 from . import surgery
 from .channels import ChannelGroups, Group
@@ -365,9 +365,7 @@ class _Reader:
         x = args[0]
         self.batches += 1
         if self.solve:
-            rows = input_rows(x, self.geometry).double()
-            rows = torch.cat([rows, rows.new_ones(len(rows), 1)], 1)
-            self.gram = self.gram + rows.T @ rows / len(rows)
+            self.gram = self.gram + row_gram(x, self.geometry)
             return
         mask = self.dropped.to(x.device, x.dtype)
         if isinstance(module, nn.Linear):
