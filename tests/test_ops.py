@@ -165,6 +165,28 @@ def test_derived_module_op_config(case):
     assert_rebuilds(DERIVED_CONFIG_CASES[case]())
 
 
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_builds_of_one_config_share_no_container(case):
+    """Builds copy one prototype per config: two of them share tensors (meta, to be replaced) but no
+    dict, list or set (parameters, buffers, hooks, ...)."""
+    module = CASES[case]()
+    spec = ops.MODULE_OPS[type(module)]
+    config = spec.config(module)
+    first, second = spec.build(config), spec.build(config)
+    for a, b in zip(first.modules(), second.modules(), strict=True):
+        assert a is not b
+        shared = [k for k, v in vars(a).items() if isinstance(v, (dict, list, set)) and v is vars(b)[k]]
+        assert not shared, shared
+    first.register_forward_hook(lambda *args: None)
+    assert not second._forward_hooks and spec.config(second) == config
+
+
+def test_configs_equal_in_value_but_not_in_type_build_apart():
+    spec = ops.MODULE_OPS[nn.LayerNorm]
+    assert type(spec.build({"normalized_shape": (4,), "eps": 1}).eps) is int
+    assert type(spec.build({"normalized_shape": (4,), "eps": 1.0}).eps) is float
+
+
 def test_built_modules_are_on_the_meta_device():
     built = rebuild(nn.Conv2d(3, 4, 3))
     assert all(p.is_meta for p in built.parameters())

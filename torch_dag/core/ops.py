@@ -10,6 +10,7 @@ Two kinds of op share one registry, keyed by op name:
 
 from __future__ import annotations
 
+import copy
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -126,8 +127,47 @@ class ModuleOpSpec:
         return config
 
     def build(self, config: dict[str, Any]) -> nn.Module:
-        with torch.device("meta"):
-            return self.cls(**config)
+        """A module of this op for `config` with its tensors on the meta device, for the caller to give
+        real ones. The constructor (and its weight init, slow even on meta) runs once per config: later
+        builds copy that first module (`_clone`)."""
+        try:
+            key = (self.cls, _frozen(config))
+        except TypeError:  # an unhashable value: build afresh
+            key = None
+        prototype = _PROTOTYPES.get(key) if key is not None else None
+        if prototype is None:
+            with torch.device("meta"):
+                prototype = self.cls(**config)
+            if key is not None:
+                _PROTOTYPES[key] = prototype
+                while len(_PROTOTYPES) > _MAX_PROTOTYPES:
+                    _PROTOTYPES.pop(next(iter(_PROTOTYPES)))
+        return _clone(prototype)
+
+
+_PROTOTYPES: dict[tuple, nn.Module] = {}  # (class, frozen config) -> the first module built for it
+_MAX_PROTOTYPES = 1024
+
+
+def _frozen(value: Any) -> Any:
+    """A hashable stand-in for a config value that tells 1, 1.0 and True apart."""
+    if isinstance(value, (list, tuple)):
+        return type(value).__name__, tuple(_frozen(v) for v in value)
+    if isinstance(value, dict):
+        return "dict", tuple(sorted((k, _frozen(v)) for k, v in value.items()))
+    hash(value)
+    return type(value).__name__, value
+
+
+def _clone(module: nn.Module) -> nn.Module:
+    """A copy of `module` sharing its tensors but not its containers (parameters, buffers, hooks and
+    any other dict, list or set attribute), children cloned likewise."""
+    clone = copy.copy(module)
+    for key, value in module.__dict__.items():
+        if isinstance(value, (dict, list, set)):
+            clone.__dict__[key] = copy.copy(value)
+    clone._modules = {k: None if m is None else _clone(m) for k, m in module._modules.items()}
+    return clone
 
 
 MODULE_OPS: dict[type[nn.Module], ModuleOpSpec] = {}
