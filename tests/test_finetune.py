@@ -99,16 +99,19 @@ def test_frozen_batch_norm_statistics_stay_as_they_are():
 
 
 def test_a_student_sharing_layers_with_its_teacher_leaves_the_teacher_alone():
-    """A factorized model keeps the layers it did not factorize: the teacher is copied, not trained."""
+    """A factorized model keeps the layers it did not factorize, as the teacher's own modules: finetuning
+    gives the student copies of them, so the teacher (and the model it was converted from) stays as it was."""
     teacher, _ = small_teacher_and_student()
     student = td.factorize(teacher, rank_ratio=0.5, example_inputs=(HELD[:2],))
-    shared = {id(p) for p in student.parameters()} & {id(p) for p in teacher.parameters()}
-    assert shared
+    assert {id(p) for p in student.parameters()} & {id(p) for p in teacher.parameters()}
     reference = {k: v.clone() for k, v in teacher.state_dict().items()}
-    td.finetune(student, teacher, synthetic_batches(4), lr=1e-2, progress=False)
-    # the shared tensors are the student's to train; the teacher used a copy of their starting values
-    assert any(not torch.equal(reference[k], v) for k, v in teacher.state_dict().items())
-    assert teacher.training is False
+    before = distance(student, teacher, HELD)
+    td.finetune(student, teacher, synthetic_batches(8), epochs=2, lr=1e-2, progress=False)
+    assert all(torch.equal(reference[k], v) for k, v in teacher.state_dict().items())
+    assert not {id(p) for p in student.parameters()} & {id(p) for p in teacher.parameters()}
+    assert distance(student, teacher, HELD) < before and teacher.training is False
+    with pytest.raises(ValueError, match="the teacher itself"):
+        td.finetune(teacher, teacher, synthetic_batches(1), progress=False)
 
 
 def test_a_flexible_student_trains_every_level():
@@ -145,6 +148,103 @@ def test_bad_arguments_are_refused_clearly():
         td.finetune(student, teacher, synthetic_batches(2), alpha=2.0, progress=False)
     with pytest.raises(TypeError, match="a batch must be"):
         td.finetune(student, teacher, [(HELD[:2], None, None)], progress=False)
+
+
+def batchnorm_statistics(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items() if "running" in k or "num_batches" in k}
+
+
+def test_recalibrated_statistics_are_the_exact_averages_over_the_batches():
+    _, student = small_teacher_and_student()
+    batches = synthetic_batches(3)
+    conv, bn = (vertex.module for vertex in list(student)[:2])
+    assert isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d)
+    before = {k: v.clone() for k, v in student.state_dict().items() if "running" not in k and "num_batches" not in k}
+    momentum = bn.momentum
+    student.train()
+    assert td.recalibrate_batchnorm(student, [(b,) for b in batches]) == 2
+    with torch.no_grad():
+        activations = [conv(b) for b in batches]
+    mean = torch.stack([a.mean((0, 2, 3)) for a in activations]).mean(0)
+    var = torch.stack([a.var((0, 2, 3), unbiased=True) for a in activations]).mean(0)
+    torch.testing.assert_close(bn.running_mean, mean)
+    torch.testing.assert_close(bn.running_var, var)
+    assert int(bn.num_batches_tracked) == 3 and bn.momentum == momentum
+    assert student.training and all(m.training for m in student.modules())  # modes restored
+    after = student.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in before.items())  # nothing but the statistics moved
+
+
+def test_each_flexible_level_gets_the_statistics_of_its_own_plain_model():
+    teacher, flexible = small_teacher_and_student(flexible=True)
+    reference = {k: v.clone() for k, v in teacher.state_dict().items()}
+    flexible.set_level_use(0)
+    plains = []
+    for level in range(flexible.max_level() + 1):
+        flexible.set_level_use(level)
+        plains.append(flexible.make_base_copy())
+    flexible.set_level_use(0)
+    batches = synthetic_batches(3)
+    assert td.recalibrate_batchnorm(flexible, batches) == 2 * (flexible.max_level() + 1)
+    assert flexible.current_level() == 0
+    for level, plain in enumerate(plains):
+        td.recalibrate_batchnorm(plain, batches)
+        flexible.set_level_use(level)
+        torch.testing.assert_close(flexible(HELD), plain(HELD))
+    assert all(torch.equal(v, teacher.state_dict()[k]) for k, v in reference.items())  # the source untouched
+
+    top = batchnorm_statistics(flexible)
+    td.recalibrate_batchnorm(flexible, synthetic_batches(2, seed=7), levels=[0])  # only level 0's change
+    changed = {k for k, v in batchnorm_statistics(flexible).items() if not torch.equal(v, top[k])}
+    assert changed and all(".levels.0." in k for k in changed)
+
+    flexible.set_widths([0.75] * flexible.search_dimension)  # widths between the levels
+    plain = flexible.make_base_copy()
+    td.recalibrate_batchnorm(flexible, batches)
+    td.recalibrate_batchnorm(plain, batches)
+    torch.testing.assert_close(flexible(HELD), plain(HELD))
+    assert all(torch.equal(v, top[k]) or ".levels.0." in k for k, v in batchnorm_statistics(flexible).items())
+
+
+def test_recalibration_errors_leave_the_statistics_as_they_were():
+    teacher, flexible = small_teacher_and_student(flexible=True)
+    with pytest.raises(td.DagError, match="at least one calibration batch"):
+        td.recalibrate_batchnorm(teacher, [])
+    with pytest.raises(td.DagError, match="levels= is for flexible models"):
+        td.recalibrate_batchnorm(teacher, synthetic_batches(1), levels=[0])
+    with pytest.raises(td.DagError, match="level 5 does not exist"):
+        td.recalibrate_batchnorm(flexible, synthetic_batches(1), levels=[5])
+    flexible.set_widths([0.75] * flexible.search_dimension)
+    with pytest.raises(td.DagError, match="set_level_use"):
+        td.recalibrate_batchnorm(flexible, synthetic_batches(1), levels=[0])
+    before = batchnorm_statistics(teacher)
+    with pytest.raises(RuntimeError):  # the second batch has the wrong channel count
+        td.recalibrate_batchnorm(teacher, [HELD[:4], torch.randn(4, 5, 12, 12)])
+    after = batchnorm_statistics(teacher)
+    assert all(torch.equal(v, after[k]) for k, v in before.items())
+
+
+def test_cli_prune_and_flexify_recalibrate_on_the_calibration_data(tmp_path, capsys):
+    teacher, _ = small_teacher_and_student()
+    td.save(teacher, tmp_path / "teacher.dag")
+    np.save(tmp_path / "x.npy", torch.cat(synthetic_batches(2)).numpy())
+    common = ["--calibration", str(tmp_path / "x.npy"), "--batch-size", "16", "--recalibrate-bn", "-q"]
+    cli(["prune", str(tmp_path / "teacher.dag"), "--flops-ratio", "0.5", "--compensate", "none",
+         "-o", str(tmp_path / "pruned.dag"), *common])
+    assert "batchnorm statistics re-estimated" in capsys.readouterr().out
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        expected = td.prune(teacher, 0.5, teacher.example_inputs(),
+                            config=td.pruning.PruneConfig(compensate="none"))
+    td.recalibrate_batchnorm(expected, synthetic_batches(2))
+    torch.testing.assert_close(td.load(tmp_path / "pruned.dag")(HELD), expected(HELD))
+    cli(["flexify", str(tmp_path / "teacher.dag"), "--levels", "0.5", "1.0", "-o", str(tmp_path / "flex.dag"),
+         *common])
+    assert "per-level batchnorm statistics re-estimated" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        cli(["prune", str(tmp_path / "teacher.dag"), "--flops-ratio", "0.5", "--recalibrate-bn",
+             "-o", str(tmp_path / "p.dag"), "-q"])
+    assert "give --calibration" in capsys.readouterr().err
 
 
 def test_a_resumed_run_ends_exactly_where_an_uninterrupted_one_does(tmp_path):

@@ -22,7 +22,7 @@ from .core import (
     register_module_op,
     verify,
 )
-from .finetuning import FinetuneReport, finetune
+from .finetuning import FinetuneReport, finetune, recalibrate_batchnorm
 from .flex import make_flexible
 from .passes import factorize
 from .pruning import prune
@@ -55,6 +55,7 @@ __all__ = [
     "passes",
     "prune",
     "pruning",
+    "recalibrate_batchnorm",
     "register_module_op",
     "save",
     "verify",

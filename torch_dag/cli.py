@@ -146,12 +146,14 @@ def cmd_prune(args: argparse.Namespace) -> None:
     dag, inputs = _load_or_convert(args.source, args.input_size)
     config = pruning.PruneConfig(criterion=args.criterion, round_to=args.round_to, min_channels=args.min_channels,
                                  attention=args.attention, compensate=args.compensate)
+    calibration = _calibration(args)
     start = time.perf_counter()
     with warnings.catch_warnings():  # the report says which rounding was used
         warnings.simplefilter("ignore")
         pruned, report = pruning.prune(dag, args.flops_ratio, inputs, params_ratio=args.params_ratio,
-                                       kmapp=args.kmapp, config=config, calibration=_calibration(args),
+                                       kmapp=args.kmapp, config=config, calibration=calibration,
                                        progress=not args.quiet, return_report=True)
+    recalibrated = finetuning.recalibrate_batchnorm(pruned, calibration) if args.recalibrate_bn else None
     seconds = time.perf_counter() - start
     serde.save(pruned, args.output)
     before, after = analysis.count_flops(dag, *inputs), analysis.count_flops(pruned, *inputs)
@@ -168,11 +170,15 @@ def cmd_prune(args: argparse.Namespace) -> None:
     for label, old, new in rows:
         print(f"  {label:12s} {old:10.3f} {new:10.3f} {new / old if old else 0:7.3f}")
     print(f"  channel groups: {report.groups}, prunable {report.prunable}, narrowed {report.narrowed}")
+    if recalibrated is not None:
+        print(f"  batchnorm statistics re-estimated on {args.calibration}: {recalibrated} layers")
 
 
 def _calibration(args: argparse.Namespace) -> list[tuple[torch.Tensor]] | None:
     """Batches of `--calibration` (a .npy array of model inputs, loaded without pickle)."""
     if args.calibration is None:
+        if getattr(args, "recalibrate_bn", False):
+            raise DagError("--recalibrate-bn re-estimates statistics on --calibration data: give --calibration")
         return None
     import numpy as np
 
@@ -197,12 +203,16 @@ def cmd_flexify(args: argparse.Namespace) -> None:
     config = flex.FlexConfig(criterion=args.criterion, round_to=args.round_to, min_channels=args.min_channels,
                              attention=args.attention, compensate=args.compensate)
     start = time.perf_counter()
+    calibration = _calibration(args)
     model = flex.make_flexible(dag, args.levels, inputs, flops_ratios=args.flops_ratios, config=config,
-                               calibration=_calibration(args))
+                               calibration=calibration)
+    recalibrated = finetuning.recalibrate_batchnorm(model, calibration) if args.recalibrate_bn else None
     seconds = time.perf_counter() - start
     serde.save(model, args.output)
     print(f"made {args.source} flexible with {model.num_levels} levels over {len(model.width_info['ranking'])} "
           f"channel groups in {seconds:.1f} s ({config.criterion}); saved to {args.output}")
+    if recalibrated is not None:
+        print(f"  per-level batchnorm statistics re-estimated on {args.calibration} ({recalibrated} over all levels)")
     model.set_level_use(model.max_level())
     _print_levels(model, inputs, analysis.count_flops(dag, *inputs))
     if args.delta_file:
@@ -426,8 +436,10 @@ def _add_width_options(parser: argparse.ArgumentParser, attention_help: str) -> 
     """The options `prune` and `flexify` share: how channels are ranked and widths chosen, and I/O."""
     parser.add_argument("--criterion", default="l2", choices=["l1", "l2", "bn_scale", "taylor", "random"])
     parser.add_argument("--calibration", type=Path, help="a .npy array of model inputs (N x C x H x W): "
-                        "for taylor, and for compensation")
+                        "for taylor, compensation and --recalibrate-bn")
     parser.add_argument("--batch-size", type=int, default=8, help="calibration batch size")
+    parser.add_argument("--recalibrate-bn", action="store_true", help="with --calibration: re-estimate the "
+                        "batchnorm statistics of the result (of every level) on the calibration data")
     parser.add_argument("--round-to", type=int, default=8, help="keep widths multiples of this (1: no rounding)")
     parser.add_argument("--min-channels", type=int, default=1)
     parser.add_argument("--attention", choices=["heads", "head_dim"], default="heads", help=attention_help)

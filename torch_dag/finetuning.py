@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from .core.dag import DagModule, Ref
+from .core.dag import DagModule, Ref, Vertex
 from .core.errors import DagError
 from .flex.model import FlexDagModule
 
@@ -73,7 +73,9 @@ def finetune(student: DagModule, teacher: torch.nn.Module, data: Iterable[Any], 
              checkpoint: str | Path | None = None, checkpoint_every: int = 0, resume: bool = True,
              device: str | torch.device | None = None, seed: int = 0, progress: bool = True
              ) -> FinetuneReport:
-    """Train `student` in place towards `teacher` (frozen, in eval mode) on `data`.
+    """Train `student` in place towards `teacher` (frozen, in eval mode) on `data`. The teacher never
+    changes: modules the student shares with it (as a factorized model shares the layers it left alone)
+    are first replaced in the student by copies.
 
     `data` is re-iterable (a DataLoader, a list) when `epochs > 1`; a batch is an input tensor, an
     `(inputs, target)` pair (inputs a tensor or a tuple of tensors, target labels for `label_loss` or
@@ -95,7 +97,7 @@ def finetune(student: DagModule, teacher: torch.nn.Module, data: Iterable[Any], 
         raise ValueError("feature matching needs one width; a flexible student is distilled on its outputs only")
     world, rank, owns_group = _join_process_group(device)
     device = torch.device(device) if device is not None else _default_device(student, world)
-    teacher = _own_teacher(teacher, student)
+    _separate(student, teacher)
     student.to(device).train()
     if freeze_bn:
         for module in student.modules():
@@ -292,13 +294,21 @@ def _loss(out: Any, expected: Any, target: Any, features: Sequence[str], tempera
     return loss
 
 
-def _own_teacher(teacher: torch.nn.Module, student: torch.nn.Module) -> torch.nn.Module:
-    """The teacher, or a copy of it where it shares tensors with the student (a factorized model keeps
-    the layers it left alone): training must not move the teacher, nor put shared norms in eval mode."""
-    mine = {id(t) for t in (*student.parameters(), *student.buffers())}
-    if any(id(t) in mine for t in (*teacher.parameters(), *teacher.buffers())):
-        return copy.deepcopy(teacher)
-    return teacher
+def _separate(student: DagModule, teacher: torch.nn.Module) -> None:
+    """Give `student` its own copies of the modules it shares with `teacher` (a factorized model keeps the
+    layers it left alone as the very modules of its input): training moves the student only."""
+    if student is teacher:
+        raise ValueError("the student is the teacher itself; distill a compressed copy of it")
+    theirs = {id(x) for x in (*teacher.modules(), *teacher.parameters(), *teacher.buffers())}
+
+    def shared(module: torch.nn.Module) -> bool:
+        return any(id(x) in theirs for x in (*module.modules(), *module.parameters(), *module.buffers()))
+
+    memo: dict[int, Any] = {}  # one memo: what two vertices of the student share stays shared
+    copies = [Vertex(v.name, copy.deepcopy(v.module, memo), v.args, dict(v.kwargs), dict(v.meta))
+              for v in student if shared(v.module)]
+    if copies:
+        student.replace_vertices(copies)
 
 
 def _tap(student: DagModule, teacher: torch.nn.Module, features: Sequence[str]
@@ -325,6 +335,82 @@ def _sandwich_levels(flex: FlexDagModule, rng: random.Random) -> list[int]:
     top = flex.max_level()
     levels = [top, 0] + ([rng.randint(1, top - 1)] if top > 1 else [])
     return list(dict.fromkeys(levels))
+
+
+# --- batchnorm statistics -----------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model: torch.nn.Module, calibration: Iterable, *, levels: Sequence[int] | None = None
+                          ) -> int:
+    """Re-estimate the running statistics of `model`'s batchnorms from `calibration` (batches of inputs:
+    a tensor or a tuple of the model's inputs each, as `td.prune` takes them), in place; returns how
+    many batchnorm layers got new statistics.
+
+    Each statistic becomes the exact average over the batches (momentum None while it runs); every other
+    layer runs in eval mode, nothing else changes and no gradient is taken. A model whose widths changed
+    (pruned without compensation, a flexible level, `set_widths`) otherwise normalizes with statistics
+    measured on the original widths' activations; new ones often recover much of the accuracy lost before
+    any finetuning, though not always (they also undo the scale the old ones kept): check on held-out data.
+
+    A flexible model recalibrates each level's own statistics with that level running (`levels`: which;
+    default all; the level in use is restored), or, at widths set by `set_widths`, those widths'.
+    Batchnorms outside the flexible layers are shared by every level and left as they are there."""
+    batches = [(b,) if isinstance(b, torch.Tensor) else tuple(b) for b in calibration]
+    if not batches:
+        raise DagError("recalibrate_batchnorm needs at least one calibration batch")
+    if not isinstance(model, FlexDagModule):
+        if levels is not None:
+            raise DagError(f"levels= is for flexible models; this is a {type(model).__name__}")
+        return _recalibrate(model, list(model.modules()), batches)
+
+    def in_use() -> list[torch.nn.Module]:
+        return [v.module.current()[0] for v in model.flex_vertices()]
+
+    current = model.current_level()
+    if current is None:
+        if levels is not None:
+            raise DagError("the flexible model runs widths set by set_widths; set_level_use(i) before "
+                           "recalibrating levels")
+        return _recalibrate(model, in_use(), batches)
+    count = 0
+    try:
+        for level in range(model.max_level() + 1) if levels is None else levels:
+            model.set_level_use(level)
+            count += _recalibrate(model, in_use(), batches)
+    finally:
+        model.set_level_use(current)
+    return count
+
+
+def _recalibrate(model: torch.nn.Module, candidates: list[torch.nn.Module], batches: list[tuple]) -> int:
+    """Recompute the running statistics of the batchnorms among `candidates` (modules `model` runs)."""
+    norms = [m for m in candidates if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+             and m.track_running_stats and m.running_mean is not None]
+    if not norms:
+        return 0
+    modes = {m: m.training for m in [*model.modules(), *norms]}
+    saved = [(m.momentum, m.running_mean, m.running_var, m.num_batches_tracked) for m in norms]
+    model.eval()
+    for m in norms:  # fresh tensors: a level's statistics may be views of another's
+        m.running_mean = torch.zeros_like(m.running_mean)
+        m.running_var = torch.ones_like(m.running_var)
+        m.num_batches_tracked = torch.zeros_like(m.num_batches_tracked)
+        m.momentum = None
+        m.train()
+    try:
+        for batch in batches:
+            model(*batch)
+    except BaseException:  # a failing batch leaves the old statistics, not half-estimated ones
+        for m, (_, mean, var, tracked) in zip(norms, saved):
+            m.running_mean, m.running_var, m.num_batches_tracked = mean, var, tracked
+        raise
+    finally:
+        for m, (momentum, *_) in zip(norms, saved):
+            m.momentum = momentum
+        for m, mode in modes.items():
+            m.training = mode
+    return len(norms)
 
 
 # --- checkpoints --------------------------------------------------------------------------------------
