@@ -917,6 +917,19 @@ def test_update_in_place_keeps_the_forward_and_equals_a_fresh_build():
     assert bitwise_equal(dag(x), fresh(x)) and graph_and_tensors(dag)[0] == graph_and_tensors(fresh)[0]
 
 
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_update_in_place_gives_new_vertices_their_saved_modes_and_keeps_the_others(training):
+    dag, _ = _mlp_dag()
+    dag.train(training)
+    first, relu, last = dag.vertices
+    last.module.train(not training)  # saved in the other mode, like a frozen batchnorm
+    relu.module.train(not training)  # not rebuilt: keeps whatever mode it has
+    graph, tensors = _narrowed(dag, 5)
+    update_in_place(dag, graph, {first.name, last.name}, tensors, "test")
+    assert dag.training is training and dag.vertices[1].module is relu.module
+    assert [v.module.training for v in dag] == [training, not training, not training]
+
+
 def test_update_in_place_leaves_the_model_as_it_was_on_an_error():
     dag, x = _mlp_dag()
     before = dag(x)

@@ -292,7 +292,13 @@ def update_in_place(dag: DagModule, graph: dict[str, Any], changed: set[str], te
     dag.replace_vertices(list(vertices.values()))
     for key, tensor in weights.items():
         _assign(dag, key, tensor)
-    _restore_training_flags(dag, graph)
+    training = graph.get("training") is True
+    if dag.training != training:
+        _restore_training_flags(dag, graph)
+        return
+    flags = {entry["name"]: entry.get("training") for entry in entries if entry["name"] in vertices}
+    for name, vertex in vertices.items():  # the others keep their modes
+        vertex.module.train(flags[name] if isinstance(flags[name], bool) else training)
 
 
 def _shallow_copy(module: nn.Module) -> nn.Module:
