@@ -114,6 +114,17 @@ def test_a_student_sharing_layers_with_its_teacher_leaves_the_teacher_alone():
         td.finetune(teacher, teacher, synthetic_batches(1), progress=False)
 
 
+def test_a_plain_module_student_sharing_a_layer_with_its_teacher_leaves_the_teacher_alone():
+    torch.manual_seed(0)
+    head = nn.Linear(8, 10)
+    teacher = nn.Sequential(nn.Flatten(), nn.Linear(3 * 12 * 12, 8), nn.ReLU(), head)
+    student = nn.Sequential(nn.Flatten(), nn.Linear(3 * 12 * 12, 8), nn.ReLU(), head)
+    reference = {k: v.clone() for k, v in teacher.state_dict().items()}
+    td.finetune(student, teacher, synthetic_batches(4), lr=1e-2, progress=False)
+    assert all(torch.equal(reference[k], v) for k, v in teacher.state_dict().items())
+    assert student[3] is not head and not torch.equal(student[3].weight, head.weight)
+
+
 def test_a_flexible_student_trains_every_level():
     teacher, student = small_teacher_and_student(flexible=True)
     before = []

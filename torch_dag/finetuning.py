@@ -294,9 +294,10 @@ def _loss(out: Any, expected: Any, target: Any, features: Sequence[str], tempera
     return loss
 
 
-def _separate(student: DagModule, teacher: torch.nn.Module) -> None:
-    """Give `student` its own copies of the modules it shares with `teacher` (a factorized model keeps the
-    layers it left alone as the very modules of its input): training moves the student only."""
+def _separate(student: torch.nn.Module, teacher: torch.nn.Module) -> None:
+    """Give `student` its own copies of the modules and tensors it shares with `teacher` (a factorized
+    model keeps the layers it left alone as the very modules of its input): training moves the student
+    only. What two parts of the student share stays shared."""
     if student is teacher:
         raise ValueError("the student is the teacher itself; distill a compressed copy of it")
     theirs = {id(x) for x in (*teacher.modules(), *teacher.parameters(), *teacher.buffers())}
@@ -304,11 +305,23 @@ def _separate(student: DagModule, teacher: torch.nn.Module) -> None:
     def shared(module: torch.nn.Module) -> bool:
         return any(id(x) in theirs for x in (*module.modules(), *module.parameters(), *module.buffers()))
 
-    memo: dict[int, Any] = {}  # one memo: what two vertices of the student share stays shared
-    copies = [Vertex(v.name, copy.deepcopy(v.module, memo), v.args, dict(v.kwargs), dict(v.meta))
-              for v in student if shared(v.module)]
-    if copies:
-        student.replace_vertices(copies)
+    memo: dict[int, Any] = {}
+    if isinstance(student, DagModule):  # its vertices hold the modules too: swap whole vertices
+        copies = [Vertex(v.name, copy.deepcopy(v.module, memo), v.args, dict(v.kwargs), dict(v.meta))
+                  for v in student if shared(v.module)]
+        if copies:
+            student.replace_vertices(copies)
+        return
+
+    def unshare(module: torch.nn.Module) -> None:  # the teacher's own modules are copied, never entered
+        for store in (module._modules, module._parameters, module._buffers):
+            for name, value in store.items():
+                if value is not None and id(value) in theirs:
+                    store[name] = copy.deepcopy(value, memo)
+                elif isinstance(value, torch.nn.Module):
+                    unshare(value)
+
+    unshare(student)
 
 
 def _tap(student: DagModule, teacher: torch.nn.Module, features: Sequence[str]
