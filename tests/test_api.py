@@ -34,6 +34,7 @@ PUBLIC_API = [
     "passes",
     "prune",
     "pruning",
+    "recalibrate_batchnorm",
     "register_module_op",
     "save",
     "verify",
