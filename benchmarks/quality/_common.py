@@ -103,21 +103,27 @@ def agreement_and_kl(student: torch.Tensor, teacher: torch.Tensor) -> tuple[floa
 class Rows:
     """A CSV of result rows keyed by some columns; rows already there are skipped (resumable)."""
 
-    def __init__(self, path: Path, fields: list[str], key: list[str]):
-        self.path, self.fields, self.key = path, fields, key
+    def __init__(self, path: Path, fields: list[str], key: list[str], defaults: dict | None = None):
+        """`defaults`: values of columns that older files (and rows added without them) lack."""
+        self.path, self.fields, self.key, self.defaults = path, fields, key, defaults or {}
         self.rows: dict[tuple, dict] = {}
         if path.exists():
             for row in csv.DictReader(path.open()):
-                self.rows[tuple(row[k] for k in key)] = row
+                self.rows[self._key(row)] = {**self.defaults, **row}
+
+    def _key(self, row: dict) -> tuple:
+        row = {**self.defaults, **row}
+        return tuple(str(row[k]) for k in self.key)
 
     def has(self, **key) -> bool:
-        return tuple(str(key[k]) for k in self.key) in self.rows
+        return self._key(key) in self.rows
 
     def get(self, **key) -> dict:
-        return self.rows[tuple(str(key[k]) for k in self.key)]
+        return self.rows[self._key(key)]
 
     def add(self, row: dict) -> None:
-        self.rows[tuple(str(row[k]) for k in self.key)] = {k: row.get(k, "") for k in self.fields}
+        row = {**self.defaults, **row}
+        self.rows[self._key(row)] = {k: row.get(k, "") for k in self.fields}
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("w", newline="") as f:
             writer = csv.DictWriter(f, self.fields)

@@ -204,7 +204,7 @@ def summarize() -> None:
         raise SystemExit(f"no rows in {OUT}")
     print(f"{'target':>6} {'criterion':9} {'finetuned':9} | " + " | ".join(f"{t + ' agree / KL (FLOPs)':36}" for t in TOOLS))
     by = {(r["tool"], r["criterion"], r["target"], r["finetuned"]): r for r in rows}
-    for target in sorted({r["target"] for r in rows}, key=float, reverse=True):
+    for target in sorted({r["target"] for r in rows if r["tool"] in TOOLS}, key=float, reverse=True):
         for finetuned in ("False", "True"):
             for criterion in CRITERIA:
                 cells = []
@@ -214,7 +214,7 @@ def summarize() -> None:
                                  if r else "-")
                 if any(c != "-" for c in cells):
                     print(f"{target:>6} {criterion:9} {finetuned:9} | " + " | ".join(f"{c:36}" for c in cells))
-    for target in sorted({r["target"] for r in rows}, key=float, reverse=True):
+    for target in sorted({r["target"] for r in rows if r["tool"] in TOOLS}, key=float, reverse=True):
         plain = [r for r in rows if r["target"] == target and r["finetuned"] == "False"]
         best = {tool: max((float(r["agreement"]) for r in plain if r["tool"] == tool), default=float("nan"))
                 for tool in TOOLS}

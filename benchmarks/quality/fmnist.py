@@ -11,7 +11,9 @@
   one epoch with the sandwich rule, each level against the separately pruned-and-finetuned model of the
   same FLOPs and criterion (CNN only); its rate is chosen from the same `--lrs` on the same validation
   split (mean validation accuracy of its levels); "compensated": made with
-  `FlexConfig(compensate="lstsq")` on the calibration batches (shared weights re-solved for all levels).
+  `FlexConfig(compensate="lstsq")` on the calibration batches (shared weights re-solved for all levels);
+  "recalibrated": then each level's batchnorm statistics re-estimated on the same batches
+  (`td.recalibrate_batchnorm`); each level's accuracy is also recorded before any training.
 
 Torch-Pruning prunes the ViT's head dims with its `num_heads` option (the attributes of timm's attention
 updated after the step, as its examples do); torch-dag removes whole heads and MLP / embedding widths
@@ -20,13 +22,16 @@ updated after the step, as its examples do); torch-dag removes whole heads and M
     sudo apt-get install dataset-fashion-mnist    # /usr/share/datasets/fashion-mnist
     python benchmarks/quality/fmnist.py               # resumable: rows in results/quality/fmnist.csv
     python benchmarks/quality/fmnist.py --model vit   # a small timm ViT: results/quality/fmnist_vit.csv
+    python benchmarks/quality/fmnist.py --model vit --seeds 2 3 4 5 6   # pruned rows: finetuned 5 times
     python benchmarks/quality/fmnist.py --summary
 
 Test accuracy is on all 10k test images. The finetuning learning rate is chosen on a validation split
 (the last 5k training images, left out of every finetune): each rate of `--lrs` finetunes both tools'
 l2 models at 50 % once, and the rate with the best mean validation accuracy serves every finetune.
 (The CNN itself was trained on all 60k, so validation accuracies are optimistic; they only rank rates.)
-Everything is seeded; the trained CNN is cached (benchmarks/.cache, git-ignored).
+The finetune's data order is seeded (seed 2); `--seeds` finetunes every pruned model once per seed and
+the summary shows their mean and standard deviation. Everything is seeded; the trained models are
+cached (benchmarks/.cache, git-ignored).
 """
 
 from __future__ import annotations
@@ -34,8 +39,10 @@ from __future__ import annotations
 import argparse
 import copy
 import itertools
+import statistics
 import time
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -48,8 +55,10 @@ import torch_dag as td
 from torch_dag.pruning import PruneConfig
 
 OUT = RESULTS / "fmnist.csv"
-FIELDS = ["model", "experiment", "method", "target", "flops", "finetuned", "lr", "accuracy", "seconds"]
-KEY = ["model", "experiment", "method", "target", "finetuned", "lr"]
+FIELDS = ["model", "experiment", "method", "target", "flops", "finetuned", "lr", "seed", "accuracy", "seconds"]
+KEY = ["model", "experiment", "method", "target", "finetuned", "lr", "seed"]
+SEED = 2  # the finetuning data order's seed; --seeds adds more for the pruned models
+OLD = {"seed": str(SEED)}  # rows written before the seed column
 VALIDATION = 5000  # the last training images: for choosing the finetuning learning rate
 
 
@@ -144,7 +153,7 @@ def reinitialized(model: nn.Module) -> nn.Module:
 def run(args: argparse.Namespace) -> None:
     _fmnist.require()
     torch.set_num_threads(args.threads)
-    rows = Rows(csv_of(args.model), FIELDS, KEY)
+    rows = Rows(csv_of(args.model), FIELDS, KEY, OLD)
     x, y, x_test, y_test = data()
     x_tune, y_tune, x_val, y_val = x[:-VALIDATION], y[:-VALIDATION], x[-VALIDATION:], y[-VALIDATION:]
     example = x_test[:1]
@@ -178,13 +187,15 @@ def run(args: argparse.Namespace) -> None:
                              attention="head_dim" if tool == "torch-dag-head-dim" else "heads")
         return td.prune(teacher, target, (example,), calibration=calibration, config=config)
 
-    def finetune(student: nn.Module, lr: float):
-        return td.finetune(student, teacher, loader(x_tune, y_tune, 128, seed=2), epochs=1, lr=lr, progress=False)
+    def finetune(student: nn.Module, lr: float, seed: int = SEED):  # seed: the loader's shuffling
+        return td.finetune(student, teacher, loader(x_tune, y_tune, 128, seed=seed), epochs=1, lr=lr,
+                           progress=False)
 
     validation = {}
     for lr in args.lrs:
         for tool in ("torch-dag", "torch-pruning"):
-            key = dict(model=name, experiment="lr", method=f"{tool} l2", target=0.5, finetuned=True, lr=lr)
+            key = dict(model=name, experiment="lr", method=f"{tool} l2", target=0.5, finetuned=True, lr=lr,
+                       seed=SEED)
             if not rows.has(**key):
                 student = pruned_by(tool, "l2", 0.5)
                 report = finetune(student, lr)
@@ -195,31 +206,59 @@ def run(args: argparse.Namespace) -> None:
     print("validation accuracy per finetuning rate: " + ", ".join(
         f"{r:g}: {sum(v) / len(v):.2%}" for r, v in validation.items()) + f"; finetuning at {lr:g}")
 
-    def record(experiment: str, method: str, target: float, student: nn.Module, seconds: float = 0.0) -> None:
+    def record(experiment: str, method: str, target: float, student: nn.Module, seconds: float = 0.0,
+               seeds: Sequence[int] = (SEED,)) -> None:
+        """The compressed model's test accuracy, and after one finetune epoch per data-order seed."""
         ratio = flops(student, example) / base_flops
         row = dict(model=name, experiment=experiment, method=method, target=target, flops=round(ratio, 4),
-                   finetuned=False, lr=lr if experiment != "scratch" else 0,
+                   finetuned=False, lr=lr if experiment != "scratch" else 0, seed=SEED,
                    accuracy=accuracy(student, x_test, y_test), seconds=round(seconds, 2))
         rows.add(row)
         print("  ".join(f"{k}={v}" for k, v in row.items()), flush=True)
-        if experiment != "scratch":
-            report = finetune(student, lr)
-            tuned = accuracy(student, x_test, y_test)
-            rows.add({**row, "finetuned": True, "accuracy": tuned, "seconds": round(report.seconds, 1)})
-            print(f"    after one finetune epoch: {tuned:.4f}", flush=True)
+        if experiment == "scratch":
+            return
+        for seed in seeds:
+            if rows.has(**{**row, "finetuned": True, "seed": seed}):
+                continue
+            tuned_student = copy.deepcopy(student)
+            report = finetune(tuned_student, lr, seed)
+            tuned = accuracy(tuned_student, x_test, y_test)
+            rows.add({**row, "finetuned": True, "seed": seed, "accuracy": tuned, "seconds": round(report.seconds, 1)})
+            print(f"    after one finetune epoch (seed {seed}): {tuned:.4f}", flush=True)
+
+    def flexible_model(config: td.flex.FlexConfig, recalibrate: bool) -> td.flex.FlexDagModule:
+        flexible = td.make_flexible(teacher, example_inputs=(example,), flops_ratios=[0.3, 0.5, 1.0],
+                                    calibration=calibration, config=config)
+        if recalibrate:
+            td.recalibrate_batchnorm(flexible, calibration)
+        return flexible
+
+    def record_levels(flexible: td.flex.FlexDagModule, method: str, finetuned: bool, rate: float,
+                      seconds: float) -> None:
+        for level, target in enumerate((0.3, 0.5, 1.0)):
+            flexible.set_level_use(level)
+            plain = flexible.make_base_copy()
+            row = dict(model=name, experiment="flex", method=method, target=target,
+                       flops=round(flops(plain, example) / base_flops, 4), finetuned=finetuned, lr=rate,
+                       seed=SEED, accuracy=accuracy(plain, x_test, y_test), seconds=round(seconds, 1))
+            if finetuned:
+                rows.add({**row, "experiment": "flex-lr", "accuracy": accuracy(plain, x_val, y_val)})
+            rows.add(row)
+            print("  ".join(f"{k}={v}" for k, v in row.items()), flush=True)
 
     for tool in args.tools:
         for target in (0.5, 0.3):
             for criterion in args.criteria:
                 method = f"{tool} {criterion}"
-                if not rows.has(model=name, experiment="prune", method=method, target=target, finetuned=True, lr=lr):
+                if not all(rows.has(model=name, experiment="prune", method=method, target=target, finetuned=True,
+                                    lr=lr, seed=seed) for seed in args.seeds):
                     student, seconds = timed(pruned_by, tool, criterion, target)
-                    record("prune", method, target, student, seconds)
+                    record("prune", method, target, student, seconds, args.seeds)
         if tool != "torch-dag":
             continue
         for target in (0.5, 0.3):
             if not rows.has(model=name, experiment="scratch", method="torch-dag l2 architecture", target=target,
-                            finetuned=False, lr=0):
+                            finetuned=False, lr=0, seed=SEED):
                 architecture = td.prune(teacher, target, (example,), config=PruneConfig(criterion="l2", round_to=1))
                 start = time.perf_counter()
                 scratch = train(reinitialized(architecture), x, y, epochs, lr=train_lr)
@@ -227,33 +266,25 @@ def run(args: argparse.Namespace) -> None:
 
         for method, options in (("data-aware", dict(calibration=calibration)), ("svd", {}),
                                 ("uniform rank", dict(calibration=calibration, allocation="uniform"))):
-            if not rows.has(model=name, experiment="factorize", method=method, target=0.7, finetuned=True, lr=lr):
+            if not rows.has(model=name, experiment="factorize", method=method, target=0.7, finetuned=True, lr=lr,
+                            seed=SEED):
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     small, seconds = timed(td.factorize, teacher, 0.7, example_inputs=(example,), **options)
                 record("factorize", method, 0.7, small, seconds)
 
-        for criterion, compensate in itertools.product(("l2", "taylor") if name == "cnn" else (), ("none", "lstsq")):
-            method = ("flexible level" + ("" if criterion == "l2" else f" {criterion}")
-                      + (" compensated" if compensate == "lstsq" else ""))
+        variants = (("", "none", False), (" compensated", "lstsq", False), (" compensated recalibrated", "lstsq", True))
+        for criterion, (suffix, compensate, recalibrate) in itertools.product(
+                ("l2", "taylor") if name == "cnn" else (), variants):
+            method = "flexible level" + ("" if criterion == "l2" else f" {criterion}") + suffix
+            config = td.flex.FlexConfig(criterion=criterion, round_to=1, compensate=compensate)
+            if not rows.has(model=name, experiment="flex", method=method, target=0.3, finetuned=False, lr=0):
+                record_levels(flexible_model(config, recalibrate), method, False, 0, 0.0)  # before any training
             for flex_lr in args.lrs:  # the flexible model's own rate, chosen on validation like the others'
-                if rows.has(model=name, experiment="flex", method=method, target=0.3, finetuned=True, lr=flex_lr):
-                    continue
-                flexible = td.make_flexible(teacher, example_inputs=(example,), flops_ratios=[0.3, 0.5, 1.0],
-                                            calibration=calibration,
-                                            config=td.flex.FlexConfig(criterion=criterion, round_to=1,
-                                                                      compensate=compensate))
-                report = finetune(flexible, flex_lr)
-                for level, target in enumerate((0.3, 0.5, 1.0)):
-                    flexible.set_level_use(level)
-                    plain = flexible.make_base_copy()
-                    row = dict(model=name, experiment="flex", method=method, target=target,
-                               flops=round(flops(plain, example) / base_flops, 4), finetuned=True, lr=flex_lr,
-                               accuracy=accuracy(plain, x_test, y_test), seconds=round(report.seconds, 1))
-                    rows.add({**row, "experiment": "flex-lr", "accuracy": accuracy(plain, x_val, y_val)})
-                    rows.add(row)
-                    print("  ".join(f"{k}={v}" for k, v in row.items()), flush=True)
-
+                if not rows.has(model=name, experiment="flex", method=method, target=0.3, finetuned=True,
+                                lr=flex_lr):
+                    flexible = flexible_model(config, recalibrate)
+                    record_levels(flexible, method, True, flex_lr, finetune(flexible, flex_lr).seconds)
 
 def csv_of(name: str) -> Path:
     """Each model's rows in a file of its own (two models can run at once)."""
@@ -265,7 +296,7 @@ def summarize() -> None:
     if not done:
         raise SystemExit(f"no rows in {OUT}")
     for name in done:
-        summarize_model(name, Rows(csv_of(name), FIELDS, KEY).all())
+        summarize_model(name, Rows(csv_of(name), FIELDS, KEY, OLD).all())
 
 
 def summarize_model(name: str, rows: list[dict]) -> None:
@@ -292,21 +323,38 @@ def summarize_model(name: str, rows: list[dict]) -> None:
             print(f"{method}: its rate chosen on validation (mean of its levels): " + ", ".join(
                 f"{float(k):g}: {sum(v) / len(v):.2%}" for (m, k), v in flex_validation.items() if m == method)
                 + f" -> {float(best):g}")
-        rows = [r for r in rows if r["experiment"] not in ("lr", "flex-lr") and (
-            float(r["lr"]) == float(flex_lr[r["method"]]) if r["experiment"] == "flex" and r["method"] in flex_lr
-            else float(r["lr"]) in (0.0, float(lr)))]
-    print(f"{'experiment':10} {'method':34} {'target':>6} {'FLOPs':>6} {'compressed':>10} {'+1 epoch':>8} "
-          f"{'final vs unpruned':>17}   (scratch: trained as long as the original; flex: after its one epoch)")
-    by = {(r["experiment"], r["method"], r["target"], r["finetuned"]): r for r in rows}
-    for (experiment, method, target, finetuned), r in sorted(by.items()):
+
+        def kept(r: dict) -> bool:
+            if r["experiment"] in ("lr", "flex-lr"):
+                return False
+            if r["experiment"] == "flex" and r["finetuned"] == "True" and r["method"] in flex_lr:
+                return float(r["lr"]) == float(flex_lr[r["method"]])
+            return float(r["lr"]) in (0.0, float(lr))
+
+        rows = [r for r in rows if kept(r)]
+    print(f"{'experiment':10} {'method':34} {'target':>6} {'FLOPs':>6} {'compressed':>10} {'+1 epoch':>16} "
+          f"{'final vs unpruned':>17}   (scratch: trained as long as the original; flex: after its one epoch; "
+          f"+1 epoch over several seeds: mean +-std (seeds))")
+    by: dict[tuple, list[dict]] = {}
+    for r in rows:
+        by.setdefault((r["experiment"], r["method"], r["target"], r["finetuned"]), []).append(r)
+
+    def cell(group: list[dict] | None) -> str:
+        if not group:
+            return "-"
+        values = [float(r["accuracy"]) for r in group]
+        if len(values) == 1:
+            return f"{values[0]:.2%}"
+        return f"{statistics.mean(values):.2%} +-{100 * statistics.stdev(values):.2f} ({len(values)})"
+
+    for (experiment, method, target, finetuned), group in sorted(by.items()):
         if experiment == "base" or (finetuned == "True" and (experiment, method, target, "False") in by):
             continue
         tuned = by.get((experiment, method, target, "True"))
         plain = by.get((experiment, method, target, "False"))
-        final = float((tuned or plain)["accuracy"])
-        cells = [f"{float(row['accuracy']):.2%}" if row else "-" for row in (plain, tuned)]
-        print(f"{experiment:10} {method:34} {target:>6} {float(r['flops']):6.3f} {cells[0]:>10} {cells[1]:>8} "
-              f"{100 * (final - base):+16.2f}p")
+        final = statistics.mean(float(r["accuracy"]) for r in tuned or plain)
+        print(f"{experiment:10} {method:34} {target:>6} {float(group[0]['flops']):6.3f} {cell(plain):>10} "
+              f"{cell(tuned):>16} {100 * (final - base):+16.2f}p")
     final_rows = [r for r in rows if r["experiment"] in ("prune", "scratch", "flex")
                   and (r["finetuned"] == "True" or r["experiment"] == "scratch")]
     plot(final_rows, "flops", "accuracy", lambda r: f"{r['experiment']}: {r['method']}",
@@ -324,6 +372,9 @@ def main() -> None:
                         help="finetuning learning rates to choose from on the validation split")
     parser.add_argument("--tools", nargs="+", default=["torch-dag", "torch-pruning", "torch-dag-plain"],
                         choices=["torch-dag", "torch-pruning", "torch-dag-plain", "torch-dag-head-dim"])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[SEED],
+                        help="finetuning data-order seeds of the pruned models (one row each; the summary shows "
+                        "their mean and spread)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--summary", action="store_true")
     args = parser.parse_args()
