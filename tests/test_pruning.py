@@ -222,6 +222,29 @@ def test_taylor_scores_are_zero_exactly_for_dead_channels():
         prune(dag, 0.5, inputs, config=PruneConfig(criterion="taylor"))
 
 
+@pytest.mark.parametrize("criterion", ["l1", "l2"])
+def test_magnitude_scores_sum_over_every_member_of_a_channel(criterion):
+    """A channel's magnitude is that of its producer's row and bias, its norm's affine entries and its
+    consumer's input column together: the whole group's view of it."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(), nn.Conv2d(6, 4, 1))
+    x = torch.randn(1, 3, 8, 8)
+    dag = td.build_from_unstructured_module(model.eval(), (x,))
+    groups = channel_groups(dag, (x,))
+    group = next(g for g in groups.groups() if g.prunable)
+    norm = (lambda t: t.abs().sum(-1)) if criterion == "l1" else (lambda t: t.square().sum(-1))
+    conv, bn, reader = model[0], model[1], model[3]
+    expected = (norm(conv.weight.reshape(6, -1)) + norm(conv.bias[:, None]) + norm(bn.weight[:, None])
+                + norm(bn.bias[:, None]) + norm(reader.weight.transpose(0, 1).reshape(6, -1))).double()
+    scores = channel_scores(dag, groups, criterion)
+    got = torch.tensor([scores[r] for r in group.channels], dtype=torch.float64)
+    torch.testing.assert_close(got, expected.detach())
+    with torch.no_grad():  # a channel its reader ignores still counts by its producer's weights, and less
+        reader.weight[:, 2] = 0
+    again = channel_scores(td.build_from_unstructured_module(model.eval(), (x,)), groups, criterion)
+    assert 0 < again[group.channels[2]] < scores[group.channels[2]]
+
+
 @pytest.mark.parametrize(("name", "size"), [("resnet18", 64), ("mobilenetv3_small_100", 96), ("regnety_002", 96)])
 @pytest.mark.parametrize("criterion", ["l1", "l2", "bn_scale", "random"])
 def test_prune_reaches_the_flops_target(name, size, criterion, tmp_path):

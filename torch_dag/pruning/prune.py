@@ -69,7 +69,10 @@ class PruneReport:
 def channel_scores(dag: DagModule, groups: ChannelGroups, criterion: str, seed: int = 0,
                    calibration: Iterable | None = None, loss: Callable[[Any], torch.Tensor] | None = None
                    ) -> dict[int, float]:
-    """Importance of each channel class, summed over every member that holds weights for it.
+    """Importance of each channel class, summed over every member that holds weights for it: for `l1`
+    and `l2`, the magnitude of everything that goes with the channel (its producers' output rows and
+    biases, its norms' affine entries, its consumers' input columns, tied parameters such as a class
+    token), the whole group's view of it, as in Molchanov et al. (2019) and Fang et al. (2023).
     `taylor` needs `calibration` (an iterable of input tuples or tensors), see `taylor_scores`."""
     if criterion == "taylor":
         if calibration is None:
@@ -79,23 +82,41 @@ def channel_scores(dag: DagModule, groups: ChannelGroups, criterion: str, seed: 
         rng = np.random.default_rng(seed)
         return {root: float(rng.random()) for g in groups.groups() for root in g.channels}
     scores: dict[int, float] = defaultdict(float)
+    if criterion == "bn_scale":
+        for name, role in groups.roles.items():
+            module = dag[name].module
+            if role.axis is None and isinstance(module, nn.modules.batchnorm._BatchNorm) and module.affine:
+                _accumulate(scores, groups, role.in_ids, module.weight.detach().abs())
+        return dict(scores)
+    if criterion not in ("l1", "l2"):
+        raise DagError(f"unknown importance criterion {criterion!r}: use l1, l2, bn_scale, taylor or random")
+    for tensor, axis, roots in weight_members(dag, groups):
+        flat = tensor.detach().movedim(axis, 0).reshape(tensor.shape[axis], -1)
+        per_channel = flat.abs().sum(1) if criterion == "l1" else flat.square().sum(1)
+        for root, value in zip(roots.tolist(), per_channel.double().tolist()):
+            scores[root] += value
+    return dict(scores)
+
+
+def weight_members(dag: DagModule, groups: ChannelGroups) -> list[tuple[torch.Tensor, int, np.ndarray]]:
+    """Every parameter that holds weights for channels, as (parameter, axis, class root of each position
+    along that axis): the tensors surgery slices (a grouped conv's input axis: one group's positions)
+    and the parameters tied to a group (`Parameter` vertices)."""
+    members = []
     for name, role in groups.roles.items():
         module = dag[name].module
-        weight = getattr(module, "weight", None)
-        if weight is None or role.axis is not None:
+        if role.axis is not None:
+            if isinstance(module, Parameter):
+                members.append((module.weight, role.axis, groups.root(role.in_ids)))
             continue
-        if criterion == "bn_scale":
-            if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.affine:
-                _accumulate(scores, groups, role.in_ids, weight.detach().abs())
-            continue
-        if role.out_ids is None or isinstance(module, nn.modules.batchnorm._BatchNorm):
-            continue
-        flat = weight.detach().reshape(weight.shape[0], -1)
-        per_channel = flat.abs().sum(1) if criterion == "l1" else flat.square().sum(1)
-        if criterion not in ("l1", "l2"):
-            raise DagError(f"unknown importance criterion {criterion!r}: use l1, l2, bn_scale, taylor or random")
-        _accumulate(scores, groups, role.out_ids, per_channel)
-    return dict(scores)
+        ids = {"in": role.in_ids, "out": role.out_ids}
+        if role.in_ids is not None and surgery.kind(module) == "Grouped":
+            ids["in_group"] = role.in_ids.reshape(module.groups, -1)[0]
+        for attr, axis, side in surgery.SLICES.get(surgery.kind(module) or "", []):
+            tensor = module._parameters.get(attr)
+            if tensor is not None and ids.get(side) is not None and tensor.dim() > axis:
+                members.append((tensor, axis, groups.root(ids[side])))
+    return members
 
 
 def taylor_scores(dag: DagModule, groups: ChannelGroups, calibration: Iterable,
@@ -107,20 +128,7 @@ def taylor_scores(dag: DagModule, groups: ChannelGroups, calibration: Iterable,
     `loss(outputs)` defaults to the cross-entropy against the model's own top-1 for logits (N x C), else
     half the mean square of the outputs. Runs in eval mode; the DAG's `.grad`s are left untouched."""
     loss = loss or _self_supervised_loss
-    members = []  # (parameter, axis, class roots along that axis)
-    for name, role in groups.roles.items():
-        module = dag[name].module
-        if role.axis is not None:
-            if isinstance(module, Parameter):
-                members.append((module.weight, role.axis, groups.root(role.in_ids)))
-            continue
-        ids = {"in": role.in_ids, "out": role.out_ids}
-        if role.in_ids is not None and surgery.kind(module) == "Grouped":  # axis 1: one group's positions
-            ids["in_group"] = role.in_ids.reshape(module.groups, -1)[0]
-        for attr, axis, side in surgery.SLICES.get(surgery.kind(module) or "", []):
-            tensor = module._parameters.get(attr)
-            if tensor is not None and ids.get(side) is not None and tensor.dim() > axis:
-                members.append((tensor, axis, groups.root(ids[side])))
+    members = weight_members(dag, groups)
     params = list({id(p): p for p, _, _ in members}.values())
     frozen = [p for p in params if not p.requires_grad]
     scores: dict[int, float] = defaultdict(float)
