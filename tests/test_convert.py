@@ -144,6 +144,23 @@ def test_failed_vertex_is_named():
     assert any("vertex" in note and "Linear" in note for note in getattr(info.value, "__notes__", []))
 
 
+def test_dags_of_one_structure_share_their_forward_and_keep_their_own_weights():
+    x = torch.randn(2, 4)
+    dags = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        model = nn.Sequential(nn.Linear(4, 3), nn.ReLU())
+        dags.append((model, td.build_from_unstructured_module(model, (x,))))
+    (first_model, first), (second_model, second) = dags
+    assert first.code == second.code and first._fn is second._fn  # compiled once
+    with torch.no_grad():
+        assert torch.equal(first(x), first_model(x)) and torch.equal(second(x), second_model(x))
+        assert not torch.equal(first(x), second(x))
+    with pytest.raises(RuntimeError) as info:  # errors still name the vertex of the DAG that raised
+        second(torch.randn(2, 5))
+    assert any("vertex" in note and "Linear" in note for note in getattr(info.value, "__notes__", []))
+
+
 class _Untraceable(nn.Module):
     def forward(self, x):
         return x.numpy_not_a_method()

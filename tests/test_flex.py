@@ -387,6 +387,26 @@ def test_delta_file_checks_every_chunk_of_a_segment(tmp_path, resnet, monkeypatc
         with pytest.raises(td.LoadError, match="'up/2' is corrupted"):
             manager.move_to(2)
         assert manager.level == 1 and same_state(manager.move_to(1), plains[1])
+    with tf.file_delta_manager(tmp_path / "bad.delta") as manager:  # a path of two segments, the second bad
+        model = manager.move_to(0)
+        with pytest.raises(td.LoadError, match="'up/2' is corrupted"):
+            manager.move_to(2)
+        assert manager.level == 0 and same_state(model, plains[0])  # not left halfway, at level 1
+
+
+def test_a_move_across_levels_rebuilds_the_model_once(tmp_path, resnet, monkeypatch):
+    _, x, flex = resnet
+    path = tf.FileDeltaManager.make_delta_file(tmp_path / "r.delta", flex)
+    rebuilds = []
+    update = delta_module.update_in_place
+    monkeypatch.setattr(delta_module, "update_in_place", lambda *a: rebuilds.append(a[-1]) or update(*a))
+    plain = plain_at(flex, 2)
+    with tf.file_delta_manager(path) as manager:
+        model = manager.move_to(0)
+        assert manager.move_to(2) is model and same_state(model, plain)
+        assert bitwise_equal(run(model, x), run(plain, x))
+        assert manager.move_to(0) is model and same_state(model, plain_at(flex, 0))
+    assert rebuilds == ["level deltas 0 -> 1 -> 2", "level deltas 2 -> 1 -> 0"]
 
 
 def test_delta_file_of_another_version_is_refused(tmp_path, resnet):

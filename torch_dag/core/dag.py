@@ -128,10 +128,11 @@ class DagModule(nn.Module):
 
     def recompile(self) -> None:
         """Regenerate `forward` after the vertex list changed (passes build new DAGs instead)."""
-        self._code, self._line_to_vertex = _generate(self)
+        predecessors = [v.predecessors for v in self]  # read once, for the code and the in-place analysis
+        self._code, self._line_to_vertex = _generate(self, predecessors)
         self._fn = _compile_source(self._code)
         self._calls = tuple(callable_of(v.module) for v in self)
-        self._inference_calls = in_place_calls(self)
+        self._inference_calls = in_place_calls(self, predecessors)
         self._constants = tuple(_collect_constants(self))
 
     def replace_vertices(self, vertices: Sequence[Vertex]) -> None:
@@ -263,7 +264,7 @@ def _walk_constants(dag: DagModule, emit) -> None:
     visit(dag.output)
 
 
-def _generate(dag: DagModule) -> tuple[str, dict[int, str]]:
+def _generate(dag: DagModule, predecessors: list[list[str]]) -> tuple[str, dict[int, str]]:
     names = {name: f"__v{i}" for i, name in enumerate(dag._vertices)}
     for name in dag.input_names:
         if not is_valid_vertex_name(name):
@@ -297,8 +298,8 @@ def _generate(dag: DagModule) -> tuple[str, dict[int, str]]:
         lines.append(f"    {', '.join(calls)}, = __C")
     line_to_vertex = {}
     last_use: dict[str, int] = {}
-    for i, vertex in enumerate(dag):
-        for name in vertex.predecessors:
+    for i, names_read in enumerate(predecessors):
+        for name in names_read:
             last_use[name] = i
     returned = set(unique_refs(dag.output))
     dead_after: dict[int, list[str]] = {}
@@ -327,11 +328,24 @@ def _generate(dag: DagModule) -> tuple[str, dict[int, str]]:
 
 
 def _compile_source(source: str):
-    filename = f"<torch_dag forward {next(_fresh_ids)}>"
-    linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
-    namespace: dict[str, Any] = {}
-    exec(compile(source, filename, "exec"), {"__builtins__": {"slice": slice}}, namespace)  # our own generated code
-    return namespace["forward"]
+    """The forward function of generated `source`. The code is stateless (it reads the calls and
+    constants passed in), so DAGs of the same source share one function: a level move back to a
+    width seen before, or a load of a model built before, compiles nothing."""
+    forward = _COMPILED.pop(source, None)
+    if forward is None:
+        filename = f"<torch_dag forward {next(_fresh_ids)}>"
+        linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
+        namespace: dict[str, Any] = {}
+        exec(compile(source, filename, "exec"), {"__builtins__": {"slice": slice}}, namespace)  # our own code
+        forward = namespace["forward"]
+    _COMPILED[source] = forward  # the most recently used last
+    while len(_COMPILED) > _MAX_COMPILED:
+        _COMPILED.pop(next(iter(_COMPILED)))
+    return forward
+
+
+_COMPILED: dict[str, Any] = {}  # generated source -> its forward
+_MAX_COMPILED = 256
 
 
 @contextlib.contextmanager

@@ -54,12 +54,15 @@ def _fresh(module: nn.Module) -> bool:
     return op_name(module) not in _ALIASING_MODULES
 
 
-def in_place_calls(dag: Any) -> tuple[Callable[..., Any], ...]:
-    """The call table for inference: like `callable_of` per vertex, with safe activations in place."""
+def in_place_calls(dag: Any, predecessors: list[list[str]] | None = None) -> tuple[Callable[..., Any], ...]:
+    """The call table for inference: like `callable_of` per vertex, with safe activations in place
+    (`predecessors`: each vertex's, when the caller has them)."""
     vertices = list(dag)
+    if predecessors is None:
+        predecessors = [v.predecessors for v in vertices]
     last_use: dict[str, float] = {}
-    for i, vertex in enumerate(vertices):
-        for name in vertex.predecessors:
+    for i, names_read in enumerate(predecessors):
+        for name in names_read:
             last_use[name] = i
     for name in unique_refs(dag.output):
         last_use[name] = float("inf")
@@ -73,7 +76,7 @@ def in_place_calls(dag: Any) -> tuple[Callable[..., Any], ...]:
         if isinstance(vertex.module, (Parameter, Constant)):
             protected.add(vertex.name)
         make = IN_PLACE.get(op_name(vertex.module)) if not is_dag_module(vertex.module) else None
-        if (make is not None and first is not None and len(vertex.predecessors) == 1 and not vertex.kwargs
+        if (make is not None and first is not None and len(predecessors[i]) == 1 and not vertex.kwargs
                 and root[first] not in protected and class_end[root[first]] <= i):
             call = make(vertex.module)
         if (_fresh(vertex.module) and call is callable_of(vertex.module)) or first is None:

@@ -10,7 +10,7 @@ Two kinds of op share one registry, keyed by op name:
 
 from __future__ import annotations
 
-import copy
+import functools
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -107,6 +107,10 @@ class ModuleOpSpec:
     cls: type[nn.Module]
     params: tuple[inspect.Parameter, ...]
 
+    @functools.cached_property
+    def param_names(self) -> frozenset[str]:
+        return frozenset(p.name for p in self.params)
+
     def config(self, module: nn.Module) -> dict[str, Any]:
         config = {}
         derived = _DERIVED_CONFIG.get(self.cls, {})
@@ -162,10 +166,9 @@ def _frozen(value: Any) -> Any:
 def _clone(module: nn.Module) -> nn.Module:
     """A copy of `module` sharing its tensors but not its containers (parameters, buffers, hooks and
     any other dict, list or set attribute), children cloned likewise."""
-    clone = copy.copy(module)
-    for key, value in module.__dict__.items():
-        if isinstance(value, (dict, list, set)):
-            clone.__dict__[key] = copy.copy(value)
+    clone = object.__new__(type(module))  # what copy.copy does, without its generic (slow) protocol
+    clone.__dict__.update({key: value.copy() if isinstance(value, (dict, list, set)) else value
+                           for key, value in module.__dict__.items()})
     clone._modules = {k: None if m is None else _clone(m) for k, m in module._modules.items()}
     return clone
 

@@ -58,7 +58,7 @@ def arity_problem(vertex) -> str | None:
     if isinstance(vertex.module, FunctionOp):
         signature = vertex.module.spec.signature
     else:
-        signature = inspect.signature(vertex.module.forward)
+        signature = _forward_signature(vertex.module)
     if signature is None:
         return None
     try:
@@ -66,3 +66,17 @@ def arity_problem(vertex) -> str | None:
     except TypeError as e:
         return f"arguments do not fit the op: {e}"
     return None
+
+
+_SIGNATURES: dict[type, inspect.Signature] = {}  # module class -> its forward's signature, without self
+
+
+def _forward_signature(module) -> inspect.Signature:
+    """The signature of `module.forward` (cached per class: reading one costs ~0.1 ms)."""
+    if "forward" in module.__dict__:  # a forward set on the instance
+        return inspect.signature(module.forward)
+    cls = type(module)
+    signature = _SIGNATURES.get(cls)
+    if signature is None:
+        signature = _SIGNATURES[cls] = inspect.signature(module.forward)
+    return signature

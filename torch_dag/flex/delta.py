@@ -75,6 +75,7 @@ class LevelDelta:
     runs: list[list[list[int]]]
     values: dict[str, torch.Tensor]
     _where: dict[int, Where] = field(default_factory=dict, init=False, repr=False, compare=False)
+    _off: dict[tuple[int, int], Where] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @classmethod
     def between(cls, flex: FlexDagModule, source: int, target: int) -> LevelDelta:
@@ -120,33 +121,23 @@ class LevelDelta:
 
     def apply(self, plain: DagModule) -> None:
         """Turn `plain` (a plain model of level `source`) into the plain model of level `target`, in place."""
-        self._commit(plain, self._prepare(plain), graph_and_tensors(plain)[0])
+        apply_deltas(plain, [self], graph_and_tensors(plain)[0])
 
-    def _prepare(self, plain: DagModule) -> dict[str, torch.Tensor]:
-        """The target's tensors, made from `plain`'s (checked to be the source level's); `plain` is untouched."""
-        if type(plain) is not DagModule:
-            raise DagError(f"a level delta applies to a plain DagModule (make_base_copy()), not {type(plain).__name__}")
-        state = plain.state_dict(keep_vars=True)
-        shapes = {k: list(state[k].shape) for k in self.source_shapes if k in state}
+    def _target_tensors(self, source: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The target's tensors, made from the source level's (checked to be that level's by their shapes)."""
+        shapes = {k: list(source[k].shape) for k in self.source_shapes if k in source}
         if shapes != self.source_shapes:
             wrong = next((k for k in self.source_shapes if shapes.get(k) != self.source_shapes[k]), None)
             raise DagError(f"this delta moves level {self.source} -> {self.target}, but the model is not at level "
                            f"{self.source}: {wrong} has shape {shapes.get(wrong)}, expected {self.source_shapes[wrong]}")
         with torch.no_grad():
-            return {key: self._make(key, state[key].detach()) for key in self.source_shapes}
+            return {key: self._make(key, source[key]) for key in self.source_shapes}
 
-    def _commit(self, plain: DagModule, tensors: dict[str, torch.Tensor], graph: dict[str, Any]) -> dict[str, Any]:
-        """Move `plain` in place to the target: its graph JSON (`graph`, as `graph_and_tensors` gives it)
-        with the delta's vertex entries, and the target's `tensors`; returns the target's graph JSON. Only
-        the vertices the delta changes get new modules."""
+    def _target_graph(self, graph: dict[str, Any]) -> dict[str, Any]:
+        """The target's graph JSON, from the source's (as `graph_and_tensors` gives it)."""
         changed = self.graph["vertices"]
-        graph = {**graph, **{k: v for k, v in self.graph.items() if k != "vertices"},
-                 "vertices": [changed.get(entry["name"], entry) for entry in graph["vertices"]]}
-        training = plain.training
-        update_in_place(plain, graph, set(changed), tensors, f"level delta {self.source} -> {self.target}")
-        if plain.training != training:
-            plain.train(training)
-        return graph
+        return {**graph, **{k: v for k, v in self.graph.items() if k != "vertices"},
+                "vertices": [changed.get(entry["name"], entry) for entry in graph["vertices"]]}
 
     def _make(self, key: str, old: torch.Tensor) -> torch.Tensor:
         step = self.steps.get(key)
@@ -156,9 +147,10 @@ class LevelDelta:
             for axis, runs in step["shrink"]:
                 old = _take(old, axis, self._index(runs))
             return old
-        shape, axes = list(step["shape"]), [(axis, self._index(runs)) for axis, runs in step["expand"]]
+        shape = list(step["shape"])
+        axes = [(axis, self._index(runs), self._outside_of(runs, shape[axis])) for axis, runs in step["expand"]]
         pieces, region = [], list(shape)  # the pieces' shapes (see `_outside`), outermost first
-        for axis, on in axes:
+        for axis, on, _ in axes:
             pieces.append([*region[:axis], shape[axis] - _count(on), *region[axis + 1:]])
             region[axis] = _count(on)
         sizes = [math.prod(p) for p in pieces]
@@ -166,7 +158,6 @@ class LevelDelta:
         if value.numel() != sum(sizes) or list(old.shape) != region:
             raise DagError(f"{key}: the delta's values do not fit a {shape} tensor around a {list(old.shape)} one")
         parts = [part.reshape(piece) for part, piece in zip(value.split(sizes), pieces)]
-        axes = [(axis, on, _complement(on, shape[axis])) for axis, on in axes]
         if all(isinstance(on, list) for _, on, _ in axes):  # few runs: copy everything once, into place
             new = torch.empty(shape, dtype=old.dtype)
             _fill(new, axes, old, parts)
@@ -185,6 +176,12 @@ class LevelDelta:
         if runs not in self._where:
             self._where[runs] = _where(_indices(self.runs[runs]))
         return self._where[runs]
+
+    def _outside_of(self, runs: int, size: int) -> Where:
+        """The positions of range(size) not in run list `runs` (cached)."""
+        if (runs, size) not in self._off:
+            self._off[runs, size] = _complement(self._index(runs), size)
+        return self._off[runs, size]
 
     # --- bytes --------------------------------------------------------------------------------------
 
@@ -208,6 +205,27 @@ class LevelDelta:
         _check_meta(meta, values, where)
         return cls(meta["source"], meta["target"], meta["graph"], meta["source_shapes"], meta["steps"], meta["runs"],
                    values)
+
+
+def apply_deltas(plain: DagModule, deltas: list[LevelDelta], graph: dict[str, Any]) -> dict[str, Any]:
+    """Move `plain` in place through `deltas` (each from the level the previous one reached), given its
+    graph JSON (`graph_and_tensors`); returns the graph JSON of the level reached. The tensors go level
+    by level, the model is rebuilt once: only the vertices some delta changes get new modules. Everything
+    is made and checked first: on an error `plain` stays as it was."""
+    if type(plain) is not DagModule:
+        raise DagError(f"a level delta applies to a plain DagModule (make_base_copy()), not {type(plain).__name__}")
+    tensors = {k: t.detach() for k, t in plain.state_dict(keep_vars=True).items()}
+    changed: set[str] = set()
+    for delta in deltas:
+        tensors = delta._target_tensors(tensors)
+        graph = delta._target_graph(graph)
+        changed.update(delta.graph["vertices"])
+    training = plain.training
+    path = " -> ".join(str(level) for level in [deltas[0].source, *(d.target for d in deltas)])
+    update_in_place(plain, graph, changed, tensors, f"level deltas {path}")
+    if plain.training != training:
+        plain.train(training)
+    return graph
 
 
 def _check_meta(meta: Any, values: dict[str, torch.Tensor], where: str) -> None:
@@ -405,8 +423,9 @@ class InMemoryDeltaManager:
 
     def move_to(self, level: int) -> DagModule:
         _check_level(level, self.max_level)
-        for step in _path(self.level, level):
-            self.deltas[step].apply(self._model)
+        if level != self.level:
+            apply_deltas(self._model, [self.deltas[step] for step in _path(self.level, level)],
+                         graph_and_tensors(self._model)[0])
         self.level = level
         return self._model
 
@@ -486,18 +505,18 @@ class FileDeltaManager:
             self._model = loads(data, where=f"{self.path} base")
             self._graph = graph_and_tensors(self._model)[0]
             self.level = int(self.index["starting_level"])
-        for source, target in _path(self.level, level):
-            name = f"{'up' if target > source else 'down'}/{target}"
-            data = self._segment(name)
-            delta = LevelDelta.from_bytes(data, f"{self.path} {name}")
-            try:  # the model stays as it was if the delta cannot be applied
-                self._graph = delta._commit(self._model, delta._prepare(self._model), self._graph)
-            except LoadError:
-                raise
-            except Exception as e:  # the file's delta does not fit the file's own models
-                raise LoadError(f"{self.path}: segment {name!r} does not apply ({type(e).__name__}: "
-                                f"{str(e)[:200]})") from None
-            self.level = target
+        names = [f"{'up' if target > source else 'down'}/{target}" for source, target in _path(self.level, level)]
+        if not names:
+            return self._model
+        deltas = [LevelDelta.from_bytes(self._segment(name), f"{self.path} {name}") for name in names]
+        try:  # the model stays as it was if the deltas cannot be applied
+            self._graph = apply_deltas(self._model, deltas, self._graph)
+        except LoadError:
+            raise
+        except Exception as e:  # the file's deltas do not fit the file's own models
+            raise LoadError(f"{self.path}: segments {', '.join(map(repr, names))} do not apply ({type(e).__name__}: "
+                            f"{str(e)[:200]})") from None
+        self.level = level
         return self._model
 
     def _segment(self, name: str) -> memoryview:

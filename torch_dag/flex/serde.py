@@ -89,7 +89,7 @@ def _plain_copy(skeleton: nn.Module, params: dict[str, Any]) -> nn.Module:
 
 def _build(spec, config: Any, where: str) -> nn.Module:
     _expect(isinstance(config, dict), f"{where}: config must be an object")
-    allowed = {p.name for p in spec.params}
+    allowed = spec.param_names
     unknown = sorted(set(config) - allowed)
     _expect(not unknown, f"{where}: unknown config keys {unknown}")
     try:

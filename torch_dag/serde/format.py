@@ -464,6 +464,8 @@ def _build_vertex(entry: Any, index: int, by_name: dict[str, Vertex], depth: int
 
 def _set_dtypes(module: nn.Module, dtypes: Any, where: str) -> None:
     _expect(isinstance(dtypes, dict), f"{where}: dtypes must be an object")
+    if not dtypes:
+        return
     state = module.state_dict(keep_vars=True)
     for key, name in dtypes.items():
         _expect(key in state, f"{where}: dtypes names {key!r}, which the module does not have")
@@ -491,7 +493,7 @@ def _build_module(op: str, config: Any, where: str, depth: int) -> nn.Module:
     except UnknownOpError as e:
         raise LoadError(f"{where}: {e}") from None
     _expect(isinstance(config, dict), f"{where}: config must be an object")
-    allowed = {p.name for p in spec.params}
+    allowed = spec.param_names
     unknown = sorted(set(config) - allowed)
     _expect(not unknown, f"{where}: unknown config keys {unknown}; {op} takes {sorted(allowed)}")
     values = {k: from_json(v) for k, v in config.items()}
