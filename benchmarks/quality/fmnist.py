@@ -247,7 +247,7 @@ def run(args: argparse.Namespace) -> None:
             print("  ".join(f"{k}={v}" for k, v in row.items()), flush=True)
 
     for tool in args.tools:
-        for target in (0.5, 0.3):
+        for target in args.targets:
             for criterion in args.criteria:
                 method = f"{tool} {criterion}"
                 if not all(rows.has(model=name, experiment="prune", method=method, target=target, finetuned=True,
@@ -256,7 +256,7 @@ def run(args: argparse.Namespace) -> None:
                     record("prune", method, target, student, seconds, args.seeds)
         if tool != "torch-dag":
             continue
-        for target in (0.5, 0.3):
+        for target in args.targets if args.scratch else ():
             if not rows.has(model=name, experiment="scratch", method="torch-dag l2 architecture", target=target,
                             finetuned=False, lr=0, seed=SEED):
                 architecture = td.prune(teacher, target, (example,), config=PruneConfig(criterion="l2", round_to=1))
@@ -375,6 +375,9 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[SEED],
                         help="finetuning data-order seeds of the pruned models (one row each; the summary shows "
                         "their mean and spread)")
+    parser.add_argument("--targets", type=float, nargs="+", default=[0.5, 0.3], help="FLOPs ratios to prune to")
+    parser.add_argument("--no-scratch", dest="scratch", action="store_false",
+                        help="skip training the pruned architectures from scratch (the longest runs)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--summary", action="store_true")
     args = parser.parse_args()
