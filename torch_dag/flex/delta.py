@@ -144,9 +144,7 @@ class LevelDelta:
         if step is None:
             return self.values[key].clone() if key in self.values else old
         if "shrink" in step:
-            for axis, runs in step["shrink"]:
-                old = _take(old, axis, self._index(runs))
-            return old
+            return _shrink(old, [(axis, self._index(runs)) for axis, runs in step["shrink"]])
         shape = list(step["shape"])
         axes = [(axis, self._index(runs), self._outside_of(runs, shape[axis])) for axis, runs in step["expand"]]
         pieces, region = [], list(shape)  # the pieces' shapes (see `_outside`), outermost first
@@ -372,6 +370,19 @@ def _take(tensor: torch.Tensor, axis: int, where: Where) -> torch.Tensor:
         return tensor.narrow(axis, *where[0]).contiguous()
     return torch.cat([tensor.narrow(axis, start, length) for start, length in where] or [tensor.narrow(axis, 0, 0)],
                      axis)
+
+
+def _shrink(tensor: torch.Tensor, cuts: list[tuple[int, Where]]) -> torch.Tensor:
+    """`tensor` at the given positions along each axis, in memory of its own (a view would keep the
+    larger level's whole tensor alive), copied once where it can be: the axes cut to one run are
+    narrowed first (views), then the others gathered."""
+    single = [(axis, where[0]) for axis, where in cuts if isinstance(where, list) and len(where) == 1]
+    several = [(axis, where) for axis, where in cuts if not (isinstance(where, list) and len(where) == 1)]
+    for axis, (start, length) in single:
+        tensor = tensor.narrow(axis, start, length)
+    for axis, where in several:  # each gather makes a new tensor
+        tensor = _take(tensor, axis, where)
+    return tensor if several else tensor.clone(memory_format=torch.contiguous_format)
 
 
 def _put(tensor: torch.Tensor, axis: int, where: Where, value: torch.Tensor) -> None:
