@@ -86,15 +86,13 @@ def channel_scores(dag: DagModule, groups: ChannelGroups, criterion: str, seed: 
         for name, role in groups.roles.items():
             module = dag[name].module
             if role.axis is None and isinstance(module, nn.modules.batchnorm._BatchNorm) and module.affine:
-                _accumulate(scores, groups, role.in_ids, module.weight.detach().abs())
+                _accumulate(scores, groups.root(role.in_ids), module.weight.detach().abs())
         return dict(scores)
     if criterion not in ("l1", "l2"):
         raise DagError(f"unknown importance criterion {criterion!r}: use l1, l2, bn_scale, taylor or random")
     for tensor, axis, roots in weight_members(dag, groups):
         flat = tensor.detach().movedim(axis, 0).reshape(tensor.shape[axis], -1)
-        per_channel = flat.abs().sum(1) if criterion == "l1" else flat.square().sum(1)
-        for root, value in zip(roots.tolist(), per_channel.double().tolist()):
-            scores[root] += value
+        _accumulate(scores, roots, flat.abs().sum(1) if criterion == "l1" else flat.square().sum(1))
     return dict(scores)
 
 
@@ -169,8 +167,9 @@ def _self_supervised_loss(outputs: Any) -> torch.Tensor:
     return sum(0.5 * t.square().mean() for t in leaves)
 
 
-def _accumulate(scores: dict[int, float], groups: ChannelGroups, ids: np.ndarray, values: torch.Tensor) -> None:
-    for root, value in zip(groups.root(ids).tolist(), values.double().tolist()):
+def _accumulate(scores: dict[int, float], roots: np.ndarray, values: torch.Tensor) -> None:
+    """Add each value to the score of its channel class (`roots`: the class root of each position)."""
+    for root, value in zip(roots.tolist(), values.double().tolist()):
         scores[root] += value
 
 
