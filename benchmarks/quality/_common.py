@@ -38,11 +38,11 @@ def self_supervised_loss(logits: torch.Tensor) -> torch.Tensor:
 
 def tp_prune(model: torch.nn.Module, x: torch.Tensor, target: float, criterion: str,
              calibration: Iterable[torch.Tensor], ignored: list[torch.nn.Module], round_to: int | None = None,
-             steps: int = 8, options: Callable[[torch.nn.Module], dict] | None = None,
+             steps: int = 8, options: Callable[[torch.nn.Module, float], dict] | None = None,
              after: Callable[[torch.nn.Module, object], None] | None = None) -> tuple[torch.nn.Module, float]:
     """Torch-Pruning's MetaPruner (global ranking) with the matching importance, its pruning ratio
     bisected until the FLOPs ratio is closest to `target`; (pruned copy, FLOPs ratio reached).
-    `options(copy)` gives more MetaPruner arguments (e.g. attention heads), `after(copy, pruner)` fixes
+    `options(copy, ratio)` gives more MetaPruner arguments (e.g. attention heads), `after(copy, pruner)` fixes
     the copy's attributes after the pruning step, as Torch-Pruning's examples do for timm ViTs."""
     import torch_pruning as tp
 
@@ -65,7 +65,7 @@ def tp_prune(model: torch.nn.Module, x: torch.Tensor, target: float, criterion: 
         torch.manual_seed(0)
         pruner = tp.pruner.MetaPruner(candidate, x, importance=importance(), global_pruning=True,
                                       pruning_ratio=ratio, ignored_layers=skip, round_to=round_to,
-                                      **(options(candidate) if options else {}))
+                                      **(options(candidate, ratio) if options else {}))
         pruner.step()
         if after is not None:
             after(candidate, pruner)
@@ -80,10 +80,16 @@ def tp_prune(model: torch.nn.Module, x: torch.Tensor, target: float, criterion: 
     low, high, best = 0.0, 0.95, None
     for _ in range(steps):
         ratio = (low + high) / 2
-        kept = flops(attempt(ratio), x) / base
+        try:
+            kept = flops(attempt(ratio), x) / base
+        except RuntimeError:  # pruned too far to run (e.g. every head of a block): prune less
+            high = ratio
+            continue
         if best is None or abs(kept - target) < abs(best[1] - target):
             best = (ratio, kept)
         low, high = (ratio, high) if kept > target else (low, ratio)
+    if best is None:
+        raise RuntimeError(f"Torch-Pruning gave no model that runs at any ratio tried (below {high:.3f})")
     return attempt(best[0]), best[1]
 
 

@@ -15,9 +15,12 @@
   "recalibrated": then each level's batchnorm statistics re-estimated on the same batches
   (`td.recalibrate_batchnorm`); each level's accuracy is also recorded before any training.
 
-Torch-Pruning prunes the ViT's head dims with its `num_heads` option (the attributes of timm's attention
-updated after the step, as its examples do); torch-dag removes whole heads and MLP / embedding widths
-(torch-dag-head-dim: the same positions of every head instead, as Torch-Pruning does).
+On the ViT each tool prunes attention in two structures, so that each is compared like for like:
+the same positions of every head (Torch-Pruning's default, its `num_heads` option, timm's attention
+attributes updated after the step as its examples do; torch-dag-head-dim), and whole heads (torch-dag's
+default; torch-pruning-heads: its `prune_num_heads`, the head ratio tied to the channel ratio and
+bisected with it, Torch-Pruning having no rule of its own for sharing a FLOPs target between them).
+MLP and embedding widths are pruned in both.
 
     sudo apt-get install dataset-fashion-mnist    # /usr/share/datasets/fashion-mnist
     python benchmarks/quality/fmnist.py               # resumable: rows in results/quality/fmnist.csv
@@ -38,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import itertools
 import statistics
 import time
@@ -80,12 +84,15 @@ def vit() -> nn.Module:
                              num_classes=10, embed_dim=96, depth=4, num_heads=4)
 
 
-def _tp_vit_options(model: nn.Module) -> dict:
-    """Torch-Pruning's arguments for timm attention: each qkv's head count (it prunes head dims)."""
+def _tp_vit_options(model: nn.Module, ratio: float, whole_heads: bool = False) -> dict:
+    """Torch-Pruning's arguments for timm attention: each qkv's head count; it prunes head dims, or
+    with `whole_heads` whole heads (ranked globally, the same fraction as the other channels)."""
     import timm
 
-    return {"num_heads": {m.qkv: m.num_heads for m in model.modules()
-                          if isinstance(m, timm.models.vision_transformer.Attention)}}
+    heads = {m.qkv: m.num_heads for m in model.modules() if isinstance(m, timm.models.vision_transformer.Attention)}
+    if not whole_heads:
+        return {"num_heads": heads}
+    return {"num_heads": heads, "prune_num_heads": True, "prune_head_dims": False, "head_pruning_ratio": ratio}
 
 
 def _tp_vit_after(model: nn.Module, pruner) -> None:
@@ -94,6 +101,8 @@ def _tp_vit_after(model: nn.Module, pruner) -> None:
     for m in model.modules():
         if isinstance(m, timm.models.vision_transformer.Attention):
             m.num_heads = pruner.num_heads[m.qkv]
+            if m.num_heads == 0:
+                raise RuntimeError(f"Torch-Pruning removed every head of {m.qkv}")
             m.head_dim = m.qkv.out_features // (3 * m.num_heads)
             m.attn_dim = m.head_dim * m.num_heads
 
@@ -180,9 +189,12 @@ def run(args: argparse.Namespace) -> None:
     calibration = [(x[i:i + 64],) for i in range(0, 256, 64)]
 
     def pruned_by(tool: str, criterion: str, target: float) -> nn.Module:
-        if tool == "torch-pruning":
+        if tool.startswith("torch-pruning"):
+            options = dict(tp_options)
+            if tool == "torch-pruning-heads":
+                options["options"] = functools.partial(options["options"], whole_heads=True)
             return tp_prune(model, example, target, criterion, [b[0] for b in calibration],
-                            ignored=[output_layer(model)], **tp_options)[0]
+                            ignored=[output_layer(model)], **options)[0]
         config = PruneConfig(criterion=criterion, round_to=1, compensate="none" if tool == "torch-dag-plain" else "lstsq",
                              attention="head_dim" if tool == "torch-dag-head-dim" else "heads")
         return td.prune(teacher, target, (example,), calibration=calibration, config=config)
@@ -371,7 +383,7 @@ def main() -> None:
     parser.add_argument("--lrs", type=float, nargs="+", default=[1e-3, 3e-4, 1e-4],
                         help="finetuning learning rates to choose from on the validation split")
     parser.add_argument("--tools", nargs="+", default=["torch-dag", "torch-pruning", "torch-dag-plain"],
-                        choices=["torch-dag", "torch-pruning", "torch-dag-plain", "torch-dag-head-dim"])
+                        choices=["torch-dag", "torch-pruning", "torch-dag-plain", "torch-dag-head-dim", "torch-pruning-heads"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[SEED],
                         help="finetuning data-order seeds of the pruned models (one row each; the summary shows "
                         "their mean and spread)")
