@@ -395,6 +395,14 @@ def test_delta_file_checks_every_chunk_of_a_segment(tmp_path, resnet, monkeypatc
         with pytest.raises(td.LoadError, match="'up/2' is corrupted"):
             manager.move_to(2)
         assert manager.level == 0 and same_state(model, plains[0])  # not left halfway, at level 1
+    data = bytearray(path.read_bytes())  # a broken header (which would not parse) reads as corruption too
+    data[at - 3 * 4096 - 17 + 20] ^= 0x20
+    (tmp_path / "bad_header.delta").write_bytes(bytes(data))
+    with tf.file_delta_manager(tmp_path / "bad_header.delta") as manager:
+        model = manager.move_to(1)
+        with pytest.raises(td.LoadError, match="'up/2' is corrupted"):
+            manager.move_to(2)
+        assert manager.level == 1 and same_state(model, plains[1])
 
 
 def test_a_move_across_levels_rebuilds_the_model_once(tmp_path, resnet, monkeypatch):
