@@ -141,29 +141,37 @@ class Rows:
 
 
 def plot(rows: list[dict], x: str, y: str, line: Callable[[dict], str], path: Path, title: str,
-         ylabel: str, reference: float | None = None) -> None:
-    """One line per method (rows grouped by `line`), y against x; saved as PNG."""
+         ylabel: str, reference: float | None = None, panel: Callable[[dict], str] | None = None) -> None:
+    """One line per method (rows grouped by `line`), y against x, in side-by-side panels when `panel`
+    names one per row (a method keeps its colour across panels); saved as PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    lines: dict[str, list[tuple[float, float]]] = {}
+    panels: dict[str, dict[str, list[tuple[float, float]]]] = {}
     for row in rows:
         if row.get(y) not in (None, "") and not math.isnan(float(row[y])):
+            lines = panels.setdefault(panel(row) if panel else "", {})
             lines.setdefault(line(row), []).append((float(row[x]), float(row[y])))
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for label, points in sorted(lines.items()):
-        points.sort()
-        style = "--" if "finetuned" in label else "-"
-        ax.plot([p[0] for p in points], [p[1] for p in points], style, marker="o", label=label)
-    if reference is not None:
-        ax.axhline(reference, color="gray", linestyle=":", label="unpruned")
-    ax.set_xlabel("FLOPs ratio kept" if x.endswith("flops") else x)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
+    labels = sorted({label for lines in panels.values() for label in lines})
+    colours = plt.get_cmap("tab20" if len(labels) > 10 else "tab10")
+    colour = {label: colours(i % colours.N) for i, label in enumerate(labels)}
+    names = list(panels)  # in the order rows first name them
+    fig, axes = plt.subplots(1, len(names), figsize=(7 * len(names), 4.5), sharey=True, squeeze=False)
+    for ax, name in zip(axes[0], names):
+        for label, points in sorted(panels[name].items()):
+            points.sort()
+            style = "--" if "finetuned" in label else "-"
+            ax.plot([p[0] for p in points], [p[1] for p in points], style, marker="o", label=label,
+                    color=colour[label])
+        if reference is not None:
+            ax.axhline(reference, color="gray", linestyle=":", label="unpruned")
+        ax.set_xlabel("FLOPs ratio kept" if x.endswith("flops") else x)
+        ax.set_title(f"{title}: {name}" if name else title, fontsize=10 if name else None)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, ncol=2)
+    axes[0][0].set_ylabel(ylabel)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

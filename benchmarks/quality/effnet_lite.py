@@ -225,9 +225,9 @@ def summarize() -> None:
                   f"KL {float(r['kl']):.3f} (FLOPs {float(r['flops']):.3f})")
     seconds = [float(r["prune_s"]) for r in rows if r["finetuned"] == "False" and r["tool"] in TOOLS]
     print(f"prune time median {statistics.median(seconds):.2f} s")
-    plot(rows, "flops", "agreement", lambda r: f"{r['tool']} {r['criterion']}" + (" finetuned" if r["finetuned"] == "True" else ""),
-         OUT.with_suffix(".png"), "EfficientNet-Lite0 on photos: top-1 agreement with the unpruned model",
-         "top-1 agreement")
+    plot(rows, "flops", "agreement", lambda r: f"{r['tool']} {r['criterion']}", OUT.with_suffix(".png"),
+         "EfficientNet-Lite0, agreement with the unpruned model", "top-1 agreement",
+         panel=lambda r: "after a short finetune" if r["finetuned"] == "True" else "without finetuning")
 
 
 def main() -> None:
