@@ -77,19 +77,19 @@ def tp_prune(model: torch.nn.Module, x: torch.Tensor, target: float, criterion: 
             raise RuntimeError(f"Torch-Pruning's pruned model does not run: {type(e).__name__}: {e}") from e
         return candidate
 
-    low, high, best = 0.0, 0.95, None
+    low, high, best, failure = 0.0, 0.95, None, None
     for _ in range(steps):
         ratio = (low + high) / 2
         try:
             kept = flops(attempt(ratio), x) / base
-        except RuntimeError:  # pruned too far to run (e.g. every head of a block): prune less
-            high = ratio
+        except RuntimeError as e:  # pruned too far to run (e.g. every head of a block): prune less
+            high, failure = ratio, e
             continue
         if best is None or abs(kept - target) < abs(best[1] - target):
             best = (ratio, kept)
         low, high = (ratio, high) if kept > target else (low, ratio)
     if best is None:
-        raise RuntimeError(f"Torch-Pruning gave no model that runs at any ratio tried (below {high:.3f})")
+        raise RuntimeError(f"no ratio tried (down to {high:.3f}) gave a model that runs: {failure}") from failure
     return attempt(best[0]), best[1]
 
 
