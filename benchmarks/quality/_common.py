@@ -141,7 +141,8 @@ class Rows:
 
 
 def plot(rows: list[dict], x: str, y: str, line: Callable[[dict], str], path: Path, title: str,
-         ylabel: str, reference: float | None = None, panel: Callable[[dict], str] | None = None) -> None:
+         ylabel: str, reference: float | None = None, panel: Callable[[dict], str] | None = None,
+         sharey: bool = True) -> None:
     """One line per method (rows grouped by `line`), y against x, in side-by-side panels when `panel`
     names one per row (a method keeps its colour across panels); saved as PNG."""
     import matplotlib
@@ -158,7 +159,7 @@ def plot(rows: list[dict], x: str, y: str, line: Callable[[dict], str], path: Pa
     colours = plt.get_cmap("tab20" if len(labels) > 10 else "tab10")
     colour = {label: colours(i % colours.N) for i, label in enumerate(labels)}
     names = list(panels)  # in the order rows first name them
-    fig, axes = plt.subplots(1, len(names), figsize=(7 * len(names), 4.5), sharey=True, squeeze=False)
+    fig, axes = plt.subplots(1, len(names), figsize=(7 * len(names), 4.5), sharey=sharey, squeeze=False)
     for ax, name in zip(axes[0], names):
         for label, points in sorted(panels[name].items()):
             points.sort()
@@ -171,7 +172,8 @@ def plot(rows: list[dict], x: str, y: str, line: Callable[[dict], str], path: Pa
         ax.set_title(f"{title}: {name}" if name else title, fontsize=10 if name else None)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, ncol=2)
-    axes[0][0].set_ylabel(ylabel)
+    for ax in axes[0] if not sharey else axes[0][:1]:
+        ax.set_ylabel(ylabel)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

@@ -367,11 +367,11 @@ def summarize_model(name: str, rows: list[dict]) -> None:
         final = statistics.mean(float(r["accuracy"]) for r in tuned or plain)
         print(f"{experiment:10} {method:34} {target:>6} {float(group[0]['flops']):6.3f} {cell(plain):>10} "
               f"{cell(tuned):>16} {100 * (final - base):+16.2f}p")
-    final_rows = [r for r in rows if r["experiment"] in ("prune", "scratch", "flex")
-                  and (r["finetuned"] == "True" or r["experiment"] == "scratch")]
-    plot(final_rows, "flops", "accuracy", lambda r: f"{r['experiment']}: {r['method']}",
-         csv_of(name).with_suffix(".png"),
-         f"Fashion-MNIST {name}: test accuracy after one finetune epoch", "test accuracy", reference=base)
+    after = lambda r: r["finetuned"] == "True" or r["experiment"] == "scratch"  # noqa: E731
+    plot([r for r in rows if r["experiment"] in ("prune", "scratch", "flex", "factorize")], "flops", "accuracy",
+         lambda r: f"{r['experiment']}: {r['method']}", csv_of(name).with_suffix(".png"),
+         f"Fashion-MNIST {name}, test accuracy", "test accuracy", reference=base, sharey=False,
+         panel=lambda r: "after one finetune epoch (scratch: trained anew)" if after(r) else "before finetuning")
 
 
 def main() -> None:
