@@ -133,7 +133,7 @@ class ModuleOpSpec:
     def build(self, config: dict[str, Any]) -> nn.Module:
         """A module of this op for `config` with its tensors on the meta device, for the caller to give
         real ones. The constructor (and its weight init, slow even on meta) runs once per config: later
-        builds copy that first module (`_clone`)."""
+        builds copy that first module (`clone_module`)."""
         try:
             key = (self.cls, _frozen(config))
         except TypeError:  # an unhashable value: build afresh
@@ -146,7 +146,7 @@ class ModuleOpSpec:
                 _PROTOTYPES[key] = prototype
                 while len(_PROTOTYPES) > _MAX_PROTOTYPES:
                     _PROTOTYPES.pop(next(iter(_PROTOTYPES)))
-        return _clone(prototype)
+        return clone_module(prototype)
 
 
 _PROTOTYPES: dict[tuple, nn.Module] = {}  # (class, frozen config) -> the first module built for it
@@ -163,13 +163,13 @@ def _frozen(value: Any) -> Any:
     return type(value).__name__, value
 
 
-def _clone(module: nn.Module) -> nn.Module:
+def clone_module(module: nn.Module) -> nn.Module:
     """A copy of `module` sharing its tensors but not its containers (parameters, buffers, hooks and
     any other dict, list or set attribute), children cloned likewise."""
     clone = object.__new__(type(module))  # what copy.copy does, without its generic (slow) protocol
     clone.__dict__.update({key: value.copy() if isinstance(value, (dict, list, set)) else value
                            for key, value in module.__dict__.items()})
-    clone._modules = {k: None if m is None else _clone(m) for k, m in module._modules.items()}
+    clone._modules = {k: None if m is None else clone_module(m) for k, m in module._modules.items()}
     return clone
 
 

@@ -30,7 +30,7 @@ from torch import nn
 from ..core.dag import DagModule, Vertex, is_valid_vertex_name
 from ..core.errors import DagError, LoadError, UnknownOpError, VerifyError
 from ..core.functions import FUNCTIONS
-from ..core.ops import FunctionOp, is_dag_module, module_op_spec, op_name
+from ..core.ops import FunctionOp, clone_module, is_dag_module, module_op_spec, op_name
 from ..core.template import DTYPES, from_json, to_json
 from ..core.verify import arity_problem, verify
 
@@ -302,13 +302,9 @@ def update_in_place(dag: DagModule, graph: dict[str, Any], changed: set[str], te
 
 
 def _shallow_copy(module: nn.Module) -> nn.Module:
-    """A copy of `module` whose tensors can be reassigned without touching the original's."""
-    if is_dag_module(module):
-        return copy.deepcopy(module)
-    clone = copy.copy(module)
-    clone._parameters, clone._buffers = dict(module._parameters), dict(module._buffers)
-    clone._modules = {k: _shallow_copy(m) for k, m in module._modules.items()}
-    return clone
+    """A copy of `module` whose tensors can be reassigned without touching the original's (a nested
+    DagModule, whose vertices name its modules, is copied whole)."""
+    return copy.deepcopy(module) if is_dag_module(module) else clone_module(module)
 
 
 _ITEM_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
