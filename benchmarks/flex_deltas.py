@@ -12,7 +12,8 @@ For every ordered pair of levels (a, b), median over repeats, files in the page 
     delta on the way, returns the plain model of level b);
   - read+copy: reading the same segments' bytes from the file and copying their tensors into tensors
     allocated beforehand (the floor for any file-based move);
-  - full load: `td.load` of level b's plain `.dag`.
+  - full load: `td.load` of level b's plain `.dag` (which checks the SHA-256 of all its tensors), and
+    the same load with `strict_checksum=False` (the checksum not computed).
 Rows go to benchmarks/results/flex_levels.csv (per level) and flex_moves.csv (per pair).
 """
 
@@ -117,17 +118,19 @@ def main() -> None:
                     step = 1 if b > a else -1
                     names = [f"{'up' if step > 0 else 'down'}/{t}" for t in range(a + step, b + step, step)]
                     copies = [read_and_copy(deltas, names) for _ in range(args.repeats)]
-                    loads = []
+                    loads, unchecked = [], []
                     for _ in range(args.repeats):
-                        t0 = time.perf_counter()
-                        td.load(folder / f"level{b}.dag")
-                        loads.append(time.perf_counter() - t0)
-                    move, copy, load = (statistics.median(v) for v in (moves, copies, loads))
+                        for strict, times in ((True, loads), (False, unchecked)):
+                            t0 = time.perf_counter()
+                            td.load(folder / f"level{b}.dag", strict_checksum=strict)
+                            times.append(time.perf_counter() - t0)
+                    move, copy, load, load_unchecked = (statistics.median(v) for v in (moves, copies, loads, unchecked))
                     move_rows.append({
                         "model": name, "source": a, "target": b, "neighbours": abs(a - b) == 1,
                         "read_mb": round(read / 1e6, 2), "move_s": round(move, 4), "read_copy_s": round(copy, 4),
-                        "full_load_s": round(load, 4), "move_over_read_copy": round(move / copy, 2),
-                        "load_over_move": round(load / move, 2), "repeats": args.repeats,
+                        "full_load_s": round(load, 4), "unchecked_load_s": round(load_unchecked, 4),
+                        "move_over_read_copy": round(move / copy, 2), "load_over_move": round(load / move, 2),
+                        "unchecked_load_over_move": round(load_unchecked / move, 2), "repeats": args.repeats,
                         "threads": torch.get_num_threads()})
                     print(" ".join(f"{k}={v}" for k, v in move_rows[-1].items()), flush=True)
         del flex, dag
@@ -144,11 +147,11 @@ def main() -> None:
               f"{r['plain_mb']:9.2f} {r['flex_weights_mb']:8.2f} {r['delta_file_mb']:14.2f} "
               f"{r['overhead_pct']:8.3f}%")
     print(f"\n{'model':22s} {'move':>6s} {'read MB':>8s} {'move s':>7s} {'read+copy s':>12s} {'load s':>7s} "
-          f"{'move/rc':>8s} {'load/move':>10s}")
+          f"{'unchecked':>10s} {'move/rc':>8s} {'load/move':>10s} {'unchecked/move':>15s}")
     for r in move_rows:
         print(f"{r['model']:22s} {r['source']:>2d}->{r['target']:<2d} {r['read_mb']:8.2f} {r['move_s']:7.3f} "
-              f"{r['read_copy_s']:12.3f} {r['full_load_s']:7.3f} {r['move_over_read_copy']:8.2f} "
-              f"{r['load_over_move']:10.2f}")
+              f"{r['read_copy_s']:12.3f} {r['full_load_s']:7.3f} {r['unchecked_load_s']:10.3f} "
+              f"{r['move_over_read_copy']:8.2f} {r['load_over_move']:10.2f} {r['unchecked_load_over_move']:15.2f}")
     print(f"\nwritten: {RESULTS / 'flex_levels.csv'}, {RESULTS / 'flex_moves.csv'}")
 
 
