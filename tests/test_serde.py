@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import torch_dag as td
-from torch_dag.serde.format import _checksum, build, graph_and_tensors, update_in_place
+from torch_dag.serde.format import _checksum, _whole_checksum, build, graph_and_tensors, update_in_place
 from torch_dag.testing import bitwise_equal
 
 # --- models -----------------------------------------------------------------------------------------
@@ -565,6 +565,37 @@ def test_checksum_catches_a_flipped_byte(tmp_path, saved):
     path = tmp_path / "flipped.dag"
     path.write_bytes(bytes(data))
     assert_load_error(path, "checksum mismatch")
+
+
+def test_checksum_of_a_large_model_checks_every_piece(tmp_path):
+    """Weights are hashed in 4 MiB pieces, several at once: a byte flipped in any piece is caught."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(1200, 1200), nn.ReLU(), nn.Linear(1200, 1200), nn.ReLU(), nn.Linear(1200, 1200),
+                          nn.ReLU(), nn.Linear(1200, 10))  # three 5.8 MB weights: six pieces, hashed in parallel
+    x = torch.randn(2, 1200)
+    path = td.save(td.build_from_unstructured_module(model, (x,)), tmp_path / "large.dag")
+    assert torch.equal(td.load(path)(x), model(x))
+    data = path.read_bytes()
+    for at in (len(data) - 50, len(data) - 3 * (1 << 22) - 5, len(data) - 6 * 1200 * 1200 + 7):
+        broken = bytearray(data)
+        broken[at] ^= 0x10
+        assert_load_error(write(tmp_path / "broken.dag", bytes(broken)), "checksum mismatch")
+
+
+def test_files_with_the_older_single_digest_still_load_and_are_checked(tmp_path, saved):
+    """Files saved before the weights were hashed in pieces hold one SHA-256 of all their bytes."""
+    old = tmp_path / "old.dag"
+    write(old, saved)
+    _, graph, _ = split_file(old.read_bytes())
+    tensors = safetensors.torch.load_file(str(old))
+    graph["checksum"] = _whole_checksum(tensors)
+    assert len(graph["checksum"]) == 64
+    safetensors.torch.save_file(tensors, str(old), metadata={"torch_dag": json.dumps(graph)})
+    dag, x = small_dag()
+    assert bitwise_equal(td.load(old)(x), dag(x))
+    data = bytearray(old.read_bytes())
+    data[-3] ^= 0x01
+    assert_load_error(write(tmp_path / "old_flipped.dag", bytes(data)), "checksum mismatch")
 
 
 def set_key(key: str, value: Any) -> Callable[[dict[str, Any]], None]:
