@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -600,3 +602,29 @@ def test_calibration_given_as_a_generator_serves_taylor_and_compensation():
     assert bitwise_equal(from_list.state_dict(), from_generator.state_dict())
     with pytest.raises(td.DagError, match="at least one calibration batch"):
         prune(dag, 0.5, (batches[0],), calibration=[])
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["sdpa", "matmul"])
+@pytest.mark.parametrize("attention", ["heads", "head_dim"])
+def test_the_flop_model_predicts_attention_exactly(attention, fused):
+    """The bisection's FLOP model counts attention's products (`q @ k.T`, the weights times v) as they
+    shrink with heads or head dims, so a ViT's target is met without measuring every try."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=64, depth=2).eval()
+    for block in model.blocks:
+        block.attn.fused_attn = fused
+    x = torch.randn(1, 3, 64, 64)
+    dag = td.build_from_unstructured_module(model, (x,))
+    assert any(v.op == ("scaled_dot_product_attention" if fused else "matmul") for v in dag)
+    groups = channel_groups(dag, (x,), attention=attention)
+    before = td.count_flops(dag, x)
+    flop_model = sys.modules["torch_dag.pruning.prune"]._FlopModel(groups, before.flops)
+    removed = np.zeros(groups.size, dtype=bool)
+    for group in groups.groups():
+        if group.prunable:
+            removed[group.channels[::3]] = True  # a third of every group's classes (heads, head dims, widths)
+    pruned = surgery.apply(dag, groups, lambda ids: ~removed[groups.root(ids)])
+    measured = td.count_flops(pruned, x).total_flops / before.total_flops
+    assert measured < 0.9
+    assert flop_model.ratio(removed) == pytest.approx(measured, abs=1e-9)

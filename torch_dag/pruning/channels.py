@@ -61,6 +61,9 @@ class Role:
     rewrite: Callable[[Callable[[np.ndarray], np.ndarray]], tuple] | None = None
     keywords: dict[str, Any] = field(default_factory=dict)  # set on the call (attention's scale, as it was)
     parts: list[np.ndarray] = field(default_factory=list)
+    # an op without weights whose FLOPs shrink with channels (attention's products): (share of its FLOPs,
+    # the ids that share scales with), for the FLOP model that guides the bisection
+    flop_shares: list[tuple[float, np.ndarray]] = field(default_factory=list)
 
 
 @dataclass

@@ -429,17 +429,23 @@ def _bisect(n: int, ratio_of: Callable[[int], float], target: float) -> int:
 
 class _FlopModel:
     """Predicted FLOPs after slicing: each sliced vertex's FLOPs times its kept input and output
-    channel fractions (exact for convs, linears and norms; other ops count as unchanged)."""
+    channel fractions (exact for convs, linears and norms), attention's products by the shares of
+    their FLOPs that shrink with heads or head dims (`Role.flop_shares`); other ops count as unchanged."""
 
     def __init__(self, groups: ChannelGroups, flops: dict[str, int]):
         self.total = sum(flops.values())
         self.terms = []
+        self.shared = []
         for name, role in groups.roles.items():
-            if flops.get(name):
-                in_roots = groups.root(role.in_ids) if role.in_ids is not None else None
-                same = role.out_ids is role.in_ids  # depthwise: one fraction, not two
-                out_roots = groups.root(role.out_ids) if role.out_ids is not None and not same else None
-                self.terms.append((flops[name], in_roots, out_roots))
+            if not flops.get(name):
+                continue
+            if role.flop_shares:
+                self.shared.append((flops[name], [(share, groups.root(ids)) for share, ids in role.flop_shares]))
+                continue
+            in_roots = groups.root(role.in_ids) if role.in_ids is not None else None
+            same = role.out_ids is role.in_ids  # depthwise: one fraction, not two
+            out_roots = groups.root(role.out_ids) if role.out_ids is not None and not same else None
+            self.terms.append((flops[name], in_roots, out_roots))
 
     def ratio(self, removed: np.ndarray) -> float:
         """The predicted FLOPs ratio when the class roots where `removed` (a mask over ids) is true go."""
@@ -450,4 +456,6 @@ class _FlopModel:
                 if roots is not None:
                     fraction *= 1 - removed[roots].mean()
             total -= flops * (1 - fraction)
+        for flops, shares in self.shared:
+            total -= flops * sum(share * removed[roots].mean() for share, roots in shares)
         return total / self.total

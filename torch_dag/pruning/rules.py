@@ -592,6 +592,7 @@ def _attention(a: Analysis, v: Vertex, inputs: list[Any], out: Any) -> Any:
     if len(batch) == 1 and len(tracked) == 3 and all(info.axis < rank - 2 for info, rank in tracked):
         for info, _ in tracked[1:]:
             a.uf.union(tracked[0][0].ids, info.ids)
+        a.role(v).flop_shares = [(1.0, q.ids)]  # both products run once per head
         offset = next(iter(batch))
         # a bias per head (relative positions): its table is sliced, or its producer pruned, with the heads
         if isinstance(mask_info, Channels) and mask_info.axis - a.values[mask.name].dim() == offset:
@@ -606,10 +607,14 @@ def _attention(a: Analysis, v: Vertex, inputs: list[Any], out: Any) -> Any:
     last = [info.axis == rank - 1 for info, rank in zip((q, k, value), ranks) if isinstance(info, Channels)]
     if all(last) and isinstance(q, Channels) == isinstance(k, Channels):
         a.block(mask_info, f"{v.name}: an attention mask with channels while the head dim is pruned")
+        qk_dim, v_dim = a.values[v.args[0].name].shape[-1], a.values[v.args[2].name].shape[-1]
         if isinstance(q, Channels):  # the head dim q and k contract: pruned in both, the scale kept
             a.uf.union(q.ids, k.ids)
             if call_arg(v, 6, "scale") is None:
-                a.role(v).keywords = {"scale": a.values[v.args[0].name].shape[-1] ** -0.5}
+                a.role(v).keywords = {"scale": qk_dim ** -0.5}
+            a.role(v).flop_shares.append((qk_dim / (qk_dim + v_dim), q.ids))  # q k^T over the head dim
+        if isinstance(value, Channels):
+            a.role(v).flop_shares.append((v_dim / (qk_dim + v_dim), value.ids))  # the weights times v
         return Channels(out.dim() - 1, value.ids) if isinstance(value, Channels) else None
     a.block([q, k, value, mask_info], f"{v.name}: attention with channels on axes it contracts or on some "
             "operands only")
@@ -637,15 +642,18 @@ def _matmul(a: Analysis, v: Vertex, inputs: list[Any], out: Any) -> Any:
             if info is None and rank >= -offset and a.values[ref.name].shape[offset] != 1:
                 a.block(channels, f"{v.name}: matmul with {ref.name}, which spans the channels but is not tracked")
                 return None
+        a.role(v).flop_shares = [(1.0, channels.ids)]  # one product per head
         return Channels(out.dim() + offset, channels.ids)
     if isinstance(left, Channels) and left.axis == ranks[0] - 2 and not isinstance(right, Channels):
+        a.role(v).flop_shares = [(1.0, left.ids)]
         return Channels(out.dim() - 2, left.ids)
     if isinstance(right, Channels) and right.axis == ranks[1] - 1 and not isinstance(left, Channels):
+        a.role(v).flop_shares = [(1.0, right.ids)]
         return Channels(out.dim() - 1, right.ids)
     if isinstance(left, Channels) and isinstance(right, Channels) and left.axis == ranks[0] - 1 \
             and right.axis == ranks[1] - 2:  # q @ k.T over the head dim: a position goes from both
         a.uf.union(left.ids, right.ids)
-        a.role(v)  # handled: nothing of its own to slice
+        a.role(v).flop_shares = [(1.0, left.ids)]  # handled: nothing of its own to slice
         return None
     a.block([left, right], f"{v.name}: matmul contracts the channel axis with an untracked operand")
     return None
