@@ -367,7 +367,9 @@ def summarize_model(name: str, rows: list[dict]) -> None:
         final = statistics.mean(float(r["accuracy"]) for r in tuned or plain)
         print(f"{experiment:10} {method:34} {target:>6} {float(group[0]['flops']):6.3f} {cell(plain):>10} "
               f"{cell(tuned):>16} {100 * (final - base):+16.2f}p")
-    after = lambda r: r["finetuned"] == "True" or r["experiment"] == "scratch"  # noqa: E731
+    def after(row: dict) -> bool:
+        return row["finetuned"] == "True" or row["experiment"] == "scratch"
+
     plot([r for r in rows if r["experiment"] in ("prune", "scratch", "flex", "factorize")], "flops", "accuracy",
          lambda r: f"{r['experiment']}: {r['method']}", csv_of(name).with_suffix(".png"),
          f"Fashion-MNIST {name}, test accuracy", "test accuracy", reference=base, sharey=False,

@@ -42,7 +42,15 @@ from tqdm import tqdm
 
 from ..core.dag import DagModule
 from ..core.errors import DagError, LoadError
-from ..serde.format import dumps, graph_and_tensors, loads, tensor_views, update_in_place, write_atomic
+from ..serde.format import (
+    dumps,
+    graph_and_tensors,
+    loads,
+    split_bytes,
+    tensor_views,
+    update_in_place,
+    write_atomic,
+)
 from .model import FlexDagModule, is_flex
 from .serde import index_runs
 
@@ -496,7 +504,7 @@ class FileDeltaManager:
             flex.set_level_use(was)
         entries, offset = [], 0
         for name, data in segments:
-            crcs = [zlib.crc32(chunk) for chunk in _chunks(data)]
+            crcs = [zlib.crc32(chunk) for chunk in split_bytes(data, _CHUNK)]
             entries.append({"name": name, "offset": offset, "length": len(data), "crc32": crcs})
             offset += len(data)
         index = json.dumps({"format": "torch_dag.deltas", "version": _VERSION, "chunk": _CHUNK,
@@ -540,7 +548,7 @@ class FileDeltaManager:
             raise LoadError(f"{self.path}: segment {name!r} is truncated")
         self.bytes_read += entry["length"]
         data = memoryview(self._map)[start:start + entry["length"]]
-        if list(self._pool.map(zlib.crc32, _chunks(data))) != entry["crc32"]:
+        if list(self._pool.map(zlib.crc32, split_bytes(data, _CHUNK))) != entry["crc32"]:
             raise LoadError(f"{self.path}: segment {name!r} is corrupted (checksum mismatch)")
         return data
 
@@ -550,11 +558,6 @@ class FileDeltaManager:
         with contextlib.suppress(BufferError):  # a caller still holds a view of a segment: it keeps the map
             self._map.close()
         self._file.close()
-
-
-def _chunks(data: bytes | memoryview) -> list[memoryview]:
-    view = memoryview(data)
-    return [view[i:i + _CHUNK] for i in range(0, len(view), _CHUNK)]
 
 
 def _read_index(f, path: Path) -> tuple[dict[str, Any], int]:

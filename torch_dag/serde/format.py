@@ -185,7 +185,7 @@ def _checksum(tensors: dict[str, torch.Tensor]) -> str:
     name, dtype and shape, then of the SHA-256 of each 4 MiB piece of its bytes; the pieces are hashed on
     a thread pool (hashlib lets go of the GIL), so a large model checks at several cores' speed."""
     entries = [(key, tensors[key], _bytes_of(tensors[key])) for key in sorted(tensors)]
-    pieces = [data[i:i + _PIECE] for _, _, data in entries for i in range(0, len(data), _PIECE)]
+    pieces = [piece for _, _, data in entries for piece in split_bytes(data, _PIECE)]
     workers = min(8, os.cpu_count() or 1, len(pieces))
     if workers > 1 and sum(len(data) for _, _, data in entries) > 4 * _PIECE:
         with ThreadPoolExecutor(workers) as pool:
@@ -208,6 +208,12 @@ def _whole_checksum(tensors: dict[str, torch.Tensor]) -> str:
         digest.update(f"{key}|{tensors[key].dtype}|{tuple(tensors[key].shape)}|".encode())
         digest.update(_bytes_of(tensors[key]))
     return digest.hexdigest()
+
+
+def split_bytes(data: bytes | memoryview, size: int) -> list[memoryview]:
+    """`data` in pieces of `size` bytes (the last one shorter), as views."""
+    view = memoryview(data)
+    return [view[i:i + size] for i in range(0, len(view), size)]
 
 
 def _bytes_of(tensor: torch.Tensor) -> memoryview:
