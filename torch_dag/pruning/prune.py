@@ -81,19 +81,18 @@ def channel_scores(dag: DagModule, groups: ChannelGroups, criterion: str, seed: 
     if criterion == "random":
         rng = np.random.default_rng(seed)
         return {root: float(rng.random()) for g in groups.groups() for root in g.channels}
-    scores: dict[int, float] = defaultdict(float)
     if criterion == "bn_scale":
-        for name, role in groups.roles.items():
-            module = dag[name].module
-            if role.axis is None and isinstance(module, nn.modules.batchnorm._BatchNorm) and module.affine:
-                _accumulate(scores, groups.root(role.in_ids), module.weight.detach().abs())
-        return dict(scores)
+        norms = [(role, dag[name].module) for name, role in groups.roles.items()]
+        return _summed(groups.size, [(groups.root(role.in_ids), module.weight.detach().abs())
+                                     for role, module in norms if role.axis is None
+                                     and isinstance(module, nn.modules.batchnorm._BatchNorm) and module.affine])
     if criterion not in ("l1", "l2"):
         raise DagError(f"unknown importance criterion {criterion!r}: use l1, l2, bn_scale, taylor or random")
+    parts = []
     for tensor, axis, roots in weight_members(dag, groups):
         flat = tensor.detach().movedim(axis, 0).reshape(tensor.shape[axis], -1)
-        _accumulate(scores, roots, flat.abs().sum(1) if criterion == "l1" else flat.square().sum(1))
-    return dict(scores)
+        parts.append((roots, flat.abs().sum(1) if criterion == "l1" else flat.square().sum(1)))
+    return _summed(groups.size, parts)
 
 
 def weight_members(dag: DagModule, groups: ChannelGroups) -> list[tuple[torch.Tensor, int, np.ndarray]]:
@@ -167,10 +166,15 @@ def _self_supervised_loss(outputs: Any) -> torch.Tensor:
     return sum(0.5 * t.square().mean() for t in leaves)
 
 
-def _accumulate(scores: dict[int, float], roots: np.ndarray, values: torch.Tensor) -> None:
-    """Add each value to the score of its channel class (`roots`: the class root of each position)."""
-    for root, value in zip(roots.tolist(), values.double().tolist()):
-        scores[root] += value
+def _summed(size: int, parts: list[tuple[np.ndarray, torch.Tensor]]) -> dict[int, float]:
+    """The score of each channel class: the sum of the values given for it, in order, over every
+    (class root of each position, value of each position) pair; classes given no value are absent."""
+    total, given = np.zeros(size), np.zeros(size, dtype=bool)
+    for roots, values in parts:
+        np.add.at(total, roots, values.double().numpy())
+        given[roots] = True
+    roots = np.flatnonzero(given)
+    return dict(zip(roots.tolist(), total[roots].tolist()))
 
 
 def _removal_order(groups: list[Group], scores: dict[int, float]) -> list[tuple[int, int]]:
@@ -430,32 +434,50 @@ def _bisect(n: int, ratio_of: Callable[[int], float], target: float) -> int:
 class _FlopModel:
     """Predicted FLOPs after slicing: each sliced vertex's FLOPs times its kept input and output
     channel fractions (exact for convs, linears and norms), attention's products by the shares of
-    their FLOPs that shrink with heads or head dims (`Role.flop_shares`); other ops count as unchanged."""
+    their FLOPs that shrink with heads or head dims (`Role.flop_shares`); other ops count as unchanged.
+
+    Every fraction is a mean of the removal mask over some class roots: the roots of all of them lie
+    end to end in one index array, so that a prediction is a few array operations, not one per vertex."""
 
     def __init__(self, groups: ChannelGroups, flops: dict[str, int]):
         self.total = sum(flops.values())
-        self.terms = []
-        self.shared = []
+        segments: list[np.ndarray] = []
+
+        def segment(roots: np.ndarray) -> int:  # -1: no channels, nothing to remove
+            if not len(roots):
+                return -1
+            segments.append(roots)
+            return len(segments) - 1
+
+        sliced: list[int] = []  # FLOPs of each vertex that scales with its kept channel fractions
+        sides: list[list[int]] = []  # its input and output segments
+        shared: list[tuple[float, int]] = []  # FLOPs that shrink with the removed share of a segment
         for name, role in groups.roles.items():
             if not flops.get(name):
                 continue
             if role.flop_shares:
-                self.shared.append((flops[name], [(share, groups.root(ids)) for share, ids in role.flop_shares]))
+                shared += [(flops[name] * share, segment(groups.root(ids))) for share, ids in role.flop_shares]
                 continue
-            in_roots = groups.root(role.in_ids) if role.in_ids is not None else None
             same = role.out_ids is role.in_ids  # depthwise: one fraction, not two
-            out_roots = groups.root(role.out_ids) if role.out_ids is not None and not same else None
-            self.terms.append((flops[name], in_roots, out_roots))
+            sides.append([segment(groups.root(ids)) if ids is not None else -1
+                          for ids in (role.in_ids, None if same else role.out_ids)])
+            sliced.append(flops[name])
+        shared = [(f, s) for f, s in shared if s >= 0]
+        lengths = np.array([len(r) for r in segments], dtype=np.int64)
+        self._roots = np.concatenate(segments) if segments else np.zeros(0, dtype=np.int64)
+        self._starts = np.cumsum(lengths) - lengths
+        self._lengths = lengths
+        self._sliced = np.array(sliced, dtype=np.float64)
+        self._sides = np.array(sides, dtype=np.int64).reshape(-1, 2)
+        self._shared = np.array([f for f, _ in shared], dtype=np.float64)
+        self._shared_segments = np.array([s for _, s in shared], dtype=np.int64)
 
     def ratio(self, removed: np.ndarray) -> float:
         """The predicted FLOPs ratio when the class roots where `removed` (a mask over ids) is true go."""
-        total = self.total
-        for flops, in_roots, out_roots in self.terms:
-            fraction = 1.0
-            for roots in (in_roots, out_roots):
-                if roots is not None:
-                    fraction *= 1 - removed[roots].mean()
-            total -= flops * (1 - fraction)
-        for flops, shares in self.shared:
-            total -= flops * sum(share * removed[roots].mean() for share, roots in shares)
-        return total / self.total
+        if not len(self._roots):
+            return 1.0
+        gone = np.add.reduceat(removed[self._roots].astype(np.float64), self._starts) / self._lengths
+        kept = np.append(1 - gone, 1.0)  # index -1: a side without channels keeps everything
+        fraction = kept[self._sides[:, 0]] * kept[self._sides[:, 1]]
+        lost = self._sliced @ (1 - fraction) + self._shared @ gone[self._shared_segments]
+        return float((self.total - lost) / self.total)
