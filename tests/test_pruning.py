@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -290,11 +291,24 @@ def test_rounding_gives_way_when_the_target_is_out_of_its_reach():
     assert all(v.module.out_channels % report.round_to == 0 for v in pruned if v.op == "Conv2d")
 
 
-def test_a_target_missed_by_the_importance_order_is_reported():
-    """With two 12-channel layers, removing channels in order of importance can step over the target
-    (0.325 then 0.27 for these weights, where 0.3 is asked): the pruner says so instead of staying quiet."""
+def test_a_removal_that_steps_over_the_target_is_skipped():
+    """With two 12-channel layers, removing channels in order of importance steps over the target
+    (0.325 then 0.27 for these weights, where 0.3 is asked): the channel of that step stays and less
+    important ones after it go instead."""
     dag, x = small_convs(1)
-    with pytest.warns(UserWarning, match=r"ratio reached is 0\.3\d+, outside 0\.300 \+- 0\.020"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _, report = prune(dag, 0.3, (x,), config=PruneConfig(round_to=1), return_report=True)
+    assert abs(report.reached - 0.3) <= 0.02
+
+
+def test_a_target_out_of_reach_is_reported():
+    """One two-channel layer can keep one channel or both: 0.3 of the FLOPs is out of reach, and the
+    pruner says so instead of staying quiet."""
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 12, 12)
+    dag = td.build_from_unstructured_module(nn.Sequential(nn.Conv2d(3, 2, 3), nn.ReLU(), nn.Conv2d(2, 4, 1)), (x,))
+    with pytest.warns(UserWarning, match=r"ratio reached is 0\.\d+, outside 0\.300 \+- 0\.020"):
         _, report = prune(dag, 0.3, (x,), return_report=True)
     assert abs(report.reached - 0.3) > 0.02
 

@@ -263,15 +263,15 @@ def prune(dag: DagModule, flops_ratio: float | None = None, example_inputs: tupl
 
     owners = must_keep(groups)
 
-    def removed_roots(remove: int, round_to: int) -> np.ndarray:
+    def removed_roots(order: list[tuple[int, int]], remove: int, round_to: int) -> np.ndarray:
         """A mask over channel ids, true at the class roots removed."""
         mask = np.zeros(groups.size, dtype=bool)
         rounded = replace(config, round_to=round_to)
         mask[list(_removed_roots(prunable, order, remove, rounded, owners, scores))] = True
         return mask
 
-    def build(remove: int, round_to: int) -> tuple[DagModule, float, np.ndarray]:
-        removed = removed_roots(remove, round_to)
+    def build(order: list[tuple[int, int]], remove: int, round_to: int) -> tuple[DagModule, float, np.ndarray]:
+        removed = removed_roots(order, remove, round_to)
         pruned = surgery.apply(dag, groups, lambda ids: ~removed[groups.root(ids)])
         if by_params:
             return pruned, sum(p.numel() for p in pruned.parameters()) / report.total_params, removed
@@ -286,11 +286,12 @@ def prune(dag: DagModule, flops_ratio: float | None = None, example_inputs: tupl
     bar = tqdm(total=len(roundings), desc="prune", unit="try", disable=not progress)
     for round_to in roundings:
         # FLOPs (and params) of convs, linears and norms scale with their kept channel fractions: bisect on that
-        remove = _bisect(len(order), lambda k, r=round_to: model.ratio(removed_roots(k, r)), target)
-        best, best_ratio, removed = build(remove, round_to)
+        kept_order, remove = _fit(order, lambda o, k, r=round_to: model.ratio(removed_roots(o, k, r)), target,
+                                  config.tolerance / 2)
+        best, best_ratio, removed = build(kept_order, remove, round_to)
         if abs(best_ratio - target) > config.tolerance / 2:  # ops outside the model moved it: measure
-            remove = _bisect(len(order), lambda k, r=round_to: build(k, r)[1], target)
-            best, best_ratio, removed = build(remove, round_to)
+            remove = _bisect(len(kept_order), lambda k, o=kept_order, r=round_to: build(o, k, r)[1], target)
+            best, best_ratio, removed = build(kept_order, remove, round_to)
         bar.update()
         bar.set_postfix_str(f"{what} ratio {best_ratio:.3f}, widths rounded to {round_to}")
         if abs(best_ratio - target) <= config.tolerance:
@@ -414,6 +415,24 @@ def must_keep(groups: ChannelGroups) -> dict[int, list[int]]:
     """The class roots of each id set that must keep a channel: every producer's, every part of a split."""
     sets = [*groups.producers.values(), *(p for role in groups.roles.values() for p in role.parts)]
     return {i: sorted({int(r) for r in groups.root(ids)}) for i, ids in enumerate(sets)}
+
+
+def _fit(order: list[tuple[int, int]], ratio_of: Callable[[list[tuple[int, int]], int], float], target: float,
+         tolerance: float, skips: int = 16) -> tuple[list[tuple[int, int]], int]:
+    """The removal order and the number removed from its front whose ratio is closest to `target`.
+
+    When even the closest number misses by more than `tolerance`, one removal jumps over the target: a
+    wide class (an attention head whose embedding width goes with it) or a group's rounding step. That
+    entry is kept instead and the rest of the order bisected again, up to `skips` times."""
+    remove = _bisect(len(order), lambda k: ratio_of(order, k), target)
+    for _ in range(skips):
+        ratio = ratio_of(order, remove)
+        jump = remove - 1 if ratio < target else remove  # removing order[jump] crosses the target
+        if abs(ratio - target) <= tolerance or not 0 <= jump < len(order):
+            break
+        order = order[:jump] + order[jump + 1:]
+        remove = _bisect(len(order), lambda k, o=order: ratio_of(o, k), target)
+    return order, remove
 
 
 def _bisect(n: int, ratio_of: Callable[[int], float], target: float) -> int:
