@@ -13,20 +13,25 @@ import torch.fx as fx
 from torch import nn
 from torch.fx.node import map_arg
 
+from ..core.compare import compare_outputs
 from ..core.dag import DagModule, Vertex, is_valid_vertex_name
 from ..core.errors import ConversionError
-from ..core.functions import FUNCTIONS
-from ..core.ops import Constant, FunctionOp, Parameter, is_flex_module
+from ..core.ops import Constant, FunctionOp, Parameter, custom_op_spec
 from ..core.template import Ref, is_constant, unique_refs
-from ..testing import compare_outputs
+from ..core.traits import Trait, has_trait
 from . import canonical
 from .patterns import raise_weight_standardization
 from .tracer import ConcreteTracer, vocabulary_spec
 
-# ops that return a view of their first argument: an in-place op on their result mutates the base
-_VIEW_OPS = {"getitem", "reshape", "view_as", "flatten", "unflatten", "permute", "transpose", "movedim",
-             "squeeze", "unsqueeze", "expand", "expand_as", "narrow", "select", "split", "chunk",
-             "unbind", "detach", "diagonal"}
+
+def _as_dag_class(dag: DagModule) -> DagModule:
+    """The DAG as the `DagModule` subclass its custom ops ask for (hand-written flexible layers make a
+    flexible DAG), or as it is."""
+    classes = {spec.dag_class for v in dag if (spec := custom_op_spec(v.module)) and spec.dag_class}
+    if len(classes) > 1:
+        names = ", ".join(sorted(c.__name__ for c in classes))
+        raise ConversionError(f"the model mixes custom layers that need different DAG classes ({names})")
+    return classes.pop().from_dag(dag) if classes else dag
 
 
 def build_from_unstructured_module(
@@ -99,10 +104,7 @@ def _from_fx(model: nn.Module, inputs: dict[str, Any] | None) -> DagModule:
         with torch.no_grad():
             graph, tracer = _trace(model, inputs)
         dag = raise_weight_standardization(_Canonicalizer(model, graph, tracer).run())
-        if any(is_flex_module(v.module) for v in dag):  # a hand-written flexible model
-            from ..flex.model import FlexDagModule
-
-            dag = FlexDagModule.from_dag(dag)
+        dag = _as_dag_class(dag)
         dag.traced_with = "fx"
         return dag.train(was_training)
     finally:
@@ -399,7 +401,7 @@ class _Canonicalizer:
             ref = self.add(node, module, args, {}, hint=path.replace(".", "_") if path else None)
         else:
             ref = self.add(node, FunctionOp(op), args, kwargs)
-        if op in _VIEW_OPS and args and isinstance(args[0], Ref):
+        if has_trait(op, Trait.VIEW) and args and isinstance(args[0], Ref):  # in place on it mutates the base
             self.view_base[ref.name] = self.view_base.get(args[0].name, args[0].name)
         if in_place and args and isinstance(args[0], Ref):
             self.functionalize(node, args[0], ref)
@@ -474,8 +476,7 @@ def _live_vertices(vertices: list[Vertex], output: Any) -> list[Vertex]:
     """Drop vertices nothing reads, keeping side-effecting ones (asserts, guards)."""
     live = set(unique_refs(output))
     for vertex in reversed(vertices):
-        side_effect = isinstance(vertex.module, FunctionOp) and FUNCTIONS[vertex.module.op].side_effect
-        if vertex.name in live or side_effect:
+        if vertex.name in live or has_trait(vertex.op, Trait.SIDE_EFFECT):
             live.add(vertex.name)
             live.update(vertex.predecessors)
     return [v for v in vertices if v.name in live]

@@ -15,10 +15,10 @@ import torch
 from torch.utils import _pytree as pytree
 
 from ..core.dag import DagModule, Vertex, evaluating
+from ..core.editor import Editor
 from ..core.errors import DagError
 from ..core.ops import FunctionOp
 from ..core.template import Ref
-from ..passes.editor import Editor
 
 
 class OnnxExportError(DagError):

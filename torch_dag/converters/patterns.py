@@ -14,10 +14,10 @@ import torch
 from torch import nn
 
 from ..core.dag import DagModule, Vertex
+from ..core.editor import Editor
 from ..core.ops import Parameter
 from ..core.template import Ref, unique_refs
 from ..core.wsconv import WSConv2d
-from ..passes.editor import Editor
 
 
 def raise_weight_standardization(dag: DagModule) -> DagModule:

@@ -22,7 +22,7 @@ from torch import nn
 from torch.fx.node import map_aggregate
 
 from ..core.functions import FUNCTIONS
-from ..core.ops import MODULE_OPS, ModuleOpSpec, is_flex_module
+from ..core.ops import MODULE_OPS, ModuleOpSpec, custom_op_spec
 
 _MISSING = object()
 _GUARD = FUNCTIONS["guard"].fn
@@ -225,7 +225,7 @@ class ConcreteTracer(fx.Tracer):
         return super().call_module(m, forward, args, kwargs)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return vocabulary_spec(m) is not None or is_flex_module(m)
+        return vocabulary_spec(m) is not None or custom_op_spec(m) is not None
 
     def proxy(self, node: fx.Node) -> ConcreteProxy:
         return ConcreteProxy(node, self)

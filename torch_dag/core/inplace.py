@@ -17,8 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .ops import Constant, FunctionOp, Parameter, callable_of, is_dag_module, is_flex_module, op_name
+from .ops import Constant, LayerProxy, Parameter, callable_of, is_dag_module, op_name
 from .template import Ref, unique_refs
+from .traits import Trait, has_trait
 
 # op name -> in-place callable made from the vertex's module
 IN_PLACE: dict[str, Callable[[nn.Module], Callable[..., Any]]] = {
@@ -33,25 +34,14 @@ IN_PLACE: dict[str, Callable[[nn.Module], Callable[..., Any]]] = {
     "Hardtanh": lambda m: functools.partial(F.hardtanh, min_val=m.min_val, max_val=m.max_val, inplace=True),
 }
 
-# function ops whose output never shares storage with an input
-_FRESH_FUNCTIONS = frozenset({
-    "add", "sub", "rsub", "mul", "div", "floor_divide", "remainder", "pow", "matmul", "neg", "abs", "cat",
-    "stack", "mean", "sum", "amax", "amin", "softmax", "log_softmax", "clone", "index_put", "linear", "conv1d",
-    "conv2d", "conv3d", "interpolate", "pad", "scaled_dot_product_attention", "einsum", "layer_norm",
-    "batch_norm", "group_norm", "exp", "log", "sqrt", "rsqrt", "sigmoid", "tanh", "relu", "gelu", "silu",
-    "normalize", "roll", "flip", "repeat", "tile", "where", "masked_fill", "maximum", "minimum", "clamp",
-    "erf", "cumsum", "addmm", "baddbmm"})
-_ALIASING_MODULES = frozenset({"Identity", "Dropout", "Dropout1d", "Dropout2d", "Dropout3d", "AlphaDropout"})
-
-
 def _fresh(module: nn.Module) -> bool:
-    if isinstance(module, FunctionOp):
-        return module.op in _FRESH_FUNCTIONS
+    """Whether the module's output never shares storage with its inputs or its own tensors."""
     if isinstance(module, (Parameter, Constant)) or is_dag_module(module):
         return False
-    if is_flex_module(module):  # a flexible layer may hand out a view of its parameter
-        return not isinstance(module.full, (Parameter, Constant))
-    return op_name(module) not in _ALIASING_MODULES
+    if isinstance(module, LayerProxy):  # a flexible layer may hand out a view of its parameter
+        return _fresh(module.current_layer())
+    op = op_name(module)
+    return not has_trait(op, Trait.ALIASES_INPUT)
 
 
 def in_place_calls(dag: Any, predecessors: list[list[str]] | None = None) -> tuple[Callable[..., Any], ...]:

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -23,6 +23,7 @@ from .errors import UnknownOpError
 from .functions import FUNCTIONS, FunctionSpec
 from .lowrank import LowRankConv2d, LowRankLinear
 from .template import is_constant
+from .traits import Trait, declare_traits
 from .wsconv import WSConv2d
 
 # --- torch_dag's own module ops -------------------------------------------------------------------
@@ -175,6 +176,8 @@ def clone_module(module: nn.Module) -> nn.Module:
 
 MODULE_OPS: dict[type[nn.Module], ModuleOpSpec] = {}
 _MODULE_OPS_BY_NAME: dict[str, ModuleOpSpec] = {}
+CUSTOM_OPS: dict[str, CustomOpSpec] = {}
+_CUSTOM_OPS_BY_CLASS: dict[type, CustomOpSpec] = {}
 _SKIPPED_INIT_PARAMS = {"self", "device", "dtype", "_weight", "_freeze"}
 
 
@@ -203,27 +206,97 @@ def _init_params(cls: type[nn.Module]) -> tuple[inspect.Parameter, ...]:
                  if p.name not in skipped and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD))
 
 
-def register_module_op(cls: type[nn.Module], name: str | None = None) -> type[nn.Module]:
-    """Add a module class to the vocabulary (a duplicate name or class raises)."""
+def register_module_op(cls: type[nn.Module], name: str | None = None, traits: Iterable[Trait] = ()
+                       ) -> type[nn.Module]:
+    """Add a module class to the vocabulary with its traits (a duplicate name or class raises).
+
+    Its config is its constructor arguments, read back from attributes of the same name."""
     name = name or cls.__name__
-    if name in _MODULE_OPS_BY_NAME or name in FUNCTIONS or cls in MODULE_OPS:
+    if name in _MODULE_OPS_BY_NAME or name in FUNCTIONS or cls in MODULE_OPS or name in CUSTOM_OPS:
         raise ValueError(f"op {name!r} ({cls.__qualname__}) is already registered")
-    params = _init_params(cls)
-    spec = ModuleOpSpec(name, cls, params)
+    spec = ModuleOpSpec(name, cls, _init_params(cls))
+    declare_traits(name, traits)
     MODULE_OPS[cls] = spec
     _MODULE_OPS_BY_NAME[name] = spec
     return cls
 
 
-_TORCH_NN_OPS = ["Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d", "Linear", "Bilinear", "Embedding", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "LayerNorm", "GroupNorm", "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d", "LocalResponseNorm", "RMSNorm", "ReLU", "ReLU6", "LeakyReLU", "PReLU", "ELU", "CELU", "SELU", "GELU", "SiLU", "Mish", "Sigmoid", "Tanh", "Hardswish", "Hardsigmoid", "Hardtanh", "Softplus", "Softsign", "Softmax", "LogSoftmax", "Softmax2d", "GLU", "Tanhshrink", "Hardshrink", "Softshrink", "Threshold", "LogSigmoid", "Identity", "Dropout", "Dropout1d", "Dropout2d", "Dropout3d", "AlphaDropout", "MaxPool1d", "MaxPool2d", "MaxPool3d", "AvgPool1d", "AvgPool2d", "AvgPool3d", "AdaptiveAvgPool1d", "AdaptiveAvgPool2d", "AdaptiveAvgPool3d", "AdaptiveMaxPool1d", "AdaptiveMaxPool2d", "AdaptiveMaxPool3d", "LPPool1d", "LPPool2d", "PixelShuffle", "PixelUnshuffle", "ChannelShuffle", "Fold", "Unfold", "MultiheadAttention", "LSTM", "GRU", "RNN"]
-
-for _name in _TORCH_NN_OPS:
-    register_module_op(getattr(nn, _name))
-register_module_op(Parameter)
-register_module_op(Constant)
+# torch.nn layers in the vocabulary, by what they are
+_A = (Trait.ACTIVATION, Trait.ELEMENTWISE)
+_TORCH_NN_OPS: dict[tuple[Trait, ...], tuple[str, ...]] = {
+    (Trait.CONV,): ("Conv1d", "Conv2d", "Conv3d"),
+    (Trait.LINEAR,): ("Linear",),
+    (Trait.BATCH_NORM,): ("BatchNorm1d", "BatchNorm2d", "BatchNorm3d"),
+    (Trait.NORM,): ("LayerNorm", "GroupNorm", "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d",
+                    "LocalResponseNorm", "RMSNorm"),
+    _A: ("ReLU", "ReLU6", "LeakyReLU", "ELU", "CELU", "SELU", "GELU", "SiLU", "Mish", "Sigmoid", "Tanh",
+         "Hardswish", "Hardsigmoid", "Hardtanh", "Softplus", "Softsign", "Tanhshrink", "Hardshrink",
+         "Softshrink", "Threshold", "LogSigmoid"),
+    (Trait.ACTIVATION,): ("PReLU", "GLU"),
+    (Trait.IDENTITY, Trait.ALIASES_INPUT): ("Identity",),
+    (Trait.DROPOUT, Trait.ALIASES_INPUT): ("Dropout", "Dropout1d", "Dropout2d", "Dropout3d", "AlphaDropout"),
+    (Trait.POOL,): ("MaxPool1d", "MaxPool2d", "MaxPool3d", "AvgPool1d", "AvgPool2d", "AvgPool3d",
+                    "AdaptiveAvgPool1d", "AdaptiveAvgPool2d", "AdaptiveAvgPool3d", "AdaptiveMaxPool1d",
+                    "AdaptiveMaxPool2d", "AdaptiveMaxPool3d", "LPPool1d", "LPPool2d"),
+    (Trait.CONTRACTION,): ("MultiheadAttention",),
+    (): ("ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d", "Bilinear", "Embedding", "Softmax",
+         "LogSoftmax", "Softmax2d", "PixelShuffle", "PixelUnshuffle", "ChannelShuffle", "Fold", "Unfold",
+         "LSTM", "GRU", "RNN"),
+}
+for _traits, _names in _TORCH_NN_OPS.items():
+    for _name in _names:
+        register_module_op(getattr(nn, _name), traits=_traits)
+register_module_op(Parameter, traits=[Trait.FACTORY])
+register_module_op(Constant, traits=[Trait.FACTORY])
 register_module_op(LowRankLinear)
 register_module_op(LowRankConv2d)
 register_module_op(WSConv2d)
+
+
+# --- custom ops: module classes that store their own config -----------------------------------------
+
+
+@dataclass(frozen=True)
+class CustomOpSpec:
+    """An op whose module class is not rebuilt from its constructor arguments (a layer above the core,
+    such as a flexible layer): it says how to write its config and how to rebuild from one.
+
+    `from_config(config, where)` must validate the (untrusted) config and raise `LoadError` naming `where`.
+    `dag_class`, when set, is the `DagModule` subclass a DAG with vertices of this op is made into (its
+    `from_dag(dag)` classmethod is called by the converter)."""
+
+    name: str
+    cls: type[nn.Module]
+    to_config: Callable[[Any], dict[str, Any]]
+    from_config: Callable[[Any, str], nn.Module]
+    dag_class: type | None = None
+
+
+def register_custom_op(spec: CustomOpSpec, traits: Iterable[Trait] = ()) -> CustomOpSpec:
+    """Add an op whose modules are `spec.cls` (or subclasses) and store their own config."""
+    if spec.name in CUSTOM_OPS or spec.name in FUNCTIONS or spec.name in _MODULE_OPS_BY_NAME:
+        raise ValueError(f"op {spec.name!r} ({spec.cls.__qualname__}) is already registered")
+    declare_traits(spec.name, traits)
+    CUSTOM_OPS[spec.name] = spec
+    _CUSTOM_OPS_BY_CLASS[spec.cls] = spec
+    return spec
+
+
+def custom_op_spec(module: nn.Module) -> CustomOpSpec | None:
+    """The custom op `module` is an instance of (subclasses included), or None."""
+    for klass in type(module).__mro__:
+        spec = _CUSTOM_OPS_BY_CLASS.get(klass)
+        if spec is not None:
+            return spec
+    return None
+
+
+@runtime_checkable
+class LayerProxy(Protocol):
+    """A module that computes what one plain vocabulary layer computes, which layer being chosen at run
+    time (a flexible layer at its current width). Analyses (FLOPs, parameters, aliasing) read that layer."""
+
+    def current_layer(self) -> nn.Module: ...
 
 
 def function_spec(name: str) -> FunctionSpec:
@@ -243,29 +316,28 @@ def op_name(module: nn.Module) -> str:
     if isinstance(module, FunctionOp):
         return module.op
     spec = MODULE_OPS.get(type(module))
-    if spec is None:
-        if is_dag_module(module):
-            return "DagModule"
-        if is_flex_module(module):
-            return "Flex"
-        raise UnknownOpError(
-            f"module class {type(module).__qualname__} is not in the op vocabulary; "
-            f"register it with torch_dag.register_module_op or let the converter trace through it"
-        )
-    return spec.name
+    if spec is not None:
+        return spec.name
+    if is_dag_module(module):
+        return "DagModule"
+    custom = custom_op_spec(module)
+    if custom is not None:
+        return custom.name
+    raise UnknownOpError(
+        f"module class {type(module).__qualname__} is not in the op vocabulary; "
+        f"register it with torch_dag.register_module_op or let the converter trace through it"
+    )
 
 
 def is_dag_module(module: nn.Module) -> bool:
     return getattr(module, "_is_torch_dag_module", False)
 
 
-def is_flex_module(module: nn.Module) -> bool:
-    """A flexible layer (`torch_dag.flex.FlexModule`): a vocabulary layer at one of several widths."""
-    return getattr(module, "_is_torch_dag_flex", False)
+declare_traits("DagModule", ())  # a nested DAG: an op of the vocabulary with no traits of its own
 
 
 def known_ops() -> list[str]:
-    return sorted([*FUNCTIONS, *_MODULE_OPS_BY_NAME, "DagModule", "Flex"])
+    return sorted([*FUNCTIONS, *_MODULE_OPS_BY_NAME, *CUSTOM_OPS, "DagModule"])
 
 
 def callable_of(module: nn.Module) -> Callable[..., Any]:

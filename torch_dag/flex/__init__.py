@@ -9,6 +9,7 @@ also public building blocks for hand-written flexible models; level deltas and d
 plain models between levels without the flexible model.
 """
 
+from . import serde as serde  # registers the Flex op and the flexible DAG's file form
 from .delta import FileDeltaManager, InMemoryDeltaManager, LevelDelta, file_delta_manager
 from .make import FlexConfig, compensate_levels, make_flexible
 from .model import FlexDagModule, is_flex

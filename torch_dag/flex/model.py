@@ -12,14 +12,15 @@ from torch import nn
 
 from ..core.dag import DagModule, Vertex
 from ..core.errors import DagError
-from .modules import Cuts
+from .modules import Cuts, FlexModule
 
 # vertex -> per level, the call template (args, kwargs): split sizes and reshapes that spell widths out
 LevelArgs = dict[str, list[tuple[tuple, dict]]]
 
 
 def is_flex(module: nn.Module) -> bool:
-    return getattr(module, "_is_torch_dag_flex", False)
+    """A flexible layer (`FlexModule`, hand-written or made by `make_flexible`)."""
+    return isinstance(module, FlexModule)
 
 
 class FlexDagModule(DagModule):

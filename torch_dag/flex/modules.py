@@ -38,8 +38,6 @@ class FlexModule(nn.Module):
     parameters (the flexible module owns them). `level` is the level in use (the last one to start).
     """
 
-    _is_torch_dag_flex = True
-
     def __init__(self, full: nn.Module, levels: Sequence[nn.Module], cuts: Sequence[Cuts]):
         super().__init__()
         if len(levels) != len(cuts) or not levels:
@@ -96,6 +94,10 @@ class FlexModule(nn.Module):
                 self._index_cache[key] = where
             tensor = tensor.narrow(axis, *where) if isinstance(where, tuple) else tensor.index_select(axis, where)
         return tensor
+
+    def current_layer(self) -> nn.Module:
+        """The plain layer at the width in use (the core's `LayerProxy` protocol: FLOPs, aliasing)."""
+        return self.view()
 
     def view(self, level: int | None = None) -> nn.Module:
         """The layer at `level` (default: the one in use) reading the shared parameters, for inspection

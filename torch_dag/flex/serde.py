@@ -1,5 +1,6 @@
-"""The JSON form of flexible layers and of a flexible DAG's per-level call templates (registered with
-serde's extension tables when `torch_dag.flex` is imported).
+"""The JSON form of flexible layers and of a flexible DAG's per-level call templates: registers the
+`Flex` op with the core's custom-op registry and the flexible DAG with serde (`torch_dag.flex` imports
+this module explicitly, so importing anything of `torch_dag` registers both).
 
 A `Flex` vertex's config: the full-width layer (op and config), its parameters (shape, dtype,
 trainable), and per level the layer's config and, for each parameter, the kept indices along each
@@ -17,9 +18,9 @@ import torch
 from torch import nn
 
 from ..core.errors import DagError, LoadError
-from ..core.ops import module_op_spec, op_name
+from ..core.ops import CustomOpSpec, module_op_spec, op_name, register_custom_op
 from ..core.template import DTYPES, from_json, to_json
-from ..serde.format import EXTENSION_DAGS, EXTENSION_OPS
+from ..serde.format import EXTENSION_DAGS
 from .model import FlexDagModule
 from .modules import FlexModule
 
@@ -166,5 +167,5 @@ def build_flex_dag(data: Any, inputs: list[str], vertices: list, output: Any, in
     return dag
 
 
-EXTENSION_OPS["Flex"] = (flex_config, build_flex)
+register_custom_op(CustomOpSpec("Flex", FlexModule, flex_config, build_flex, dag_class=FlexDagModule))
 EXTENSION_DAGS["flex"] = (FlexDagModule, flex_dag_json, build_flex_dag)

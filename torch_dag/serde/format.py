@@ -32,16 +32,12 @@ from torch import nn
 from ..core.dag import DagModule, Vertex, is_valid_vertex_name
 from ..core.errors import DagError, LoadError, UnknownOpError, VerifyError
 from ..core.functions import FUNCTIONS
-from ..core.ops import FunctionOp, clone_module, is_dag_module, module_op_spec, op_name
+from ..core.ops import CUSTOM_OPS, FunctionOp, clone_module, is_dag_module, module_op_spec, op_name
 from ..core.template import DTYPES, from_json, to_json
 from ..core.verify import arity_problem, verify
 
 SCHEMA_VERSION = 1
 
-# ops stored by a subsystem above serde (flexible layers register "Flex"): op -> (config of a module,
-# module from a config and a location for errors); the config must be JSON and the builder must
-# validate it and raise LoadError, like the rest of this file
-EXTENSION_OPS: dict[str, tuple[Callable[[nn.Module], dict[str, Any]], Callable[[Any, str], nn.Module]]] = {}
 # DagModule subclasses with extra graph data (flexible DAGs): graph key -> (class, its JSON, a builder
 # from that JSON and the inputs, vertices, output and input meta)
 EXTENSION_DAGS: dict[str, tuple[type, Callable[[Any], Any], Callable[..., DagModule]]] = {}
@@ -108,8 +104,8 @@ def _graph_json(dag: DagModule) -> dict[str, Any]:
             entry["same_module_as"] = shared
         elif is_dag_module(vertex.module):
             entry["config"] = _graph_json(vertex.module)
-        elif vertex.op in EXTENSION_OPS:
-            entry["config"] = EXTENSION_OPS[vertex.op][0](vertex.module)
+        elif vertex.op in CUSTOM_OPS:
+            entry["config"] = CUSTOM_OPS[vertex.op].to_config(vertex.module)
         elif not isinstance(vertex.module, FunctionOp):
             spec = module_op_spec(vertex.op)
             config = spec.config(vertex.module)
@@ -521,8 +517,8 @@ def _set_dtypes(module: nn.Module, dtypes: Any, where: str) -> None:
 def _build_module(op: str, config: Any, where: str, depth: int) -> nn.Module:
     if op == "DagModule":
         return _build_dag(config, depth + 1)
-    if op in EXTENSION_OPS:
-        return EXTENSION_OPS[op][1](config, where)
+    if op in CUSTOM_OPS:
+        return CUSTOM_OPS[op].from_config(config, where)
     if op in FUNCTIONS:
         _expect(config is None, f"{where}: a function op takes no config")
         return FunctionOp(op)

@@ -1,4 +1,4 @@
-"""Output comparison used by the tests and benchmarks: the toolkit's one definition of "equal"."""
+"""Output comparison: the toolkit's one definition of "equal" (the converter, flex, the CLI, tests and benchmarks)."""
 
 from __future__ import annotations
 

@@ -13,12 +13,11 @@ from typing import Any
 
 from torch import nn
 
-from ..core.dag import DagModule, Vertex, is_valid_vertex_name
-from ..core.errors import DagError
-from ..core.functions import FUNCTIONS
-from ..core.ops import FunctionOp
-from ..core.template import Ref, map_refs, unique_refs
-from ..core.verify import verify
+from .dag import DagModule, Vertex, is_valid_vertex_name
+from .errors import DagError
+from .template import Ref, map_refs, unique_refs
+from .traits import Trait, has_trait
+from .verify import verify
 
 
 class Editor:
@@ -120,7 +119,7 @@ class Editor:
 
 
 def _has_side_effect(vertex: Vertex) -> bool:
-    return isinstance(vertex.module, FunctionOp) and FUNCTIONS[vertex.module.op].side_effect
+    return has_trait(vertex.op, Trait.SIDE_EFFECT)
 
 
 def first_input(vertex: Vertex) -> str | None:
