@@ -16,7 +16,7 @@ import torch
 
 import torch_dag as td
 from torch_dag import flex as tf
-from torch_dag.flex.serde import index_runs
+from torch_dag.flex.modules import index_runs
 
 MODELS = ["resnet18", "vit_tiny_patch16_224", "efficientnet_b0", "convnext_atto", "ghostnet_050", "regnety_002",
           "swin_tiny_patch4_window7_224"]

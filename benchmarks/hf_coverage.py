@@ -63,7 +63,7 @@ def check(name: str, stage) -> dict:
     import transformers
 
     import torch_dag as td
-    from torch_dag.testing import bitwise_equal, compare_outputs
+    from torch_dag.core.compare import bitwise_equal, compare_outputs
 
     def at(s: str) -> None:
         stage.value = STAGES.index(s)

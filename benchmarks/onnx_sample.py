@@ -1,7 +1,7 @@
 """ONNX export of the CI timm sample (tests/test_timm.py's SAMPLE): every model exported with
 `td.export_onnx` (dynamic batch), run in onnxruntime at the conversion batch and at batch 2, outputs
 compared with the DagModule's: equal when max |onnx - dag| <= 1e-4 x max(1, max |dag|), the project's
-equality criterion (`torch_dag.testing.compare_outputs`) at rtol 1e-4. Random-init timm models can have
+equality criterion (`torch_dag.core.compare.compare_outputs`) at rtol 1e-4. Random-init timm models can have
 outputs of 1e10 and more, where element-wise `allclose` fails on fp32 rounding of the smallest logits; its
 verdict is recorded beside (`elementwise_allclose`, rtol 1e-4, atol 1e-5).
 
@@ -38,7 +38,7 @@ def check_model(name: str, stage, size: int) -> dict:
     from torch.utils import _pytree as pytree
 
     import torch_dag as td
-    from torch_dag.testing import compare_outputs
+    from torch_dag.core.compare import compare_outputs
 
     stage.value = STAGES.index("convert")
     torch.manual_seed(0)

@@ -22,7 +22,7 @@ from torch import nn
 
 import torch_dag as td
 from torch_dag import passes as P
-from torch_dag.testing import compare_outputs
+from torch_dag.core.compare import compare_outputs
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PASSES = {

@@ -27,7 +27,7 @@ import timm
 import torch
 
 import torch_dag as td
-from torch_dag.testing import compare_outputs
+from torch_dag.core.compare import compare_outputs
 
 OUT = Path(__file__).resolve().parent / "results" / "timing.csv"
 COMPILED_RTOL = 1e-4  # compiled kernels reorder float math

@@ -43,7 +43,7 @@ def check_model(name: str, stage) -> dict:
     import torch
 
     import torch_dag as td
-    from torch_dag.testing import bitwise_equal, compare_outputs
+    from torch_dag.core.compare import bitwise_equal, compare_outputs
 
     def at(s: str) -> None:
         stage.value = STAGES.index(s)
@@ -105,7 +105,7 @@ def fold_row(dag, x, reference) -> dict:
     import torch
 
     from torch_dag import passes
-    from torch_dag.testing import compare_outputs
+    from torch_dag.core.compare import compare_outputs
 
     pairs = len(passes.find(dag, passes.op(passes.BATCH_NORMS, inputs=[passes.op(passes.CONVS | {"Linear"})])))
     folded = passes.fold_batchnorm(dag)

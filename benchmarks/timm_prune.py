@@ -33,7 +33,7 @@ def prune_model(name: str, stage) -> dict:
     import torch
 
     import torch_dag as td
-    from torch_dag.testing import bitwise_equal
+    from torch_dag.core.compare import bitwise_equal
 
     def at(s: str) -> None:
         stage.value = STAGES.index(s)

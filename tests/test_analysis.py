@@ -10,9 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from zoo import ZOO, convert, make
 
 import torch_dag as td
+from tests.zoo import ZOO, convert, make
 
 fvcore_nn = pytest.importorskip("fvcore.nn")
 jit_handles = pytest.importorskip("fvcore.nn.jit_handles")

@@ -157,6 +157,7 @@ def test_bad_input_size_is_a_usage_error(tmp_path, capsys):
     assert "expected sizes like 3x224x224, got '3xax4'" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_cli_in_a_subprocess(tmp_path):
     pytest.importorskip("timm")
     path = tmp_path / "r.dag"
@@ -185,6 +186,7 @@ def test_cli_in_a_subprocess(tmp_path):
     assert dag(x).shape == (1, 1000)
 
 
+@pytest.mark.slow
 def test_bad_spec_in_a_subprocess_exits_non_zero(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "torch_dag.cli", "convert", "resnet18", "-o", str(tmp_path / "x.dag")],

@@ -8,10 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from zoo import ZOO, convert, make
 
 import torch_dag as td
-from torch_dag.testing import compare_outputs
+from tests.zoo import ZOO, convert, make
+from torch_dag.core.compare import compare_outputs
 
 
 @pytest.mark.parametrize("name", sorted(ZOO))
@@ -204,6 +204,7 @@ def test_deepcopy_and_state_dict():
     clone.load_state_dict(dag.state_dict())
 
 
+@pytest.mark.slow
 def test_torch_compile_matches_eager():
     model, inputs, dag = convert("residual")
     compiled = torch.compile(dag)

@@ -9,10 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from zoo import make
 
 import torch_dag as td
-from torch_dag.testing import bitwise_equal, compare_outputs
+from tests.zoo import make
+from torch_dag.core.compare import bitwise_equal, compare_outputs
 
 
 def run(module, *args, **kwargs):
@@ -225,6 +225,7 @@ def test_hugging_face_dags_run_at_other_batch_sizes_and_lengths(name):
                 assert compare_outputs(reference[key], out[key])[0], (batch, length, key)
 
 
+@pytest.mark.slow
 def test_a_hugging_face_dag_becomes_flexible():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

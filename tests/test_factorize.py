@@ -6,12 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
-from zoo import ZOO, make
 
 import torch_dag as td
+from tests.zoo import ZOO, make
+from torch_dag.core.compare import bitwise_equal, compare_outputs
 from torch_dag.core.lowrank import LowRankConv2d, LowRankLinear
 from torch_dag.passes import factorize, low_rank
-from torch_dag.testing import bitwise_equal, compare_outputs
 
 timm = pytest.importorskip("timm")
 
@@ -286,6 +286,7 @@ def test_compare_with_fully_ranked_model_is_equal():
     assert compare_outputs(small(x), again(x))[0]
 
 
+@pytest.mark.slow
 def test_cli_factorize(tmp_path, capsys):
     import numpy as np
 

@@ -291,6 +291,7 @@ def torchrun(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["pruned", "flex"])
 def test_two_ddp_processes_end_with_identical_weights(tmp_path, kind):
     done = torchrun(str(HERE / "_ddp_finetune.py"), str(tmp_path), *(["flex"] if kind == "flex" else []))
@@ -322,6 +323,7 @@ def test_cli_finetune(tmp_path, capsys):
     assert (tmp_path / "ckpt" / "state.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_cli_finetune_under_torchrun_runs_two_processes(tmp_path):
     teacher, student = small_teacher_and_student()
     td.save(teacher, tmp_path / "teacher.dag")

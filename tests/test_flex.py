@@ -21,14 +21,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 from torch import nn
-from zoo import make
 
 import torch_dag as td
+from tests.zoo import make
 from torch_dag import flex as tf
 from torch_dag.cli import main
-from torch_dag.flex import delta as delta_module
+from torch_dag.core.compare import bitwise_equal, compare_outputs
+from torch_dag.flex import delta_file as delta_file_module
+from torch_dag.flex import delta_level
 from torch_dag.pruning import channel_groups, channel_scores
-from torch_dag.testing import bitwise_equal, compare_outputs
 
 LEVELS = [0.25, 0.5, 1.0]
 ZOO = ["residual", "concat_split", "depthwise_grouped", "squeeze_excite", "attention"]
@@ -160,6 +161,7 @@ def test_levels_from_flops_ratios_land_near_them(resnet):
     assert abs(ratios[0] - 0.3) < 0.08 and abs(ratios[1] - 0.6) < 0.08 and ratios[2] == 1.0, ratios
 
 
+@pytest.mark.slow
 def test_levels_per_group(resnet):
     dag, x, flex = resnet
     dimension = flex.search_dimension
@@ -319,6 +321,7 @@ def test_delta_bytes_round_trip(resnet):
         tf.LevelDelta.from_bytes(up.to_bytes()[:-10])
 
 
+@pytest.mark.slow
 def test_in_memory_manager_moves_between_any_levels(resnet):
     _, x, flex = resnet
     flex.set_level_use(1)
@@ -370,10 +373,11 @@ def test_delta_file_corruption_is_reported(tmp_path, resnet):
                 manager.move_to(level)
 
 
+@pytest.mark.slow
 def test_delta_file_checks_every_chunk_of_a_segment(tmp_path, resnet, monkeypatch):
     _, _, flex = resnet
     plains = [plain_at(flex, level) for level in range(3)]
-    monkeypatch.setattr(delta_module, "_CHUNK", 4096)  # many pieces per segment
+    monkeypatch.setattr(delta_file_module, "_CHUNK", 4096)  # many pieces per segment
     path = tf.FileDeltaManager.make_delta_file(tmp_path / "r.delta", flex)
     with tf.file_delta_manager(path) as manager:
         index = manager.index
@@ -409,8 +413,8 @@ def test_a_move_across_levels_rebuilds_the_model_once(tmp_path, resnet, monkeypa
     _, x, flex = resnet
     path = tf.FileDeltaManager.make_delta_file(tmp_path / "r.delta", flex)
     rebuilds = []
-    update = delta_module.update_in_place
-    monkeypatch.setattr(delta_module, "update_in_place", lambda *a: rebuilds.append(a[-1]) or update(*a))
+    update = delta_level.update_in_place
+    monkeypatch.setattr(delta_level, "update_in_place", lambda *a: rebuilds.append(a[-1]) or update(*a))
     plain = plain_at(flex, 2)
     with tf.file_delta_manager(path) as manager:
         model = manager.move_to(0)
@@ -505,6 +509,7 @@ def test_a_hand_written_flexible_model_converts_saves_and_moves(tmp_path):
 # --- training -------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_sandwich_training_lowers_the_loss_at_every_level():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
@@ -569,7 +574,7 @@ def test_compensation_fits_all_levels_at_once():
 
 def test_compensation_needs_calibration_and_a_known_mode():
     dag, _ = _two_layer_flex("none", [torch.randn(8, 16)])
-    with pytest.raises(td.DagError, match="unknown compensation 'mean'"):
+    with pytest.raises(td.DagError, match="compensate='mean' is not a known compensation"):
         tf.FlexConfig(compensate="mean")
     with pytest.raises(td.DagError, match="needs calibration batches"):
         tf.make_flexible(dag, LEVELS, (torch.randn(2, 16),), config=tf.FlexConfig(compensate="lstsq"))
@@ -578,6 +583,7 @@ def test_compensation_needs_calibration_and_a_known_mode():
                          config=tf.FlexConfig(round_to=1, compensate="lstsq"))
 
 
+@pytest.mark.slow
 def test_cli_flexify_compensates_like_the_api(tmp_path):
     timm = pytest.importorskip("timm")
     torch.manual_seed(0)
@@ -602,6 +608,7 @@ def test_cli_flexify_compensates_like_the_api(tmp_path):
 # --- command line ---------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_cli_flexify_prints_levels_and_writes_files(tmp_path, capsys):
     pytest.importorskip("timm")
     out, deltas = tmp_path / "r18_flex.dag", tmp_path / "r18.delta"
@@ -687,6 +694,7 @@ def test_fuzz_delta_file_bytes(tmp_path, delta_file, data):
 JUNK = st.none() | st.integers(-3, 50) | st.lists(st.integers(-3, 50), max_size=3) | st.text(max_size=4) | st.just({})
 
 
+@pytest.mark.slow
 @FUZZ
 @given(segment=st.integers(1, 6), field=st.sampled_from(["source", "target", "graph", "source_shapes", "steps", "runs"]),
        entry=st.integers(0, 1000), whole=st.booleans(), junk=JUNK)

@@ -7,9 +7,9 @@ import pytest
 import torch
 from torch import nn
 from torch.utils import _pytree as pytree
-from zoo import ZOO, make
 
 import torch_dag as td
+from tests.zoo import ZOO, make
 from torch_dag.converters.onnx import OnnxExportError, export_onnx
 
 ort = pytest.importorskip("onnxruntime")
@@ -60,6 +60,7 @@ def test_zoo_model(name, tmp_path):
         assert names == OUTPUT_NAMES[name]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("name", "size"), TIMM_SAMPLE, ids=[n for n, _ in TIMM_SAMPLE])
 def test_timm_model(name, size, tmp_path):
     timm = pytest.importorskip("timm")

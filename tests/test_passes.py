@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
-from zoo import ZOO, make
 
 import torch_dag as td
+from tests.zoo import ZOO, make
 from torch_dag import passes as P
-from torch_dag.testing import bitwise_equal, compare_outputs
+from torch_dag.core.compare import bitwise_equal, compare_outputs
 
 timm = pytest.importorskip("timm")
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 import warnings
 
 import numpy as np
@@ -10,11 +9,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from zoo import make
 
 import torch_dag as td
+from tests.zoo import make
+from torch_dag.core.compare import bitwise_equal, compare_outputs
 from torch_dag.pruning import PruneConfig, channel_groups, channel_scores, prune, surgery
-from torch_dag.testing import bitwise_equal, compare_outputs
+from torch_dag.pruning.flop_model import FlopModel
 
 timm = pytest.importorskip("timm")
 
@@ -201,6 +201,7 @@ def test_pruning_zeroed_heads_keeps_outputs(case, attention):
         assert pruned[block.name].module.out_features == dag[block.name].module.out_features - 3 * head_size
 
 
+@pytest.mark.slow
 def test_taylor_scores_are_zero_exactly_for_dead_channels():
     dag, inputs = _timm("resnet18", 64)
     with torch.no_grad():  # timm zero-initializes each block's last BN scale: no gradient would pass
@@ -597,6 +598,7 @@ def test_compensation_lowers_the_error_on_the_calibration_data():
     assert errors["lstsq"] < errors["mean"] < errors["none"], errors
 
 
+@pytest.mark.slow
 def test_no_group_loses_more_than_max_removed():
     dag, inputs = _timm("resnet18", 64)
     pruned = prune(dag, 0.5, inputs, config=PruneConfig(max_removed=0.4, round_to=1))
@@ -633,7 +635,7 @@ def test_the_flop_model_predicts_attention_exactly(attention, fused):
     assert any(v.op == ("scaled_dot_product_attention" if fused else "matmul") for v in dag)
     groups = channel_groups(dag, (x,), attention=attention)
     before = td.count_flops(dag, x)
-    flop_model = sys.modules["torch_dag.pruning.prune"]._FlopModel(groups, before.flops)
+    flop_model = FlopModel(groups, before.flops)
     removed = np.zeros(groups.size, dtype=bool)
     for group in groups.groups():
         if group.prunable:

@@ -23,8 +23,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 import torch_dag as td
+from torch_dag.core.compare import bitwise_equal
 from torch_dag.serde.format import _checksum, _whole_checksum, build, graph_and_tensors, update_in_place
-from torch_dag.testing import bitwise_equal
 
 # --- models -----------------------------------------------------------------------------------------
 
@@ -382,7 +382,7 @@ else:
 import safetensors.torch
 import torch
 import torch_dag as td
-from torch_dag.testing import bitwise_equal
+from torch_dag.core.compare import bitwise_equal
 
 dag = td.load(sys.argv[1])
 reference = safetensors.torch.load_file(sys.argv[2])
@@ -395,6 +395,7 @@ if any(sys.modules.get(m) is not None for m in sys.modules if m.split(".")[0] ==
 """
 
 
+@pytest.mark.slow
 def test_timm_dag_loads_in_a_process_without_timm(tmp_path):
     timm = pytest.importorskip("timm")
     torch.manual_seed(0)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import torch_dag as td
-from torch_dag.testing import bitwise_equal, compare_outputs
+from torch_dag.core.compare import bitwise_equal, compare_outputs
 
 timm = pytest.importorskip("timm")
 

@@ -9,9 +9,9 @@ import xml.etree.ElementTree as ET
 import pytest
 import torch
 from torch import nn
-from zoo import ZOO, make
 
 import torch_dag as td
+from tests.zoo import ZOO, make
 from torch_dag import viz
 from torch_dag.core import ops
 from torch_dag.core.dag import Vertex

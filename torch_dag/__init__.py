@@ -22,7 +22,7 @@ from .core import (
     register_module_op,
     verify,
 )
-from .finetuning import FinetuneReport, finetune, recalibrate_batchnorm
+from .finetuning import FinetuneConfig, FinetuneReport, finetune, recalibrate_batchnorm
 from .flex import make_flexible
 from .passes import factorize
 from .pruning import prune
@@ -35,6 +35,7 @@ __all__ = [
     "ConversionError",
     "DagError",
     "DagModule",
+    "FinetuneConfig",
     "FinetuneReport",
     "FlopReport",
     "LoadError",

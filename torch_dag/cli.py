@@ -23,6 +23,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -30,6 +31,11 @@ from tqdm import tqdm
 
 from . import analysis, converters, finetuning, flex, passes, pruning, serde, viz
 from .core.errors import DagError
+from .core.options import choices
+from .finetuning import Optimizer
+from .flex.widths import FlexCompensation
+from .passes.factorize import Allocation
+from .pruning.prune import AttentionMode, Compensation, Criterion
 
 
 def load_model(spec: str) -> nn.Module:
@@ -87,7 +93,7 @@ def cmd_convert(args: argparse.Namespace) -> None:
     seconds = time.perf_counter() - start
     steps.update()
     steps.set_postfix_str("checking outputs")
-    from .testing import compare_outputs
+    from .core.compare import compare_outputs
 
     with torch.no_grad():
         equal, diff, reason = compare_outputs(model(x), dag(x))
@@ -153,7 +159,7 @@ def cmd_prune(args: argparse.Namespace) -> None:
         pruned, report = pruning.prune(dag, args.flops_ratio, inputs, params_ratio=args.params_ratio,
                                        kmapp=args.kmapp, config=config, calibration=calibration,
                                        progress=not args.quiet, return_report=True)
-    recalibrated = finetuning.recalibrate_batchnorm(pruned, calibration) if args.recalibrate_bn else None
+    recalibrated = _recalibrated(pruned, calibration, args)
     seconds = time.perf_counter() - start
     serde.save(pruned, args.output)
     before, after = analysis.count_flops(dag, *inputs), analysis.count_flops(pruned, *inputs)
@@ -174,16 +180,29 @@ def cmd_prune(args: argparse.Namespace) -> None:
         print(f"  batchnorm statistics re-estimated on {args.calibration}: {recalibrated} layers")
 
 
+_NEEDS_CALIBRATION = "--recalibrate-bn re-estimates statistics on --calibration data: give --calibration"
+
+
 def _calibration(args: argparse.Namespace) -> list[tuple[torch.Tensor]] | None:
     """Batches of `--calibration` (a .npy array of model inputs, loaded without pickle)."""
     if args.calibration is None:
         if getattr(args, "recalibrate_bn", False):
-            raise DagError("--recalibrate-bn re-estimates statistics on --calibration data: give --calibration")
+            raise DagError(_NEEDS_CALIBRATION)
         return None
     import numpy as np
 
     data = torch.from_numpy(np.load(args.calibration, allow_pickle=False)).float()
     return [(chunk,) for chunk in data.split(args.batch_size)]
+
+
+def _recalibrated(model: nn.Module, calibration: list[tuple[torch.Tensor]] | None, args: argparse.Namespace
+                  ) -> int | None:
+    """With `--recalibrate-bn`, re-estimate `model`'s batchnorm statistics on the calibration batches."""
+    if not args.recalibrate_bn:
+        return None
+    if calibration is None:  # `_calibration` raised this already
+        raise DagError(_NEEDS_CALIBRATION)
+    return finetuning.recalibrate_batchnorm(model, calibration)
 
 
 def cmd_factorize(args: argparse.Namespace) -> None:
@@ -206,10 +225,11 @@ def cmd_flexify(args: argparse.Namespace) -> None:
     calibration = _calibration(args)
     model = flex.make_flexible(dag, args.levels, inputs, flops_ratios=args.flops_ratios, config=config,
                                calibration=calibration)
-    recalibrated = finetuning.recalibrate_batchnorm(model, calibration) if args.recalibrate_bn else None
+    recalibrated = _recalibrated(model, calibration, args)
     seconds = time.perf_counter() - start
     serde.save(model, args.output)
-    print(f"made {args.source} flexible with {model.num_levels} levels over {len(model.width_info['ranking'])} "
+    ranking = cast(dict[str, Any], model.width_info)["ranking"]  # make_flexible records its width plan
+    print(f"made {args.source} flexible with {model.num_levels} levels over {len(ranking)} "
           f"channel groups in {seconds:.1f} s ({config.criterion}); saved to {args.output}")
     if recalibrated is not None:
         print(f"  per-level batchnorm statistics re-estimated on {args.calibration} ({recalibrated} over all levels)")
@@ -278,7 +298,7 @@ def cmd_viz(args: argparse.Namespace) -> None:
 
 def _rewrite(args: argparse.Namespace, rewrite, what: str, *, preserves: bool = False) -> None:
     """Load, rewrite, check the outputs where the pass keeps the function, save, report."""
-    from .testing import compare_outputs
+    from .core.compare import compare_outputs
 
     dag = serde.load(args.path)
     inputs = dag.example_inputs()
@@ -319,7 +339,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="torch-dag", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
+    for add in SUBCOMMANDS:
+        add(sub)
+    return parser
 
+
+def _convert_parser(sub: argparse._SubParsersAction) -> None:
     convert = sub.add_parser("convert", help="convert a model into a .dag file")
     convert.add_argument("model", help="timm:NAME or package.module:factory")
     convert.add_argument("-o", "--output", type=Path, required=True)
@@ -328,12 +353,16 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("-q", "--quiet", action="store_true")
     convert.set_defaults(run=cmd_convert)
 
+
+def _info_parser(sub: argparse._SubParsersAction) -> None:
     info = sub.add_parser("info", help="ops, params, FLOPs, kmapp and the heaviest vertices of a .dag")
     info.add_argument("path", type=Path)
     info.add_argument("--input-size", type=parse_size, help="CxHxW to count at (default: as converted)")
     info.add_argument("--top", type=int, default=15)
     info.set_defaults(run=cmd_info)
 
+
+def _viz_parser(sub: argparse._SubParsersAction) -> None:
     draw = sub.add_parser("viz", help="draw a .dag with graphviz: SVG/PNG, or one offline HTML page")
     draw.add_argument("path", type=Path)
     draw.add_argument("-o", "--output", type=Path, required=True, help="model.svg, model.png or model.html")
@@ -342,23 +371,25 @@ def build_parser() -> argparse.ArgumentParser:
     draw.add_argument("--no-flops", action="store_true", help="do not run the model to count FLOPs per vertex")
     draw.set_defaults(run=cmd_viz)
 
+
+def _rewrite_parsers(sub: argparse._SubParsersAction) -> None:
+    """The passes that read a .dag and write one: swap-act, fold-bn, simplify."""
     swap = sub.add_parser("swap-act", help="replace activations, e.g. relu=hardswish gelu=silu")
     swap.add_argument("path", type=Path)
     swap.add_argument("mapping", nargs="+", help="OLD=NEW op names (any case)")
     swap.add_argument("--names", help="regular expression vertex names must match")
     swap.add_argument("-o", "--output", type=Path, required=True)
     swap.set_defaults(run=cmd_swap_act)
+    for name, run, text in (
+            ("fold-bn", cmd_fold_bn, "fold BatchNorms into the conv/linear before them (for inference)"),
+            ("simplify", cmd_simplify, "drop identity-like vertices and duplicate constants")):
+        rewrite = sub.add_parser(name, help=text)
+        rewrite.add_argument("path", type=Path)
+        rewrite.add_argument("-o", "--output", type=Path, required=True)
+        rewrite.set_defaults(run=run)
 
-    fold = sub.add_parser("fold-bn", help="fold BatchNorms into the conv/linear before them (for inference)")
-    fold.add_argument("path", type=Path)
-    fold.add_argument("-o", "--output", type=Path, required=True)
-    fold.set_defaults(run=cmd_fold_bn)
 
-    simplify = sub.add_parser("simplify", help="drop identity-like vertices and duplicate constants")
-    simplify.add_argument("path", type=Path)
-    simplify.add_argument("-o", "--output", type=Path, required=True)
-    simplify.set_defaults(run=cmd_simplify)
-
+def _export_parser(sub: argparse._SubParsersAction) -> None:
     export = sub.add_parser("export-onnx", help="export a .dag to ONNX (onnxruntime, TensorRT, ...)")
     export.add_argument("path", type=Path)
     export.add_argument("-o", "--output", type=Path, required=True, help="model.onnx")
@@ -367,6 +398,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--static-batch", action="store_true", help="fix the batch size instead of a dynamic axis")
     export.set_defaults(run=cmd_export_onnx)
 
+
+def _prune_parser(sub: argparse._SubParsersAction) -> None:
     shrink = sub.add_parser("prune", help="remove channels to a FLOPs target; prints a before/after table")
     shrink.add_argument("source", help="a .dag file, timm:NAME or package.module:factory")
     target = shrink.add_mutually_exclusive_group(required=True)
@@ -374,18 +407,20 @@ def build_parser() -> argparse.ArgumentParser:
     target.add_argument("--params-ratio", type=float, help="fraction of the parameters to keep")
     target.add_argument("--kmapp", type=float, help="target kmapp (FLOPs per input pixel / 1000)")
     _add_width_options(shrink, "remove whole attention heads, or the same positions of every head")
-    shrink.add_argument("--compensate", choices=["lstsq", "mean", "none"], default="lstsq",
+    shrink.add_argument("--compensate", choices=choices(Compensation), default="lstsq",
                         help="with --calibration: re-solve the layers that lost inputs (lstsq), or restore "
                              "the removed channels' mean contribution in their biases (mean)")
     shrink.set_defaults(run=cmd_prune)
 
+
+def _factorize_parser(sub: argparse._SubParsersAction) -> None:
     low = sub.add_parser("factorize", help="replace Linear/Conv2d layers by low-rank pairs to a target")
     low.add_argument("source", help="a .dag file, timm:NAME or package.module:factory")
     target = low.add_mutually_exclusive_group(required=True)
     target.add_argument("--flops-ratio", type=float, help="fraction of the model's FLOPs to keep")
     target.add_argument("--params-ratio", type=float, help="fraction of the model's parameters to keep")
     target.add_argument("--rank-ratio", type=float, help="every layer at this fraction of its full rank")
-    low.add_argument("--allocation", default="error", choices=["error", "uniform"],
+    low.add_argument("--allocation", default="error", choices=choices(Allocation),
                      help="least-error ranks per layer (default) or one rank fraction for all")
     low.add_argument("--calibration", type=Path, help="a .npy array of model inputs (N x C x H x W) for the "
                      "data-aware solution (default: truncated SVD, no data)")
@@ -397,6 +432,8 @@ def build_parser() -> argparse.ArgumentParser:
     low.add_argument("-q", "--quiet", action="store_true")
     low.set_defaults(run=cmd_factorize)
 
+
+def _flexify_parser(sub: argparse._SubParsersAction) -> None:
     flexify = sub.add_parser("flexify", help="one weight-shared model with switchable width levels (+ delta file)")
     flexify.add_argument("source", help="a .dag file, timm:NAME or package.module:factory")
     target = flexify.add_mutually_exclusive_group()
@@ -404,13 +441,15 @@ def build_parser() -> argparse.ArgumentParser:
                         help="width fraction per level, narrowest first (default: 0.25 0.5 1.0)")
     target.add_argument("--flops-ratios", type=float, nargs="+", help="FLOPs ratio per level instead")
     _add_width_options(flexify, "levels keep whole attention heads, or the same positions of every head")
-    flexify.add_argument("--compensate", choices=["lstsq", "none"], default="none",
+    flexify.add_argument("--compensate", choices=choices(FlexCompensation), default="none",
                          help="with --calibration: re-solve the shared weights of the layers that lose inputs for "
                               "all levels at once (the top level no longer equals the source exactly)")
     flexify.add_argument("--delta-file", type=Path, help="also write the levels as a delta file")
     flexify.add_argument("--starting-level", type=int, default=0, help="the level the delta file stores whole")
     flexify.set_defaults(run=cmd_flexify)
 
+
+def _finetune_parser(sub: argparse._SubParsersAction) -> None:
     tune = sub.add_parser("finetune", help="distill a compressed .dag from its original (DDP under torchrun)")
     tune.add_argument("student", type=Path, help="the .dag to train (pruned, factorized or flexible)")
     tune.add_argument("--teacher", required=True, help="a .dag file, timm:NAME or package.module:factory")
@@ -419,7 +458,7 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--epochs", type=int, default=1)
     tune.add_argument("--batch-size", type=int, default=32, help="per process")
     tune.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (cosine schedule)")
-    tune.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw")
+    tune.add_argument("--optimizer", choices=choices(Optimizer), default="adamw")
     tune.add_argument("--weight-decay", type=float, default=0.0)
     tune.add_argument("--temperature", type=float, default=1.0, help="distillation temperature")
     tune.add_argument("--alpha", type=float, default=0.5, help="weight of distillation vs the labels' loss")
@@ -429,12 +468,15 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("-o", "--output", type=Path, required=True)
     tune.add_argument("-q", "--quiet", action="store_true")
     tune.set_defaults(run=cmd_finetune)
-    return parser
+
+
+SUBCOMMANDS = (_convert_parser, _info_parser, _viz_parser, _rewrite_parsers, _export_parser, _prune_parser,
+               _factorize_parser, _flexify_parser, _finetune_parser)  # in the order `--help` lists them
 
 
 def _add_width_options(parser: argparse.ArgumentParser, attention_help: str) -> None:
     """The options `prune` and `flexify` share: how channels are ranked and widths chosen, and I/O."""
-    parser.add_argument("--criterion", default="l2", choices=["l1", "l2", "bn_scale", "taylor", "random"])
+    parser.add_argument("--criterion", default="l2", choices=choices(Criterion))
     parser.add_argument("--calibration", type=Path, help="a .npy array of model inputs (N x C x H x W): "
                         "for taylor, compensation and --recalibrate-bn")
     parser.add_argument("--batch-size", type=int, default=8, help="calibration batch size")
@@ -442,7 +484,7 @@ def _add_width_options(parser: argparse.ArgumentParser, attention_help: str) -> 
                         "batchnorm statistics of the result (of every level) on the calibration data")
     parser.add_argument("--round-to", type=int, default=8, help="keep widths multiples of this (1: no rounding)")
     parser.add_argument("--min-channels", type=int, default=1)
-    parser.add_argument("--attention", choices=["heads", "head_dim"], default="heads", help=attention_help)
+    parser.add_argument("--attention", choices=choices(AttentionMode), default="heads", help=attention_help)
     parser.add_argument("--input-size", type=parse_size, help="CxHxW (default: as converted / pretrained_cfg)")
     parser.add_argument("-o", "--output", type=Path, required=True)
     parser.add_argument("-q", "--quiet", action="store_true")

@@ -12,60 +12,84 @@ import shutil
 import string
 import subprocess
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from torch.nn.modules.conv import _ConvNd
 
 from .analysis import FlopReport, count_flops
 from .core.dag import DagModule, Vertex
 from .core.errors import DagError
-from .core.ops import is_dag_module
+from .core.ops import is_dag_module, known_ops
 from .core.template import iter_refs, unique_refs
+from .core.traits import Trait, traits_of
+from .passes.pattern import BATCH_NORMS, CONVS, DROPOUTS
 
-__all__ = ["OP_FAMILIES", "GraphvizError", "render", "to_dot", "to_html"]
+__all__ = [
+    "OP_FAMILIES",  # noqa: F822  (made when read, by the module's __getattr__)
+    "GraphvizError",
+    "op_families",
+    "op_family",
+    "render",
+    "to_dot",
+    "to_html",
+]
 
 
 class GraphvizError(DagError):
     """Graphviz's `dot` program is missing or rejected the DOT source."""
 
 
-# family -> (fill colour of the heaviest vertex, the ops of the family); unlisted ops are "other"
-OP_FAMILIES: dict[str, tuple[str, str]] = {
-    "conv": ("#2f6fd0", "Conv1d Conv2d Conv3d ConvTranspose1d ConvTranspose2d ConvTranspose3d conv1d "
-             "conv2d conv3d conv_transpose1d conv_transpose2d conv_transpose3d Fold Unfold fold unfold"),
-    "linear": ("#7b3fc4", "Linear Bilinear linear bilinear addmm Embedding embedding LSTM GRU RNN"),
-    "attention": ("#d0342c", "MultiheadAttention scaled_dot_product_attention matmul einsum baddbmm "
-                  "addbmm outer kron cdist"),
-    "norm": ("#2e9e4f", "BatchNorm1d BatchNorm2d BatchNorm3d LayerNorm GroupNorm InstanceNorm1d "
-             "InstanceNorm2d InstanceNorm3d LocalResponseNorm RMSNorm batch_norm layer_norm group_norm "
-             "instance_norm rms_norm local_response_norm normalize"),
-    "activation": ("#e8822a", "ReLU ReLU6 LeakyReLU PReLU ELU CELU SELU GELU SiLU Mish Sigmoid Tanh "
-                   "Hardswish Hardsigmoid Hardtanh Softplus Softsign GLU Tanhshrink Hardshrink Softshrink "
-                   "Threshold LogSigmoid Softmax LogSoftmax Softmax2d relu relu6 leaky_relu prelu elu celu "
-                   "selu gelu silu mish sigmoid tanh hardswish hardsigmoid hardtanh softplus softsign glu "
-                   "logsigmoid softmax log_softmax clamp clamp_min clamp_max"),
-    "pooling": ("#17a2a2", "MaxPool1d MaxPool2d MaxPool3d AvgPool1d AvgPool2d AvgPool3d AdaptiveAvgPool1d "
-                "AdaptiveAvgPool2d AdaptiveAvgPool3d AdaptiveMaxPool1d AdaptiveMaxPool2d AdaptiveMaxPool3d "
-                "LPPool1d LPPool2d max_pool1d max_pool2d max_pool3d avg_pool1d avg_pool2d avg_pool3d "
-                "adaptive_avg_pool1d adaptive_avg_pool2d adaptive_avg_pool3d adaptive_max_pool1d "
-                "adaptive_max_pool2d lp_pool2d interpolate mean sum amax amin max min std var prod "
-                "logsumexp"),
-    "elementwise": ("#c9a400", "add sub mul div rsub pow neg abs exp log sqrt rsqrt reciprocal square "
-                    "maximum minimum where masked_fill lerp addcmul addcdiv eq ne lt le gt ge erf"),
-    "shape": ("#8a8a8a", "reshape view_as flatten unflatten permute transpose movedim squeeze unsqueeze "
-              "expand expand_as repeat tile cat stack split chunk unbind getitem select narrow contiguous "
-              "clone to type_as detach pad roll flip gather index_select size dim numel PixelShuffle "
-              "PixelUnshuffle ChannelShuffle pixel_shuffle pixel_unshuffle channel_shuffle Identity "
-              "Dropout Dropout1d Dropout2d Dropout3d AlphaDropout dropout dropout1d dropout2d dropout3d "
-              "alpha_dropout"),
-    "constant": ("#a0522d", "Parameter Constant arange zeros ones full empty eye linspace tensor as_tensor "
-                 "zeros_like ones_like full_like empty_like new_zeros new_ones new_full new_empty"),
-    "other": ("#5a5a5a", ""),
+# family -> fill colour of its heaviest vertex (the legend's order); an op in no family is "other"
+FAMILY_COLOURS: dict[str, str] = {
+    "conv": "#2f6fd0", "linear": "#7b3fc4", "attention": "#d0342c", "norm": "#2e9e4f",
+    "activation": "#e8822a", "pooling": "#17a2a2", "elementwise": "#c9a400", "shape": "#8a8a8a",
+    "constant": "#a0522d", "other": "#5a5a5a",
 }
-OP_FAMILY: dict[str, str] = {op: family for family, (_, ops) in OP_FAMILIES.items() for op in ops.split()}
+# an op's family is that of the first of its traits in this order
+_FAMILY_BY_TRAIT: tuple[tuple[Trait, str], ...] = (
+    (Trait.CONV, "conv"), (Trait.LINEAR, "linear"), (Trait.CONTRACTION, "attention"), (Trait.NORM, "norm"),
+    (Trait.ACTIVATION, "activation"), (Trait.POOL, "pooling"), (Trait.REDUCTION, "pooling"),
+    (Trait.ELEMENTWISE, "elementwise"), (Trait.FACTORY, "constant"), (Trait.VIEW, "shape"),
+    (Trait.ALIASES_INPUT, "shape"), (Trait.DROPOUT, "shape"), (Trait.IDENTITY, "shape"),
+    (Trait.METADATA, "shape"),
+)
+# families of the ops whose traits name none
+_FAMILY_OF_UNTRAITED = {op: family for family, ops in {
+    "conv": "ConvTranspose1d ConvTranspose2d ConvTranspose3d conv_transpose1d conv_transpose2d conv_transpose3d "
+            "Fold Unfold fold unfold",
+    "linear": "Bilinear bilinear Embedding embedding LSTM GRU RNN",
+    "attention": "cdist",
+    "activation": "Softmax LogSoftmax Softmax2d softmax log_softmax",
+    "shape": "cat stack repeat tile pad roll flip gather index_select PixelShuffle PixelUnshuffle ChannelShuffle "
+             "pixel_shuffle pixel_unshuffle channel_shuffle",
+}.items() for op in ops.split()}
+
+
+def op_family(op: str) -> str:
+    """The colour family of op `op`, from its traits (read now: ops registered later are coloured too)."""
+    traits = traits_of(op)
+    by_trait = next((family for trait, family in _FAMILY_BY_TRAIT if trait in traits), None)
+    return by_trait or _FAMILY_OF_UNTRAITED.get(op, "other")
+
+
+def op_families() -> dict[str, tuple[str, str]]:
+    """family -> (colour, the registered ops of the family, space-separated), for legends and docs."""
+    members: dict[str, list[str]] = {family: [] for family in FAMILY_COLOURS}
+    for op in known_ops():
+        family = op_family(op)
+        if family != "other":
+            members[family].append(op)
+    return {family: (colour, " ".join(members[family])) for family, colour in FAMILY_COLOURS.items()}
+
+
+def __getattr__(name: str) -> Any:
+    """`OP_FAMILIES`: `op_families()` computed when read, so it is never stale."""
+    if name == "OP_FAMILIES":
+        return op_families()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _k(value: Any) -> str:
@@ -74,26 +98,27 @@ def _k(value: Any) -> str:
     return str(values[0]) if len(set(values)) == 1 else "x".join(map(str, values))
 
 
-def _conv(m: nn.Module) -> str:
+def _conv(m: _ConvNd) -> str:
     text = f"{m.in_channels}->{m.out_channels} k{_k(m.kernel_size)}"
     text += f" s{_k(m.stride)}" if _k(m.stride) != "1" else ""
     return text + (" dw" if m.groups == m.in_channels > 1 else f" g{m.groups}" if m.groups > 1 else "")
 
 
-_CONV = ["Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d"]
+_CONV = [*CONVS, "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d"]
 _POOL = ["MaxPool1d", "MaxPool2d", "MaxPool3d", "AvgPool1d", "AvgPool2d", "AvgPool3d"]
 _ADAPTIVE = [f"Adaptive{kind}Pool{n}d" for kind in ("Avg", "Max") for n in (1, 2, 3)]
-_BATCH_NORM = [f"{kind}Norm{n}d" for kind in ("Batch", "Instance") for n in (1, 2, 3)]
+_BATCH_NORM = [*BATCH_NORMS, "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d"]
 
-# op -> short config shown after the op name (module ops only: function ops keep theirs in the template)
-CONFIG_TEXT: dict[str, Callable[[nn.Module], str]] = {
+# op -> short config shown after the op name (module ops only: function ops keep theirs in the template);
+# each function takes the module class of its op
+CONFIG_TEXT: dict[str, Callable[[Any], str]] = {
     **dict.fromkeys(_CONV, _conv),
     **dict.fromkeys(_POOL, lambda m: f"k{_k(m.kernel_size)} s{_k(m.stride)}"),
     **dict.fromkeys(_ADAPTIVE, lambda m: f"-> {_k(m.output_size)}"),
     **dict.fromkeys(_BATCH_NORM, lambda m: str(m.num_features)),
     **dict.fromkeys(["LayerNorm", "RMSNorm"], lambda m: _k(m.normalized_shape)),
     **dict.fromkeys(["LSTM", "GRU", "RNN"], lambda m: f"{m.input_size}->{m.hidden_size} x{m.num_layers}"),
-    **dict.fromkeys(["Dropout", "Dropout1d", "Dropout2d", "Dropout3d", "AlphaDropout"], lambda m: f"p={m.p}"),
+    **dict.fromkeys(DROPOUTS, lambda m: f"p={m.p}"),
     **dict.fromkeys(["Parameter", "Constant"], lambda m: "x".join(map(str, m.shape)) or "scalar"),
     "GroupNorm": lambda m: f"{m.num_channels} g{m.num_groups}",
     "Linear": lambda m: f"{m.in_features}->{m.out_features}",
@@ -160,11 +185,11 @@ class _Writer:
         return "" if not flops else f"{share:.1f}%" if share >= 0.1 else "<0.1%"
 
     def vertex(self, node_id: str, vertex: Vertex, report: FlopReport | None, pad: str) -> None:
-        family = OP_FAMILY.get(vertex.op, "other")
+        family = op_family(vertex.op)
         self.families.add(family)
         flops = report.flops.get(vertex.name, 0) if report else 0
         weight = 0.15 + 0.85 * math.sqrt(flops / self.heaviest) if report else 0.35
-        fill, font = _shade(OP_FAMILIES[family][0], weight)
+        fill, font = _shade(FAMILY_COLOURS[family], weight)
         shape = (report.shapes.get(vertex.name) if report else None) or vertex.meta.get("shape")
         config = CONFIG_TEXT[vertex.op](vertex.module) if vertex.op in CONFIG_TEXT else ""
         lines = [vertex.name, f"{vertex.op} {config}", f"{_shape_text(shape)}  {self.share(flops)}"]
@@ -204,7 +229,7 @@ class _Writer:
 
     def legend(self) -> str:
         cells = "".join(f'<td bgcolor="{colour}"><font color="#ffffff" point-size="9">{family}</font></td>'
-                        for family, (colour, _) in OP_FAMILIES.items() if family in self.families)
+                        for family, colour in FAMILY_COLOURS.items() if family in self.families)
         table = f'<table border="0" cellspacing="2"><tr>{cells}</tr></table>'
         return f'  "<legend>" [shape=plaintext style="" label=<{table}>];'
 
@@ -308,7 +333,7 @@ document.getElementById("q").addEventListener("input", function (e) {
 """)
 
 
-def _rows(rows: list[tuple[str, ...]]) -> str:
+def _rows(rows: Sequence[tuple[str, ...]]) -> str:
     """HTML table rows; every cell but the first is right-aligned."""
     cell = '<td{}>{}</td>'.format
     return "".join("<tr>" + "".join(cell(" class=n" if i else "", html.escape(c)) for i, c in enumerate(row))

@@ -3,6 +3,7 @@
 FLOPs follow fvcore's convention (one multiply-add is one FLOP; element-wise ops are free) so
 that totals agree with `fvcore.nn.FlopCountAnalysis`; one rule per op, in a table keyed by op
 name. fvcore does not count `scaled_dot_product_attention`; we do (its two matmuls), and say so.
+Every op of the vocabulary has a rule or a reason to cost nothing (`no_flops_reason`, tested).
 kmapp is FLOPs per input pixel / 1000, per sample.
 """
 
@@ -12,15 +13,18 @@ import collections
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
 from torch import nn
 
 from ..core.dag import DagModule, Vertex
-from ..core.ops import is_dag_module, is_flex_module, op_name
+from ..core.functions import FUNCTIONS
+from ..core.lowrank import LowRankConv2d, LowRankLinear
+from ..core.ops import CUSTOM_OPS, LayerProxy, is_dag_module, op_name
 from ..core.template import map_refs
+from ..core.traits import Trait, ops_with, traits_of
 
 FlopRule = Callable[[Vertex, tuple, dict, Any], int]
 
@@ -145,7 +149,7 @@ def _sdpa(vertex: Vertex, args: tuple, kwargs: dict, out: Any) -> int:
 
 
 def _multihead_attention(vertex: Vertex, args: tuple, kwargs: dict, out: Any) -> int:
-    module: nn.MultiheadAttention = vertex.module
+    module = cast(nn.MultiheadAttention, vertex.module)
     query, key = args[0], args[1]
     batch_first = module.batch_first and query.dim() == 3
     length = query.shape[1] if batch_first else query.shape[0]
@@ -163,27 +167,38 @@ def _ws_conv2d(vertex: Vertex, args: tuple, kwargs: dict, out: Any) -> int:
 
 
 def _low_rank_linear(vertex: Vertex, args: tuple, kwargs: dict, out: Any) -> int:
-    module = vertex.module
+    module = cast(LowRankLinear, vertex.module)
     rows = _numel(args[0].shape) // module.in_features
     return rows * module.rank * (module.in_features + module.out_features)
 
 
 def _low_rank_conv2d(vertex: Vertex, args: tuple, kwargs: dict, out: Any) -> int:
-    module = vertex.module
+    module = cast(LowRankConv2d, vertex.module)
     batch = args[0].shape[0] if args[0].dim() == 4 else 1
     per_position = module.rank * (_numel(module.down.shape[1:]) + module.out_channels)
     return batch * _numel(out.shape[-2:]) * per_position
 
 
+def _module_ops(trait: Trait) -> list[str]:
+    """The module ops (not function ops) registered with `trait` so far."""
+    return sorted(op for op in ops_with(trait) if op not in FUNCTIONS)
+
+
+def _function_ops(trait: Trait) -> list[str]:
+    return sorted(op for op in ops_with(trait) if op in FUNCTIONS)
+
+
+# op -> its rule; an op registered later adds its own entry (or a reason in WITHOUT_FLOP_RULE)
 FLOP_RULES: dict[str, FlopRule] = {
-    "Conv1d": _conv, "Conv2d": _conv, "Conv3d": _conv,
+    **dict.fromkeys(_module_ops(Trait.CONV), _conv),
     "ConvTranspose1d": _conv, "ConvTranspose2d": _conv, "ConvTranspose3d": _conv,
-    "conv1d": _conv_function, "conv2d": _conv_function, "conv3d": _conv_function,
-    "Linear": _linear, "linear": _linear,
+    **dict.fromkeys(_function_ops(Trait.CONV), _conv_function),
+    # not CONV ops: a transposed convolution's weight reads (in, out / groups, *kernel)
     "conv_transpose1d": _conv_transpose_function, "conv_transpose2d": _conv_transpose_function,
     "conv_transpose3d": _conv_transpose_function,
+    **dict.fromkeys(_module_ops(Trait.LINEAR) + _function_ops(Trait.LINEAR), _linear),
     "matmul": _matmul, "addmm": _addmm, "einsum": _einsum,
-    "BatchNorm1d": _batch_norm, "BatchNorm2d": _batch_norm, "BatchNorm3d": _batch_norm,
+    **dict.fromkeys(_module_ops(Trait.BATCH_NORM), _batch_norm),
     "LayerNorm": _norm("elementwise_affine"), "GroupNorm": _norm("affine"),
     "InstanceNorm1d": _norm("affine"), "InstanceNorm2d": _norm("affine"), "InstanceNorm3d": _norm("affine"),
     "batch_norm": _batch_norm_function, "layer_norm": _norm_function(2), "group_norm": _norm_function(2),
@@ -194,6 +209,56 @@ FLOP_RULES: dict[str, FlopRule] = {
     "MultiheadAttention": _multihead_attention,
     "LowRankLinear": _low_rank_linear, "LowRankConv2d": _low_rank_conv2d, "WSConv2d": _ws_conv2d,
 }
+
+# traits whose ops cost no FLOPs: they compute nothing, or only element-wise work (free for fvcore)
+FREE_TRAITS: dict[Trait, str] = {
+    Trait.VIEW: "a view computes nothing",
+    Trait.METADATA: "reads only shapes and dtypes",
+    Trait.FACTORY: "makes a tensor without arithmetic on its inputs",
+    Trait.SIDE_EFFECT: "a check, not arithmetic",
+    Trait.IDENTITY: "returns its input",
+    Trait.DROPOUT: "the identity in inference",
+    Trait.ELEMENTWISE: "element-wise ops are free (fvcore's convention)",
+    Trait.ACTIVATION: "activations are element-wise, free (fvcore's convention)",
+}
+
+# reason -> the other ops deliberately without a rule (they count 0 FLOPs, as in fvcore)
+_UNCOUNTED = {
+    "fvcore counts no pooling but adaptive_avg_pool2d and 2-d upsampling": (
+        "MaxPool1d MaxPool2d MaxPool3d AvgPool1d AvgPool2d AvgPool3d AdaptiveAvgPool1d AdaptiveAvgPool3d "
+        "AdaptiveMaxPool1d AdaptiveMaxPool2d AdaptiveMaxPool3d LPPool1d LPPool2d max_pool1d max_pool2d "
+        "max_pool3d avg_pool1d avg_pool2d avg_pool3d adaptive_avg_pool1d adaptive_avg_pool3d "
+        "adaptive_max_pool1d adaptive_max_pool2d lp_pool2d"),
+    "fvcore counts no reductions, scans or softmax": (
+        "all any amax amin argmax argmin count_nonzero logsumexp max min mean median norm prod std std_mean "
+        "sum var var_mean cumsum cumprod trace Softmax LogSoftmax Softmax2d softmax log_softmax"),
+    "fvcore counts only batch, group, layer and instance norms": (
+        "LocalResponseNorm RMSNorm local_response_norm normalize rms_norm"),
+    "fvcore counts only matmul, mm, bmm, addmm, einsum, linear and convolutions": (
+        "addbmm baddbmm kron outer Bilinear bilinear cdist dist pairwise_distance cosine_similarity cross "
+        "LSTM GRU RNN affine_grid"),
+    "moves, selects, sorts or converts values without arithmetic": (
+        "cat stack repeat repeat_interleave tile flip roll pad gather scatter index_select index_put "
+        "masked_select take_along_dim tril triu diag diff one_hot meshgrid to type_as sort argsort topk "
+        "unique nonzero searchsorted bucketize Embedding embedding Fold Unfold fold unfold PixelShuffle "
+        "PixelUnshuffle ChannelShuffle pixel_shuffle pixel_unshuffle channel_shuffle"),
+    "arithmetic on Python sizes, not tensors": "size_ceil size_floor size_max size_min",
+    "a nested DAG: its own vertices are counted": "DagModule",
+}
+WITHOUT_FLOP_RULE: dict[str, str] = {op: why for why, ops in _UNCOUNTED.items() for op in ops.split()}
+
+
+def no_flops_reason(op: str) -> str | None:
+    """Why op `op` deliberately has no FLOP rule (so counts 0), or None when it has or needs one."""
+    if op in FLOP_RULES:
+        return None
+    traits = traits_of(op)
+    free = next((why for trait, why in FREE_TRAITS.items() if trait in traits), None)
+    if free is not None:
+        return free
+    if op in CUSTOM_OPS and issubclass(CUSTOM_OPS[op].cls, LayerProxy):
+        return "a layer proxy: counted as the layer it computes"
+    return WITHOUT_FLOP_RULE.get(op)
 
 
 @dataclass
@@ -265,9 +330,9 @@ def flops_from_values(dag: DagModule, values: dict[str, Any], inputs: tuple) -> 
             nested = count_flops(vertex.module, *args, **kw)
             report.nested[vertex.name] = nested
             report.flops[vertex.name] = nested.total_flops
-        elif is_flex_module(vertex.module):  # counted as the layer it is at the level in use
-            layer = vertex.module.view()
-            report.ops[vertex.name] = f"Flex({op_name(layer)})"
+        elif isinstance(vertex.module, LayerProxy):  # counted as the layer it is at the width in use
+            layer = vertex.module.current_layer()
+            report.ops[vertex.name] = f"{vertex.op}({op_name(layer)})"
             rule = FLOP_RULES.get(op_name(layer))
             report.flops[vertex.name] = int(rule(replace(vertex, module=layer), args, kw, out)) if rule else 0
         else:
@@ -278,12 +343,12 @@ def flops_from_values(dag: DagModule, values: dict[str, Any], inputs: tuple) -> 
 
 
 def _new_params(module: nn.Module, seen: set[int]) -> int:
-    """Parameters of `module` not counted yet (a flexible layer: those the level in use reads)."""
+    """Parameters of `module` not counted yet (a layer proxy: those the layer in use reads)."""
     if id(module) in seen:
         return 0
-    if is_flex_module(module):
+    if isinstance(module, LayerProxy):
         seen.add(id(module))
-        layer = module.view()
+        layer = module.current_layer()
         return sum(getattr(layer, n).numel() for n, p in module._parameters.items() if p is not None)
     fresh = [p for p in module.parameters() if id(p) not in seen]
     seen.update(id(p) for p in fresh)

@@ -18,6 +18,7 @@ from torch import nn
 
 from ..core.functions import FUNCTIONS
 from ..core.template import iter_refs
+from ..core.traits import Trait, has_trait
 
 # --- spelling -> canonical function op ------------------------------------------------------------
 
@@ -198,7 +199,7 @@ def as_module_op(op: str, args: tuple, kwargs: dict, is_constant: Callable[[Any]
         if kwargs.get("dtype") is not None or (len(args) > 2 and args[2] is not None):
             return None
         args = args[:2]
-    if op in ("dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout"):
+    if has_trait(op, Trait.DROPOUT):
         args = args[:2]
     if len(args) - 1 > len(names):
         return None

@@ -20,7 +20,7 @@ import inspect
 import math
 import operator
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -51,8 +51,8 @@ _METHODS = {"view", "contiguous", "expand", "repeat", "to", "type_as", "clone", 
 def _index(node: fx.Node, args: tuple) -> tuple:
     """`x[..., a:b:s]` / `x[..., i]` along dim for aten.slice / aten.select (their rank from the export)."""
     x, dim, *rest = args
-    leading = (slice(None),) * (dim % node.args[0].meta["val"].dim())
-    if node.target._schema.name.endswith("select"):
+    leading = (slice(None),) * (dim % cast(fx.Node, node.args[0]).meta["val"].dim())
+    if _schema(node).name.endswith("select"):
         return x, (*leading, rest[0])
     start, end, step = (rest + [None, None, 1][len(rest):])[:3]
     end = None if isinstance(end, int) and end >= 2**62 else end  # aten spells "to the end" as int64 max
@@ -80,7 +80,9 @@ def trace(model: nn.Module, inputs: dict[str, Any]) -> tuple[fx.Graph, list[str]
     if signature.inputs_to_lifted_tensor_constants or signature.buffers_to_mutate or signature.user_inputs_to_mutate:
         raise ConversionError(f"{type(model).__name__}: the exported program has tensor constants or mutates "
                               "buffers or inputs, which the torch.export path does not map yet")
-    graph, env, symbols = fx.Graph(), {}, {}
+    graph = fx.Graph()
+    env: dict[fx.Node, Any] = {}
+    symbols: dict[Any, tuple[fx.Node, str]] = {}
     user_inputs = [n for n in program.graph.nodes if n.op == "placeholder" and n.name not in attrs]
     names = list(inputs)
     if len(user_inputs) != len(names):
@@ -149,8 +151,8 @@ def _assert(graph: fx.Graph, compare: Callable, size: fx.Node, bound: Any, messa
 
 def _call(graph: fx.Graph, node: fx.Node, env: dict[fx.Node, Any]) -> Any:
     """The torch-level node for an ATen call (None for checks that have no place in a DAG)."""
-    args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: env[n])
-    target = node.target
+    args, kwargs = cast(tuple[tuple, dict], fx.node.map_arg((node.args, node.kwargs), lambda n: env[n]))
+    target = cast(Callable[..., Any], node.target)  # the target of a call_function node
     if target in _SIZE_MATH:
         return graph.call_function(_SIZE_MATH[target], args, kwargs)
     if not isinstance(target, torch._ops.OpOverload) and target in canonical.OP_BY_TARGET:
@@ -212,8 +214,13 @@ def _parameters(function: Callable | None) -> set[str]:
 
 def _by_name(node: fx.Node, args: tuple, kwargs: dict) -> dict[str, Any]:
     """An ATen call's arguments by their schema names."""
-    names = [a.name for a in node.target._schema.arguments]
+    names = [a.name for a in _schema(node).arguments]
     return {**dict(zip(names, args)), **kwargs}
+
+
+def _schema(node: fx.Node) -> torch.FunctionSchema:
+    """The schema of the ATen op an exported call_function node calls."""
+    return cast(torch._ops.OpOverload, node.target)._schema
 
 
 def _fetch(root: nn.Module, qualname: str) -> Any:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib.util
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch.utils import _pytree as pytree
@@ -165,6 +165,7 @@ def _export(dag: DagModule, inputs: tuple[torch.Tensor, ...], output_names: list
             hint = " (if the DAG only works at one batch size, pass dynamic_batch=False)"
         raise OnnxExportError(f"torch.onnx could not export the DagModule{_vertex_note(error)}: "
                               f"{cause}{hint}") from error
+    program = cast(torch.onnx.ONNXProgram, program)  # None only for the TorchScript exporter (dynamo=False)
     produced = program.model.opset_imports.get("")
     if opset is not None and produced != opset:  # torch.onnx only logs a failed version conversion
         raise OnnxExportError(f"torch.onnx could not convert the model to opset {opset} (it produced opset "

@@ -64,9 +64,10 @@ def _match(dag: DagModule, conv: Vertex) -> tuple[WSConv2d, list[str]] | None:
     if reshape is None or reshape.args != (Ref(view_as.args[1].name), (1, out_channels, -1)):
         return None
     chain = [view_as.args[1].name, reshape.name, norm.name, view_as.name]
-    gain, scale = _gain(dag, norm.args[3], norm.name, out_channels, chain)
-    if gain is False:
+    found = _gain(dag, norm.args[3], norm.name, out_channels, chain)
+    if found is None:
         return None
+    gain, scale = found
     bias = _parameter(dag, args[2].name) if isinstance(args[2], Ref) else None
     if args[2] is not None and (bias is None or bias.weight.shape != (out_channels,)):
         return None
@@ -84,21 +85,21 @@ def _match(dag: DagModule, conv: Vertex) -> tuple[WSConv2d, list[str]] | None:
 
 
 def _gain(dag: DagModule, arg: Any, user: str, out_channels: int, chain: list[str]
-          ) -> tuple[nn.Parameter | None, float] | tuple[bool, float]:
-    """The batch_norm weight: None, or `(gain * scale).reshape(-1)` with gain a Parameter of shape
-    (out, 1, 1, 1); (False, 0) when it is something else."""
+          ) -> tuple[nn.Parameter | None, float] | None:
+    """The batch_norm weight as (gain, scale): (None, 1) for no weight, or (gain, scale) for
+    `(gain * scale).reshape(-1)` with gain a Parameter of shape (out, 1, 1, 1); None when it is something else."""
     if arg is None:
         return None, 1.0
     flat = _only_use(dag, arg.name, user, "reshape") if isinstance(arg, Ref) else None
     if flat is None or flat.args[1:] != ((-1,),) or not isinstance(flat.args[0], Ref):
-        return False, 0.0
+        return None
     product = _only_use(dag, flat.args[0].name, flat.name, "mul")
     if product is None or len(product.args) != 2 or product.kwargs or not isinstance(product.args[0], Ref) \
             or not isinstance(product.args[1], (int, float)):
-        return False, 0.0
+        return None
     gain = _parameter(dag, product.args[0].name)
     if gain is None or gain.weight.shape != (out_channels, 1, 1, 1):
-        return False, 0.0
+        return None
     chain[1:1] = [product.args[0].name, product.name, flat.name]
     return gain.weight, float(product.args[1])
 

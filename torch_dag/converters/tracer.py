@@ -14,7 +14,7 @@ import functools
 import math
 import operator
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.fx as fx
@@ -43,7 +43,7 @@ def vocabulary_spec(module: nn.Module) -> ModuleOpSpec | None:
     for cls in type(module).__mro__:
         spec = MODULE_OPS.get(cls)
         if spec is not None:
-            return spec if type(module).forward is cls.forward else None
+            return spec if type(module).forward is spec.cls.forward else None
     return None
 
 
@@ -131,14 +131,14 @@ class ConcreteProxy(fx.Proxy):
             return super().__len__()
         value = self._td_value
         if isinstance(value, torch.Tensor):
-            size0 = self.tracer.create_proxy("call_method", "size", (self, 0), {})
+            size0 = cast(ConcreteProxy, self.tracer.create_proxy("call_method", "size", (self, 0), {}))
             return size0._specialize(len(value), "int", f"the size of dim 0 of {self.node.name}")
         return len(value)
 
     def __iter__(self) -> Iterator[Any]:
         if not self._known:
             return super().__iter__()
-        return iter([self[i] for i in range(len(self))])
+        return iter([self[i] for i in range(len(self))])  # type: ignore[index]  # fx adds it at run time
 
     def __contains__(self, item: Any) -> bool:
         if not self._known:
@@ -176,11 +176,12 @@ class ConcreteTracer(fx.Tracer):
     """fx tracer over vocabulary leaves that computes concrete values alongside the graph."""
 
     def __init__(self, inputs: dict[str, Any] | None):
-        super().__init__(autowrap_modules=(), autowrap_functions=())
+        super().__init__(autowrap_modules=(), autowrap_functions=())  # type: ignore[arg-type]  # stub: 1-tuple
         self.inputs = inputs
         self._eager = False  # True while running real values: fx's module patches step aside
 
     concrete_defaults: dict[str, Any] = {}
+    _names_of: tuple[nn.Module, dict[int, str], dict[int, str]]  # set by `_tensor_names`
 
     def baked_default(self, placeholder: str) -> tuple[bool, Any]:
         """fx names the placeholder of a baked default argument `<name>_<k>`; is this one?"""
@@ -235,16 +236,16 @@ class ConcreteTracer(fx.Tracer):
         if self.inputs is not None and isinstance(proxy, ConcreteProxy):
             self._eager = True
             try:
-                proxy._td_value = self._run(kind, target, args, kwargs)
+                proxy._td_value = self._run(self.inputs, kind, target, args, kwargs)
             finally:
                 self._eager = False
             proxy.node.meta["td_value"] = _light(proxy._td_value)
         return proxy
 
-    def _run(self, kind: str, target: Any, args: Any, kwargs: Any) -> Any:
+    def _run(self, inputs: dict[str, Any], kind: str, target: Any, args: Any, kwargs: Any) -> Any:
         if kind == "placeholder":
             baked, value = self.baked_default(target)
-            return value if baked else self.inputs.get(target, _MISSING)
+            return value if baked else inputs.get(target, _MISSING)
         if kind == "get_attr":
             return functools.reduce(getattr, target.split("."), self.root)
         args, kwargs = _value(args), _value(kwargs)

@@ -7,10 +7,10 @@ import keyword
 import linecache
 import math
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import count
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -57,6 +57,7 @@ class Vertex:
 
 
 _fresh_ids = count()
+_DagT = TypeVar("_DagT", bound="DagModule")
 
 
 class DagModule(nn.Module):
@@ -69,6 +70,7 @@ class DagModule(nn.Module):
     """
 
     _is_torch_dag_module = True
+    traced_with: str  # on converted DAGs: the tracer that made it, "fx" or "export"
 
     def __init__(self, inputs: Sequence[str], vertices: Sequence[Vertex], output: Any,
                  input_meta: dict[str, dict[str, Any]] | None = None):
@@ -88,6 +90,14 @@ class DagModule(nn.Module):
                 raise DagError(f"vertex name {vertex.name!r} is not a valid identifier for a vertex")
             self.vertex_modules[vertex.name] = vertex.module
         self.recompile()
+
+    @classmethod
+    def from_dag(cls: type[_DagT], dag: DagModule, **kwargs: Any) -> _DagT:
+        """`dag`'s graph (its vertices and modules, shared) as a DAG of this class, in `dag`'s train/eval
+        mode; `kwargs` go to the constructor."""
+        made = cls(dag.input_names, dag.vertices, dag.output, dag.input_meta, **kwargs)
+        made.train(dag.training)
+        return made
 
     # --- graph access -----------------------------------------------------------------------------
 
@@ -207,7 +217,7 @@ class DagModule(nn.Module):
         self.__dict__.update(state)
         self._fn = _compile_source(self._code)
 
-    def __deepcopy__(self, memo: dict[int, Any]) -> DagModule:
+    def __deepcopy__(self: _DagT, memo: dict[int, Any]) -> _DagT:
         import copy
 
         clone = type(self).__new__(type(self))
@@ -265,11 +275,38 @@ def _walk_constants(dag: DagModule, emit) -> None:
 
 
 def _generate(dag: DagModule, predecessors: list[list[str]]) -> tuple[str, dict[int, str]]:
+    """The source of `forward` for `dag` and, per line number, the vertex that line computes."""
+    names = _local_names(dag)
+    expr = _expression_writer(names)
+    params = ", ".join(["__C", "__K", *dag.input_names])
+    lines = [f"def forward({params}):"]
+    calls = [f"__c{i}" for i in range(len(dag))]
+    if calls:
+        lines.append(f"    {', '.join(calls)}, = __C")
+    line_to_vertex = {}
+    dead_after = _dead_after(dag, predecessors, names)
+    for i, vertex in enumerate(dag):
+        line_to_vertex[len(lines) + 1] = vertex.name
+        lines.append(f"    {names[vertex.name]} = {_call_code(vertex, calls[i], expr)}")
+        if i in dead_after:  # free intermediates as soon as nothing reads them again, as eager code does
+            lines.append(f"    {' = '.join(dead_after[i])} = None")
+    lines.append(f"    return {expr(dag.output)}")
+    return "\n".join(lines) + "\n", line_to_vertex
+
+
+def _local_names(dag: DagModule) -> dict[str, str]:
+    """The local variable of each vertex (`__v<i>`) and input (its own name) in the generated code."""
     names = {name: f"__v{i}" for i, name in enumerate(dag._vertices)}
     for name in dag.input_names:
         if not is_valid_vertex_name(name):
             raise DagError(f"input name {name!r} is not a valid identifier")
         names[name] = name
+    return names
+
+
+def _expression_writer(names: dict[str, str]) -> Callable[[Any], str]:
+    """A function writing a call template as Python source: references become locals, literals their
+    repr, and any other constant `__K[k]`, k counting up in the order `_walk_constants` visits them."""
     n_constants = count()
 
     def expr(template: Any) -> str:
@@ -291,12 +328,11 @@ def _generate(dag: DagModule, predecessors: list[list[str]]) -> tuple[str, dict[
             return f"slice({expr(template.start)}, {expr(template.stop)}, {expr(template.step)})"
         return f"__K[{next(n_constants)}]"
 
-    params = ", ".join(["__C", "__K", *dag.input_names])
-    lines = [f"def forward({params}):"]
-    calls = [f"__c{i}" for i in range(len(dag))]
-    if calls:
-        lines.append(f"    {', '.join(calls)}, = __C")
-    line_to_vertex = {}
+    return expr
+
+
+def _dead_after(dag: DagModule, predecessors: list[list[str]], names: dict[str, str]) -> dict[int, list[str]]:
+    """Per vertex index, the locals of intermediate vertices read for the last time there."""
     last_use: dict[str, int] = {}
     for i, names_read in enumerate(predecessors):
         for name in names_read:
@@ -306,25 +342,21 @@ def _generate(dag: DagModule, predecessors: list[list[str]]) -> tuple[str, dict[
     for name, i in last_use.items():
         if name in dag._vertices and name not in returned:
             dead_after.setdefault(i, []).append(names[name])
-    for i, vertex in enumerate(dag):
-        target = names[vertex.name]
-        if isinstance(vertex.module, Parameter):
-            code = f"{calls[i]}.weight"
-        elif isinstance(vertex.module, Constant):
-            code = f"{calls[i]}.value"
-        else:
-            args = [expr(a) for a in vertex.args]
-            for key, value in vertex.kwargs.items():
-                if not key.isidentifier() or keyword.iskeyword(key):
-                    raise DagError(f"vertex {vertex.name!r}: keyword {key!r} is not an identifier")
-                args.append(f"{key}={expr(value)}")
-            code = f"{calls[i]}({', '.join(args)})"
-        line_to_vertex[len(lines) + 1] = vertex.name
-        lines.append(f"    {target} = {code}")
-        if i in dead_after:  # free intermediates as soon as nothing reads them again, as eager code does
-            lines.append(f"    {' = '.join(dead_after[i])} = None")
-    lines.append(f"    return {expr(dag.output)}")
-    return "\n".join(lines) + "\n", line_to_vertex
+    return dead_after
+
+
+def _call_code(vertex: Vertex, call: str, expr: Callable[[Any], str]) -> str:
+    """The expression computing `vertex`, whose callable is the local `call`."""
+    if isinstance(vertex.module, Parameter):
+        return f"{call}.weight"
+    if isinstance(vertex.module, Constant):
+        return f"{call}.value"
+    args = [expr(a) for a in vertex.args]
+    for key, value in vertex.kwargs.items():
+        if not key.isidentifier() or keyword.iskeyword(key):
+            raise DagError(f"vertex {vertex.name!r}: keyword {key!r} is not an identifier")
+        args.append(f"{key}={expr(value)}")
+    return f"{call}({', '.join(args)})"
 
 
 def _compile_source(source: str):

@@ -487,7 +487,6 @@ for _name in ("conv1d", "conv2d", "conv3d"):
 
 # `torch.nn.functional.<name>`, spelled only that way, by what it is
 _FUNCTIONAL: dict[tuple[Trait, ...], tuple[str, ...]] = {
-    (Trait.CONV,): ("conv_transpose1d", "conv_transpose2d", "conv_transpose3d"),
     (NORM,): ("batch_norm", "layer_norm", "group_norm", "instance_norm", "rms_norm", "normalize",
               "local_response_norm"),
     (ACTIVATION, ELEMENTWISE): ("gelu", "silu", "mish", "hardswish", "hardsigmoid", "leaky_relu", "elu", "relu6",
@@ -499,8 +498,7 @@ _FUNCTIONAL: dict[tuple[Trait, ...], tuple[str, ...]] = {
               "adaptive_max_pool2d", "avg_pool1d", "avg_pool2d", "avg_pool3d", "max_pool1d", "max_pool2d",
               "max_pool3d", "lp_pool2d", "interpolate"),
     (CONTRACTION,): ("scaled_dot_product_attention",),
-    (Trait.LINEAR,): ("bilinear",),
-    (): ("pad", "embedding", "one_hot", "grid_sample", "unfold", "fold", "cosine_similarity",
+    (): ("conv_transpose1d", "conv_transpose2d", "conv_transpose3d", "bilinear", "pad", "embedding", "one_hot", "grid_sample", "unfold", "fold", "cosine_similarity",
          "pairwise_distance", "pixel_shuffle", "pixel_unshuffle", "channel_shuffle", "affine_grid"),
 }
 for _traits, _names in _FUNCTIONAL.items():

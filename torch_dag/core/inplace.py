@@ -21,18 +21,32 @@ from .ops import Constant, LayerProxy, Parameter, callable_of, is_dag_module, op
 from .template import Ref, unique_refs
 from .traits import Trait, has_trait
 
-# op name -> in-place callable made from the vertex's module
-IN_PLACE: dict[str, Callable[[nn.Module], Callable[..., Any]]] = {
+
+def _leaky_relu_(m: nn.LeakyReLU) -> Callable[..., Any]:
+    return functools.partial(F.leaky_relu, negative_slope=m.negative_slope, inplace=True)
+
+
+def _elu_(m: nn.ELU) -> Callable[..., Any]:
+    return functools.partial(F.elu, alpha=m.alpha, inplace=True)
+
+
+def _hardtanh_(m: nn.Hardtanh) -> Callable[..., Any]:
+    return functools.partial(F.hardtanh, min_val=m.min_val, max_val=m.max_val, inplace=True)
+
+
+# op name -> in-place callable made from the vertex's module (each maker takes its op's module class)
+IN_PLACE: dict[str, Callable[[Any], Callable[..., Any]]] = {
     "ReLU": lambda m: torch.relu_,
     "ReLU6": lambda m: functools.partial(F.relu6, inplace=True),
     "SiLU": lambda m: functools.partial(F.silu, inplace=True),
     "Hardswish": lambda m: functools.partial(F.hardswish, inplace=True),
     "Hardsigmoid": lambda m: functools.partial(F.hardsigmoid, inplace=True),
     "Mish": lambda m: functools.partial(F.mish, inplace=True),
-    "LeakyReLU": lambda m: functools.partial(F.leaky_relu, negative_slope=m.negative_slope, inplace=True),
-    "ELU": lambda m: functools.partial(F.elu, alpha=m.alpha, inplace=True),
-    "Hardtanh": lambda m: functools.partial(F.hardtanh, min_val=m.min_val, max_val=m.max_val, inplace=True),
+    "LeakyReLU": _leaky_relu_,
+    "ELU": _elu_,
+    "Hardtanh": _hardtanh_,
 }
+
 
 def _fresh(module: nn.Module) -> bool:
     """Whether the module's output never shares storage with its inputs or its own tensors."""

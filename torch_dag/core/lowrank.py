@@ -10,6 +10,8 @@ lower-rank factorization see them as such). `merged_weight()` gives the rank-r w
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -61,4 +63,4 @@ class LowRankConv2d(nn.Module):
 
 
 def _pair(value: int | tuple[int, ...]) -> tuple[int, int]:
-    return (value, value) if isinstance(value, int) else tuple(value)
+    return (value, value) if isinstance(value, int) else cast(tuple[int, int], tuple(value))

@@ -14,7 +14,7 @@ import functools
 import inspect
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, TypeGuard, runtime_checkable
 
 import torch
 from torch import nn
@@ -25,6 +25,9 @@ from .lowrank import LowRankConv2d, LowRankLinear
 from .template import is_constant
 from .traits import Trait, declare_traits
 from .wsconv import WSConv2d
+
+if TYPE_CHECKING:
+    from .dag import DagModule
 
 # --- torch_dag's own module ops -------------------------------------------------------------------
 
@@ -58,6 +61,8 @@ class Parameter(nn.Module):
 
 class Constant(nn.Module):
     """A tensor the model reads but does not train (a buffer, a mask, a traced constant)."""
+
+    value: torch.Tensor  # a registered buffer
 
     def __init__(self, shape: tuple[int, ...] = (), dtype: torch.dtype = torch.float32):
         super().__init__()
@@ -269,7 +274,7 @@ class CustomOpSpec:
     cls: type[nn.Module]
     to_config: Callable[[Any], dict[str, Any]]
     from_config: Callable[[Any, str], nn.Module]
-    dag_class: type | None = None
+    dag_class: type[DagModule] | None = None
 
 
 def register_custom_op(spec: CustomOpSpec, traits: Iterable[Trait] = ()) -> CustomOpSpec:
@@ -329,7 +334,8 @@ def op_name(module: nn.Module) -> str:
     )
 
 
-def is_dag_module(module: nn.Module) -> bool:
+def is_dag_module(module: nn.Module) -> TypeGuard[DagModule]:
+    """Whether `module` is a `DagModule` (without importing it: the DAG module imports this one)."""
     return getattr(module, "_is_torch_dag_module", False)
 
 

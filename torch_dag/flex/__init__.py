@@ -11,10 +11,11 @@ plain models between levels without the flexible model.
 
 from . import serde as serde  # registers the Flex op and the flexible DAG's file form
 from .delta import FileDeltaManager, InMemoryDeltaManager, LevelDelta, file_delta_manager
-from .make import FlexConfig, compensate_levels, make_flexible
+from .make import compensate_levels, make_flexible
 from .model import FlexDagModule, is_flex
 from .modules import BatchNorm2d, Conv2d, FlexModule, LayerNorm, Linear, MultiheadAttention, flex_layers
 from .train import sandwich_step
+from .widths import FlexConfig
 
 __all__ = [
     "BatchNorm2d",

@@ -12,110 +12,37 @@ kept channels; call templates that spell widths out (split sizes, slice bounds) 
 from __future__ import annotations
 
 import copy
-import math
 import warnings
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
 from torch import nn
 
+from ..analysis.activations import conv_geometry, row_gram
 from ..analysis.flops import flops_from_values
+from ..core.compare import compare_outputs
 from ..core.dag import DagModule, Vertex, evaluating
 from ..core.errors import DagError
-from ..core.ops import is_dag_module
-from ..core.template import from_json, to_json
-from ..passes.factorize import conv_geometry, row_gram
-from ..passes.hierarchy import flatten
+from ..core.template import to_json
+from ..passes.prepare import Prepared, as_inputs, check_fraction, prepare
 from ..pruning import surgery
-from ..pruning.channels import ChannelGroups, Group, Role
+from ..pruning.channels import ChannelGroups, Group
+from ..pruning.compensate import MAX_LSTSQ, RIDGE
+from ..pruning.flop_model import FlopModel
 from ..pruning.groups import channel_groups
-from ..pruning.prune import MAX_LSTSQ, RIDGE, _FlopModel, channel_scores, must_keep
-from ..testing import compare_outputs
+from ..pruning.prune import channel_scores, must_keep
 from .model import FlexDagModule, is_flex
-from .modules import Cuts, FlexModule
-
-Keep = Callable[[np.ndarray], np.ndarray]
-
-
-@dataclass(frozen=True)
-class FlexConfig:
-    """Settings of `make_flexible` (the same meaning as in `PruneConfig`)."""
-
-    criterion: str = "l2"  # l1 | l2 | bn_scale | taylor (needs calibration) | random
-    round_to: int = 8  # widths are multiples of this where a group is that wide
-    min_channels: int = 1
-    attention: str = "heads"  # heads | head_dim
-    seed: int = 0
-    reorder: bool = True  # sort channels by importance first, so that levels take the first ones
-    # lstsq (needs calibration): re-solve the shared weights of the layers that lose inputs, for all levels
-    # at once (`compensate_levels`); the top level then no longer equals the input model exactly
-    compensate: str = "none"
-
-    def __post_init__(self) -> None:
-        if self.compensate not in ("lstsq", "none"):
-            raise DagError(f"unknown compensation {self.compensate!r} for a flexible model: use lstsq or none")
-
-
-@dataclass
-class WidthPlan:
-    """The channel analysis of the full-width model and each prunable group's ranking."""
-
-    groups: ChannelGroups
-    prunable: list[Group]
-    ranked: list[np.ndarray]  # per prunable group: its class roots, most important first
-    owners: dict[int, list[int]]
-    config: FlexConfig
-
-    @classmethod
-    def rebuild(cls, flex: FlexDagModule) -> WidthPlan:
-        """Redo the analysis of a loaded flexible model (its ranking was saved with it)."""
-        info = flex.width_info
-        if not info:
-            raise DagError("set_widths needs a model made by make_flexible (it knows the channel groups); this "
-                           "one was written by hand: use set_level_use")
-        full = _full_width_dag(flex, info.get("full_args", {}))
-        config = FlexConfig(**info["config"])
-        groups = channel_groups(full, full.example_inputs(), info["protected"], attention=config.attention)
-        prunable = [g for g in groups.groups() if g.prunable]
-        if len(prunable) != len(info["ranking"]):
-            raise DagError(f"the saved ranking has {len(info['ranking'])} groups, the analysis finds {len(prunable)}")
-        ranked = [np.asarray(g.channels)[np.asarray(r, dtype=np.int64)] for g, r in zip(prunable, info["ranking"])]
-        return cls(groups, prunable, ranked, must_keep(groups), config)
-
-    def removed(self, counts: Sequence[int]) -> np.ndarray:
-        """A mask over channel ids: true where a class falls outside its group's top `counts[g]`."""
-        mask = np.zeros(self.groups.size, dtype=bool)
-        for ranked, k in zip(self.ranked, counts):
-            mask[ranked[k:]] = True
-        for roots in self.owners.values():  # never every channel of a producer or a split's part
-            if mask[roots].all():
-                mask[roots[0]] = False
-        return mask
-
-    def counts(self, widths: Sequence[float | int]) -> list[int]:
-        """Kept classes per group for widths given as fractions (floats) or channel counts (ints),
-        rounded up to the rounding step and at least `min_channels`."""
-        if len(widths) != len(self.prunable):
-            raise DagError(f"give one width per prunable channel group: {len(self.prunable)} (the search "
-                           f"dimension), got {len(widths)}")
-        counts = []
-        for group, width in zip(self.prunable, widths):
-            size = len(group.channels)
-            if isinstance(width, (int, np.integer)) and not isinstance(width, bool) and width >= 1:
-                keep = math.ceil(width / group.unit)
-            elif isinstance(width, (float, np.floating)) and 0 < width <= 1:
-                keep = math.ceil(width * size - 1e-9)
-            else:
-                raise DagError(f"width {width!r} for the group of {group.producers[0]}: give a fraction in (0, 1] "
-                               "or a channel count >= 1")
-            step = self.config.round_to // math.gcd(self.config.round_to, group.unit)
-            if step > 1 and size >= step:
-                keep = math.ceil(keep / step) * step
-            counts.append(min(size, max(keep, min(self.config.min_channels, size))))
-        return counts
+from .modules import FlexModule
+from .widths import (
+    FlexConfig,
+    Keep,
+    WidthPlan,
+    at_widths,
+    holds_channels,
+    keep_mask,
+)
 
 
 def make_flexible(dag: DagModule, levels: Sequence[float | Sequence[float | int]] = (0.25, 0.5, 1.0),
@@ -129,43 +56,63 @@ def make_flexible(dag: DagModule, levels: Sequence[float | Sequence[float | int]
     `config.compensate` trades that for better narrow levels)."""
     if config.compensate != "none" and calibration is None:
         raise DagError(f"FlexConfig(compensate={config.compensate!r}) needs calibration batches")
-    calibration = list(calibration) if calibration is not None else None  # read by scores and compensation
-    if example_inputs is None:
-        example_inputs = dag.example_inputs()
-    if isinstance(example_inputs, torch.Tensor):
-        example_inputs = (example_inputs,)
-    dag = copy.deepcopy(flatten(dag) if any(is_dag_module(v.module) for v in dag) else dag)
-    protected = list(protected)
+    for ratio in flops_ratios or ():
+        check_fraction("a FLOPs ratio (flops_ratios)", float(ratio))
+    prep = prepare(dag, example_inputs, calibration)  # calibration is read by scores and compensation
+    dag, inputs, protected = copy.deepcopy(prep.dag), prep.example_inputs, list(protected)
     with torch.no_grad():
-        values = dag.run_collecting(*example_inputs)
-    groups = channel_groups(dag, example_inputs, protected, values=values, attention=config.attention)
+        values = dag.run_collecting(*inputs)
+    groups = channel_groups(dag, inputs, protected, values=values, attention=config.attention)
+    dag, plan, ranking = _ranked(dag, groups, config, prep)
+    if flops_ratios is not None:
+        model = FlopModel(groups, flops_from_values(dag, values, inputs).flops)
+        levels = [_fraction_for(plan, model, float(t)) for t in flops_ratios]
+    del values
+    flex = _flexible_copy(dag, groups, _level_keeps(plan, levels), protected, config, ranking)
+    flex._width_plan = plan
+    if config.compensate == "lstsq":
+        compensate_levels(flex, prep.calibration or ())  # not empty: checked above
+    return flex
+
+
+def _ranked(dag: DagModule, groups: ChannelGroups, config: FlexConfig, prep: Prepared
+            ) -> tuple[DagModule, WidthPlan, list[np.ndarray]]:
+    """Each prunable group's channels ranked by importance (and, with `config.reorder`, `dag` with them
+    sorted so); the plan of widths and, per group, the positions of its classes best first."""
     prunable = [g for g in groups.groups() if g.prunable]
     if not prunable:
         raise DagError("no prunable channel group: nothing can be made flexible " + groups.summary()[:300])
-    scores = channel_scores(dag, groups, config.criterion, config.seed, calibration)
+    scores = channel_scores(dag, groups, config.criterion, config.seed, prep.calibration)
     if config.reorder:
-        dag, scores = _reorder(dag, groups, prunable, scores, example_inputs)
+        dag, scores = _reorder(dag, groups, prunable, scores, prep.example_inputs)
     ranking = [np.argsort([-scores.get(r, 0.0) for r in g.channels], kind="stable") for g in prunable]
     plan = WidthPlan(groups, prunable, [np.asarray(g.channels)[r] for g, r in zip(prunable, ranking)],
                      must_keep(groups), config)
-    if flops_ratios is not None:
-        model = _FlopModel(groups, flops_from_values(dag, values, example_inputs).flops)
-        levels = [_fraction_for(plan, model, float(t)) for t in flops_ratios]
-    del values
+    return dag, plan, ranking
+
+
+def _level_keeps(plan: WidthPlan, levels: Sequence[float | Sequence[float | int]]) -> list[Keep]:
+    """Which channels each level keeps, nested: a level keeps at most what the next one keeps."""
     if not levels:
         raise DagError("give at least one level")
-    widths = [[w] * len(prunable) if isinstance(w, (int, float)) else list(w) for w in levels]
+    widths = [[w] * len(plan.prunable) if isinstance(w, (int, float)) else list(w) for w in levels]
     removed = [plan.removed(plan.counts(w)) for w in widths]
-    for i in range(len(removed) - 2, -1, -1):  # nested: a level keeps at most what the next one keeps
+    for i in range(len(removed) - 2, -1, -1):
         removed[i] |= removed[i + 1]
-    keeps = [_keep(plan.groups, r) for r in removed]
+    return [keep_mask(plan.groups, r) for r in removed]
 
+
+def _flexible_copy(dag: DagModule, groups: ChannelGroups, keeps: list[Keep], protected: list[str],
+                   config: FlexConfig, ranking: list[np.ndarray]) -> FlexDagModule:
+    """`dag` with a `FlexModule` (one skeleton per level) for every vertex that holds weights for a
+    prunable group, and per-level arguments for the call templates that spell widths out; its
+    `width_info` holds what `WidthPlan.rebuild` needs to redo the analysis after loading."""
     vertices, level_args, full_args = [], {}, {}
     for vertex in dag:
         role = groups.roles.get(vertex.name)
         module = vertex.module
-        if role is not None and _holds_channels(module, role):
-            module = FlexModule(module, *zip(*(_at_widths(module, role, keep) for keep in keeps)))
+        if role is not None and holds_channels(module, role):
+            module = FlexModule(module, *zip(*(at_widths(module, role, keep) for keep in keeps)))
         args, kwargs = vertex.args, {**vertex.kwargs, **(role.keywords if role else {})}
         if role is not None and role.rewrite is not None:
             level_args[vertex.name] = [(role.rewrite(keep), kwargs) for keep in keeps]
@@ -176,9 +123,6 @@ def make_flexible(dag: DagModule, levels: Sequence[float | Sequence[float | int]
                   "ranking": [r.tolist() for r in ranking]}
     flex = FlexDagModule(dag.input_names, vertices, dag.output, dag.input_meta, level_args, width_info)
     flex.train(dag.training)
-    flex._width_plan = plan
-    if config.compensate == "lstsq":
-        compensate_levels(flex, calibration)
     return flex
 
 
@@ -208,7 +152,7 @@ def compensate_levels(flex: FlexDagModule, calibration: Iterable) -> None:
     try:
         with evaluating(flex), torch.no_grad():
             for batch in calibration:
-                flex(*((batch,) if isinstance(batch, torch.Tensor) else tuple(batch)))
+                flex(*as_inputs(batch))
                 batches += 1
     finally:
         for handle in hooks:
@@ -218,7 +162,7 @@ def compensate_levels(flex: FlexDagModule, calibration: Iterable) -> None:
     if not batches:
         raise DagError("compensation needs at least one calibration batch (the calibration given is empty)")
     for name, module in layers.items():
-        _solve_shared(module, grams[name] / batches)
+        _solve_shared(module, torch.as_tensor(grams[name]) / batches)
 
 
 def _solvable(module: FlexModule) -> bool:
@@ -226,14 +170,15 @@ def _solvable(module: FlexModule) -> bool:
     if not (isinstance(full, nn.Linear) or (isinstance(full, nn.Conv2d) and full.groups == 1
                                              and full.padding_mode == "zeros")):
         return False
-    inputs = module.weight.shape[1]
-    loses = any(len(index) < inputs for cuts in module.cuts[:-1] for axis, index in cuts.get("weight", []) if axis == 1)
-    return loses and module.weight[0].numel() + 1 <= MAX_LSTSQ
+    weight = cast(torch.Tensor, module.weight)
+    loses = any(len(index) < weight.shape[1] for cuts in module.cuts[:-1] for axis, index in cuts.get("weight", [])
+                if axis == 1)
+    return loses and weight[0].numel() + 1 <= MAX_LSTSQ
 
 
 def _solve_shared(module: FlexModule, gram: torch.Tensor) -> None:
     """`compensate_levels` for one layer, from the Gram matrix of its full-width input rows."""
-    weight, bias = module.weight, module.bias
+    weight, bias = cast(torch.Tensor, module.weight), cast("torch.Tensor | None", module.bias)
     full = weight.detach().double().reshape(len(weight), -1)
     if bias is not None:
         full = torch.cat([full, bias.detach().double()[:, None]], 1)
@@ -257,31 +202,15 @@ def _solve_shared(module: FlexModule, gram: torch.Tensor) -> None:
     for levels, rows in bands.items():
         target = full[rows].T
         lhs, rhs = gram + ridge.diag(), gram @ target + ridge[:, None] * target  # the top level, the ridge
-        for (columns, _), part in zip(narrower, levels):
+        for (read, _), part in zip(narrower, levels):
             if part:
-                lhs = lhs + columns[:, None] * gram * columns[None, :]
-                rhs = rhs + columns[:, None] * (gram @ target)
+                lhs = lhs + read[:, None] * gram * read[None, :]
+                rhs = rhs + read[:, None] * (gram @ target)
         solved[rows] = torch.linalg.solve(lhs, rhs).T
     with torch.no_grad():
         weight.copy_(solved[:, :weight[0].numel()].reshape(weight.shape))
         if bias is not None:
             bias.copy_(solved[:, -1])
-
-
-def apply_widths(flex: FlexDagModule, plan: WidthPlan, widths: Sequence[float | int]) -> None:
-    """Switch `flex` to the sub-network of the given per-group widths (custom level)."""
-    keep = _keep(plan.groups, plan.removed(plan.counts(widths)))
-    changed = False
-    for vertex in flex:
-        role = plan.groups.roles.get(vertex.name)
-        if role is None:
-            continue
-        if is_flex(vertex.module):
-            vertex.module.set_custom(*_at_widths(_full_view(vertex.module), role, keep))
-        if role.rewrite is not None:
-            vertex.args, changed = role.rewrite(keep), True
-    if changed:
-        flex.recompile()
 
 
 def _reorder(dag: DagModule, groups: ChannelGroups, prunable: list[Group], scores: dict[int, float],
@@ -378,43 +307,8 @@ def _outputs(dag: DagModule, inputs: tuple) -> Any:
         dag.train(was)
 
 
-def _keep(groups: ChannelGroups, removed: np.ndarray) -> Keep:
-    return lambda ids: ~removed[groups.root(ids)]
-
-
-def _holds_channels(module: nn.Module, role: Role) -> bool:
-    return role.axis is not None or surgery.kind(module) is not None
-
-
-def _at_widths(module: nn.Module, role: Role, keep: Keep) -> tuple[nn.Module, Cuts]:
-    """The skeleton of `module` at the kept channels and which indices of its parameters it reads."""
-    in_mask = keep(role.in_ids) if role.in_ids is not None else None
-    out_mask = keep(role.out_ids) if role.out_ids is not None else None
-    cuts = {attr: axes for attr, axes in surgery.slice_plan(module, role, in_mask, out_mask).items()
-            if attr in module._parameters}
-    return surgery.slice_module(module, role, in_mask, out_mask, parameters=False), cuts
-
-
-def _full_view(flex: FlexModule) -> nn.Module:
-    """The flexible layer's full-width module, with its (shared) parameters."""
-    full = copy.copy(flex.full)
-    full._parameters = dict(flex._parameters)
-    return full
-
-
-def _full_width_dag(flex: FlexDagModule, full_args: dict[str, Any]) -> DagModule:
-    vertices = []
-    for v in flex:
-        args = tuple(from_json(full_args[v.name][0])) if v.name in full_args else v.args
-        module = _full_view(v.module) if is_flex(v.module) else v.module
-        vertices.append(Vertex(v.name, module, args, dict(v.kwargs), dict(v.meta)))
-    return DagModule(flex.input_names, vertices, flex.output, flex.input_meta)
-
-
-def _fraction_for(plan: WidthPlan, model: _FlopModel, target: float) -> float:
+def _fraction_for(plan: WidthPlan, model: FlopModel, target: float) -> float:
     """The width fraction (the same for every group) whose predicted FLOPs ratio is closest to `target`."""
-    if not 0 < target <= 1:
-        raise DagError(f"a FLOPs ratio must lie in (0, 1], got {target}")
     low, high = 0.0, 1.0
     for _ in range(30):
         middle = (low + high) / 2

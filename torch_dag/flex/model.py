@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -12,15 +12,12 @@ from torch import nn
 
 from ..core.dag import DagModule, Vertex
 from ..core.errors import DagError
-from .modules import Cuts, FlexModule
+from .delta_level import LevelDelta
+from .modules import is_flex
+from .widths import WidthPlan, apply_widths
 
 # vertex -> per level, the call template (args, kwargs): split sizes and reshapes that spell widths out
 LevelArgs = dict[str, list[tuple[tuple, dict]]]
-
-
-def is_flex(module: nn.Module) -> bool:
-    """A flexible layer (`FlexModule`, hand-written or made by `make_flexible`)."""
-    return isinstance(module, FlexModule)
 
 
 class FlexDagModule(DagModule):
@@ -39,7 +36,7 @@ class FlexDagModule(DagModule):
         if len(counts) != 1:
             raise DagError("a flexible DAG needs flexible vertices that all have the same number of levels, "
                            f"found {sorted(counts) or 'none'}")
-        self.num_levels = counts.pop()
+        self.num_levels: int = counts.pop()
         self.level_args: LevelArgs = dict(level_args or {})
         for name, per_level in self.level_args.items():
             if name not in self or len(per_level) != self.num_levels:
@@ -47,16 +44,11 @@ class FlexDagModule(DagModule):
                                f"template per level ({self.num_levels})")
         # what `set_widths` needs to recompute the channel groups (JSON-able, saved with the model)
         self.width_info: dict[str, Any] | None = width_info
-        self._width_plan = None  # the analysis, made on first use
+        self._width_plan: WidthPlan | None = None  # the analysis, made on first use
         in_use = {v.module.level for v in self if is_flex(v.module)}  # a converted model keeps its level
-        self._level: int | None = in_use.pop() if len(in_use) == 1 and None not in in_use else self.num_levels - 1
-        self._apply_level(self._level)
-
-    @classmethod
-    def from_dag(cls, dag: DagModule, **kwargs: Any) -> FlexDagModule:
-        flex = cls(dag.input_names, dag.vertices, dag.output, dag.input_meta, **kwargs)
-        flex.train(dag.training)
-        return flex
+        level = cast(int, in_use.pop()) if len(in_use) == 1 and None not in in_use else self.num_levels - 1
+        self._level: int | None = level
+        self._apply_level(level)
 
     # --- levels -----------------------------------------------------------------------------------
 
@@ -109,34 +101,38 @@ class FlexDagModule(DagModule):
 
     def load_from_base(self, plain: DagModule) -> None:
         """Copy a plain model's weights (of the level in use) into the flexible model's shared weights."""
-        for vertex, module, cuts in self._pairs(plain):
+        for vertex, module in self._pairs(plain):
             with torch.no_grad():
-                if cuts is None:
+                if not is_flex(module):
                     _copy_state(module, vertex.module, vertex.name)
                     continue
+                skeleton, cuts = module.current()
                 for name, param in module._parameters.items():
                     if param is None:
                         continue
-                    _assign(param, cuts.get(name, []), vertex.module._parameters[name], vertex.name)
-                _copy_buffers(module.current()[0], vertex.module, vertex.name)
+                    value = cast(torch.Tensor, vertex.module._parameters[name])  # a plain model of the level has it
+                    _assign(param, cuts.get(name, []), value, vertex.name)
+                _copy_buffers(skeleton, vertex.module, vertex.name)
 
     def copy_to_base(self, plain: DagModule) -> None:
         """Copy the weights of the level in use into a plain model of that level (in place)."""
-        for vertex, module, cuts in self._pairs(plain):
+        for vertex, module in self._pairs(plain):
             with torch.no_grad():
-                if cuts is None:
+                if not is_flex(module):
                     _copy_state(vertex.module, module, vertex.name)
                     continue
+                skeleton, cuts = module.current()
                 for name in module._parameters:
                     target = vertex.module._parameters[name]
                     if target is None:
                         continue
-                    _check_shape(target, module.sliced(name, cuts), vertex.name, name)
-                    target.copy_(module.sliced(name, cuts))
-                _copy_buffers(vertex.module, module.current()[0], vertex.name)
+                    source = cast(torch.Tensor, module.sliced(name, cuts))  # the plain model has it: so has this
+                    _check_shape(target, source, vertex.name, name)
+                    target.copy_(source)
+                _copy_buffers(vertex.module, skeleton, vertex.name)
 
-    def _pairs(self, plain: DagModule) -> list[tuple[Vertex, nn.Module, Cuts | None]]:
-        """(plain vertex, this model's module, its cuts or None) for every vertex; names must match."""
+    def _pairs(self, plain: DagModule) -> list[tuple[Vertex, nn.Module]]:
+        """(plain vertex, this model's module) for every module of this model; vertex names must match."""
         if [v.name for v in plain] != [v.name for v in self]:
             raise DagError("the plain model does not have this flexible model's vertices (same names, same "
                            "order): make it with make_base_copy()")
@@ -146,7 +142,7 @@ class FlexDagModule(DagModule):
             if id(own.module) in seen:
                 continue
             seen.add(id(own.module))
-            pairs.append((vertex, own.module, own.module.current()[1] if is_flex(own.module) else None))
+            pairs.append((vertex, own.module))
         return pairs
 
     # --- widths per channel group -----------------------------------------------------------------
@@ -159,15 +155,11 @@ class FlexDagModule(DagModule):
     def set_widths(self, widths: Sequence[float | int]) -> None:
         """Run the sub-network with one width per prunable channel group: a fraction in (0, 1] or a
         channel count; each group keeps its most important channels (the order the levels use)."""
-        from .make import apply_widths
-
         apply_widths(self, self._plan(), widths)
         self._level = None
 
-    def _plan(self):
+    def _plan(self) -> WidthPlan:
         if self._width_plan is None:
-            from .make import WidthPlan
-
             self._width_plan = WidthPlan.rebuild(self)
         return self._width_plan
 
@@ -176,8 +168,6 @@ class FlexDagModule(DagModule):
     def export_level_delta(self):
         """(down, up) at the level L in use: `up` turns a plain model of level L-1 into level L, `down`
         one of level L+1 into level L (None where that level does not exist)."""
-        from .delta import LevelDelta
-
         level = self._require_level("export_level_delta")
         down = LevelDelta.between(self, level + 1, level) if level < self.max_level() else None
         up = LevelDelta.between(self, level - 1, level) if level > 0 else None
@@ -218,7 +208,7 @@ def _assign(param: torch.Tensor, axes: list[tuple[int, np.ndarray]], value: torc
 def _copy_buffers(target: nn.Module, source: nn.Module, vertex: str) -> None:
     for name, buffer in target._buffers.items():
         if buffer is not None:
-            other = source._buffers[name]
+            other = cast(torch.Tensor, source._buffers[name])  # the same layer at the same level: it has it
             _check_shape(buffer, other, vertex, name)
             buffer.copy_(other)
 

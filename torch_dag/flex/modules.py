@@ -18,7 +18,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypeGuard, cast
 
 import numpy as np
 import torch
@@ -79,11 +79,12 @@ class FlexModule(nn.Module):
         """The skeleton and cuts in use."""
         if self.custom is not None:
             return self.custom
-        return self.levels[self.level], self.cuts[self.level]
+        level = cast(int, self.level)  # None only while custom widths are set
+        return self.levels[level], self.cuts[level]
 
     def sliced(self, name: str, cuts: Cuts) -> torch.Tensor | None:
         """Parameter `name` as a level reads it (a view where its indices are a contiguous range)."""
-        tensor = self._parameters[name]
+        tensor: torch.Tensor | None = self._parameters[name]
         if tensor is None:
             return None
         for axis, index in cuts.get(name, ()):
@@ -131,7 +132,7 @@ class FlexModule(nn.Module):
             if param is None:
                 plain._parameters[name] = None
                 continue
-            value = self.sliced(name, cuts).detach().clone()
+            value = cast(torch.Tensor, self.sliced(name, cuts)).detach().clone()  # param is not None
             plain._parameters[name] = nn.Parameter(value, requires_grad=param.requires_grad)
         return plain
 
@@ -288,3 +289,18 @@ class MultiheadAttention(nn.Module):
 
 def flex_layers(module: nn.Module) -> list[FlexModule]:
     return [m for m in module.modules() if isinstance(m, FlexModule)]
+
+
+def is_flex(module: nn.Module) -> TypeGuard[FlexModule]:
+    """A flexible layer (`FlexModule`, hand-written or made by `make_flexible`)."""
+    return isinstance(module, FlexModule)
+
+
+def index_runs(index: np.ndarray) -> list[list[int]]:
+    """Sorted indices as runs [start, stop)."""
+    if not len(index):
+        return []
+    breaks = np.flatnonzero(np.diff(index) != 1) + 1
+    starts = np.concatenate([[0], breaks])
+    stops = np.concatenate([breaks, [len(index)]])
+    return [[int(index[a]), int(index[b - 1]) + 1] for a, b in zip(starts, stops)]

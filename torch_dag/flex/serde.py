@@ -22,7 +22,7 @@ from ..core.ops import CustomOpSpec, module_op_spec, op_name, register_custom_op
 from ..core.template import DTYPES, from_json, to_json
 from ..serde.format import EXTENSION_DAGS
 from .model import FlexDagModule
-from .modules import FlexModule
+from .modules import FlexModule, index_runs
 
 _MAX_RUNS = 1 << 20
 
@@ -50,7 +50,7 @@ def build_flex(config: Any, where: str) -> FlexModule:
     except Exception as e:
         raise LoadError(f"{where}: {e}") from None
     _expect(isinstance(params, dict), f"{where}: params must be an object")
-    _expect(isinstance(levels, list) and levels and all(isinstance(x, dict) for x in levels),
+    _expect(isinstance(levels, list) and len(levels) > 0 and all(isinstance(x, dict) for x in levels),
             f"{where}: levels must be a non-empty list of objects")
     full = _build(spec, config.get("full"), where)
     for name, info in params.items():
@@ -99,22 +99,13 @@ def _build(spec, config: Any, where: str) -> nn.Module:
         raise LoadError(f"{where}: cannot build {spec.name} from {config}: {type(e).__name__}: {e}") from None
 
 
-def index_runs(index: np.ndarray) -> list[list[int]]:
-    """Sorted indices as runs [start, stop)."""
-    if not len(index):
-        return []
-    breaks = np.flatnonzero(np.diff(index) != 1) + 1
-    starts = np.concatenate([[0], breaks])
-    stops = np.concatenate([breaks, [len(index)]])
-    return [[int(index[a]), int(index[b - 1]) + 1] for a, b in zip(starts, stops)]
-
-
 def _cuts(data: Any, full: nn.Module, where: str) -> dict[str, list[tuple[int, np.ndarray]]]:
     _expect(isinstance(data, dict), f"{where}: cuts must be an object")
-    cuts = {}
+    cuts: dict[str, list[tuple[int, np.ndarray]]] = {}
     for name, axes in data.items():
         param = full._parameters.get(name)
-        _expect(param is not None, f"{where}: cuts name {name!r}, which is not a parameter")
+        if param is None:
+            raise LoadError(f"{where}: cuts name {name!r}, which is not a parameter")
         _expect(isinstance(axes, list), f"{where}: cuts of {name!r} must be a list")
         cuts[name] = []
         for item in axes:

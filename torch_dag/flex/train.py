@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +36,7 @@ def sandwich_step(flex: FlexDagModule, inputs: tuple | torch.Tensor, target: Any
             loss = loss_fn(out, target)
             teacher = out.detach() if level == top else teacher
         else:
+            teacher = cast(torch.Tensor, teacher)  # the largest level runs first and sets it
             loss = F.kl_div(F.log_softmax(out / temperature, -1), F.log_softmax(teacher / temperature, -1),
                             reduction="batchmean", log_target=True) * temperature**2
         loss.backward()

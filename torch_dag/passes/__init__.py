@@ -10,7 +10,7 @@ Writing a pass: open an `Editor` on the DAG, find vertices with a `pattern.op(..
         return editor.build()
 """
 
-from .editor import Editor, transform
+from ..core.editor import Editor, transform
 from .factorize import FactorizationReport, LayerReport, factorize, low_rank
 from .fold_batchnorm import fold_batchnorm
 from .hierarchy import flatten, nest, nest_by_module
@@ -24,6 +24,7 @@ from .pattern import (
     NORMS,
     GraphView,
     Match,
+    OpSet,
     Pattern,
     find,
     op,
@@ -44,6 +45,7 @@ __all__ = [
     "GraphView",
     "LayerReport",
     "Match",
+    "OpSet",
     "Pattern",
     "dedupe_constants",
     "factorize",

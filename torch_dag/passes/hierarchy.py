@@ -9,10 +9,10 @@ from dataclasses import replace
 from typing import Any
 
 from ..core.dag import DagModule, Vertex
+from ..core.editor import Editor
 from ..core.errors import DagError
 from ..core.ops import FunctionOp, is_dag_module
 from ..core.template import Ref, map_refs
-from .editor import Editor
 
 
 def nest(dag: DagModule, vertex_names: Iterable[str], name: str) -> DagModule:
@@ -120,20 +120,21 @@ def _inline(editor: Editor, vertex: Vertex, inner: DagModule) -> None:
     bound.update(vertex.kwargs)
     if set(bound) != set(inner.input_names):
         raise DagError(f"vertex {vertex.name!r}: arguments do not fit the nested DAG's inputs {inner.input_names}")
-    renamed = {}
+    renamed: dict[str, str] = {}
     for inner_vertex in inner:
         renamed[inner_vertex.name] = editor.fresh_name(f"{vertex.name}_{inner_vertex.name}")
-        editor.vertices[renamed[inner_vertex.name]] = None  # reserve the name
+        editor.vertices[renamed[inner_vertex.name]] = inner_vertex  # reserve the name; replaced below
+    reserved = set(renamed.values())
 
     def outer(ref: Ref) -> Any:
         return bound[ref.name] if ref.name in bound else Ref(renamed[ref.name])
 
-    items = []
+    items: list[tuple[str, Vertex]] = []
     for name, value in editor.vertices.items():
         if name == vertex.name:
             items.extend((renamed[v.name], replace(v, name=renamed[v.name], args=map_refs(v.args, outer),
                                                    kwargs=map_refs(v.kwargs, outer))) for v in inner)
-        elif value is not None:
+        elif name not in reserved:
             items.append((name, value))
     editor.vertices = dict(items)
     editor.rewire(vertex.name, map_refs(inner.output, outer))

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from collections.abc import Set as AbstractSet
 
 from torch import nn
 
 from ..core.dag import DagModule, Vertex
+from ..core.editor import Editor, first_input
 from ..core.errors import DagError
 from ..core.template import Ref
-from .editor import Editor, first_input
 from .pattern import Pattern, find
 
 Factory = Callable[[Vertex], nn.Module | None]
@@ -56,7 +57,7 @@ def _check(module: object, vertex: Vertex) -> nn.Module:
     return module
 
 
-def not_followed_by(ops: frozenset[str]):
+def not_followed_by(ops: AbstractSet[str]):
     """A `where` check: the vertex has a reader and none of its readers is one of `ops`."""
     return lambda vertex, view: bool(view.users(vertex.name)) and not any(
         u != "<output>" and view[u].op in ops for u in view.users(vertex.name))

@@ -10,24 +10,62 @@ A failed match says why, so users can debug their own patterns.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
+from typing import TypeVar
 
 from ..core.dag import DagModule, Vertex
+from ..core.editor import Editor
+from ..core.functions import FUNCTIONS
 from ..core.template import Ref, unique_refs
-from .editor import Editor
+from ..core.traits import Trait, has_trait, registered_ops
 
-CONVS = frozenset({"Conv1d", "Conv2d", "Conv3d"})
-LINEARS = frozenset({"Linear"})
-BATCH_NORMS = frozenset({"BatchNorm1d", "BatchNorm2d", "BatchNorm3d"})
-NORMS = BATCH_NORMS | {"LayerNorm", "GroupNorm", "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d", "RMSNorm",
-                       "LocalResponseNorm"}
-ACTIVATIONS = frozenset({"ReLU", "ReLU6", "LeakyReLU", "PReLU", "ELU", "CELU", "SELU", "GELU", "SiLU", "Mish",
-                         "Sigmoid", "Tanh", "Hardswish", "Hardsigmoid", "Hardtanh", "Softplus", "Softsign",
-                         "Tanhshrink", "Hardshrink", "Softshrink", "Threshold", "LogSigmoid", "GLU"})
-DROPOUTS = frozenset({"Dropout", "Dropout1d", "Dropout2d", "Dropout3d", "AlphaDropout"})
+_T = TypeVar("_T")
+
+
+class OpSet(AbstractSet[str]):
+    """The registered ops having any one of `traits` (only module ops, not function ops, with
+    `modules_only`): a read-only set of op names, read from the trait registry at each use, so an op
+    registered later belongs to it as soon as it is registered."""
+
+    def __init__(self, *traits: Trait, modules_only: bool = False):
+        self.traits = traits
+        self.modules_only = modules_only
+
+    def __contains__(self, op: object) -> bool:
+        if not isinstance(op, str) or (self.modules_only and op in FUNCTIONS):
+            return False
+        return any(has_trait(op, trait) for trait in self.traits)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(sorted(op for op in registered_ops() if op in self))
+
+    def __len__(self) -> int:
+        return sum(1 for op in registered_ops() if op in self)
+
+    @classmethod
+    def _from_iterable(cls, ops: Iterable[_T]) -> frozenset[_T]:
+        """`CONVS | {"Linear"}` and the other set operators give a plain frozenset (of today's ops)."""
+        return frozenset(ops)
+
+    def __hash__(self) -> int:
+        return self._hash()
+
+    def __repr__(self) -> str:
+        kind = "module ops" if self.modules_only else "ops"
+        return f"OpSet({kind} with any of {', '.join(map(repr, self.traits))}: {', '.join(self)})"
+
+
+# the op families passes match on, derived from the traits each op declares where it is registered
+CONVS = OpSet(Trait.CONV, modules_only=True)
+LINEARS = OpSet(Trait.LINEAR, modules_only=True)
+BATCH_NORMS = OpSet(Trait.BATCH_NORM, modules_only=True)
+NORMS = OpSet(Trait.NORM, modules_only=True)
+ACTIVATIONS = OpSet(Trait.ACTIVATION, modules_only=True)
+DROPOUTS = OpSet(Trait.DROPOUT, modules_only=True)
 # ops that read only a tensor's metadata (shape checks): they do not count as readers of its values
-METADATA_READERS = frozenset({"size", "dim", "numel", "dtype_of", "device_of"})
+METADATA_READERS = OpSet(Trait.METADATA)
 
 Graph = Editor | DagModule
 Check = Callable[[Vertex, "GraphView"], bool]
@@ -62,7 +100,7 @@ class GraphView:
 class Pattern:
     """Matches a vertex by op and neighbourhood. Build with `op(...)`."""
 
-    ops: frozenset[str] | None = None
+    ops: AbstractSet[str] | None = None  # a frozenset of names, or an OpSet (read at match time)
     where: Check | None = None
     inputs: tuple[Pattern | None, ...] | None = None
     only_user: bool = False  # nothing but the vertex above reads this one's values (shape queries aside)
@@ -71,11 +109,12 @@ class Pattern:
 
 def op(ops: str | Iterable[str] | None = None, *, where: Check | None = None,
        inputs: Iterable[Pattern | None] | None = None, only_user: bool = False, name: str | None = None) -> Pattern:
-    """A pattern: `ops` an op name or a set of names (None for any), `where(vertex, view)` an extra
-    check, `inputs` patterns for the vertex's tensor inputs in order (None = anything)."""
+    """A pattern: `ops` an op name or a set of names (None for any; an `OpSet` is read at match time),
+    `where(vertex, view)` an extra check, `inputs` patterns for the vertex's tensor inputs in order
+    (None = anything)."""
     if isinstance(ops, str):
         ops = frozenset({ops})
-    elif ops is not None:
+    elif ops is not None and not isinstance(ops, OpSet):
         ops = frozenset(ops)
     return Pattern(ops, where, tuple(inputs) if inputs is not None else None, only_user, name)
 
@@ -93,11 +132,13 @@ def _tensor_inputs(vertex: Vertex) -> list[str]:
     return [a.name for a in vertex.args if isinstance(a, Ref)]
 
 
-def try_match(pattern: Pattern, vertex: Vertex, view: GraphView, user: str | None = None
-              ) -> tuple[Match | None, str]:
-    """Match `pattern` at `vertex`; return (match, "") or (None, the reason it failed)."""
+def try_match(pattern: Pattern, vertex: Vertex, view: GraphView, user: str | None = None, *,
+              explain: bool = True) -> tuple[Match | None, str]:
+    """Match `pattern` at `vertex`; return (match, "") or (None, the reason it failed: "" unless
+    `explain`, as listing an `OpSet` reads the whole registry)."""
     if pattern.ops is not None and vertex.op not in pattern.ops:
-        return None, f"{vertex.name}: op is {vertex.op}, expected one of {', '.join(sorted(pattern.ops))}"
+        expected = ", ".join(sorted(pattern.ops)) if explain else "..."
+        return None, f"{vertex.name}: op is {vertex.op}, expected one of {expected}"
     if pattern.only_user and user is not None and view.value_users(vertex.name) != [user]:
         return None, f"{vertex.name}: read by {view.value_users(vertex.name)}, not only by {user}"
     if pattern.where is not None and not pattern.where(vertex, view):
@@ -112,7 +153,7 @@ def try_match(pattern: Pattern, vertex: Vertex, view: GraphView, user: str | Non
                 continue
             if input_name not in view.by_name:
                 return None, f"{vertex.name}: input {i} is the DAG input {input_name!r}"
-            found, reason = try_match(sub, view[input_name], view, user=vertex.name)
+            found, reason = try_match(sub, view[input_name], view, user=vertex.name, explain=explain)
             if found is None:
                 return None, f"input {i} of {reason}" if not reason.startswith("input") else reason
             captured.update(found.captured)
@@ -122,7 +163,8 @@ def try_match(pattern: Pattern, vertex: Vertex, view: GraphView, user: str | Non
 def find(graph: Graph, pattern: Pattern) -> list[Match]:
     """Every match of `pattern`, in vertex order."""
     view = GraphView(graph)
-    return [m for v in view.by_name.values() for m, _ in [try_match(pattern, v, view)] if m is not None]
+    matches = (try_match(pattern, v, view, explain=False)[0] for v in view.by_name.values())
+    return [m for m in matches if m is not None]
 
 
 def why_not(graph: Graph, pattern: Pattern, vertex_name: str) -> str | None:
@@ -138,5 +180,5 @@ def any_op(*sets: Iterable[str]) -> frozenset[str]:
     return frozenset(out)
 
 
-__all__ = ["ACTIVATIONS", "BATCH_NORMS", "CONVS", "DROPOUTS", "LINEARS", "METADATA_READERS", "NORMS", "GraphView", "Match",
-           "Pattern", "any_op", "find", "op", "try_match", "why_not"]
+__all__ = ["ACTIVATIONS", "BATCH_NORMS", "CONVS", "DROPOUTS", "LINEARS", "METADATA_READERS", "NORMS", "GraphView",
+           "Match", "OpSet", "Pattern", "any_op", "find", "op", "try_match", "why_not"]

@@ -3,26 +3,27 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import cast
 
 import torch
+from torch.nn.modules.dropout import _DropoutNd
 
 from ..core.dag import DagModule, Vertex
+from ..core.editor import Editor, first_input
 from ..core.errors import DagError
 from ..core.ops import Constant
 from ..core.template import Ref
-from .editor import Editor, first_input
+from ..core.traits import Trait, has_trait
 from .pattern import DROPOUTS
-
-_ALWAYS_IDENTITY = frozenset({"Identity", "contiguous", "clone"})
 
 
 def _is_identity(vertex: Vertex, editor: Editor, inference: bool) -> bool:
     """Vertices that return their input unchanged (values, shape and dtype) for every input."""
     op = vertex.op
-    if op in _ALWAYS_IDENTITY:
+    if has_trait(op, Trait.IDENTITY):
         return True
-    if op in DROPOUTS:
-        return inference or vertex.module.p == 0
+    if op in DROPOUTS:  # dropout modules only: a functional dropout's `training` argument decides
+        return inference or cast(_DropoutNd, vertex.module).p == 0
     if op == "flatten":
         return vertex.args[1] == vertex.args[2]
     if op == "reshape":

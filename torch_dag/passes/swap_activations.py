@@ -8,9 +8,10 @@ from collections.abc import Callable, Mapping
 from torch import nn
 
 from ..core.dag import DagModule
+from ..core.editor import Editor
 from ..core.errors import DagError
 from ..core.ops import MODULE_OPS, module_op_spec
-from .editor import Editor
+from .pattern import ACTIVATIONS
 
 Replacement = str | type[nn.Module] | Callable[[nn.Module], nn.Module]
 
@@ -23,7 +24,8 @@ def _op_key(key: str | type[nn.Module]) -> str:
         return MODULE_OPS[key].name
     by_lower = {spec.name.lower(): spec.name for spec in MODULE_OPS.values()}
     if key.lower() not in by_lower:
-        raise DagError(f"unknown activation {key!r}; module ops are torch.nn class names such as ReLU, GELU")
+        raise DagError(f"unknown activation {key!r}; module ops are torch.nn class names, the activations "
+                       f"among them: {', '.join(ACTIVATIONS)}")
     return by_lower[key.lower()]
 
 

@@ -7,7 +7,7 @@ import math
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeGuard
 
 import numpy as np
 import torch
@@ -232,3 +232,14 @@ def call_arg(v: Vertex, index: int, name: str, default: Any = None) -> Any:
 
 def kept_count(keep: Callable[[np.ndarray], np.ndarray], ids: np.ndarray) -> int:
     return int(keep(ids).sum()) if len(ids) else 0
+
+
+def tie_columns(a: Analysis, table: np.ndarray) -> None:
+    """Union the ids of each column of `table` (one row per group: a grouped conv, a GLU's halves)."""
+    for row in table[1:]:
+        a.uf.union(table[0], row)
+
+
+def is_index_tensor(value: Any) -> TypeGuard[torch.Tensor]:
+    """An integer tensor used as an index (rows of a lookup table), not a boolean mask."""
+    return isinstance(value, torch.Tensor) and not value.is_floating_point() and value.dtype != torch.bool

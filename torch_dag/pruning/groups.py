@@ -12,71 +12,80 @@ a model whose shapes do not fit.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
-from ..core.dag import DagModule
-from ..core.errors import DagError
+from ..core.dag import DagModule, Vertex
 from ..core.ops import Constant, Parameter
+from ..core.options import check_option, choices
 from ..core.template import iter_refs, map_refs
-from .channels import Analysis, ChannelGroups, Channels, Count, Group, ShapeOf, numbers
-from .rules import ARITHMETIC, ATTENTION, HARMLESS, NOT_A_QUERY, RULES, SIZED_BY_COUNTS, shape_query
+from .channels import Analysis, ChannelGroups, Channels, Count, Group, numbers
+from .rules import (
+    ARITHMETIC,
+    KEYWORD_OPERANDS,
+    NOT_A_QUERY,
+    SIZED_BY_COUNTS,
+    is_harmless,
+    is_shape_query,
+    rule_for,
+    shape_query,
+)
 
-__all__ = ["ChannelGroups", "Channels", "Group", "channel_groups"]
+__all__ = ["AttentionMode", "ChannelGroups", "Channels", "Group", "channel_groups"]
+
+AttentionMode = Literal["heads", "head_dim"]  # remove whole heads, or the same positions of every head
 
 
 def channel_groups(dag: DagModule, example_inputs: tuple, protected: Iterable[str] = (), *,
-                   values: dict[str, Any] | None = None, attention: str = "heads") -> ChannelGroups:
+                   values: dict[str, Any] | None = None, attention: AttentionMode = "heads") -> ChannelGroups:
     """Analyse `dag` on `example_inputs` (shapes only matter) and return its channel groups;
     `values` (from `dag.run_collecting(*example_inputs)`) saves the forward pass when at hand.
     `attention`: "heads" prunes attention heads whole, "head_dim" the same positions of every head."""
-    if attention not in ("heads", "head_dim"):
-        raise DagError(f"attention={attention!r}: use 'heads' (whole heads) or 'head_dim' (positions of every head)")
+    check_option("attention", attention, choices(AttentionMode), what="attention mode")
     if values is None:
         with torch.no_grad():
             values = dag.run_collecting(*example_inputs)
     analysis = Analysis(dag, values, protected, attention)
-    info = analysis.info
     for vertex in dag:
-        inputs = [map_refs(arg, lambda r: info.get(r.name)) for arg in vertex.args]
-        op = vertex.op
-        if op in HARMLESS:
-            info[vertex.name] = None
-            continue
-        if op in ("size", "numel") or (op == "getitem" and inputs and isinstance(inputs[0], ShapeOf)):
-            result = shape_query(analysis, vertex, inputs)
-            info[vertex.name] = None if result is NOT_A_QUERY else result
-            continue
-        if isinstance(vertex.module, (Parameter, Constant)):
-            info[vertex.name] = None
-            continue
-        rule = RULES.get(op)
-        if op in ARITHMETIC and not isinstance(values[vertex.name], torch.Tensor) and numbers(inputs):
-            counts = numbers(inputs)  # `C // heads`: a number that only a reshape may use
-            analysis.block(counts[1:], f"{vertex.name}: {op} of several channel counts")
-            info[vertex.name] = Count(counts[0].channels, exact=False)
-            continue
-        if op not in SIZED_BY_COUNTS:  # a shape or count used in a new tensor's size, a comparison...
-            analysis.block(numbers(inputs), f"{vertex.name}: {op} reads the channel count")
-        # rules read tensors from the positional arguments only (and attention its mask): channels
-        # passed by keyword stay
-        keywords = {k: kw for k, kw in vertex.kwargs.items() if not (op == ATTENTION and k == "attn_mask")}
-        analysis.block([info.get(r.name) for r in iter_refs(keywords)], f"{vertex.name}: {op} takes them by keyword")
-        if rule is None:
-            analysis.block(inputs, f"{vertex.name}: no channel rule for op {op}")
-            info[vertex.name] = None
-            continue
-        out = rule(analysis, vertex, inputs, values[vertex.name])
-        if out is None and vertex.name not in analysis.roles:  # safety net: ids may never vanish silently
-            analysis.block(inputs, f"{vertex.name}: {op} does not carry the channels on")
-        if vertex.name in analysis.protected:
-            analysis.block(out, f"{vertex.name}: protected")
-        info[vertex.name] = out
+        analysis.info[vertex.name] = _visit(analysis, vertex)
     for ref in iter_refs(dag.output):
-        analysis.block(info.get(ref.name), "a DAG output keeps its shape")
+        analysis.block(analysis.info.get(ref.name), "a DAG output keeps its shape")
     shapes = {n: tuple(v.shape) for n, v in values.items() if isinstance(v, torch.Tensor)}
     blocked: dict[int, str] = {}
     for i, reason in analysis.blocked_ids.items():
         blocked.setdefault(analysis.uf.find(i), reason)
     return ChannelGroups(analysis.uf, analysis.roles, analysis.producers, blocked, shapes)
+
+
+def _visit(a: Analysis, vertex: Vertex) -> Any:
+    """What `vertex` carries on (channels, a shape, a count, or None), by its op's rule; channels that
+    reach it where no rule can follow them are blocked."""
+    info, op = a.info, vertex.op
+    inputs = [map_refs(arg, lambda r: info.get(r.name)) for arg in vertex.args]
+    if is_shape_query(op, inputs):  # size / numel first: they are METADATA ops, but not harmless ones
+        result = shape_query(a, vertex, inputs)
+        return None if result is NOT_A_QUERY else result
+    if is_harmless(op) or isinstance(vertex.module, (Parameter, Constant)):
+        return None
+    counts = numbers(inputs)
+    if op in ARITHMETIC and not isinstance(a.values[vertex.name], torch.Tensor) and counts:
+        a.block(counts[1:], f"{vertex.name}: {op} of several channel counts")
+        return Count(counts[0].channels, exact=False)  # `C // heads`: a number that only a reshape may use
+    if op not in SIZED_BY_COUNTS:  # a shape or count used in a new tensor's size, a comparison...
+        a.block(counts, f"{vertex.name}: {op} reads the channel count")
+    # rules read tensors from the positional arguments only (and from the keywords KEYWORD_OPERANDS
+    # names): channels passed by any other keyword stay
+    readable = KEYWORD_OPERANDS.get(op, frozenset())
+    keywords = {k: kw for k, kw in vertex.kwargs.items() if k not in readable}
+    a.block([info.get(r.name) for r in iter_refs(keywords)], f"{vertex.name}: {op} takes them by keyword")
+    rule = rule_for(op)
+    if rule is None:
+        a.block(inputs, f"{vertex.name}: no channel rule for op {op}")
+        return None
+    out = rule(a, vertex, inputs, a.values[vertex.name])
+    if out is None and vertex.name not in a.roles:  # safety net: ids may never vanish silently
+        a.block(inputs, f"{vertex.name}: {op} does not carry the channels on")
+    if vertex.name in a.protected:
+        a.block(out, f"{vertex.name}: protected")
+    return out

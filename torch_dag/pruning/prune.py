@@ -7,43 +7,53 @@ import warnings
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
-from typing import Any
+from functools import partial
+from typing import Any, Literal, cast, overload
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.conv import _ConvNd
 from torch.utils import _pytree as pytree
 from tqdm import tqdm
 
-from ..analysis import count_flops
+from ..analysis import FlopReport, count_flops
 from ..analysis.flops import flops_from_values
 from ..core.dag import DagModule, evaluating
 from ..core.errors import DagError
-from ..core.ops import Parameter, is_dag_module
-from ..passes.factorize import conv_geometry, row_gram
-from ..passes.hierarchy import flatten
+from ..core.ops import Parameter
+from ..core.options import check_option, choices
+from ..passes.prepare import Prepared, as_inputs, check_fraction, prepare
 from . import surgery
 from .channels import ChannelGroups, Group
-from .groups import channel_groups
+from .compensate import compensate
+from .flop_model import FlopModel
+from .groups import AttentionMode, channel_groups
+
+Criterion = Literal["l1", "l2", "bn_scale", "taylor", "random"]
+Compensation = Literal["lstsq", "mean", "none"]
+Measure = Literal["FLOPs", "params"]
+TARGETS = ("flops_ratio", "params_ratio", "kmapp")
 
 
 @dataclass(frozen=True)
 class PruneConfig:
     """Settings of one pruning run."""
 
-    criterion: str = "l2"  # l1 | l2 | bn_scale | taylor (needs calibration batches) | random
+    criterion: Criterion = "l2"  # taylor needs calibration batches
     round_to: int = 8  # kept widths are multiples of this (where the group is wide enough): fast kernels
     min_channels: int = 1  # never keep fewer channels in a group
     tolerance: float = 0.02  # |achieved ratio - target| allowed
-    attention: str = "heads"  # heads: remove whole attention heads; head_dim: the same positions of every head
+    attention: AttentionMode = "heads"
     seed: int = 0
     max_removed: float = 1.0  # the largest fraction of any group's channels removed
-    compensate: str = "lstsq"  # with calibration batches, make up for removed inputs: lstsq | mean | none
+    compensate: Compensation = "lstsq"  # with calibration batches, make up for removed inputs
 
     def __post_init__(self) -> None:
-        if self.compensate not in ("lstsq", "mean", "none"):
-            raise DagError(f"unknown compensation {self.compensate!r}: use lstsq, mean or none")
+        check_option("criterion", self.criterion, choices(Criterion), what="importance criterion")
+        check_option("attention", self.attention, choices(AttentionMode), what="attention mode")
+        check_option("compensate", self.compensate, choices(Compensation), what="compensation")
         if not 0 < self.max_removed <= 1:
             raise DagError(f"max_removed is a fraction of a group's channels in (0, 1], got {self.max_removed}")
 
@@ -52,7 +62,7 @@ class PruneConfig:
 class PruneReport:
     """What a pruning run chose and reached (`prune(..., return_report=True)`)."""
 
-    measure: str  # "FLOPs" or "params"
+    measure: Measure
     target: float
     reached: float
     round_to: int  # the rounding of widths used: the one asked for, or a finer one when that could not reach the target
@@ -66,7 +76,7 @@ class PruneReport:
                 f"prunable, {self.narrowed} narrowed")
 
 
-def channel_scores(dag: DagModule, groups: ChannelGroups, criterion: str, seed: int = 0,
+def channel_scores(dag: DagModule, groups: ChannelGroups, criterion: Criterion, seed: int = 0,
                    calibration: Iterable | None = None, loss: Callable[[Any], torch.Tensor] | None = None
                    ) -> dict[int, float]:
     """Importance of each channel class, summed over every member that holds weights for it: for `l1`
@@ -74,6 +84,7 @@ def channel_scores(dag: DagModule, groups: ChannelGroups, criterion: str, seed: 
     biases, its norms' affine entries, its consumers' input columns, tied parameters such as a class
     token), the whole group's view of it, as in Molchanov et al. (2019) and Fang et al. (2023).
     `taylor` needs `calibration` (an iterable of input tuples or tensors), see `taylor_scores`."""
+    check_option("criterion", criterion, choices(Criterion), what="importance criterion")
     if criterion == "taylor":
         if calibration is None:
             raise DagError("the taylor criterion needs calibration batches (prune(..., calibration=batches))")
@@ -81,13 +92,11 @@ def channel_scores(dag: DagModule, groups: ChannelGroups, criterion: str, seed: 
     if criterion == "random":
         rng = np.random.default_rng(seed)
         return {root: float(rng.random()) for g in groups.groups() for root in g.channels}
-    if criterion == "bn_scale":
+    if criterion == "bn_scale":  # a norm's role has the ids of its input
         norms = [(role, dag[name].module) for name, role in groups.roles.items()]
-        return _summed(groups.size, [(groups.root(role.in_ids), module.weight.detach().abs())
+        return _summed(groups.size, [(groups.root(cast(np.ndarray, role.in_ids)), module.weight.detach().abs())
                                      for role, module in norms if role.axis is None
-                                     and isinstance(module, nn.modules.batchnorm._BatchNorm) and module.affine])
-    if criterion not in ("l1", "l2"):
-        raise DagError(f"unknown importance criterion {criterion!r}: use l1, l2, bn_scale, taylor or random")
+                                     and isinstance(module, _BatchNorm) and module.affine])
     parts = []
     for tensor, axis, roots in weight_members(dag, groups):
         flat = tensor.detach().movedim(axis, 0).reshape(tensor.shape[axis], -1)
@@ -99,20 +108,20 @@ def weight_members(dag: DagModule, groups: ChannelGroups) -> list[tuple[torch.Te
     """Every parameter that holds weights for channels, as (parameter, axis, class root of each position
     along that axis): the tensors surgery slices (a grouped conv's input axis: one group's positions)
     and the parameters tied to a group (`Parameter` vertices)."""
-    members = []
+    members: list[tuple[torch.Tensor, int, np.ndarray]] = []
     for name, role in groups.roles.items():
         module = dag[name].module
-        if role.axis is not None:
+        if role.axis is not None:  # a tied tensor's role has its ids with its axis
             if isinstance(module, Parameter):
-                members.append((module.weight, role.axis, groups.root(role.in_ids)))
+                members.append((module.weight, role.axis, groups.root(cast(np.ndarray, role.in_ids))))
             continue
         ids = {"in": role.in_ids, "out": role.out_ids}
         if role.in_ids is not None and surgery.kind(module) == "Grouped":
-            ids["in_group"] = role.in_ids.reshape(module.groups, -1)[0]
+            ids["in_group"] = role.in_ids.reshape(cast(_ConvNd, module).groups, -1)[0]
         for attr, axis, side in surgery.SLICES.get(surgery.kind(module) or "", []):
-            tensor = module._parameters.get(attr)
-            if tensor is not None and ids.get(side) is not None and tensor.dim() > axis:
-                members.append((tensor, axis, groups.root(ids[side])))
+            tensor, selected = module._parameters.get(attr), ids.get(side)
+            if tensor is not None and selected is not None and tensor.dim() > axis:
+                members.append((tensor, axis, groups.root(selected)))
     return members
 
 
@@ -143,7 +152,7 @@ def taylor_scores(dag: DagModule, groups: ChannelGroups, calibration: Iterable,
 def _taylor_batches(dag: DagModule, calibration: Iterable, loss: Callable[[Any], torch.Tensor], params: list,
                     members: list, scores: dict[int, float]) -> None:
     for batch in calibration:
-        batch = (batch,) if isinstance(batch, torch.Tensor) else tuple(batch)
+        batch = as_inputs(batch)
         grads = torch.autograd.grad(loss(dag(*batch)), params, allow_unused=True)
         by_id = {id(p): g for p, g in zip(params, grads)}
         per_batch: dict[int, float] = defaultdict(float)
@@ -163,7 +172,11 @@ def _self_supervised_loss(outputs: Any) -> torch.Tensor:
     if len(leaves) == 1 and leaves[0].dim() == 2 and leaves[0].shape[1] > 1:
         logits = leaves[0]
         return F.cross_entropy(logits, logits.argmax(1))
-    return sum(0.5 * t.square().mean() for t in leaves)
+    if not leaves:
+        raise TypeError("the taylor criterion's default loss needs a floating-point tensor among the outputs: "
+                        "give channel_scores a loss")
+    terms = [0.5 * t.square().mean() for t in leaves]
+    return sum(terms[1:], terms[0])
 
 
 def _summed(size: int, parts: list[tuple[np.ndarray, torch.Tensor]]) -> dict[int, float]:
@@ -180,7 +193,7 @@ def _summed(size: int, parts: list[tuple[np.ndarray, torch.Tensor]]) -> dict[int
 def _removal_order(groups: list[Group], scores: dict[int, float]) -> list[tuple[int, int]]:
     """(group index, class root) from least to most important, scores normalized per group so that
     groups of different layers compare; ties broken by position, so equal scores still order."""
-    order = []
+    order: list[tuple[float, int, int, int]] = []  # (normalized score, group index, position, root)
     for index, group in enumerate(groups):
         values = np.array([scores.get(r, 0.0) for r in group.channels])
         normalized = values / max(values.mean(), 1e-12)
@@ -215,6 +228,20 @@ def _removed_roots(groups: list[Group], order: list[tuple[int, int]], remove: in
     return removed
 
 
+@overload
+def prune(dag: DagModule, flops_ratio: float | None = ..., example_inputs: tuple | torch.Tensor | None = ..., *,
+          params_ratio: float | None = ..., kmapp: float | None = ..., config: PruneConfig = ...,
+          calibration: Iterable | None = ..., protected: Iterable[str] = ..., progress: bool = ...,
+          return_report: Literal[False] = ...) -> DagModule: ...
+
+
+@overload
+def prune(dag: DagModule, flops_ratio: float | None = ..., example_inputs: tuple | torch.Tensor | None = ..., *,
+          params_ratio: float | None = ..., kmapp: float | None = ..., config: PruneConfig = ...,
+          calibration: Iterable | None = ..., protected: Iterable[str] = ..., progress: bool = ...,
+          return_report: Literal[True]) -> tuple[DagModule, PruneReport]: ...
+
+
 def prune(dag: DagModule, flops_ratio: float | None = None, example_inputs: tuple | torch.Tensor | None = None, *,
           params_ratio: float | None = None, kmapp: float | None = None, config: PruneConfig = PruneConfig(),
           calibration: Iterable | None = None, protected: Iterable[str] = (), progress: bool = False,
@@ -230,185 +257,132 @@ def prune(dag: DagModule, flops_ratio: float | None = None, example_inputs: tupl
     then make up for what the pruned layers lost (`config.compensate`: least squares by default).
     With `return_report`, returns `(pruned, PruneReport)`: the ratio reached and the rounding used.
     """
-    given = {k: v for k, v in (("flops_ratio", flops_ratio), ("params_ratio", params_ratio), ("kmapp", kmapp))
-             if v is not None}
-    if len(given) != 1:
-        raise DagError(f"give exactly one of flops_ratio, params_ratio, kmapp (got {sorted(given) or 'none'})")
-    if example_inputs is None:
-        example_inputs = dag.example_inputs()
-    if isinstance(example_inputs, torch.Tensor):
-        example_inputs = (example_inputs,)
-    if calibration is not None:  # read twice (taylor, then compensation): a generator would be spent
-        calibration = list(calibration)
-    if any(is_dag_module(v.module) for v in dag):  # channels cross block boundaries: prune the flat graph
-        dag = flatten(dag)
+    # channels cross block boundaries: a nested DAG is pruned flat; calibration is read twice (taylor,
+    # then compensation), so it is listed
+    targets = dict(zip(TARGETS, (flops_ratio, params_ratio, kmapp)))
+    prep = prepare(dag, example_inputs, calibration, targets=targets, fractions=("flops_ratio", "params_ratio"))
+    dag, inputs = prep.dag, prep.example_inputs
     with torch.no_grad():
-        values = dag.run_collecting(*example_inputs)  # one forward serves the FLOP count and the groups
-    report = flops_from_values(dag, values, example_inputs)
-    by_params = params_ratio is not None
-    if kmapp is not None:
-        if report.kmapp is None:
-            raise DagError("a kmapp target needs an image input (N x C x H x W) to count pixels")
-        flops_ratio = kmapp / report.kmapp
-    target = params_ratio if by_params else flops_ratio
-    if not 0 < target <= 1:
-        raise DagError(f"the target must keep a fraction in (0, 1] of the model, got {target:.4g} "
-                       f"({', '.join(f'{k}={v}' for k, v in given.items())})")
-    groups = channel_groups(dag, example_inputs, protected, values=values, attention=config.attention)
+        values = dag.run_collecting(*inputs)  # one forward serves the FLOP count and the groups
+    counted = flops_from_values(dag, values, inputs)
+    target = _target_ratio(prep, counted)
+    groups = channel_groups(dag, inputs, protected, values=values, attention=config.attention)
     del values
-    prunable = [g for g in groups.groups() if g.prunable]
-    scores = channel_scores(dag, groups, config.criterion, config.seed, calibration)
-    order = _removal_order(prunable, scores)
-    model = _FlopModel(groups, report.params if by_params else report.flops)
+    scores = channel_scores(dag, groups, config.criterion, config.seed, prep.calibration)
+    search = _Search(dag, groups, inputs, config, counted, prep.target == "params_ratio", scores)
+    found = search.run(target, progress)
+    if config.compensate != "none" and prep.calibration is not None:
+        compensate(dag, found.pruned, groups, search.keep(found.removed), prep.calibration, config.compensate,
+                   progress)
+    _warn_if_off(found, target, config, search.measure)
+    return (found.pruned, search.report(found, target)) if return_report else found.pruned
 
-    owners = must_keep(groups)
 
-    def removed_roots(order: list[tuple[int, int]], remove: int, round_to: int) -> np.ndarray:
+def _target_ratio(prep: Prepared, counted: FlopReport) -> float:
+    """The target as a ratio of the model's FLOPs (or params): a kmapp over the model's own kmapp."""
+    target, value = prep.goal
+    if target != "kmapp":
+        return value
+    if counted.kmapp is None:
+        raise DagError("a kmapp target needs an image input (N x C x H x W) to count pixels")
+    ratio = value / counted.kmapp
+    check_fraction(f"kmapp={value:g} over the model's own {counted.kmapp:.4g}", ratio)
+    return ratio
+
+
+def _warn_if_off(found: _Found, target: float, config: PruneConfig, measure: Measure) -> None:
+    """Say when the target was missed, or met only at a finer rounding of widths (at prune's caller)."""
+    if abs(found.ratio - target) > config.tolerance:  # removing channels in order of importance skips it
+        warnings.warn(f"prune: the {measure} ratio reached is {found.ratio:.3f}, outside {target:.3f} +- "
+                      f"{config.tolerance:.3f}: removing channels in order of importance has no step closer "
+                      "(few, wide channels); try another criterion or target", stacklevel=3)
+    elif found.round_to != config.round_to:
+        warnings.warn(f"prune: widths rounded to multiples of {found.round_to} instead of {config.round_to}, the "
+                      f"{measure} target {target:.3f} being out of reach otherwise (reached {found.ratio:.3f})",
+                      stacklevel=3)
+
+
+@dataclass(frozen=True)
+class _Found:
+    """One candidate: the pruned DAG, the ratio it measures, its removal mask and rounding of widths."""
+
+    pruned: DagModule
+    ratio: float
+    removed: np.ndarray  # over channel ids, true at the class roots removed
+    round_to: int
+
+
+class _Search:
+    """Which channels to remove for a target: the removal order bisected on the FLOP model's prediction
+    (FLOPs and params of convs, linears and norms scale with their kept channel fractions), then on
+    measurements where ops outside the model move the ratio; at finer roundings of widths when needed."""
+
+    def __init__(self, dag: DagModule, groups: ChannelGroups, inputs: tuple, config: PruneConfig,
+                 counted: FlopReport, by_params: bool, scores: dict[int, float]):
+        self.dag, self.groups, self.inputs, self.config, self.counted = dag, groups, inputs, config, counted
+        self.by_params, self.scores = by_params, scores
+        self.measure: Measure = "params" if by_params else "FLOPs"
+        self.prunable = [g for g in groups.groups() if g.prunable]
+        self.order = _removal_order(self.prunable, scores)
+        self.model = FlopModel(groups, counted.params if by_params else counted.flops)
+        self.owners = must_keep(groups)
+
+    def run(self, target: float, progress: bool) -> _Found:
+        """The best candidate at the configured rounding; when the target is out of reach there, the
+        rounding is halved (8 -> 4 -> 2 -> 1): rounding widths makes the reachable ratios coarse."""
+        roundings = [self.config.round_to]
+        while roundings[-1] > 1:
+            roundings.append(roundings[-1] // 2)
+        bar = tqdm(total=len(roundings), desc="prune", unit="try", disable=not progress)
+        for round_to in roundings:
+            found = self.at_rounding(target, round_to)
+            bar.update()
+            bar.set_postfix_str(f"{self.measure} ratio {found.ratio:.3f}, widths rounded to {round_to}")
+            if abs(found.ratio - target) <= self.config.tolerance:
+                break
+        bar.close()
+        return found
+
+    def at_rounding(self, target: float, round_to: int) -> _Found:
+        tolerance = self.config.tolerance / 2
+        order, remove = _fit(self.order, lambda o, k: self.model.ratio(self.removed(o, k, round_to)), target,
+                             tolerance)
+        found = self.build(order, remove, round_to)
+        if abs(found.ratio - target) > tolerance:  # ops outside the model moved it: measure
+            remove = _bisect(len(order), lambda k: self.build(order, k, round_to).ratio, target)
+            found = self.build(order, remove, round_to)
+        return found
+
+    def removed(self, order: list[tuple[int, int]], remove: int, round_to: int) -> np.ndarray:
         """A mask over channel ids, true at the class roots removed."""
-        mask = np.zeros(groups.size, dtype=bool)
-        rounded = replace(config, round_to=round_to)
-        mask[list(_removed_roots(prunable, order, remove, rounded, owners, scores))] = True
+        mask = np.zeros(self.groups.size, dtype=bool)
+        rounded = replace(self.config, round_to=round_to)
+        mask[list(_removed_roots(self.prunable, order, remove, rounded, self.owners, self.scores))] = True
         return mask
 
-    def build(order: list[tuple[int, int]], remove: int, round_to: int) -> tuple[DagModule, float, np.ndarray]:
-        removed = removed_roots(order, remove, round_to)
-        pruned = surgery.apply(dag, groups, lambda ids: ~removed[groups.root(ids)])
-        if by_params:
-            return pruned, sum(p.numel() for p in pruned.parameters()) / report.total_params, removed
-        return pruned, count_flops(pruned, *example_inputs).total_flops / report.total_flops, removed
+    def keep(self, removed: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+        return lambda ids: ~removed[self.groups.root(ids)]
 
-    what = "params" if by_params else "FLOPs"
-    # rounding widths makes the reachable ratios coarse: when the target is out of reach at this
-    # rounding, halve it (8 -> 4 -> 2 -> 1) and say so
-    roundings = [config.round_to]
-    while roundings[-1] > 1:
-        roundings.append(roundings[-1] // 2)
-    bar = tqdm(total=len(roundings), desc="prune", unit="try", disable=not progress)
-    for round_to in roundings:
-        # FLOPs (and params) of convs, linears and norms scale with their kept channel fractions: bisect on that
-        kept_order, remove = _fit(order, lambda o, k, r=round_to: model.ratio(removed_roots(o, k, r)), target,
-                                  config.tolerance / 2)
-        best, best_ratio, removed = build(kept_order, remove, round_to)
-        if abs(best_ratio - target) > config.tolerance / 2:  # ops outside the model moved it: measure
-            remove = _bisect(len(kept_order), lambda k, o=kept_order, r=round_to: build(o, k, r)[1], target)
-            best, best_ratio, removed = build(kept_order, remove, round_to)
-        bar.update()
-        bar.set_postfix_str(f"{what} ratio {best_ratio:.3f}, widths rounded to {round_to}")
-        if abs(best_ratio - target) <= config.tolerance:
-            break
-    bar.close()
-    if config.compensate != "none" and calibration is not None:
-        compensate(dag, best, groups, lambda ids: ~removed[groups.root(ids)], calibration, config.compensate,
-                   progress)
-    if abs(best_ratio - target) > config.tolerance:  # removing channels in order of importance skips it
-        warnings.warn(f"prune: the {what} ratio reached is {best_ratio:.3f}, outside {target:.3f} +- "
-                      f"{config.tolerance:.3f}: removing channels in order of importance has no step closer "
-                      "(few, wide channels); try another criterion or target", stacklevel=2)
-    elif round_to != config.round_to:
-        warnings.warn(f"prune: widths rounded to multiples of {round_to} instead of {config.round_to}, the "
-                      f"{what} target {target:.3f} being out of reach otherwise (reached {best_ratio:.3f})",
-                      stacklevel=2)
-    if not return_report:
-        return best
-    kept = {v.name: v.module.weight.shape[0] for v in best if getattr(v.module, "weight", None) is not None}
-    narrowed = sum(1 for g in prunable if any(p in kept and kept[p] != dag[p].module.weight.shape[0]
-                                              for p in g.producers))
-    return best, PruneReport(what, target, best_ratio, round_to, len(groups.groups()), len(prunable), narrowed)
-
-
-def compensate(dag: DagModule, pruned: DagModule, groups: ChannelGroups, keep: Callable[[np.ndarray], np.ndarray],
-               calibration: Iterable, how: str = "lstsq", progress: bool = False) -> None:
-    """Make up, in place on `pruned`, for the input channels each layer lost, from what they carried on
-    the calibration batches (run through the unpruned `dag`).
-
-    `mean`: fold the removed channels' mean contribution into the layer's bias. A removed channel
-    rarely carries zero on average (after a ReLU it never does), so dropping it shifts every output of
-    the layers that read it; restoring the mean keeps the statistics the following norms and
-    activations were trained on. Exact for a constant channel (one whose weights upstream were zero).
-    `lstsq`: also re-solve the layer's kept weights so that its outputs, from the kept inputs alone,
-    are the least-squares best fit of the unpruned outputs (ridge-regularized; a conv's k x k patches
-    are its inputs; one float64 matrix of (inputs + 1)^2 per layer while recording). Convs with groups,
-    and layers with over `MAX_LSTSQ` inputs, get `mean`."""
-    readers = {}
-    for name, role in groups.roles.items():
-        module = dag[name].module
-        if role.axis is not None or role.in_ids is None or surgery.kind(module) not in ("Conv", "Grouped", "Linear"):
-            continue  # a depthwise conv's removed inputs only feed removed outputs
-        dropped = ~keep(role.in_ids)
-        if dropped.any():
-            solve = how == "lstsq" and (isinstance(module, nn.Linear) or (
-                isinstance(module, nn.Conv2d) and module.groups == 1 and module.padding_mode == "zeros"))
-            readers[name] = _Reader(module, torch.from_numpy(dropped), solve)
-    if not readers:
-        return
-    hooks = [r.module.register_forward_hook(r.record) for r in readers.values()]
-    try:
-        with evaluating(dag), torch.no_grad():
-            for batch in tqdm(calibration, desc="prune: compensation", unit="batch", disable=not progress):
-                dag(*((batch,) if isinstance(batch, torch.Tensor) else tuple(batch)))
-    finally:
-        for handle in hooks:
-            handle.remove()
-    if any(r.batches == 0 for r in readers.values()):
-        raise DagError("compensation needs at least one calibration batch (the calibration given is empty)")
-    for name, reader in readers.items():
-        role = groups.roles[name]
-        out = torch.from_numpy(keep(role.out_ids)) if role.out_ids is not None else slice(None)
-        reader.apply(pruned[name].module, out)  # a new module: surgery sliced its inputs
-
-
-MAX_LSTSQ = 4096  # inputs (channels x kernel positions) up to which a layer's weights are re-solved
-RIDGE = 1e-2  # lstsq's pull towards the layer's own weights, relative to its inputs' mean energy
-
-
-class _Reader:
-    """A layer that lost input channels, and what it saw of them on the calibration batches."""
-
-    def __init__(self, module: nn.Module, dropped: torch.Tensor, solve: bool):
-        self.module, self.dropped = module, dropped
-        self.geometry = conv_geometry(module)
-        self.width = module.weight[0].numel() + 1  # the inputs of one output, and a constant
-        self.solve = solve and self.width <= MAX_LSTSQ
-        self.mean: torch.Tensor | float = 0.0  # summed over batches
-        self.gram: torch.Tensor | float = 0.0
-        self.batches = 0
-
-    def record(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-        x = args[0]
-        self.batches += 1
-        if self.solve:
-            self.gram = self.gram + row_gram(x, self.geometry)
-            return
-        mask = self.dropped.to(x.device, x.dtype)
-        if isinstance(module, nn.Linear):
-            part = F.linear(x * mask, module.weight).reshape(-1, module.out_features)
+    def build(self, order: list[tuple[int, int]], remove: int, round_to: int) -> _Found:
+        removed = self.removed(order, remove, round_to)
+        pruned = surgery.apply(self.dag, self.groups, self.keep(removed))
+        if self.by_params:
+            ratio = sum(p.numel() for p in pruned.parameters()) / self.counted.total_params
         else:
-            part = module._conv_forward(x * mask.view((-1,) + (1,) * (x.dim() - 2)), module.weight, None)
-            part = part.transpose(0, 1).reshape(part.shape[1], -1).T
-        self.mean = self.mean + part.double().mean(0)
+            ratio = count_flops(pruned, *self.inputs).total_flops / self.counted.total_flops
+        return _Found(pruned, ratio, removed, round_to)
 
-    def apply(self, new: nn.Module, out: torch.Tensor | slice) -> None:
-        """Set `new` (the sliced copy of the layer) to the compensated weights of its kept outputs."""
-        weight = new.weight
-        if self.solve:
-            full = self.module.weight.detach().double().reshape(len(self.module.weight), -1)
-            bias = self.module.bias.detach().double() if self.module.bias is not None else full.new_zeros(len(full))
-            full = torch.cat([full, bias[:, None]], 1)[out]
-            positions = self.module.weight[0, 0].numel()
-            kept = torch.cat([(~self.dropped).repeat_interleave(positions), torch.tensor([True])])
-            gram = self.gram / self.batches
-            inner = gram[kept][:, kept]
-            # ridge towards the layer's own weights (not towards zero), the constant left free: a strong
-            # ridge gives back `mean`
-            ridge = RIDGE * inner.diagonal()[:-1].mean() * torch.ones(len(inner), dtype=inner.dtype)
-            ridge[-1] = 0
-            solved = torch.linalg.solve(inner + ridge.diag(), (full @ gram[:, kept] + full[:, kept] * ridge).T).T
-            new.weight = nn.Parameter(solved[:, :-1].reshape(weight.shape).to(weight), requires_grad=weight.requires_grad)
-            bias = solved[:, -1]
-        else:
-            shift = (self.mean / self.batches)[out]
-            bias = shift if new.bias is None else new.bias.detach().double() + shift
-        new.bias = nn.Parameter(bias.to(weight), requires_grad=weight.requires_grad)
+    def report(self, found: _Found, target: float) -> PruneReport:
+        kept, full = _out_widths(found.pruned), _out_widths(self.dag)
+        narrowed = sum(1 for g in self.prunable if any(p in kept and kept[p] != full[p] for p in g.producers))
+        return PruneReport(self.measure, target, found.ratio, found.round_to, len(self.groups.groups()),
+                           len(self.prunable), narrowed)
+
+
+def _out_widths(dag: DagModule) -> dict[str, int]:
+    """The output width (the weight's first dimension) of each vertex with a weight."""
+    weights = {v.name: getattr(v.module, "weight", None) for v in dag}
+    return {name: weight.shape[0] for name, weight in weights.items() if weight is not None}
 
 
 def must_keep(groups: ChannelGroups) -> dict[int, list[int]]:
@@ -431,7 +405,7 @@ def _fit(order: list[tuple[int, int]], ratio_of: Callable[[list[tuple[int, int]]
         if abs(ratio - target) <= tolerance or not 0 <= jump < len(order):
             break
         order = order[:jump] + order[jump + 1:]
-        remove = _bisect(len(order), lambda k, o=order: ratio_of(o, k), target)
+        remove = _bisect(len(order), partial(ratio_of, order), target)
     return order, remove
 
 
@@ -448,55 +422,3 @@ def _bisect(n: int, ratio_of: Callable[[int], float], target: float) -> int:
         else:
             high = middle - 1
     return best
-
-
-class _FlopModel:
-    """Predicted FLOPs after slicing: each sliced vertex's FLOPs times its kept input and output
-    channel fractions (exact for convs, linears and norms), attention's products by the shares of
-    their FLOPs that shrink with heads or head dims (`Role.flop_shares`); other ops count as unchanged.
-
-    Every fraction is a mean of the removal mask over some class roots: the roots of all of them lie
-    end to end in one index array, so that a prediction is a few array operations, not one per vertex."""
-
-    def __init__(self, groups: ChannelGroups, flops: dict[str, int]):
-        self.total = sum(flops.values())
-        segments: list[np.ndarray] = []
-
-        def segment(roots: np.ndarray) -> int:  # -1: no channels, nothing to remove
-            if not len(roots):
-                return -1
-            segments.append(roots)
-            return len(segments) - 1
-
-        sliced: list[int] = []  # FLOPs of each vertex that scales with its kept channel fractions
-        sides: list[list[int]] = []  # its input and output segments
-        shared: list[tuple[float, int]] = []  # FLOPs that shrink with the removed share of a segment
-        for name, role in groups.roles.items():
-            if not flops.get(name):
-                continue
-            if role.flop_shares:
-                shared += [(flops[name] * share, segment(groups.root(ids))) for share, ids in role.flop_shares]
-                continue
-            same = role.out_ids is role.in_ids  # depthwise: one fraction, not two
-            sides.append([segment(groups.root(ids)) if ids is not None else -1
-                          for ids in (role.in_ids, None if same else role.out_ids)])
-            sliced.append(flops[name])
-        shared = [(f, s) for f, s in shared if s >= 0]
-        lengths = np.array([len(r) for r in segments], dtype=np.int64)
-        self._roots = np.concatenate(segments) if segments else np.zeros(0, dtype=np.int64)
-        self._starts = np.cumsum(lengths) - lengths
-        self._lengths = lengths
-        self._sliced = np.array(sliced, dtype=np.float64)
-        self._sides = np.array(sides, dtype=np.int64).reshape(-1, 2)
-        self._shared = np.array([f for f, _ in shared], dtype=np.float64)
-        self._shared_segments = np.array([s for _, s in shared], dtype=np.int64)
-
-    def ratio(self, removed: np.ndarray) -> float:
-        """The predicted FLOPs ratio when the class roots where `removed` (a mask over ids) is true go."""
-        if not len(self._roots):
-            return 1.0
-        gone = np.add.reduceat(removed[self._roots].astype(np.float64), self._starts) / self._lengths
-        kept = np.append(1 - gone, 1.0)  # index -1: a side without channels keeps everything
-        fraction = kept[self._sides[:, 0]] * kept[self._sides[:, 1]]
-        lost = self._sliced @ (1 - fraction) + self._shared @ gone[self._shared_segments]
-        return float((self.total - lost) / self.total)

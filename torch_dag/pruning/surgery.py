@@ -5,13 +5,17 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
+from typing import NamedTuple, cast
 
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.modules.conv import _ConvNd
 
 from ..core.dag import DagModule
-from ..passes.editor import Editor
+from ..core.editor import Editor
+from ..core.errors import UnknownOpError
+from ..core.ops import op_name
 from .channels import ChannelGroups, Role
 
 # op -> [(tensor attribute, axis, side)], side "in" (input channels) or "out" (channels it produces)
@@ -24,36 +28,89 @@ SLICES: dict[str, list[tuple[str, int, str]]] = {
 }
 
 
+# The functions below take the module of the op their LAYOUTS entry names, and the channel counts the
+# tensors they read have (slice_module counts them: a conv or linear has both, a norm its input's)
+
+
+def _conv_row(module: nn.Module) -> str:
+    conv = cast(_ConvNd, module)
+    if conv.groups == 1:
+        return "Conv"
+    return "Depthwise" if conv.groups == conv.in_channels else "Grouped"
+
+
+def _conv_counts(module: nn.Module) -> tuple[int, int]:
+    conv = cast(_ConvNd, module)
+    return conv.in_channels, conv.out_channels
+
+
+def _fix_conv(module: nn.Module, n_in: int | None, n_out: int | None) -> None:
+    conv, n_in, n_out = cast(_ConvNd, module), cast(int, n_in), cast(int, n_out)
+    if conv.groups > 1 and conv.groups == conv.in_channels:  # depthwise (x multiplier)
+        conv.in_channels = conv.groups = n_out // (conv.out_channels // conv.groups)
+        conv.out_channels = n_out
+    else:  # groups stay; each keeps the same share of the channels
+        conv.in_channels, conv.out_channels = n_in, n_out
+
+
+def _fix_linear(module: nn.Module, n_in: int | None, n_out: int | None) -> None:
+    linear = cast(nn.Linear, module)
+    linear.in_features, linear.out_features = cast(int, n_in), cast(int, n_out)
+
+
+def _fix_batch_norm(module: nn.Module, n_in: int | None, n_out: int | None) -> None:
+    cast(nn.modules.batchnorm._BatchNorm, module).num_features = cast(int, n_in)
+
+
+def _fix_layer_norm(module: nn.Module, n_in: int | None, n_out: int | None) -> None:
+    cast(nn.LayerNorm, module).normalized_shape = (cast(int, n_in),)
+
+
+def _fix_group_norm(module: nn.Module, n_in: int | None, n_out: int | None) -> None:
+    norm, n_in = cast(nn.GroupNorm, module), cast(int, n_in)
+    norm.num_groups = n_in // (norm.num_channels // norm.num_groups)
+    norm.num_channels = n_in
+
+
+class Layout(NamedTuple):
+    """How an op's module carries channels: its row of SLICES, how its constructor attributes (saved as
+    config) follow the sliced tensors, and its (in, out) channel counts where its weight does not say them."""
+
+    row: Callable[[nn.Module], str]
+    fix_config: Callable[[nn.Module, int | None, int | None], None]
+    counts: Callable[[nn.Module], tuple[int, int]] | None = None
+
+
+def _row(name: str) -> Callable[[nn.Module], str]:
+    return lambda module: name
+
+
+_CONV = Layout(_conv_row, _fix_conv, _conv_counts)
+_NORM_ROW = _row("Norm")
+# op -> its layout. The conv family is what `isinstance(module, _ConvNd)` matched; the transposed convs
+# have no channel rule (their weight is (in, out / groups, *kernel)), so no role brings them here
+LAYOUTS: dict[str, Layout] = {
+    **dict.fromkeys(("Conv1d", "Conv2d", "Conv3d", "WSConv2d", "ConvTranspose1d", "ConvTranspose2d",
+                     "ConvTranspose3d"), _CONV),
+    "Linear": Layout(_row("Linear"), _fix_linear),
+    **dict.fromkeys(("BatchNorm1d", "BatchNorm2d", "BatchNorm3d"), Layout(_NORM_ROW, _fix_batch_norm)),
+    "LayerNorm": Layout(_NORM_ROW, _fix_layer_norm),
+    "GroupNorm": Layout(_NORM_ROW, _fix_group_norm),
+}
+
+
+def layout(module: nn.Module) -> Layout | None:
+    """The layout of `module`'s op (None: it holds no channels, or it is no op of the vocabulary)."""
+    try:
+        return LAYOUTS.get(op_name(module))
+    except UnknownOpError:
+        return None
+
+
 def kind(module: nn.Module) -> str | None:
     """The row of SLICES that says how a module's tensors carry channels (None: it holds none)."""
-    if isinstance(module, nn.modules.conv._ConvNd):
-        if module.groups == 1:
-            return "Conv"
-        return "Depthwise" if module.groups == module.in_channels else "Grouped"
-    if isinstance(module, nn.Linear):
-        return "Linear"
-    if isinstance(module, (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)):
-        return "Norm"
-    return None
-
-
-def _fix_config(module: nn.Module, n_in: int | None, n_out: int | None) -> None:
-    """Keep the constructor attributes (saved as config) in step with the sliced tensors."""
-    if isinstance(module, nn.modules.conv._ConvNd):
-        if module.groups > 1 and module.groups == module.in_channels:  # depthwise (x multiplier)
-            module.in_channels = module.groups = n_out // (module.out_channels // module.groups)
-            module.out_channels = n_out
-        else:  # groups stay; each keeps the same share of the channels
-            module.in_channels, module.out_channels = n_in, n_out
-    elif isinstance(module, nn.Linear):
-        module.in_features, module.out_features = n_in, n_out
-    elif isinstance(module, nn.modules.batchnorm._BatchNorm):
-        module.num_features = n_in
-    elif isinstance(module, nn.LayerNorm):
-        module.normalized_shape = (n_in,)
-    elif isinstance(module, nn.GroupNorm):
-        module.num_groups = n_in // (module.num_channels // module.num_groups)
-        module.num_channels = n_in
+    found = layout(module)
+    return found.row(module) if found is not None else None
 
 
 def slice_plan(module: nn.Module, role: Role, in_mask: np.ndarray | None, out_mask: np.ndarray | None
@@ -69,8 +126,11 @@ def slice_plan(module: nn.Module, role: Role, in_mask: np.ndarray | None, out_ma
         return plan
     masks = {"in": in_mask, "out": out_mask}
     if in_mask is not None and kind(module) == "Grouped":  # weight axis 1 holds one group's positions
-        masks["in_group"] = _in_group(in_mask, module.groups)
-    for attr, axis, side in SLICES[kind(module)]:
+        masks["in_group"] = _in_group(in_mask, cast(_ConvNd, module).groups)
+    row = kind(module)
+    if row is None:  # no rule gives channel ids to a module that holds none
+        raise KeyError(f"{type(module).__name__} holds no channels to slice")
+    for attr, axis, side in SLICES[row]:
         tensor, mask = getattr(module, attr, None), masks.get(side)
         if tensor is None or mask is None or tensor.dim() <= axis or _whole(mask):
             continue
@@ -125,13 +185,17 @@ def slice_module(module: nn.Module, role: Role, in_mask: np.ndarray | None, out_
     if role.axis is None:
         n_in = _count(in_mask) if in_mask is not None else _size(module, "in")
         n_out = _count(out_mask) if out_mask is not None else _size(module, "out")
-        _fix_config(new, n_in, n_out)
+        found = layout(new)
+        if found is not None:  # keep the constructor attributes (saved as config) in step with the tensors
+            found.fix_config(new, n_in, n_out)
     return new
 
 
 def _size(module: nn.Module, side: str) -> int | None:
-    if isinstance(module, nn.modules.conv._ConvNd):
-        return module.out_channels if side == "out" else module.in_channels
+    found = layout(module)
+    if found is not None and found.counts is not None:
+        n_in, n_out = found.counts(module)
+        return n_out if side == "out" else n_in
     weight = getattr(module, "weight", None)
     if weight is None:
         return None
@@ -140,7 +204,7 @@ def _size(module: nn.Module, side: str) -> int | None:
 
 def _set(module: nn.Module, attr: str, tensor: torch.Tensor) -> None:
     if attr in module._parameters:
-        old = module._parameters[attr]
+        old = cast(nn.Parameter, module._parameters[attr])  # slice_plan names only tensors that are set
         module._parameters[attr] = nn.Parameter(tensor, requires_grad=old.requires_grad)
     else:
         module._buffers[attr] = tensor

@@ -213,7 +213,7 @@ def split_bytes(data: bytes | memoryview, size: int) -> list[memoryview]:
 
 
 def _bytes_of(tensor: torch.Tensor) -> memoryview:
-    return memoryview(tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy().data
 
 
 def _sha256(data: memoryview) -> bytes:
@@ -281,9 +281,7 @@ def rebuild(dag: DagModule, graph: dict[str, Any], changed: set[str], tensors: d
     its `tensors`, built like `build` but reusing `dag`'s other modules (copies of them, so `dag` is
     untouched): the cheap way to move between graphs that differ in a few vertices."""
     _expect(type(dag) is DagModule, f"{where}: rebuild takes a plain DagModule")
-    entries = graph.get("vertices")
-    _expect(isinstance(entries, list) and [e.get("name") if isinstance(e, dict) else None for e in entries]
-            == [v.name for v in dag], f"{where}: the graph must have the model's vertices, in order")
+    entries = _vertex_entries(graph, dag, where)
     vertices: list[Vertex] = []
     by_name: dict[str, Vertex] = {}
     for index, (entry, old) in enumerate(zip(entries, dag)):
@@ -307,9 +305,7 @@ def update_in_place(dag: DagModule, graph: dict[str, Any], changed: set[str], te
     nested module, only the changed vertices are rebuilt; otherwise `dag` takes over a `rebuild`.
     Everything is built and checked before `dag` is touched: on an error it stays as it was."""
     _expect(type(dag) is DagModule, f"{where}: update_in_place takes a plain DagModule")
-    entries = graph.get("vertices")
-    _expect(isinstance(entries, list) and [e.get("name") if isinstance(e, dict) else None for e in entries]
-            == [v.name for v in dag], f"{where}: the graph must have the model's vertices, in order")
+    entries = _vertex_entries(graph, dag, where)
     vertices: dict[str, Vertex] = {}
     for index, (entry, old) in enumerate(zip(entries, dag)):
         if entry["name"] not in changed and "same_module_as" not in entry:
@@ -336,7 +332,17 @@ def update_in_place(dag: DagModule, graph: dict[str, Any], changed: set[str], te
         return
     flags = {entry["name"]: entry.get("training") for entry in entries if entry["name"] in vertices}
     for name, vertex in vertices.items():  # the others keep their modes
-        vertex.module.train(flags[name] if isinstance(flags[name], bool) else training)
+        flag = flags[name]
+        vertex.module.train(flag if isinstance(flag, bool) else training)
+
+
+def _vertex_entries(graph: dict[str, Any], dag: DagModule, where: str) -> list[dict[str, Any]]:
+    """The graph's vertex entries, checked to be objects naming `dag`'s vertices in order."""
+    entries = graph.get("vertices")
+    if not (isinstance(entries, list) and [e.get("name") if isinstance(e, dict) else None for e in entries]
+            == [v.name for v in dag]):
+        raise LoadError(f"{where}: the graph must have the model's vertices, in order")
+    return entries
 
 
 def _shallow_copy(module: nn.Module) -> nn.Module:
@@ -364,7 +370,8 @@ def tensor_views(data: bytearray | memoryview, where: str) -> tuple[dict[str, An
         if key == "__metadata__":
             continue
         dtype = _SAFETENSORS_DTYPES.get(info["dtype"])
-        _expect(dtype is not None, f"{where}: tensor {key!r} has a dtype torch_dag does not read ({info['dtype']})")
+        if dtype is None:
+            raise LoadError(f"{where}: tensor {key!r} has a dtype torch_dag does not read ({info['dtype']})")
         begin, end = info["data_offsets"]
         flat = (torch.frombuffer(data, dtype=torch.uint8, count=end - begin, offset=start + begin) if end > begin
                 else torch.empty(0, dtype=torch.uint8))
@@ -373,7 +380,7 @@ def tensor_views(data: bytearray | memoryview, where: str) -> tuple[dict[str, An
     return header, tensors
 
 
-def _read_header(start: bytes, size: int, where: str) -> dict[str, Any]:
+def _read_header(start: bytes | bytearray | memoryview, size: int, where: str) -> dict[str, Any]:
     """Read and check the safetensors header ourselves (from the file's first bytes, `start`, and its
     `size`), so no malformed file reaches the parser."""
     if len(start) < 8:
@@ -487,7 +494,8 @@ def _build_vertex(entry: Any, index: int, by_name: dict[str, Vertex], depth: int
     _expect(isinstance(meta, dict), f"{where}: meta must be an object")
     if "same_module_as" in entry:
         other = by_name.get(entry["same_module_as"]) if isinstance(entry["same_module_as"], str) else None
-        _expect(other is not None, f"{where}: same_module_as names no earlier vertex")
+        if other is None:
+            raise LoadError(f"{where}: same_module_as names no earlier vertex")
         _expect(other.op == op, f"{where}: shares the module of {other.name!r}, whose op is {other.op}")
         module = other.module
     else:
