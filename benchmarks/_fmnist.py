@@ -27,8 +27,9 @@ def available() -> bool:
 
 def require() -> None:
     if not available():
-        raise SystemExit(f"Fashion-MNIST is not installed ({DATA} is missing): "
-                         "apt-get install dataset-fashion-mnist")
+        raise SystemExit(
+            f"Fashion-MNIST is not installed ({DATA} is missing): apt-get install dataset-fashion-mnist"
+        )
 
 
 def load(split: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -55,8 +56,9 @@ def make_model(name: str, size: int) -> torch.nn.Module:
     return timm.create_model(name, pretrained=False, num_classes=10, **kwargs)
 
 
-def trained_model(name: str, size: int, steps: int = 300, batch: int = 64, lr: float = 1e-3, seed: int = 0,
-                  log=print) -> torch.nn.Module:
+def trained_model(
+    name: str, size: int, steps: int = 300, batch: int = 64, lr: float = 1e-3, seed: int = 0, log=print
+) -> torch.nn.Module:
     """`name` (timm, 10 classes, input size x size) trained `steps` AdamW steps on the training split;
     cached by (name, size, steps, batch, lr, seed)."""
     from safetensors.torch import load_file, save_file
@@ -85,7 +87,9 @@ def trained_model(name: str, size: int, steps: int = 300, batch: int = 64, lr: f
         optimizer.step()
         schedule.step()
         if step % 50 == 0 or step == steps - 1:
-            log(f"  {name}: step {step + 1}/{steps} loss {loss.item():.3f} ({time.perf_counter() - start:.0f} s)")
+            log(
+                f"  {name}: step {step + 1}/{steps} loss {loss.item():.3f} ({time.perf_counter() - start:.0f} s)"
+            )
     model.eval()
     CACHE.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path)
@@ -94,5 +98,7 @@ def trained_model(name: str, size: int, steps: int = 300, batch: int = 64, lr: f
 
 @torch.no_grad()
 def accuracy(model: torch.nn.Module, x: torch.Tensor, labels: torch.Tensor, batch: int = 250) -> float:
-    correct = sum((model(chunk).argmax(1) == y).sum().item() for chunk, y in zip(x.split(batch), labels.split(batch)))
+    correct = sum(
+        (model(chunk).argmax(1) == y).sum().item() for chunk, y in zip(x.split(batch), labels.split(batch))
+    )
     return correct / len(labels)

@@ -34,16 +34,27 @@ def _child(fn: Callable[[str, Any], dict], name: str, stage: Any, conn: Any, thr
     try:
         row = fn(name, stage)
     except BaseException as e:  # the parent records whatever killed the model
-        row = {"status": "error", "error_class": type(e).__name__,
-               "error": (str(e) or traceback.format_exc())[:300].replace("\n", " ")}
+        row = {
+            "status": "error",
+            "error_class": type(e).__name__,
+            "error": (str(e) or traceback.format_exc())[:300].replace("\n", " "),
+        }
     conn.send(row)
     conn.close()
 
 
-def sweep(names: Iterable[str], fn: Callable[[str, Any], dict], out: Path, fields: list[str], *,
-          workers: int = 2, timeout: float = 300.0, retry: Callable[[dict], bool] | None = None,
-          stages: list[str] | None = None, exclusive: Callable[[str], bool] = lambda name: False
-          ) -> dict[str, dict[str, str]]:
+def sweep(
+    names: Iterable[str],
+    fn: Callable[[str, Any], dict],
+    out: Path,
+    fields: list[str],
+    *,
+    workers: int = 2,
+    timeout: float = 300.0,
+    retry: Callable[[dict], bool] | None = None,
+    stages: list[str] | None = None,
+    exclusive: Callable[[str], bool] = lambda name: False,
+) -> dict[str, dict[str, str]]:
     """Run `fn(name, stage)` for every name not yet in `out` (or whose row `retry` accepts).
 
     `fn` sets `stage.value` to an index into `stages` as it goes, so a timeout says where it hung.
@@ -88,11 +99,17 @@ def sweep(names: Iterable[str], fn: Callable[[str, Any], dict], out: Path, field
                 where = stages[stage.value] if stages else str(stage.value)
                 if proc.is_alive():
                     proc.kill()
-                    row = {"status": "timeout", "error_class": "Timeout",
-                           "error": f"over {timeout:.0f}s in stage {where}"}
+                    row = {
+                        "status": "timeout",
+                        "error_class": "Timeout",
+                        "error": f"over {timeout:.0f}s in stage {where}",
+                    }
                 else:
-                    row = {"status": "crashed", "error_class": f"exit {proc.exitcode}",
-                           "error": f"process died in stage {where} (likely out of memory)"}
+                    row = {
+                        "status": "crashed",
+                        "error_class": f"exit {proc.exitcode}",
+                        "error": f"process died in stage {where} (likely out of memory)",
+                    }
                 row["stage"] = where
             proc.join(timeout=5)
             running.remove(entry)

@@ -42,15 +42,19 @@ def convert_once(name: str, queue: mp.Queue) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--sample", type=int, default=150)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--timeout", type=float, default=600)
     args = parser.parse_args()
     with open(RESULTS / "timm_coverage.csv") as f:
         swept = {r["model"]: r for r in csv.DictReader(f) if r["status"] == "ok"}
-    names = sorted(random.Random(args.seed).sample(sorted(swept), min(args.sample, len(swept))),
-                   key=lambda n: float(swept[n]["params_m"] or 0))
+    names = sorted(
+        random.Random(args.seed).sample(sorted(swept), min(args.sample, len(swept))),
+        key=lambda n: float(swept[n]["params_m"] or 0),
+    )
     import timm  # noqa: F401  (imported once here: every forked child starts with torch and timm loaded)
 
     context = mp.get_context("fork")
@@ -64,10 +68,18 @@ def main() -> None:
             child.kill()
             child.join()
         seconds = queue.get() if not queue.empty() else None
-        rows.append({"model": name, "params_m": swept[name]["params_m"], "convert_s": seconds and round(seconds, 3),
-                     "sweep_convert_s": swept[name]["convert_s"]})
-        print(f"[{i}/{len(names)}] {name}: {rows[-1]['convert_s']} s (sweep {swept[name]['convert_s']} s)",
-              flush=True)
+        rows.append(
+            {
+                "model": name,
+                "params_m": swept[name]["params_m"],
+                "convert_s": seconds and round(seconds, 3),
+                "sweep_convert_s": swept[name]["convert_s"],
+            }
+        )
+        print(
+            f"[{i}/{len(names)}] {name}: {rows[-1]['convert_s']} s (sweep {swept[name]['convert_s']} s)",
+            flush=True,
+        )
     with open(RESULTS / "convert_time.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
@@ -76,9 +88,11 @@ def main() -> None:
     quiet = statistics.median(r["convert_s"] for r in done)
     sweep = statistics.median(float(r["sweep_convert_s"]) for r in done)
     population = statistics.median(float(r["convert_s"]) for r in swept.values())
-    print(f"\n{len(done)} / {len(rows)} converted (seed {args.seed}); median conversion time: {quiet:.3f} s one at a "
-          f"time, {sweep:.3f} s in the sweep for the same models (sweep median over all {len(swept)}: "
-          f"{population:.3f} s); p90 {statistics.quantiles([r['convert_s'] for r in done], n=10)[-1]:.3f} s")
+    print(
+        f"\n{len(done)} / {len(rows)} converted (seed {args.seed}); median conversion time: {quiet:.3f} s one at a "
+        f"time, {sweep:.3f} s in the sweep for the same models (sweep median over all {len(swept)}: "
+        f"{population:.3f} s); p90 {statistics.quantiles([r['convert_s'] for r in done], n=10)[-1]:.3f} s"
+    )
 
 
 if __name__ == "__main__":

@@ -33,8 +33,12 @@ from timing import interleaved
 import torch_dag as td
 
 RESULTS = Path(__file__).resolve().parent / "results"
-METHODS = {"svd-uniform": (False, "uniform"), "svd-error": (False, "error"),
-           "data-uniform": (True, "uniform"), "data-error": (True, "error")}
+METHODS = {
+    "svd-uniform": (False, "uniform"),
+    "svd-error": (False, "error"),
+    "data-uniform": (True, "uniform"),
+    "data-error": (True, "error"),
+}
 
 
 def relative_error(model, reference: torch.Tensor, x: torch.Tensor) -> float:
@@ -62,26 +66,41 @@ def quality(models: list[str], ratios: list[float], size: int, out: Path) -> Non
         for ratio in ratios:
             for method, (data_aware, allocation) in METHODS.items():
                 t0 = time.perf_counter()
-                small, report = td.factorize(dag, ratio, calibration=batches if data_aware else None,
-                                             example_inputs=(x_test[:1],), allocation=allocation, return_report=True)
+                small, report = td.factorize(
+                    dag,
+                    ratio,
+                    calibration=batches if data_aware else None,
+                    example_inputs=(x_test[:1],),
+                    allocation=allocation,
+                    return_report=True,
+                )
                 seconds = time.perf_counter() - t0
                 with torch.no_grad():
                     logits = torch.cat([small(chunk) for chunk in x_test.split(250)])
                 row = {
-                    "model": name, "flops_target": ratio, "method": method,
+                    "model": name,
+                    "flops_target": ratio,
+                    "method": method,
                     "flops_kept": round(report.flops_after / report.flops_before, 4),
                     "params_kept": round(report.params_after / report.params_before, 4),
-                    "layers_factorized": len(report.factorized), "layers": len(report.layers),
+                    "layers_factorized": len(report.factorized),
+                    "layers": len(report.layers),
                     "test_error": round(((logits - reference).norm() / reference.norm()).item(), 5),
                     "calibration_error": round(relative_error(small, calibration_reference, calibration), 5),
-                    "top1_agreement": round((logits.argmax(1) == reference.argmax(1)).float().mean().item(), 4),
+                    "top1_agreement": round(
+                        (logits.argmax(1) == reference.argmax(1)).float().mean().item(), 4
+                    ),
                     "accuracy": round((logits.argmax(1) == y_test).float().mean().item(), 4),
-                    "base_accuracy": round(base_accuracy, 4), "seconds": round(seconds, 2),
+                    "base_accuracy": round(base_accuracy, 4),
+                    "seconds": round(seconds, 2),
                 }
                 rows.append(row)
-                print(f"  {ratio:.2f} {method:13s} FLOPs {row['flops_kept']:.3f}  test err {row['test_error']:.4f}  "
-                      f"calib err {row['calibration_error']:.4f}  agree {row['top1_agreement']:.3f}  "
-                      f"acc {row['accuracy']:.3f}  ({seconds:.1f} s)", flush=True)
+                print(
+                    f"  {ratio:.2f} {method:13s} FLOPs {row['flops_kept']:.3f}  test err {row['test_error']:.4f}  "
+                    f"calib err {row['calibration_error']:.4f}  agree {row['top1_agreement']:.3f}  "
+                    f"acc {row['accuracy']:.3f}  ({seconds:.1f} s)",
+                    flush=True,
+                )
     _write(out, rows)
     print_ratios(rows)
 
@@ -108,15 +127,25 @@ def latency(models: list[str], batches: list[int], runs: int, out: Path) -> None
         for batch in batches:
             x = torch.randn(batch, *size)
             with torch.inference_mode():
-                times = interleaved({"original": dag, "factorized": small}, x, runs if batch == 1 else runs // 4, 5)
+                times = interleaved(
+                    {"original": dag, "factorized": small}, x, runs if batch == 1 else runs // 4, 5
+                )
             medians = {k: statistics.median(v) / 1e6 for k, v in times.items()}
-            row = {"model": name, "batch": batch, "original_ms": round(medians["original"], 3),
-                   "factorized_ms": round(medians["factorized"], 3),
-                   "speedup": round(medians["original"] / medians["factorized"], 3),
-                   "runs": len(times["original"]), "threads": torch.get_num_threads()}
+            row = {
+                "model": name,
+                "batch": batch,
+                "original_ms": round(medians["original"], 3),
+                "factorized_ms": round(medians["factorized"], 3),
+                "speedup": round(medians["original"] / medians["factorized"], 3),
+                "runs": len(times["original"]),
+                "threads": torch.get_num_threads(),
+            }
             rows.append(row)
-            print(f"  {name:24s} batch {batch:3d}: original {row['original_ms']:9.2f} ms, factorized (70% FLOPs) "
-                  f"{row['factorized_ms']:9.2f} ms, speedup {row['speedup']:.3f}x", flush=True)
+            print(
+                f"  {name:24s} batch {batch:3d}: original {row['original_ms']:9.2f} ms, factorized (70% FLOPs) "
+                f"{row['factorized_ms']:9.2f} ms, speedup {row['speedup']:.3f}x",
+                flush=True,
+            )
     _write(out, rows)
 
 
@@ -134,8 +163,10 @@ def pass_time(repeats: int, batch: int) -> None:
         _, report = td.factorize(dag, 0.7, calibration=batches, example_inputs=(x[:1],), return_report=True)
         seconds.append(time.perf_counter() - t0)
     print(report.table(top=6))
-    print(f"vit_base_patch16_224, 8 calibration batches of {batch}: factorize {statistics.median(seconds):.2f} s "
-          f"(median of {repeats}; runs {', '.join(f'{s:.2f}' for s in seconds)})")
+    print(
+        f"vit_base_patch16_224, 8 calibration batches of {batch}: factorize {statistics.median(seconds):.2f} s "
+        f"(median of {repeats}; runs {', '.join(f'{s:.2f}' for s in seconds)})"
+    )
 
 
 def _write(path: Path, rows: list[dict]) -> None:
@@ -148,7 +179,9 @@ def _write(path: Path, rows: list[dict]) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--models", nargs="+", default=["resnet50", "vit_small_patch16_224"])
     parser.add_argument("--ratios", nargs="+", type=float, default=[0.9, 0.8, 0.7, 0.6, 0.5])
     parser.add_argument("--size", type=int, default=64, help="input size the models are trained at")
@@ -157,7 +190,9 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=100)
     parser.add_argument("--pass-time", action="store_true", help="time factorize() on vit_base_patch16_224")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--calibration-batch", type=int, default=1, help="images per calibration batch (pass time)")
+    parser.add_argument(
+        "--calibration-batch", type=int, default=1, help="images per calibration batch (pass time)"
+    )
     args = parser.parse_args()
     torch.manual_seed(0)
     if args.pass_time:

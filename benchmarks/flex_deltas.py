@@ -50,7 +50,9 @@ def read_and_copy(path: Path, names: list[str]) -> float:
         places = []
         for entry in entries:
             f.seek(start + entry["offset"])
-            places.append({k: torch.empty_like(v) for k, v in safetensors.torch.load(f.read(entry["length"])).items()})
+            places.append(
+                {k: torch.empty_like(v) for k, v in safetensors.torch.load(f.read(entry["length"])).items()}
+            )
         t0 = time.perf_counter()
         for entry, place in zip(entries, places):
             f.seek(start + entry["offset"])
@@ -60,7 +62,9 @@ def read_and_copy(path: Path, names: list[str]) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--models", nargs="+", default=MODELS)
     parser.add_argument("--levels", nargs="+", type=float, default=[0.25, 0.5, 1.0])
     parser.add_argument("--repeats", type=int, default=5)
@@ -89,17 +93,24 @@ def main() -> None:
                 plain = flex.make_base_copy()
                 td.save(plain, folder / f"level{level}.dag")
                 count = td.count_flops(plain, x)
-                level_rows.append({
-                    "model": name, "level": level, "width": args.levels[level],
-                    "params_m": round(count.total_params / 1e6, 3), "gflops": round(count.total_flops / 1e9, 3),
-                    "flops_ratio": round(count.total_flops / full.total_flops, 4),
-                    "plain_mb": round(tensor_bytes(plain) / 1e6, 2),
-                    "plain_file_mb": round((folder / f"level{level}.dag").stat().st_size / 1e6, 2),
-                    "flex_weights_mb": round(flex_bytes / 1e6, 2),
-                    "flex_file_mb": round((folder / "flex.dag").stat().st_size / 1e6, 2),
-                    "delta_file_mb": round(file_bytes / 1e6, 2),
-                    "overhead_pct": round(100 * (file_bytes / flex_bytes - 1), 3),
-                    "make_flexible_s": round(make_s, 2), "make_delta_file_s": round(delta_s, 2)})
+                level_rows.append(
+                    {
+                        "model": name,
+                        "level": level,
+                        "width": args.levels[level],
+                        "params_m": round(count.total_params / 1e6, 3),
+                        "gflops": round(count.total_flops / 1e9, 3),
+                        "flops_ratio": round(count.total_flops / full.total_flops, 4),
+                        "plain_mb": round(tensor_bytes(plain) / 1e6, 2),
+                        "plain_file_mb": round((folder / f"level{level}.dag").stat().st_size / 1e6, 2),
+                        "flex_weights_mb": round(flex_bytes / 1e6, 2),
+                        "flex_file_mb": round((folder / "flex.dag").stat().st_size / 1e6, 2),
+                        "delta_file_mb": round(file_bytes / 1e6, 2),
+                        "overhead_pct": round(100 * (file_bytes / flex_bytes - 1), 3),
+                        "make_flexible_s": round(make_s, 2),
+                        "make_delta_file_s": round(delta_s, 2),
+                    }
+                )
             del plain
             levels = range(flex.max_level() + 1)
             for a in levels:
@@ -124,14 +135,27 @@ def main() -> None:
                             t0 = time.perf_counter()
                             td.load(folder / f"level{b}.dag", strict_checksum=strict)
                             times.append(time.perf_counter() - t0)
-                    move, copy, load, load_unchecked = (statistics.median(v) for v in (moves, copies, loads, unchecked))
-                    move_rows.append({
-                        "model": name, "source": a, "target": b, "neighbours": abs(a - b) == 1,
-                        "read_mb": round(read / 1e6, 2), "move_s": round(move, 4), "read_copy_s": round(copy, 4),
-                        "full_load_s": round(load, 4), "unchecked_load_s": round(load_unchecked, 4),
-                        "move_over_read_copy": round(move / copy, 2), "load_over_move": round(load / move, 2),
-                        "unchecked_load_over_move": round(load_unchecked / move, 2), "repeats": args.repeats,
-                        "threads": torch.get_num_threads()})
+                    move, copy, load, load_unchecked = (
+                        statistics.median(v) for v in (moves, copies, loads, unchecked)
+                    )
+                    move_rows.append(
+                        {
+                            "model": name,
+                            "source": a,
+                            "target": b,
+                            "neighbours": abs(a - b) == 1,
+                            "read_mb": round(read / 1e6, 2),
+                            "move_s": round(move, 4),
+                            "read_copy_s": round(copy, 4),
+                            "full_load_s": round(load, 4),
+                            "unchecked_load_s": round(load_unchecked, 4),
+                            "move_over_read_copy": round(move / copy, 2),
+                            "load_over_move": round(load / move, 2),
+                            "unchecked_load_over_move": round(load_unchecked / move, 2),
+                            "repeats": args.repeats,
+                            "threads": torch.get_num_threads(),
+                        }
+                    )
                     print(" ".join(f"{k}={v}" for k, v in move_rows[-1].items()), flush=True)
         del flex, dag
     RESULTS.mkdir(exist_ok=True)
@@ -140,18 +164,26 @@ def main() -> None:
             writer = csv.DictWriter(f, fieldnames=list(rows[0]))
             writer.writeheader()
             writer.writerows(rows)
-    print(f"\n{'model':22s} {'level':>5s} {'params M':>9s} {'GFLOPs':>7s} {'ratio':>6s} {'plain MB':>9s} "
-          f"{'flex MB':>8s} {'delta file MB':>14s} {'overhead':>9s}")
+    print(
+        f"\n{'model':22s} {'level':>5s} {'params M':>9s} {'GFLOPs':>7s} {'ratio':>6s} {'plain MB':>9s} "
+        f"{'flex MB':>8s} {'delta file MB':>14s} {'overhead':>9s}"
+    )
     for r in level_rows:
-        print(f"{r['model']:22s} {r['level']:5d} {r['params_m']:9.2f} {r['gflops']:7.2f} {r['flops_ratio']:6.3f} "
-              f"{r['plain_mb']:9.2f} {r['flex_weights_mb']:8.2f} {r['delta_file_mb']:14.2f} "
-              f"{r['overhead_pct']:8.3f}%")
-    print(f"\n{'model':22s} {'move':>6s} {'read MB':>8s} {'move s':>7s} {'read+copy s':>12s} {'load s':>7s} "
-          f"{'unchecked':>10s} {'move/rc':>8s} {'load/move':>10s} {'unchecked/move':>15s}")
+        print(
+            f"{r['model']:22s} {r['level']:5d} {r['params_m']:9.2f} {r['gflops']:7.2f} {r['flops_ratio']:6.3f} "
+            f"{r['plain_mb']:9.2f} {r['flex_weights_mb']:8.2f} {r['delta_file_mb']:14.2f} "
+            f"{r['overhead_pct']:8.3f}%"
+        )
+    print(
+        f"\n{'model':22s} {'move':>6s} {'read MB':>8s} {'move s':>7s} {'read+copy s':>12s} {'load s':>7s} "
+        f"{'unchecked':>10s} {'move/rc':>8s} {'load/move':>10s} {'unchecked/move':>15s}"
+    )
     for r in move_rows:
-        print(f"{r['model']:22s} {r['source']:>2d}->{r['target']:<2d} {r['read_mb']:8.2f} {r['move_s']:7.3f} "
-              f"{r['read_copy_s']:12.3f} {r['full_load_s']:7.3f} {r['unchecked_load_s']:10.3f} "
-              f"{r['move_over_read_copy']:8.2f} {r['load_over_move']:10.2f} {r['unchecked_load_over_move']:15.2f}")
+        print(
+            f"{r['model']:22s} {r['source']:>2d}->{r['target']:<2d} {r['read_mb']:8.2f} {r['move_s']:7.3f} "
+            f"{r['read_copy_s']:12.3f} {r['full_load_s']:7.3f} {r['unchecked_load_s']:10.3f} "
+            f"{r['move_over_read_copy']:8.2f} {r['load_over_move']:10.2f} {r['unchecked_load_over_move']:15.2f}"
+        )
     print(f"\nwritten: {RESULTS / 'flex_levels.csv'}, {RESULTS / 'flex_moves.csv'}")
 
 

@@ -23,34 +23,90 @@ from pathlib import Path
 from _sweep import read_rows, sweep  # benchmarks/ is on sys.path when a script here runs
 
 OUT = Path(__file__).resolve().parent / "results" / "hf_coverage.csv"
-FIELDS = ["model", "status", "stage", "traced_with", "vertices", "outputs_equal", "roundtrip_equal",
-          "other_sizes_equal", "seconds", "error_class", "error"]
+FIELDS = [
+    "model",
+    "status",
+    "stage",
+    "traced_with",
+    "vertices",
+    "outputs_equal",
+    "roundtrip_equal",
+    "other_sizes_equal",
+    "seconds",
+    "error_class",
+    "error",
+]
 STAGES = ["start", "build", "convert", "compare", "roundtrip", "other sizes", "done"]
 SMALL = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)
 # model type -> (config class, model class, config overrides, kind)
 TYPES = {
     "bert": ("BertConfig", "BertModel", {"vocab_size": 100}, "text"),
     "roberta": ("RobertaConfig", "RobertaModel", {"vocab_size": 100}, "text"),
-    "distilbert": ("DistilBertConfig", "DistilBertModel", {"vocab_size": 100, "dim": 64, "n_layers": 2,
-                                                           "n_heads": 4, "hidden_dim": 128}, "text"),
+    "distilbert": (
+        "DistilBertConfig",
+        "DistilBertModel",
+        {"vocab_size": 100, "dim": 64, "n_layers": 2, "n_heads": 4, "hidden_dim": 128},
+        "text",
+    ),
     "albert": ("AlbertConfig", "AlbertModel", {"vocab_size": 100, "embedding_size": 32}, "text"),
     "electra": ("ElectraConfig", "ElectraModel", {"vocab_size": 100, "embedding_size": 32}, "text"),
-    "gpt2": ("GPT2Config", "GPT2LMHeadModel", {"vocab_size": 100, "n_embd": 64, "n_layer": 2, "n_head": 4,
-                                               "n_positions": 32, "use_cache": False}, "causal"),
-    "opt": ("OPTConfig", "OPTModel", {"vocab_size": 100, "ffn_dim": 128, "word_embed_proj_dim": 64,
-                                      "max_position_embeddings": 32, "use_cache": False}, "causal"),
-    "llama": ("LlamaConfig", "LlamaModel", {"vocab_size": 100, "num_key_value_heads": 2, "use_cache": False,
-                                            "max_position_embeddings": 32}, "causal"),
-    "mistral": ("MistralConfig", "MistralModel", {"vocab_size": 100, "num_key_value_heads": 2,
-                                                  "use_cache": False, "max_position_embeddings": 32}, "causal"),
-    "t5_encoder": ("T5Config", "T5EncoderModel", {"vocab_size": 100, "d_model": 64, "d_kv": 16, "d_ff": 128,
-                                                  "num_layers": 2, "num_heads": 4}, "text"),
+    "gpt2": (
+        "GPT2Config",
+        "GPT2LMHeadModel",
+        {"vocab_size": 100, "n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 32, "use_cache": False},
+        "causal",
+    ),
+    "opt": (
+        "OPTConfig",
+        "OPTModel",
+        {
+            "vocab_size": 100,
+            "ffn_dim": 128,
+            "word_embed_proj_dim": 64,
+            "max_position_embeddings": 32,
+            "use_cache": False,
+        },
+        "causal",
+    ),
+    "llama": (
+        "LlamaConfig",
+        "LlamaModel",
+        {"vocab_size": 100, "num_key_value_heads": 2, "use_cache": False, "max_position_embeddings": 32},
+        "causal",
+    ),
+    "mistral": (
+        "MistralConfig",
+        "MistralModel",
+        {"vocab_size": 100, "num_key_value_heads": 2, "use_cache": False, "max_position_embeddings": 32},
+        "causal",
+    ),
+    "t5_encoder": (
+        "T5Config",
+        "T5EncoderModel",
+        {"vocab_size": 100, "d_model": 64, "d_kv": 16, "d_ff": 128, "num_layers": 2, "num_heads": 4},
+        "text",
+    ),
     "vit": ("ViTConfig", "ViTModel", {"image_size": 32, "patch_size": 8}, "image"),
     "deit": ("DeiTConfig", "DeiTModel", {"image_size": 32, "patch_size": 8}, "image"),
-    "swin": ("SwinConfig", "SwinModel", {"image_size": 32, "patch_size": 4, "embed_dim": 16, "depths": [1, 1],
-                                         "num_heads": [2, 4], "window_size": 4}, "image"),
-    "convnext": ("ConvNextConfig", "ConvNextModel", {"image_size": 32, "hidden_sizes": [16, 32],
-                                                     "depths": [1, 1], "num_stages": 2}, "image"),
+    "swin": (
+        "SwinConfig",
+        "SwinModel",
+        {
+            "image_size": 32,
+            "patch_size": 4,
+            "embed_dim": 16,
+            "depths": [1, 1],
+            "num_heads": [2, 4],
+            "window_size": 4,
+        },
+        "image",
+    ),
+    "convnext": (
+        "ConvNextConfig",
+        "ConvNextModel",
+        {"image_size": 32, "hidden_sizes": [16, 32], "depths": [1, 1], "num_stages": 2},
+        "image",
+    ),
 }
 
 
@@ -95,7 +151,11 @@ def check(name: str, stage) -> dict:
     t0 = time.perf_counter()
     example = inputs(2, 7)
     dag = td.build_from_unstructured_module(model, None, example)
-    row = {"traced_with": dag.traced_with, "vertices": len(dag), "seconds": round(time.perf_counter() - t0, 2)}
+    row = {
+        "traced_with": dag.traced_with,
+        "vertices": len(dag),
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
     at("compare")
     with torch.no_grad():
         reference, out = model(**example), dag(**example)
@@ -117,22 +177,29 @@ def check(name: str, stage) -> dict:
 def summarize(rows: dict[str, dict[str, str]]) -> str:
     ok = [r for r in rows.values() if r["status"] == "ok"]
     other = [r for r in ok if r.get("other_sizes_equal") == "True"]
-    lines = [f"model types: {len(rows)}; convert + equal + round trip: {len(ok)} / {len(rows)} = "
-             f"{len(ok) / max(len(rows), 1):.0%}; also equal at batch 3, length 11: {len(other)} / {len(ok)}"]
-    causes = collections.Counter(f"{r['status']}: {r.get('error_class', '')}" for r in rows.values()
-                                 if r["status"] != "ok")
+    lines = [
+        f"model types: {len(rows)}; convert + equal + round trip: {len(ok)} / {len(rows)} = "
+        f"{len(ok) / max(len(rows), 1):.0%}; also equal at batch 3, length 11: {len(other)} / {len(ok)}"
+    ]
+    causes = collections.Counter(
+        f"{r['status']}: {r.get('error_class', '')}" for r in rows.values() if r["status"] != "ok"
+    )
     for cause, count in causes.most_common():
         names = [n for n, r in rows.items() if f"{r['status']}: {r.get('error_class', '')}" == cause]
         lines.append(f"  {count}  {cause}  ({', '.join(names)})")
     for name, r in rows.items():
-        lines.append(f"  {name:12s} {r['status']:10s} equal={r.get('outputs_equal', '')} "
-                     f"roundtrip={r.get('roundtrip_equal', '')} other_sizes={r.get('other_sizes_equal', '')} "
-                     f"{(r.get('error') or '')[:140]}")
+        lines.append(
+            f"  {name:12s} {r['status']:10s} equal={r.get('outputs_equal', '')} "
+            f"roundtrip={r.get('roundtrip_equal', '')} other_sizes={r.get('other_sizes_equal', '')} "
+            f"{(r.get('error') or '')[:140]}"
+        )
     return "\n".join(lines)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--types", nargs="+", default=list(TYPES))
     parser.add_argument("--timeout", type=float, default=300)
     parser.add_argument("--workers", type=int, default=2)

@@ -24,9 +24,20 @@ from _sweep import read_rows, sweep  # benchmarks/ is on sys.path when a script 
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "benchmarks" / "results" / "onnx_sample.csv"
-FIELDS = ["model", "status", "stage", "input_size", "export_s", "max_diff", "max_abs_output", "batch1_equal",
-          "batch2_equal", "elementwise_allclose",
-          "error_class", "error"]
+FIELDS = [
+    "model",
+    "status",
+    "stage",
+    "input_size",
+    "export_s",
+    "max_diff",
+    "max_abs_output",
+    "batch1_equal",
+    "batch2_equal",
+    "elementwise_allclose",
+    "error_class",
+    "error",
+]
 STAGES = ["start", "convert", "export", "run", "done"]
 
 
@@ -65,17 +76,25 @@ def check_model(name: str, stage, size: int) -> dict:
             equal, diff, _ = compare_outputs(expected, actual, rtol=1e-4)
             worst, scale = max(worst, diff), max([scale, *(float(t.abs().max()) for t in expected)])
             elementwise &= len(actual) == len(expected) and all(
-                np.allclose(a.numpy(), e.numpy(), rtol=1e-4, atol=1e-5) for a, e in zip(actual, expected))
+                np.allclose(a.numpy(), e.numpy(), rtol=1e-4, atol=1e-5) for a, e in zip(actual, expected)
+            )
             row[f"batch{batch}_equal"] = equal
         row["elementwise_allclose"] = elementwise
     stage.value = STAGES.index("done")
     ok = row["batch1_equal"] and row["batch2_equal"]
-    return {**row, "max_diff": f"{worst:.2e}", "max_abs_output": f"{scale:.2e}",
-            "status": "ok" if ok else "mismatch", "error_class": "" if ok else "OutputMismatch"}
+    return {
+        **row,
+        "max_diff": f"{worst:.2e}",
+        "max_abs_output": f"{scale:.2e}",
+        "status": "ok" if ok else "mismatch",
+        "error_class": "" if ok else "OutputMismatch",
+    }
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--timeout", type=float, default=600)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--retry-failed", action="store_true")
@@ -86,15 +105,24 @@ def main() -> None:
         from test_timm import SAMPLE
 
         sizes = dict(SAMPLE)
-        sweep([n for n, _ in SAMPLE], lambda name, stage: check_model(name, stage, sizes[name]), OUT, FIELDS,
-              workers=args.workers, timeout=args.timeout, stages=STAGES,
-              retry=(lambda row: row["status"] != "ok") if args.retry_failed else None)
+        sweep(
+            [n for n, _ in SAMPLE],
+            lambda name, stage: check_model(name, stage, sizes[name]),
+            OUT,
+            FIELDS,
+            workers=args.workers,
+            timeout=args.timeout,
+            stages=STAGES,
+            retry=(lambda row: row["status"] != "ok") if args.retry_failed else None,
+        )
     rows = read_rows(OUT)
     statuses = collections.Counter(r["status"] for r in rows.values())
     elementwise = sum(r.get("elementwise_allclose") == "True" for r in rows.values())
-    print(f"ONNX export of the CI timm sample: {statuses['ok']} / {len(rows)} export, run in onnxruntime and "
-          f"match the DAG at batch 1 and 2 (max diff <= 1e-4 x max(1, max|output|)); element-wise allclose "
-          f"(rtol 1e-4, atol 1e-5) holds for {elementwise}")
+    print(
+        f"ONNX export of the CI timm sample: {statuses['ok']} / {len(rows)} export, run in onnxruntime and "
+        f"match the DAG at batch 1 and 2 (max diff <= 1e-4 x max(1, max|output|)); element-wise allclose "
+        f"(rtol 1e-4, atol 1e-5) holds for {elementwise}"
+    )
     for row in rows.values():
         if row["status"] != "ok":
             print(f"  {row['model']:32s} {row['status']:14s} {row['error_class']:16s} {row['error'][:150]}")

@@ -26,9 +26,14 @@ from torch_dag.core.compare import compare_outputs
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PASSES = {
-    "swap_activations": lambda d: P.swap_activations(d, {"relu": "hardswish", "gelu": "silu", "silu": "relu"}),
+    "swap_activations": lambda d: P.swap_activations(
+        d, {"relu": "hardswish", "gelu": "silu", "silu": "relu"}
+    ),
     "insert_after (BN after lonely convs)": lambda d: P.insert_after(
-        d, P.op(P.CONVS, where=P.not_followed_by(P.BATCH_NORMS)), lambda v: nn.BatchNorm2d(v.module.out_channels)),
+        d,
+        P.op(P.CONVS, where=P.not_followed_by(P.BATCH_NORMS)),
+        lambda v: nn.BatchNorm2d(v.module.out_channels),
+    ),
     "remove_identities": P.remove_identities,
     "dedupe_constants": P.dedupe_constants,
     "fold_batchnorm": P.fold_batchnorm,
@@ -55,8 +60,14 @@ def time_passes(names: list[str], repeats: int) -> list[dict]:
         nested = P.nest_by_module(dag, 2)
         for pass_name, fn in PASSES.items():
             run = (lambda n=nested: P.flatten(n)) if fn is None else (lambda fn=fn, d=dag: fn(d))
-            rows.append({"model": name, "vertices": len(dag), "pass": pass_name,
-                         "seconds": round(median_seconds(run, repeats), 4)})
+            rows.append(
+                {
+                    "model": name,
+                    "vertices": len(dag),
+                    "pass": pass_name,
+                    "seconds": round(median_seconds(run, repeats), 4),
+                }
+            )
             print(f"{name:24s} {pass_name:40s} {rows[-1]['seconds']:8.4f} s")
     return rows
 
@@ -76,19 +87,28 @@ def fold_speedup(names: list[str], runs: int, batches: list[int]) -> list[dict]:
                     dag(x), folded(x)
                 times = {"dag": [], "folded": []}
                 for i in range(runs):
-                    for variant in (("dag", "folded") if i % 2 == 0 else ("folded", "dag")):
+                    for variant in ("dag", "folded") if i % 2 == 0 else ("folded", "dag"):
                         module = dag if variant == "dag" else folded
                         start = time.perf_counter()
                         module(x)
                         times[variant].append(time.perf_counter() - start)
             base, fast = statistics.median(times["dag"]), statistics.median(times["folded"])
-            rows.append({"model": name, "batch": batch, "threads": torch.get_num_threads(),
-                         "dag_ms": round(base * 1e3, 3), "folded_ms": round(fast * 1e3, 3),
-                         "speedup": round(base / fast, 3),
-                         "bn_removed": sum(v.op.startswith("BatchNorm") for v in dag) - sum(
-                             v.op.startswith("BatchNorm") for v in folded)})
-            print(f"{name:24s} batch {batch:3d}: {rows[-1]['dag_ms']:9.2f} ms -> {rows[-1]['folded_ms']:9.2f} ms "
-                  f"(x{rows[-1]['speedup']:.3f}), {rows[-1]['bn_removed']} BatchNorms folded")
+            rows.append(
+                {
+                    "model": name,
+                    "batch": batch,
+                    "threads": torch.get_num_threads(),
+                    "dag_ms": round(base * 1e3, 3),
+                    "folded_ms": round(fast * 1e3, 3),
+                    "speedup": round(base / fast, 3),
+                    "bn_removed": sum(v.op.startswith("BatchNorm") for v in dag)
+                    - sum(v.op.startswith("BatchNorm") for v in folded),
+                }
+            )
+            print(
+                f"{name:24s} batch {batch:3d}: {rows[-1]['dag_ms']:9.2f} ms -> {rows[-1]['folded_ms']:9.2f} ms "
+                f"(x{rows[-1]['speedup']:.3f}), {rows[-1]['bn_removed']} BatchNorms folded"
+            )
     return rows
 
 
@@ -102,9 +122,14 @@ def write(path: Path, rows: list[dict]) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="*",
-                        default=["resnet50", "convnext_tiny", "vit_base_patch16_224", "efficientnet_b0"])
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--models",
+        nargs="*",
+        default=["resnet50", "convnext_tiny", "vit_base_patch16_224", "efficientnet_b0"],
+    )
     parser.add_argument("--speedup-models", nargs="*", default=["resnet50", "mobilenetv3_large_100"])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--runs", type=int, default=50)

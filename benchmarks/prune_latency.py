@@ -25,15 +25,25 @@ import torch_dag as td
 from torch_dag.pruning import PruneConfig
 
 OUT = Path(__file__).resolve().parent / "results" / "prune_latency.csv"
-MODELS = ["resnet50", "mobilenetv3_large_100", "convnext_tiny", "vit_small_patch16_224", "efficientnet_b0",
-          "regnety_016"]
+MODELS = [
+    "resnet50",
+    "mobilenetv3_large_100",
+    "convnext_tiny",
+    "vit_small_patch16_224",
+    "efficientnet_b0",
+    "regnety_016",
+]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--models", nargs="+", default=MODELS)
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 32])
-    parser.add_argument("--runs", type=int, default=40, help="timed calls per variant at batch 1 (fewer above)")
+    parser.add_argument(
+        "--runs", type=int, default=40, help="timed calls per variant at batch 1 (fewer above)"
+    )
     parser.add_argument("--round-to", type=int, default=8)
     parser.add_argument("--ratio", type=float, default=0.5)
     args = parser.parse_args()
@@ -53,14 +63,25 @@ def main() -> None:
             with torch.inference_mode():
                 times = interleaved({"unpruned": dag, "pruned": pruned}, torch.randn(batch, *size), runs, 3)
             medians = {k: statistics.median(v) / 1e6 for k, v in times.items()}
-            row = {"model": name, "batch": batch, "flops_ratio": round(flops, 4), "round_to": args.round_to,
-                   "unpruned_ms": round(medians["unpruned"], 2), "pruned_ms": round(medians["pruned"], 2),
-                   "latency_ratio": round(medians["pruned"] / medians["unpruned"], 3), "runs": runs,
-                   "prune_s": round(prune_s, 2), "threads": torch.get_num_threads()}
+            row = {
+                "model": name,
+                "batch": batch,
+                "flops_ratio": round(flops, 4),
+                "round_to": args.round_to,
+                "unpruned_ms": round(medians["unpruned"], 2),
+                "pruned_ms": round(medians["pruned"], 2),
+                "latency_ratio": round(medians["pruned"] / medians["unpruned"], 3),
+                "runs": runs,
+                "prune_s": round(prune_s, 2),
+                "threads": torch.get_num_threads(),
+            }
             rows.append(row)
-            print(f"{name:24s} batch {batch:3d}: FLOPs {flops:.3f}  unpruned {row['unpruned_ms']:9.2f} ms  "
-                  f"pruned {row['pruned_ms']:9.2f} ms  latency ratio {row['latency_ratio']:.3f}  "
-                  f"(prune {prune_s:.2f} s)", flush=True)
+            print(
+                f"{name:24s} batch {batch:3d}: FLOPs {flops:.3f}  unpruned {row['unpruned_ms']:9.2f} ms  "
+                f"pruned {row['pruned_ms']:9.2f} ms  latency ratio {row['latency_ratio']:.3f}  "
+                f"(prune {prune_s:.2f} s)",
+                flush=True,
+            )
     OUT.parent.mkdir(parents=True, exist_ok=True)
     with OUT.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))

@@ -20,7 +20,9 @@ import torch_dag as td
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--models", nargs="+", default=["resnet50", "vit_base_patch16_224"])
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
@@ -34,8 +36,11 @@ def main() -> None:
             t0 = time.perf_counter()
             td.prune(dag, 0.5, (x,))
             seconds.append(time.perf_counter() - t0)
-        print(f"{name:28s} prune to 50% FLOPs: median {statistics.median(seconds):.3f} s "
-              f"(runs {', '.join(f'{s:.3f}' for s in seconds)})", flush=True)
+        print(
+            f"{name:28s} prune to 50% FLOPs: median {statistics.median(seconds):.3f} s "
+            f"(runs {', '.join(f'{s:.3f}' for s in seconds)})",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -96,7 +96,12 @@ def checked(fn: Callable, x: torch.Tensor, reference: Any, rtol: float) -> tuple
     try:
         out = fn(x)
     except Exception as e:
-        return False, time.perf_counter() - t0, float("nan"), f"{type(e).__name__}: {e}".replace("\n", " ")[:500]
+        return (
+            False,
+            time.perf_counter() - t0,
+            float("nan"),
+            f"{type(e).__name__}: {e}".replace("\n", " ")[:500],
+        )
     seconds = time.perf_counter() - t0
     equal, diff, reason = compare_outputs(reference, out, rtol=rtol)
     return True, seconds, diff, "" if equal else f"outputs differ: {reason}"
@@ -144,18 +149,24 @@ def fmt(value: float | None, spec: str, width: int) -> str:
 
 
 def print_table(rows: list[Row]) -> None:
-    print(f"{'model':28s} {'batch':>5s} {'variant':9s} {'median ms':>10s} {'p25-p75 ms':>17s} "
-          f"{'overhead %':>10s} {'95% CI %':>17s} {'setup s':>8s} {'max diff':>9s}  error")
+    print(
+        f"{'model':28s} {'batch':>5s} {'variant':9s} {'median ms':>10s} {'p25-p75 ms':>17s} "
+        f"{'overhead %':>10s} {'95% CI %':>17s} {'setup s':>8s} {'max diff':>9s}  error"
+    )
     for r in rows:
         spread = "-" if r.p25_ms is None else f"{r.p25_ms:.3f}-{r.p75_ms:.3f}"
         ci = "-" if r.ci95_lo_pct is None else f"[{r.ci95_lo_pct:+.1f}, {r.ci95_hi_pct:+.1f}]"
-        print(f"{r.model:28s} {r.batch:5d} {r.variant:9s} {fmt(r.median_ms, '.3f', 10)} {spread:>17s} "
-              f"{fmt(r.overhead_pct, '+.1f', 10)} {ci:>17s} {fmt(r.setup_s, '.2f', 8)} "
-              f"{fmt(r.max_abs_diff, '.1e', 9)}  {r.error[:200]}")
+        print(
+            f"{r.model:28s} {r.batch:5d} {r.variant:9s} {fmt(r.median_ms, '.3f', 10)} {spread:>17s} "
+            f"{fmt(r.overhead_pct, '+.1f', 10)} {ci:>17s} {fmt(r.setup_s, '.2f', 8)} "
+            f"{fmt(r.max_abs_diff, '.1e', 9)}  {r.error[:200]}"
+        )
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--models", nargs="+", default=["resnet50", "vit_small_patch16_224"])
     parser.add_argument("--batches", nargs="+", type=int, default=[1])
     parser.add_argument("--runs", type=int, default=200, help="timed calls per variant")
@@ -173,7 +184,9 @@ def main() -> None:
     with args.out.open("w", newline="") as file:
         writer = csv.DictWriter(file, fieldnames=[field.name for field in fields(Row)])
         writer.writeheader()
-        writer.writerows({k: f"{v:.6g}" if isinstance(v, float) else v for k, v in asdict(r).items()} for r in rows)
+        writer.writerows(
+            {k: f"{v:.6g}" if isinstance(v, float) else v for k, v in asdict(r).items()} for r in rows
+        )
     print(f"wrote {args.out}")
 
 

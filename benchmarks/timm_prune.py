@@ -22,8 +22,21 @@ from _sweep import read_rows, sweep  # benchmarks/ is on sys.path when a script 
 from timm_coverage import BIG, RESULTS, model_sizes
 
 OUT = RESULTS / "timm_prune.csv"
-FIELDS = ["model", "status", "stage", "params_m", "groups", "prunable_groups", "flops_ratio", "params_ratio",
-          "prune_s", "shapes_kept", "roundtrip_equal", "error_class", "error"]
+FIELDS = [
+    "model",
+    "status",
+    "stage",
+    "params_m",
+    "groups",
+    "prunable_groups",
+    "flops_ratio",
+    "params_ratio",
+    "prune_s",
+    "shapes_kept",
+    "roundtrip_equal",
+    "error_class",
+    "error",
+]
 STAGES = ["start", "build", "convert", "prune", "check", "done"]
 TARGET = 0.5
 
@@ -62,12 +75,15 @@ def prune_model(name: str, stage) -> dict:
     row["prune_s"] = round(time.perf_counter() - start, 2)
     at("check")
     before, after = td.count_flops(dag, x), td.count_flops(pruned, x)
-    row.update(flops_ratio=round(after.total_flops / before.total_flops, 4),
-               params_ratio=round(after.total_params / before.total_params, 4))
+    row.update(
+        flops_ratio=round(after.total_flops / before.total_flops, 4),
+        params_ratio=round(after.total_params / before.total_params, 4),
+    )
     with torch.no_grad():
         reference, out = dag(x), pruned(x)
-    row["shapes_kept"] = torch.utils._pytree.tree_map(lambda t: getattr(t, "shape", t), reference) == \
-        torch.utils._pytree.tree_map(lambda t: getattr(t, "shape", t), out)
+    row["shapes_kept"] = torch.utils._pytree.tree_map(
+        lambda t: getattr(t, "shape", t), reference
+    ) == torch.utils._pytree.tree_map(lambda t: getattr(t, "shape", t), out)
     with tempfile.TemporaryDirectory() as tmp:
         loaded = td.load(td.save(pruned, Path(tmp) / "pruned.dag"))
         with torch.no_grad():
@@ -76,7 +92,12 @@ def prune_model(name: str, stage) -> dict:
     within = abs(row["flops_ratio"] - TARGET) <= 0.02
     ok = within and row["shapes_kept"] and row["roundtrip_equal"]
     reason = "" if ok else f"flops ratio {row['flops_ratio']}" if not within else "shape or round-trip check"
-    return {**row, "status": "ok" if ok else "not_prunable", "error_class": "" if ok else "Target", "error": reason}
+    return {
+        **row,
+        "status": "ok" if ok else "not_prunable",
+        "error_class": "" if ok else "Target",
+        "error": reason,
+    }
 
 
 def summarize(rows: dict[str, dict[str, str]]) -> str:
@@ -84,10 +105,12 @@ def summarize(rows: dict[str, dict[str, str]]) -> str:
     converted = [r for r in rows.values() if r["status"] not in ("build_error", "convert_error")]
     ok = [r for r in converted if r["status"] == "ok"]
     times = sorted(float(r["prune_s"]) for r in ok if r.get("prune_s"))
-    lines = [f"models: {len(rows)}, converted: {len(converted)}, prunable to {TARGET:.0%} FLOPs: {len(ok)} "
-             f"= {100 * len(ok) / max(1, len(converted)):.1f}%",
-             f"prune time: median {statistics.median(times):.2f} s, max {times[-1]:.2f} s" if times else "",
-             "status counts: " + ", ".join(f"{k}={v}" for k, v in statuses.most_common())]
+    lines = [
+        f"models: {len(rows)}, converted: {len(converted)}, prunable to {TARGET:.0%} FLOPs: {len(ok)} "
+        f"= {100 * len(ok) / max(1, len(converted)):.1f}%",
+        f"prune time: median {statistics.median(times):.2f} s, max {times[-1]:.2f} s" if times else "",
+        "status counts: " + ", ".join(f"{k}={v}" for k, v in statuses.most_common()),
+    ]
     failures = collections.Counter(r["error_class"] for r in converted if r["status"] != "ok")
     for cls, n in failures.most_common():
         examples = [r["model"] for r in converted if r["status"] != "ok" and r["error_class"] == cls][:4]
@@ -96,7 +119,9 @@ def summarize(rows: dict[str, dict[str, str]]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--models", nargs="*")
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--workers", type=int, default=2)
@@ -113,8 +138,16 @@ def main() -> None:
         names = args.models or timm.list_models()
         sizes = model_sizes(names)
         names = sorted(names, key=lambda n: sizes.get(n, -1))[: args.limit]
-        sweep(names, prune_model, args.out, FIELDS, workers=args.workers, timeout=args.timeout, stages=STAGES,
-              exclusive=lambda n: sizes.get(n, 0) > BIG)
+        sweep(
+            names,
+            prune_model,
+            args.out,
+            FIELDS,
+            workers=args.workers,
+            timeout=args.timeout,
+            stages=STAGES,
+            exclusive=lambda n: sizes.get(n, 0) > BIG,
+        )
     print(summarize(read_rows(args.out)))
 
 

@@ -32,8 +32,26 @@ from _sweep import read_rows, sweep  # benchmarks/ is on sys.path when a script 
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "benchmarks" / "results" / "torch_pruning_compare.csv"
-FIELDS = ["model", "status", "stage", "input_size", "td_ok", "td_flops", "td_s", "td_error", "tp_ok", "tp_flops",
-          "tp_s", "tp_search_s", "tp_error", "tp_ratio", "td_fail", "tp_fail", "error_class", "error"]
+FIELDS = [
+    "model",
+    "status",
+    "stage",
+    "input_size",
+    "td_ok",
+    "td_flops",
+    "td_s",
+    "td_error",
+    "tp_ok",
+    "tp_flops",
+    "tp_s",
+    "tp_search_s",
+    "tp_error",
+    "tp_ratio",
+    "td_fail",
+    "tp_fail",
+    "error_class",
+    "error",
+]
 STAGES = ["start", "torch_dag", "torch_pruning", "done"]
 TARGET, TOLERANCE = 0.5, 0.02
 
@@ -75,8 +93,11 @@ def check_model(name: str, stage, size: int) -> dict:
         ratio = td.count_flops(pruned, x).total_flops / base_flops
         with torch.no_grad():
             shape_kept = pruned(probe).shape == reference.shape
-        row.update(td_flops=round(ratio, 4), td_error=round(fidelity(pruned), 5),
-                   td_ok=shape_kept and abs(ratio - TARGET) <= TOLERANCE)
+        row.update(
+            td_flops=round(ratio, 4),
+            td_error=round(fidelity(pruned), 5),
+            td_ok=shape_kept and abs(ratio - TARGET) <= TOLERANCE,
+        )
         if not row["td_ok"]:
             row["td_fail"] = f"FLOPs ratio {ratio:.3f}" if shape_kept else "output shape changed"
     except Exception as e:
@@ -91,8 +112,14 @@ def check_model(name: str, stage, size: int) -> dict:
         classifier = candidate.get_classifier() if hasattr(candidate, "get_classifier") else None
         ignored = [classifier] if isinstance(classifier, torch.nn.Module) else []
         t0 = time.perf_counter()
-        pruner = tp.pruner.MetaPruner(candidate, x, importance=tp.importance.GroupMagnitudeImportance(p=2),
-                                      global_pruning=True, pruning_ratio=ratio, ignored_layers=ignored)
+        pruner = tp.pruner.MetaPruner(
+            candidate,
+            x,
+            importance=tp.importance.GroupMagnitudeImportance(p=2),
+            global_pruning=True,
+            pruning_ratio=ratio,
+            ignored_layers=ignored,
+        )
         pruner.step()
         return candidate.eval(), time.perf_counter() - t0
 
@@ -111,8 +138,12 @@ def check_model(name: str, stage, size: int) -> dict:
         row.update(tp_s=round(statistics.median(seconds), 3), tp_search_s=round(sum(seconds), 3))
         with torch.no_grad():
             shape_kept = pruned_tp(probe).shape == reference.shape
-        row.update(tp_ratio=round(best[0], 4), tp_flops=round(best[1], 4), tp_error=round(fidelity(pruned_tp), 5),
-                   tp_ok=shape_kept and abs(best[1] - TARGET) <= TOLERANCE)
+        row.update(
+            tp_ratio=round(best[0], 4),
+            tp_flops=round(best[1], 4),
+            tp_error=round(fidelity(pruned_tp), 5),
+            tp_ok=shape_kept and abs(best[1] - TARGET) <= TOLERANCE,
+        )
         if not row["tp_ok"]:
             row["tp_fail"] = f"FLOPs ratio {best[1]:.3f}" if shape_kept else "output shape changed"
     except Exception as e:
@@ -126,10 +157,12 @@ def summarize(rows: dict[str, dict[str, str]]) -> str:
     td_ok = [r for r in done if r["td_ok"] == "True"]
     tp_ok = [r for r in done if r["tp_ok"] == "True"]
     both = [r for r in done if r["td_ok"] == "True" and r["tp_ok"] == "True"]
-    lines = [f"models: {len(rows)} ({len(done)} finished; others: "
-             f"{dict(collections.Counter(r['status'] for r in rows.values() if r['status'] != 'done'))})",
-             f"prunable to 50% FLOPs (+-2 points, output shape kept): torch-dag {len(td_ok)} / {len(done)}, "
-             f"Torch-Pruning {len(tp_ok)} / {len(done)}"]
+    lines = [
+        f"models: {len(rows)} ({len(done)} finished; others: "
+        f"{dict(collections.Counter(r['status'] for r in rows.values() if r['status'] != 'done'))})",
+        f"prunable to 50% FLOPs (+-2 points, output shape kept): torch-dag {len(td_ok)} / {len(done)}, "
+        f"Torch-Pruning {len(tp_ok)} / {len(done)}",
+    ]
     if both:
         td_s = statistics.median(float(r["td_s"]) for r in both)
         tp_s = statistics.median(float(r["tp_s"]) for r in both)
@@ -137,15 +170,21 @@ def summarize(rows: dict[str, dict[str, str]]) -> str:
         tp_e = statistics.median(float(r["tp_error"]) for r in both)
         better = sum(float(r["td_error"]) <= float(r["tp_error"]) for r in both)
         faster = sum(float(r["td_s"]) < float(r["tp_s"]) for r in both)
-        lines += [f"on the {len(both)} models both prune: median time torch-dag {td_s:.2f} s, Torch-Pruning "
-                  f"{tp_s:.2f} s (one run at one ratio); torch-dag faster on {faster} / {len(both)}"]
+        lines += [
+            f"on the {len(both)} models both prune: median time torch-dag {td_s:.2f} s, Torch-Pruning "
+            f"{tp_s:.2f} s (one run at one ratio); torch-dag faster on {faster} / {len(both)}"
+        ]
         searched = [r for r in both if r.get("tp_search_s")]
         if searched:
-            lines.append(f"  Torch-Pruning's runs to reach half the FLOPs, summed: median "
-                         f"{statistics.median(float(r['tp_search_s']) for r in searched):.2f} s "
-                         f"({len(searched)} models)")
-        lines.append(f"  median relative output error torch-dag {td_e:.3f}, Torch-Pruning {tp_e:.3f}; torch-dag's "
-                     f"is lower or equal on {better} / {len(both)}")
+            lines.append(
+                f"  Torch-Pruning's runs to reach half the FLOPs, summed: median "
+                f"{statistics.median(float(r['tp_search_s']) for r in searched):.2f} s "
+                f"({len(searched)} models)"
+            )
+        lines.append(
+            f"  median relative output error torch-dag {td_e:.3f}, Torch-Pruning {tp_e:.3f}; torch-dag's "
+            f"is lower or equal on {better} / {len(both)}"
+        )
     for tool in ("td", "tp"):
         failed = [r for r in done if r[f"{tool}_ok"] != "True"]
         if failed:
@@ -155,7 +194,9 @@ def summarize(rows: dict[str, dict[str, str]]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--models", nargs="*", help="names from the sample (default: all of it)")
     parser.add_argument("--timeout", type=float, default=900)
     parser.add_argument("--workers", type=int, default=2)
@@ -167,8 +208,15 @@ def main() -> None:
 
         sizes = dict(SAMPLE)
         names = args.models or [n for n, _ in SAMPLE]
-        sweep(names, lambda name, stage: check_model(name, stage, sizes[name]), OUT, FIELDS,
-              workers=args.workers, timeout=args.timeout, stages=STAGES)
+        sweep(
+            names,
+            lambda name, stage: check_model(name, stage, sizes[name]),
+            OUT,
+            FIELDS,
+            workers=args.workers,
+            timeout=args.timeout,
+            stages=STAGES,
+        )
     print(summarize(read_rows(OUT)))
 
 

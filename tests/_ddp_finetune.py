@@ -17,5 +17,8 @@ flexible = len(sys.argv) > 2 and sys.argv[2] == "flex"
 teacher, student = small_teacher_and_student(flexible=flexible)
 report = td.finetune(student, teacher, synthetic_batches(8), epochs=2, lr=3e-3, progress=False)
 rank = int(os.environ["RANK"])  # finetune joined (and left) the process group torchrun set up
-save_file({k: v.clone() for k, v in student.state_dict().items()}, out / f"rank{rank}.safetensors",
-          metadata={"world_size": str(report.world_size), "steps": str(report.steps)})
+save_file(
+    {k: v.clone() for k, v in student.state_dict().items()},
+    out / f"rank{rank}.safetensors",
+    metadata={"world_size": str(report.world_size), "steps": str(report.steps)},
+)

@@ -40,6 +40,7 @@ def unique_param_count(model: nn.Module) -> int:
 
 # --- the zoo -----------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("name", sorted(ZOO))
 def test_zoo_flops_match_fvcore(name):
     model, inputs, dag = convert(name)

@@ -133,7 +133,9 @@ def test_cli_reaches_the_layers_it_uses():
 
 def layer_files(layer: str) -> list[Path]:
     """The source files of a layer: a package's files, or the one module."""
-    return sorted((PACKAGE / layer).rglob("*.py")) if (PACKAGE / layer).is_dir() else [PACKAGE / f"{layer}.py"]
+    return (
+        sorted((PACKAGE / layer).rglob("*.py")) if (PACKAGE / layer).is_dir() else [PACKAGE / f"{layer}.py"]
+    )
 
 
 def test_every_file_is_in_a_layer():
@@ -161,7 +163,8 @@ def module_name(path: Path) -> str:
 
 def is_type_checking(test: ast.expr) -> bool:
     return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
-        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
 
 
 def top_level_imports(tree: ast.Module) -> list[ast.Import | ast.ImportFrom]:
@@ -190,8 +193,11 @@ def import_graph(layer: str) -> nx.DiGraph:
         package = path.relative_to(PACKAGE).parent.parts
         for node in top_level_imports(ast.parse(path.read_text())):
             for alias in node.names:  # one name at a time: `from . import a, b` loads modules a and b
-                single = ast.Import([alias]) if isinstance(node, ast.Import) else ast.ImportFrom(
-                    node.module, [alias], node.level)
+                single = (
+                    ast.Import([alias])
+                    if isinstance(node, ast.Import)
+                    else ast.ImportFrom(node.module, [alias], node.level)
+                )
                 names = imported_modules(ast.unparse(single), package)
                 imported = max(names, key=len, default="")  # x.y for `from .x import y`, x for `import x`
                 while imported not in files and "." in imported:  # y is a name in module x, not a module
@@ -219,13 +225,22 @@ def test_core_names_no_flex_concept():
     offending = []
     for path in layer_files("core"):
         tree = ast.parse(path.read_text())
-        docstrings = {id(node.body[0].value) for node in ast.walk(tree)
-                      if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
-                      and node.body and isinstance(node.body[0], ast.Expr)}
+        docstrings = {
+            id(node.body[0].value)
+            for node in ast.walk(tree)
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+            and node.body
+            and isinstance(node.body[0], ast.Expr)
+        }
         for node in ast.walk(tree):
-            words = [getattr(node, field, None) for field in ("id", "attr", "name", "arg", "asname", "module")]
+            words = [
+                getattr(node, field, None) for field in ("id", "attr", "name", "arg", "asname", "module")
+            ]
             if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
                 words.append(node.value)
-            offending += [f"{path.name}:{node.lineno} {w!r}" for w in words
-                          if isinstance(w, str) and "flex" in w.lower()]
+            offending += [
+                f"{path.name}:{node.lineno} {w!r}"
+                for w in words
+                if isinstance(w, str) and "flex" in w.lower()
+            ]
     assert not offending

@@ -56,7 +56,9 @@ def test_training_mode_matches_eager(name):
 
     def loss_of(out):
         leaves = torch.utils._pytree.tree_leaves(out)
-        return sum(t.float().square().mean() for t in leaves if isinstance(t, torch.Tensor) and t.is_floating_point())
+        return sum(
+            t.float().square().mean() for t in leaves if isinstance(t, torch.Tensor) and t.is_floating_point()
+        )
 
     loss_of(expected).backward()
     loss_of(actual).backward()
@@ -100,7 +102,7 @@ def test_functional_layers_on_own_weights_become_modules():
     assert ops.count("WSConv2d") == 2 and "conv2d" not in ops and "batch_norm" not in ops, ops
     plain, scaled = [v.module for v in dag if v.op == "WSConv2d"]
     assert plain.gain is None and plain.bias is None and plain.weight is model.std_weight
-    assert scaled.gain is model.gain and scaled.bias is model.scaled_bias and scaled.scale == 72 ** -0.5
+    assert scaled.gain is model.gain and scaled.bias is model.scaled_bias and scaled.scale == 72**-0.5
     with torch.no_grad():
         assert torch.equal(dag(*inputs), model(*inputs))  # the same ops, in the same order
 

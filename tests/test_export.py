@@ -20,7 +20,9 @@ def run(module, *args, **kwargs):
         return module(*args, **kwargs)
 
 
-@pytest.mark.parametrize("name", ["residual", "concat_split", "depthwise_grouped", "squeeze_excite", "attention"])
+@pytest.mark.parametrize(
+    "name", ["residual", "concat_split", "depthwise_grouped", "squeeze_excite", "attention"]
+)
 def test_zoo_through_export_equals_eager_and_has_the_same_layers(name, tmp_path):
     model, inputs = make(name)
     dag = td.build_from_unstructured_module(model, inputs, tracer="export")
@@ -31,7 +33,9 @@ def test_zoo_through_export_equals_eager_and_has_the_same_layers(name, tmp_path)
     by_fx = td.build_from_unstructured_module(model, inputs, tracer="fx")
     if not any(v.op == "MultiheadAttention" for v in by_fx):  # export decomposes it into its linears
         layers = sorted(v.op for v in dag if v.op[0].isupper() and v.op not in ("Parameter", "Constant"))
-        assert layers == sorted(v.op for v in by_fx if v.op[0].isupper() and v.op not in ("Parameter", "Constant"))
+        assert layers == sorted(
+            v.op for v in by_fx if v.op[0].isupper() and v.op not in ("Parameter", "Constant")
+        )
     td.save(dag, tmp_path / "m.dag")
     assert bitwise_equal(run(dag, *inputs), run(td.load(tmp_path / "m.dag"), *inputs))
 
@@ -79,6 +83,7 @@ def test_an_op_with_no_torch_level_form_is_named():
 def test_a_matrix_product_on_an_in_out_weight_becomes_a_shared_linear(tracer):
     """`torch.addmm(bias, x, weight)` with weight (in, out), as GPT-2's Conv1D writes a linear layer: a
     Linear vertex on the transposed weight, one copy for a weight used twice."""
+
     class Conv1DTwice(nn.Module):
         def __init__(self):
             super().__init__()
@@ -135,14 +140,32 @@ def hf_models():
     small = dict(num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)
     ids = torch.randint(0, 100, (2, 7))
     return {
-        "bert": (transformers.BertModel(transformers.BertConfig(hidden_size=64, vocab_size=100, **small)),
-                 {"input_ids": ids, "attention_mask": torch.ones(2, 7, dtype=torch.long)}),
-        "vit": (transformers.ViTModel(transformers.ViTConfig(hidden_size=64, image_size=32, patch_size=8, **small)),
-                {"pixel_values": torch.randn(2, 3, 32, 32)}),
-        "gpt2": (transformers.GPT2LMHeadModel(transformers.GPT2Config(
-            n_embd=64, n_layer=2, n_head=4, n_inner=128, vocab_size=100, n_positions=32, use_cache=False,
-            bos_token_id=0, eos_token_id=0)),
-                 {"input_ids": ids}),
+        "bert": (
+            transformers.BertModel(transformers.BertConfig(hidden_size=64, vocab_size=100, **small)),
+            {"input_ids": ids, "attention_mask": torch.ones(2, 7, dtype=torch.long)},
+        ),
+        "vit": (
+            transformers.ViTModel(
+                transformers.ViTConfig(hidden_size=64, image_size=32, patch_size=8, **small)
+            ),
+            {"pixel_values": torch.randn(2, 3, 32, 32)},
+        ),
+        "gpt2": (
+            transformers.GPT2LMHeadModel(
+                transformers.GPT2Config(
+                    n_embd=64,
+                    n_layer=2,
+                    n_head=4,
+                    n_inner=128,
+                    vocab_size=100,
+                    n_positions=32,
+                    use_cache=False,
+                    bos_token_id=0,
+                    eos_token_id=0,
+                )
+            ),
+            {"input_ids": ids},
+        ),
     }
 
 
@@ -218,8 +241,12 @@ def test_hugging_face_dags_run_at_other_batch_sizes_and_lengths(name):
         model, kwargs = hf_models()[name]
         dag = td.build_from_unstructured_module(model.eval(), None, kwargs)
         for batch, length in ((5, 7), (3, 11), (2, 3)):
-            other = {k: v[:1].repeat(batch, 1)[:, :length] if length <= v.shape[1] else
-                     torch.cat([v[:1].repeat(batch, 1)] * 2, 1)[:, :length] for k, v in kwargs.items()}
+            other = {
+                k: v[:1].repeat(batch, 1)[:, :length]
+                if length <= v.shape[1]
+                else torch.cat([v[:1].repeat(batch, 1)] * 2, 1)[:, :length]
+                for k, v in kwargs.items()
+            }
             reference, out = run(model, **other), run(dag, **other)
             for key in reference:
                 assert compare_outputs(reference[key], out[key])[0], (batch, length, key)

@@ -22,16 +22,26 @@ def _dag(model: nn.Module, *inputs: torch.Tensor) -> td.DagModule:
 
 def _mlp(d_in: int = 32, hidden: int = 64, d_out: int = 24) -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(d_in, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(),
-                         nn.Linear(hidden, d_out))
+    return nn.Sequential(
+        nn.Linear(d_in, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, d_out)
+    )
 
 
 def _convnet(padding: str | int = "same") -> nn.Module:
     """fvcore does not count convs with string padding (aten::_convolution_mode): 2 for comparisons."""
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 48, 3, stride=2, padding=1),
-                         nn.ReLU(), nn.Conv2d(48, 64, 1), nn.ReLU(), nn.Conv2d(64, 64, 3, padding=padding, dilation=2),
-                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10))
+    return nn.Sequential(
+        nn.Conv2d(3, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(32, 48, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(48, 64, 1),
+        nn.ReLU(),
+        nn.Conv2d(64, 64, 3, padding=padding, dilation=2),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(64, 10),
+    )
 
 
 def _assert_equal(a: torch.Tensor, b: torch.Tensor) -> None:
@@ -54,12 +64,15 @@ def _correlated_batches(n: int, *shape: int, seed: int = 1) -> list[torch.Tensor
 # --- the ops --------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("layer, x", [
-    (nn.Linear(20, 12), torch.randn(5, 20)),
-    (nn.Linear(20, 12, bias=False), torch.randn(2, 3, 20)),
-    (nn.Conv2d(6, 10, 3, stride=2, padding=1, dilation=1), torch.randn(2, 6, 9, 9)),
-    (nn.Conv2d(6, 10, (3, 5), padding="same", dilation=(2, 1), bias=False), torch.randn(2, 6, 9, 9)),
-])
+@pytest.mark.parametrize(
+    "layer, x",
+    [
+        (nn.Linear(20, 12), torch.randn(5, 20)),
+        (nn.Linear(20, 12, bias=False), torch.randn(2, 3, 20)),
+        (nn.Conv2d(6, 10, 3, stride=2, padding=1, dilation=1), torch.randn(2, 6, 9, 9)),
+        (nn.Conv2d(6, 10, (3, 5), padding="same", dilation=(2, 1), bias=False), torch.randn(2, 6, 9, 9)),
+    ],
+)
 @pytest.mark.parametrize("with_data", [False, True])
 def test_full_rank_equals_original(layer, x, with_data):
     torch.manual_seed(0)
@@ -97,8 +110,10 @@ def test_truncated_svd_is_the_best_rank_r_approximation():
         assert error == pytest.approx((s[rank:].square().sum() / s.square().sum()).sqrt().item(), rel=1e-6)
 
 
-@pytest.mark.parametrize("layer, shape", [(nn.Linear(48, 32), (48,)), (nn.Linear(24, 64), (24,)),
-                                          (nn.Conv2d(8, 24, 3, padding=1), (8, 7, 7))])
+@pytest.mark.parametrize(
+    "layer, shape",
+    [(nn.Linear(48, 32), (48,)), (nn.Linear(24, 64), (24,)), (nn.Conv2d(8, 24, 3, padding=1), (8, 7, 7))],
+)
 def test_data_aware_error_never_above_svd_error_on_calibration_data(layer, shape):
     torch.manual_seed(0)
     x = torch.cat(_correlated_batches(6, *shape))
@@ -125,8 +140,13 @@ def test_low_rank_ops_save_load_count_flops_and_refactorize(tmp_path):
     path = td.save(small, tmp_path / "small.dag")
     loaded = td.load(path)
     assert bitwise_equal(small(x), loaded(x))
-    assert td.count_flops(small, x).total_flops == fvcore.FlopCountAnalysis(small, (x,)).unsupported_ops_warnings(
-        False).uncalled_modules_warnings(False).total()
+    assert (
+        td.count_flops(small, x).total_flops
+        == fvcore.FlopCountAnalysis(small, (x,))
+        .unsupported_ops_warnings(False)
+        .uncalled_modules_warnings(False)
+        .total()
+    )
     # factorizing again goes to a lower rank, starting from the low-rank weights
     smaller = factorize(loaded, rank_ratio=0.1)
     for name in (v.name for v in small if v.op.startswith("LowRank")):
@@ -157,12 +177,18 @@ def test_flops_target_is_met_with_less_error_than_uniform():
     results = {}
     for allocation in ("error", "uniform"):
         for calibration in (None, batches):
-            small, report = factorize(dag, flops_ratio=0.6, example_inputs=(x,), calibration=calibration,
-                                      allocation=allocation, return_report=True)
+            small, report = factorize(
+                dag,
+                flops_ratio=0.6,
+                example_inputs=(x,),
+                calibration=calibration,
+                allocation=allocation,
+                return_report=True,
+            )
             ratio = td.count_flops(small, x).total_flops / td.count_flops(dag, x).total_flops
             assert 0.58 <= ratio <= 0.6 + 1e-9, (allocation, ratio)
             assert report.flops_after / report.flops_before == pytest.approx(ratio)
-            total = sum(layer.error ** 2 for layer in report.factorized)
+            total = sum(layer.error**2 for layer in report.factorized)
             results[allocation, calibration is not None] = total
     assert results["error", False] <= results["uniform", False]
     assert results["error", True] <= results["uniform", True]
@@ -191,7 +217,11 @@ def test_protected_grouped_and_errors():
     small, report = factorize(dag, rank_ratio=0.2, protected=["head"], return_report=True)
     reasons = {layer.name: layer.reason for layer in report.layers}
     assert "groups=4" in reasons["grouped"] and "protected" in reasons["head"] and reasons["conv"] == ""
-    assert small["grouped"].op == "Conv2d" and small["head"].op == "Linear" and small["conv"].op == "LowRankConv2d"
+    assert (
+        small["grouped"].op == "Conv2d"
+        and small["head"].op == "Linear"
+        and small["conv"].op == "LowRankConv2d"
+    )
     with pytest.raises(td.DagError, match="exactly one"):
         factorize(dag)
     with pytest.raises(td.DagError, match="saves only"):
@@ -216,8 +246,11 @@ def test_zoo(name, tmp_path):
     for layer in report.layers:  # every factorizable layer is either factorized or says why not
         assert (layer.rank is not None) != bool(layer.reason), layer
     for vertex in dag:
-        if vertex.op in ("Linear", "Conv2d") and vertex.module.weight.dim() >= 2 and (
-                vertex.op == "Linear" or vertex.module.groups == 1):
+        if (
+            vertex.op in ("Linear", "Conv2d")
+            and vertex.module.weight.dim() >= 2
+            and (vertex.op == "Linear" or vertex.module.groups == 1)
+        ):
             full = min(vertex.module.weight.shape[0], vertex.module.weight[0].numel())
             _assert_equal(low_rank(vertex.module, full)[0].merged_weight(), vertex.module.weight)
 
@@ -243,7 +276,9 @@ def test_after_pruning_and_through_nested_dags():
     x = torch.randn(2, 3, 32, 32)
     dag = td.build_from_unstructured_module(model, (x,))
     pruned = td.prune(dag, 0.6, (x,))
-    small = factorize(pruned, flops_ratio=0.8, example_inputs=(x,), calibration=[(torch.randn(4, 3, 32, 32),)])
+    small = factorize(
+        pruned, flops_ratio=0.8, example_inputs=(x,), calibration=[(torch.randn(4, 3, 32, 32),)]
+    )
     assert any(v.op == "LowRankConv2d" for v in small)
     assert small(x).shape == (2, 10)
     nested = td.passes.nest_by_module(dag, depth=1)
@@ -252,8 +287,10 @@ def test_after_pruning_and_through_nested_dags():
     assert any(v.op == "LowRankConv2d" for v in flat)
 
 
-@pytest.mark.parametrize("name, size", [("vit_tiny_patch16_224", 64), ("resnet18", 64),
-                                        ("convnext_atto", 64), ("mobilenetv3_small_100", 64)])
+@pytest.mark.parametrize(
+    "name, size",
+    [("vit_tiny_patch16_224", 64), ("resnet18", 64), ("convnext_atto", 64), ("mobilenetv3_small_100", 64)],
+)
 def test_timm_data_aware(name, size, tmp_path):
     torch.manual_seed(0)
     kwargs = {"img_size": size} if name.startswith("vit") else {}
@@ -261,8 +298,9 @@ def test_timm_data_aware(name, size, tmp_path):
     x = torch.randn(2, 3, size, size)
     dag = td.build_from_unstructured_module(model, (x,))
     batches = [(torch.randn(4, 3, size, size),) for _ in range(2)]
-    small, report = factorize(dag, flops_ratio=0.75, calibration=batches, example_inputs=(x,),
-                              return_report=True)
+    small, report = factorize(
+        dag, flops_ratio=0.75, calibration=batches, example_inputs=(x,), return_report=True
+    )
     assert report.factorized and report.flops_after <= 0.75 * report.flops_before
     assert report.flops_after / report.flops_before >= 0.73
     assert all(layer.error is not None and 0 <= layer.error < 1 for layer in report.factorized)
@@ -303,8 +341,21 @@ def test_cli_factorize(tmp_path, capsys):
     assert td.count_flops(small, x).total_flops <= 0.7 * td.count_flops(dag, x).total_flops
     images = tmp_path / "images.npy"
     np.save(images, np.random.default_rng(0).standard_normal((6, 3, 32, 32)).astype(np.float32))
-    main(["factorize", str(source), "--rank-ratio", "0.2", "--calibration", str(images), "--batch-size", "4",
-          "-o", str(out), "-q"])
+    main(
+        [
+            "factorize",
+            str(source),
+            "--rank-ratio",
+            "0.2",
+            "--calibration",
+            str(images),
+            "--batch-size",
+            "4",
+            "-o",
+            str(out),
+            "-q",
+        ]
+    )
     assert "factorize (data-aware, uniform allocation)" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         main(["factorize", str(source), "-o", str(out)])  # no target

@@ -26,9 +26,17 @@ def small_teacher_and_student(flexible: bool = False) -> tuple[td.DagModule, td.
     """A small CNN as teacher (logits large enough that distillation has something to learn) and its
     half-FLOPs pruning (or a two-level flexible version) as student; the same on every call."""
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-                        nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
-                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10))
+    net = nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.Conv2d(16, 32, 3, padding=1),
+        nn.BatchNorm2d(32),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(32, 10),
+    )
     with torch.no_grad():
         net[-1].weight.mul_(8)
         net.train()  # norm statistics of the data, as a trained model has
@@ -60,8 +68,11 @@ def synthetic_batches(n: int, labels: bool = False, seed: int = 1) -> list:
 def distance(student: nn.Module, teacher: nn.Module, x: torch.Tensor) -> float:
     """KL divergence of the student's output distribution from the teacher's on held-out inputs."""
     with torch.no_grad():
-        return float(F.kl_div(student(x).log_softmax(-1), teacher(x).log_softmax(-1), reduction="batchmean",
-                              log_target=True))
+        return float(
+            F.kl_div(
+                student(x).log_softmax(-1), teacher(x).log_softmax(-1), reduction="batchmean", log_target=True
+            )
+        )
 
 
 HELD_OUT = torch.Generator().manual_seed(99)
@@ -95,7 +106,9 @@ def test_frozen_batch_norm_statistics_stay_as_they_are():
     td.finetune(student, teacher, synthetic_batches(4), lr=1e-2, freeze_bn=True, progress=False)
     after = student.state_dict()
     assert all(torch.equal(v, after[k]) for k, v in before.items() if "running" in k)
-    assert not torch.equal(before["vertex_modules._1.weight"], after["vertex_modules._1.weight"])  # affine: trained
+    assert not torch.equal(
+        before["vertex_modules._1.weight"], after["vertex_modules._1.weight"]
+    )  # affine: trained
 
 
 def test_a_student_sharing_layers_with_its_teacher_leaves_the_teacher_alone():
@@ -170,7 +183,9 @@ def test_recalibrated_statistics_are_the_exact_averages_over_the_batches():
     batches = synthetic_batches(3)
     conv, bn = (vertex.module for vertex in list(student)[:2])
     assert isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d)
-    before = {k: v.clone() for k, v in student.state_dict().items() if "running" not in k and "num_batches" not in k}
+    before = {
+        k: v.clone() for k, v in student.state_dict().items() if "running" not in k and "num_batches" not in k
+    }
     momentum = bn.momentum
     student.train()
     assert td.recalibrate_batchnorm(student, [(b,) for b in batches]) == 2
@@ -240,21 +255,53 @@ def test_cli_prune_and_flexify_recalibrate_on_the_calibration_data(tmp_path, cap
     td.save(teacher, tmp_path / "teacher.dag")
     np.save(tmp_path / "x.npy", torch.cat(synthetic_batches(2)).numpy())
     common = ["--calibration", str(tmp_path / "x.npy"), "--batch-size", "16", "--recalibrate-bn", "-q"]
-    cli(["prune", str(tmp_path / "teacher.dag"), "--flops-ratio", "0.5", "--compensate", "none",
-         "-o", str(tmp_path / "pruned.dag"), *common])
+    cli(
+        [
+            "prune",
+            str(tmp_path / "teacher.dag"),
+            "--flops-ratio",
+            "0.5",
+            "--compensate",
+            "none",
+            "-o",
+            str(tmp_path / "pruned.dag"),
+            *common,
+        ]
+    )
     assert "batchnorm statistics re-estimated" in capsys.readouterr().out
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        expected = td.prune(teacher, 0.5, teacher.example_inputs(),
-                            config=td.pruning.PruneConfig(compensate="none"))
+        expected = td.prune(
+            teacher, 0.5, teacher.example_inputs(), config=td.pruning.PruneConfig(compensate="none")
+        )
     td.recalibrate_batchnorm(expected, synthetic_batches(2))
     torch.testing.assert_close(td.load(tmp_path / "pruned.dag")(HELD), expected(HELD))
-    cli(["flexify", str(tmp_path / "teacher.dag"), "--levels", "0.5", "1.0", "-o", str(tmp_path / "flex.dag"),
-         *common])
+    cli(
+        [
+            "flexify",
+            str(tmp_path / "teacher.dag"),
+            "--levels",
+            "0.5",
+            "1.0",
+            "-o",
+            str(tmp_path / "flex.dag"),
+            *common,
+        ]
+    )
     assert "per-level batchnorm statistics re-estimated" in capsys.readouterr().out
     with pytest.raises(SystemExit):
-        cli(["prune", str(tmp_path / "teacher.dag"), "--flops-ratio", "0.5", "--recalibrate-bn",
-             "-o", str(tmp_path / "p.dag"), "-q"])
+        cli(
+            [
+                "prune",
+                str(tmp_path / "teacher.dag"),
+                "--flops-ratio",
+                "0.5",
+                "--recalibrate-bn",
+                "-o",
+                str(tmp_path / "p.dag"),
+                "-q",
+            ]
+        )
     assert "give --calibration" in capsys.readouterr().err
 
 
@@ -273,11 +320,27 @@ def test_a_resumed_run_ends_exactly_where_an_uninterrupted_one_does(tmp_path):
 
     teacher, student = small_teacher_and_student()  # (pruning shares the tensors it left whole: a fresh pair)
     with pytest.raises(RuntimeError, match="stop"):  # checkpointed at step 4, then lost step 5
-        td.finetune(student, teacher, Crashing(), epochs=3, lr=3e-3, checkpoint=tmp_path / "mid",
-                    checkpoint_every=4, progress=False)
+        td.finetune(
+            student,
+            teacher,
+            Crashing(),
+            epochs=3,
+            lr=3e-3,
+            checkpoint=tmp_path / "mid",
+            checkpoint_every=4,
+            progress=False,
+        )
     teacher, resumed = small_teacher_and_student()
-    report = td.finetune(resumed, teacher, batches, epochs=3, lr=3e-3, checkpoint=tmp_path / "mid",
-                         checkpoint_every=4, progress=False)
+    report = td.finetune(
+        resumed,
+        teacher,
+        batches,
+        epochs=3,
+        lr=3e-3,
+        checkpoint=tmp_path / "mid",
+        checkpoint_every=4,
+        progress=False,
+    )
     assert report.resumed_at == 4 and report.total_steps == 18 and report.steps == 14
     for key, value in straight.state_dict().items():
         assert torch.equal(value, resumed.state_dict()[key]), key
@@ -285,8 +348,11 @@ def test_a_resumed_run_ends_exactly_where_an_uninterrupted_one_does(tmp_path):
 
 
 def torchrun(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]),
-           "OMP_NUM_THREADS": "1"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]),
+        "OMP_NUM_THREADS": "1",
+    }
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
 
@@ -303,6 +369,7 @@ def test_two_ddp_processes_end_with_identical_weights(tmp_path, kind):
     _, start = small_teacher_and_student(flexible=kind == "flex")
     assert any(not torch.equal(v, ranks[0][k]) for k, v in start.state_dict().items())  # and they trained
     from safetensors import safe_open
+
     with safe_open(str(tmp_path / "rank0.safetensors"), "pt") as f:
         assert f.metadata() == {"world_size": "2", "steps": "8"}  # 8 batches, 2 epochs, half each
 
@@ -313,9 +380,27 @@ def test_cli_finetune(tmp_path, capsys):
     td.save(student, tmp_path / "student.dag")
     np.save(tmp_path / "x.npy", torch.randn(64, 3, 12, 12).numpy())
     np.save(tmp_path / "y.npy", torch.randint(0, 10, (64,)).numpy())
-    cli(["finetune", str(tmp_path / "student.dag"), "--teacher", str(tmp_path / "teacher.dag"),
-         "--data", str(tmp_path / "x.npy"), "--labels", str(tmp_path / "y.npy"), "--batch-size", "16",
-         "--epochs", "2", "--checkpoint", str(tmp_path / "ckpt"), "-o", str(tmp_path / "out.dag"), "-q"])
+    cli(
+        [
+            "finetune",
+            str(tmp_path / "student.dag"),
+            "--teacher",
+            str(tmp_path / "teacher.dag"),
+            "--data",
+            str(tmp_path / "x.npy"),
+            "--labels",
+            str(tmp_path / "y.npy"),
+            "--batch-size",
+            "16",
+            "--epochs",
+            "2",
+            "--checkpoint",
+            str(tmp_path / "ckpt"),
+            "-o",
+            str(tmp_path / "out.dag"),
+            "-q",
+        ]
+    )
     out = capsys.readouterr().out
     assert "8 steps on 1 process(es)" in out and "mean loss per epoch" in out
     tuned = td.load(tmp_path / "out.dag")
@@ -329,9 +414,21 @@ def test_cli_finetune_under_torchrun_runs_two_processes(tmp_path):
     td.save(teacher, tmp_path / "teacher.dag")
     td.save(student, tmp_path / "student.dag")
     np.save(tmp_path / "x.npy", torch.randn(64, 3, 12, 12).numpy())
-    done = torchrun("-m", "torch_dag.cli", "finetune", str(tmp_path / "student.dag"), "--teacher",
-                    str(tmp_path / "teacher.dag"), "--data", str(tmp_path / "x.npy"), "--batch-size", "8",
-                    "-o", str(tmp_path / "out.dag"), "-q")
+    done = torchrun(
+        "-m",
+        "torch_dag.cli",
+        "finetune",
+        str(tmp_path / "student.dag"),
+        "--teacher",
+        str(tmp_path / "teacher.dag"),
+        "--data",
+        str(tmp_path / "x.npy"),
+        "--batch-size",
+        "8",
+        "-o",
+        str(tmp_path / "out.dag"),
+        "-q",
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("finetuned") == 1 and "4 steps on 2 process(es)" in done.stdout  # 64 / 8 / 2
     td.load(tmp_path / "out.dag")

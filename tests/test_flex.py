@@ -53,7 +53,9 @@ def state(module: nn.Module) -> dict[str, torch.Tensor]:
 
 def same_state(a: nn.Module, b: nn.Module) -> bool:
     sa, sb = state(a), state(b)
-    return sa.keys() == sb.keys() and all(sa[k].shape == sb[k].shape and torch.equal(sa[k], sb[k]) for k in sa)
+    return sa.keys() == sb.keys() and all(
+        sa[k].shape == sb[k].shape and torch.equal(sa[k], sb[k]) for k in sa
+    )
 
 
 def plain_at(flex: tf.FlexDagModule, level: int) -> td.DagModule:
@@ -126,10 +128,13 @@ def test_channels_are_sorted_by_importance_so_levels_take_prefixes():
         assert rows.tolist() == list(range(keep)), level  # a prefix
     equal, worst, why = compare_outputs(run(model, x), run(flex, x))
     assert equal, (worst, why)
-    unsorted = tf.make_flexible(dag, [0.25, 1.0], x, config=tf.FlexConfig(criterion="l1", round_to=1, reorder=False))
+    unsorted = tf.make_flexible(
+        dag, [0.25, 1.0], x, config=tf.FlexConfig(criterion="l1", round_to=1, reorder=False)
+    )
     rows = dict(next(iter(unsorted.flex_vertices())).module.cuts[0]["weight"])[0]
-    assert sorted(rows.tolist()) == sorted(best[:4]) and bitwise_equal(run(unsorted.set_level_use(1) or unsorted, x),
-                                                                       run(dag, x))
+    assert sorted(rows.tolist()) == sorted(best[:4]) and bitwise_equal(
+        run(unsorted.set_level_use(1) or unsorted, x), run(dag, x)
+    )
 
 
 def test_an_order_the_graph_does_not_carry_is_caught_and_left_out(monkeypatch):
@@ -195,7 +200,9 @@ def test_batchnorm_statistics_are_kept_per_level():
     flex.set_level_use(0)
     flex(*inputs)
     assert not torch.equal(bn.levels[0].running_mean, before[0])
-    assert torch.equal(bn.levels[1].running_mean, before[1]) and torch.equal(bn.levels[2].running_mean, before[2])
+    assert torch.equal(bn.levels[1].running_mean, before[1]) and torch.equal(
+        bn.levels[2].running_mean, before[2]
+    )
 
 
 def test_gradients_reach_the_shared_weights_from_a_narrow_level():
@@ -351,8 +358,10 @@ def test_file_manager_reads_only_what_it_needs(tmp_path, resnet):
             assert same_state(model, plains[level]), level
             assert bitwise_equal(run(model, x), run(plains[level], x))
             # going down frees the larger level's memory: no tensor is a view into a bigger one
-            assert all(t.untyped_storage().nbytes() == t.numel() * t.element_size()
-                       for t in model.state_dict().values()), level
+            assert all(
+                t.untyped_storage().nbytes() == t.numel() * t.element_size()
+                for t in model.state_dict().values()
+            ), level
         assert manager.bytes_read < 3 * path.stat().st_size
     with pytest.raises(ValueError):  # closed
         manager.move_to(0)
@@ -362,9 +371,13 @@ def test_delta_file_corruption_is_reported(tmp_path, resnet):
     _, _, flex = resnet
     path = tf.FileDeltaManager.make_delta_file(tmp_path / "r.delta", flex)
     data = path.read_bytes()
-    cases = {"magic": b"XXXXXXXX" + data[8:], "truncated": data[: len(data) // 2],
-             "index": data[:60] + bytes([data[60] ^ 1]) + data[61:],
-             "segment": data[:-100] + bytes([data[-100] ^ 0xFF]) + data[-99:], "empty": b""}
+    cases = {
+        "magic": b"XXXXXXXX" + data[8:],
+        "truncated": data[: len(data) // 2],
+        "index": data[:60] + bytes([data[60] ^ 1]) + data[61:],
+        "segment": data[:-100] + bytes([data[-100] ^ 0xFF]) + data[-99:],
+        "empty": b"",
+    }
     for what, broken in cases.items():
         bad = tmp_path / f"{what}.delta"
         bad.write_bytes(broken)
@@ -428,11 +441,12 @@ def test_delta_file_of_another_version_is_refused(tmp_path, resnet):
     _, _, flex = resnet
     data = tf.FileDeltaManager.make_delta_file(tmp_path / "r.delta", flex).read_bytes()
     length = struct.unpack("<Q", data[8:16])[0]
-    index = json.loads(data[48:48 + length])
+    index = json.loads(data[48 : 48 + length])
     index["version"] = 1
     raw = json.dumps(index).encode()
-    (tmp_path / "old.delta").write_bytes(data[:8] + struct.pack("<Q", len(raw)) + hashlib.sha256(raw).digest() + raw
-                                         + data[48 + length:])
+    (tmp_path / "old.delta").write_bytes(
+        data[:8] + struct.pack("<Q", len(raw)) + hashlib.sha256(raw).digest() + raw + data[48 + length :]
+    )
     with pytest.raises(td.LoadError, match="not a version 2 torch_dag delta file"):
         tf.FileDeltaManager(tmp_path / "old.delta")
 
@@ -512,9 +526,16 @@ def test_a_hand_written_flexible_model_converts_saves_and_moves(tmp_path):
 @pytest.mark.slow
 def test_sandwich_training_lowers_the_loss_at_every_level():
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
-                          nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                          nn.Linear(32, 4))
+    model = nn.Sequential(
+        nn.Conv2d(3, 32, 3, padding=1),
+        nn.BatchNorm2d(32),
+        nn.ReLU(),
+        nn.Conv2d(32, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(32, 4),
+    )
     x = torch.randn(64, 3, 8, 8)
     y = (x[:, 0].mean((1, 2)) > 0).long() + 2 * (x[:, 1].mean((1, 2)) > 0).long()  # learnable classes
     flex = tf.make_flexible(td.build_from_unstructured_module(model, (x[:2],)), LEVELS, (x[:2],))
@@ -548,8 +569,13 @@ def _two_layer_flex(compensate: str, batches: list) -> tuple[td.DagModule, tf.Fl
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 48), nn.ReLU(), nn.Linear(48, 10)).eval()
     dag = td.build_from_unstructured_module(model, (batches[0],))
-    return dag, tf.make_flexible(dag, LEVELS, (batches[0],), calibration=batches,
-                                 config=tf.FlexConfig(round_to=1, compensate=compensate))
+    return dag, tf.make_flexible(
+        dag,
+        LEVELS,
+        (batches[0],),
+        calibration=batches,
+        config=tf.FlexConfig(round_to=1, compensate=compensate),
+    )
 
 
 def test_compensation_fits_all_levels_at_once():
@@ -579,8 +605,13 @@ def test_compensation_needs_calibration_and_a_known_mode():
     with pytest.raises(td.DagError, match="needs calibration batches"):
         tf.make_flexible(dag, LEVELS, (torch.randn(2, 16),), config=tf.FlexConfig(compensate="lstsq"))
     with pytest.raises(td.DagError, match="at least one calibration batch"):
-        tf.make_flexible(dag, LEVELS, (torch.randn(2, 16),), calibration=iter([]),
-                         config=tf.FlexConfig(round_to=1, compensate="lstsq"))
+        tf.make_flexible(
+            dag,
+            LEVELS,
+            (torch.randn(2, 16),),
+            calibration=iter([]),
+            config=tf.FlexConfig(round_to=1, compensate="lstsq"),
+        )
 
 
 @pytest.mark.slow
@@ -588,16 +619,34 @@ def test_cli_flexify_compensates_like_the_api(tmp_path):
     timm = pytest.importorskip("timm")
     torch.manual_seed(0)
     data = torch.randn(16, 3, 32, 32)
-    source = td.build_from_unstructured_module(timm.create_model("resnet18", pretrained=False).eval(), (data[:1],))
+    source = td.build_from_unstructured_module(
+        timm.create_model("resnet18", pretrained=False).eval(), (data[:1],)
+    )
     td.save(source, tmp_path / "r18.dag")
     np.save(tmp_path / "calibration.npy", data.numpy())
     out = tmp_path / "flex.dag"
-    main(["flexify", str(tmp_path / "r18.dag"), "--calibration", str(tmp_path / "calibration.npy"),
-          "--compensate", "lstsq", "-q", "-o", str(out)])
+    main(
+        [
+            "flexify",
+            str(tmp_path / "r18.dag"),
+            "--calibration",
+            str(tmp_path / "calibration.npy"),
+            "--compensate",
+            "lstsq",
+            "-q",
+            "-o",
+            str(out),
+        ]
+    )
     loaded = td.load(out)
     assert loaded.width_info["config"]["compensate"] == "lstsq"
-    expected = tf.make_flexible(source, LEVELS, (data[:1],), calibration=[(b,) for b in data.split(8)],
-                                config=tf.FlexConfig(compensate="lstsq"))
+    expected = tf.make_flexible(
+        source,
+        LEVELS,
+        (data[:1],),
+        calibration=[(b,) for b in data.split(8)],
+        config=tf.FlexConfig(compensate="lstsq"),
+    )
     assert bitwise_equal(loaded.state_dict(), expected.state_dict())
     assert not bitwise_equal(loaded.state_dict(), tf.make_flexible(source, LEVELS, (data[:1],)).state_dict())
     for level in range(3):
@@ -612,11 +661,28 @@ def test_cli_flexify_compensates_like_the_api(tmp_path):
 def test_cli_flexify_prints_levels_and_writes_files(tmp_path, capsys):
     pytest.importorskip("timm")
     out, deltas = tmp_path / "r18_flex.dag", tmp_path / "r18.delta"
-    main(["flexify", "timm:resnet18", "--levels", "0.25", "0.5", "1.0", "--input-size", "3x64x64", "-q",
-          "-o", str(out), "--delta-file", str(deltas)])
+    main(
+        [
+            "flexify",
+            "timm:resnet18",
+            "--levels",
+            "0.25",
+            "0.5",
+            "1.0",
+            "--input-size",
+            "3x64x64",
+            "-q",
+            "-o",
+            str(out),
+            "--delta-file",
+            str(deltas),
+        ]
+    )
     text = capsys.readouterr().out
     rows = [line.split() for line in text.splitlines() if line.strip()[:1].isdigit()]
-    assert [r[0] for r in rows] == ["0", "1", "2"] and float(rows[2][3]) == 1.0 > float(rows[1][3]) > float(rows[0][3])
+    assert [r[0] for r in rows] == ["0", "1", "2"] and float(rows[2][3]) == 1.0 > float(rows[1][3]) > float(
+        rows[0][3]
+    )
     flex = td.load(out)
     assert isinstance(flex, tf.FlexDagModule) and flex.max_level() == 2
     main(["info", str(out)])
@@ -631,17 +697,23 @@ def test_a_flexible_file_loads_in_a_fresh_process(tmp_path):
     flex.set_level_use(0)
     td.save(flex, tmp_path / "f.dag")
     save_file({"x": inputs[0], "ref": run(flex, inputs)}, tmp_path / "io.safetensors")
-    code = ("import sys; sys.modules['timm'] = None\nimport torch, torch_dag as td\n"
-            "from safetensors.torch import load_file\n"
-            f"m = td.load({str(tmp_path / 'f.dag')!r}); io = load_file({str(tmp_path / 'io.safetensors')!r})\n"
-            "with torch.no_grad(): assert m.current_level() == 0 and torch.equal(m(io['x']), io['ref'])\n")
+    code = (
+        "import sys; sys.modules['timm'] = None\nimport torch, torch_dag as td\n"
+        "from safetensors.torch import load_file\n"
+        f"m = td.load({str(tmp_path / 'f.dag')!r}); io = load_file({str(tmp_path / 'io.safetensors')!r})\n"
+        "with torch.no_grad(): assert m.current_level() == 0 and torch.equal(m(io['x']), io['ref'])\n"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
 # --- fuzzing the delta file -----------------------------------------------------------------------
 
-FUZZ = settings(max_examples=100, deadline=None, database=None,
-                suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+FUZZ = settings(
+    max_examples=100,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 
 
 @pytest.fixture(scope="module")
@@ -684,29 +756,42 @@ def test_fuzz_delta_file_bytes(tmp_path, delta_file, data):
         if kind == "flip":
             out[where] ^= 1 << data.draw(st.integers(0, 7))
         elif kind == "truncate":
-            del out[max(where, 1):]
+            del out[max(where, 1) :]
         else:
-            del out[where:where + data.draw(st.integers(1, 16))]
+            del out[where : where + data.draw(st.integers(1, 16))]
     (tmp_path / "f.delta").write_bytes(bytes(out))
     move_everywhere(tmp_path / "f.delta", plains)
 
 
-JUNK = st.none() | st.integers(-3, 50) | st.lists(st.integers(-3, 50), max_size=3) | st.text(max_size=4) | st.just({})
+JUNK = (
+    st.none()
+    | st.integers(-3, 50)
+    | st.lists(st.integers(-3, 50), max_size=3)
+    | st.text(max_size=4)
+    | st.just({})
+)
 
 
 @pytest.mark.slow
 @FUZZ
-@given(segment=st.integers(1, 6), field=st.sampled_from(["source", "target", "graph", "source_shapes", "steps", "runs"]),
-       entry=st.integers(0, 1000), whole=st.booleans(), junk=JUNK)
+@given(
+    segment=st.integers(1, 6),
+    field=st.sampled_from(["source", "target", "graph", "source_shapes", "steps", "runs"]),
+    entry=st.integers(0, 1000),
+    whole=st.booleans(),
+    junk=JUNK,
+)
 def test_fuzz_delta_contents_with_valid_checksums(tmp_path, delta_file, segment, field, entry, whole, junk):
     """A hostile file whose checksums match its (edited) contents: still only `LoadError`s."""
     raw, plains = delta_file
     length = struct.unpack("<Q", raw[8:16])[0]
-    index = json.loads(raw[48:48 + length])
-    blobs = [raw[48 + length + e["offset"]:48 + length + e["offset"] + e["length"]] for e in index["segments"]]
+    index = json.loads(raw[48 : 48 + length])
+    blobs = [
+        raw[48 + length + e["offset"] : 48 + length + e["offset"] + e["length"]] for e in index["segments"]
+    ]
     k = segment % (len(blobs) - 1) + 1  # a delta segment (0 is the base model): edit its JSON
     head = struct.unpack("<Q", blobs[k][:8])[0]
-    header = json.loads(blobs[k][8:8 + head])
+    header = json.loads(blobs[k][8 : 8 + head])
     meta = json.loads(header["__metadata__"]["torch_dag.delta"])
     if isinstance(meta[field], dict) and meta[field] and not whole:
         meta[field][sorted(meta[field])[entry % len(meta[field])]] = junk
@@ -715,14 +800,19 @@ def test_fuzz_delta_contents_with_valid_checksums(tmp_path, delta_file, segment,
     header["__metadata__"]["torch_dag.delta"] = json.dumps(meta)
     new_head = json.dumps(header).encode()
     new_head += b" " * (-len(new_head) % 8)
-    blobs[k] = struct.pack("<Q", len(new_head)) + new_head + blobs[k][8 + head:]
+    blobs[k] = struct.pack("<Q", len(new_head)) + new_head + blobs[k][8 + head :]
     offset = 0
     for item, blob in zip(index["segments"], blobs):
-        crcs = [zlib.crc32(blob[i:i + index["chunk"]]) for i in range(0, len(blob), index["chunk"])]
+        crcs = [zlib.crc32(blob[i : i + index["chunk"]]) for i in range(0, len(blob), index["chunk"])]
         item.update(offset=offset, length=len(blob), crc32=crcs)
         offset += len(blob)
     index_bytes = json.dumps(index).encode()
-    out = (raw[:8] + struct.pack("<Q", len(index_bytes)) + hashlib.sha256(index_bytes).digest() + index_bytes
-           + b"".join(blobs))
+    out = (
+        raw[:8]
+        + struct.pack("<Q", len(index_bytes))
+        + hashlib.sha256(index_bytes).digest()
+        + index_bytes
+        + b"".join(blobs)
+    )
     (tmp_path / "f.delta").write_bytes(out)
     move_everywhere(tmp_path / "f.delta", plains)

@@ -23,8 +23,12 @@ OUTPUT_NAMES = {
 }
 
 TIMM_SAMPLE = [
-    ("resnet18", 96), ("mobilenetv3_small_100", 96), ("vit_tiny_patch16_224", 224), ("convnext_atto", 64),
-    ("efficientnet_b0", 96), ("swin_tiny_patch4_window7_224", 224),
+    ("resnet18", 96),
+    ("mobilenetv3_small_100", 96),
+    ("vit_tiny_patch16_224", 224),
+    ("convnext_atto", 64),
+    ("efficientnet_b0", 96),
+    ("swin_tiny_patch4_window7_224", 224),
 ]
 
 

@@ -110,7 +110,9 @@ CASES: dict[str, Callable[[], nn.Module]] = {
     "Constant": lambda: ops.Constant((2, 5), dtype=torch.int64),
     "LowRankLinear": lambda: LowRankLinear(6, 5, rank=2, bias=False),
     "LowRankConv2d": lambda: LowRankConv2d(4, 8, (3, 5), rank=3, stride=2, padding=(1, 2), dilation=2),
-    "WSConv2d": lambda: WSConv2d(4, 6, 3, stride=2, padding=1, groups=2, bias=False, gain=True, scale=0.3, eps=1e-6),
+    "WSConv2d": lambda: WSConv2d(
+        4, 6, 3, stride=2, padding=1, groups=2, bias=False, gain=True, scale=0.3, eps=1e-6
+    ),
     "WSConv2d_plain": lambda: WSConv2d(4, 6, (1, 3), padding="same", gain=False),
 }
 

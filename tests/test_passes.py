@@ -14,8 +14,14 @@ from torch_dag.core.compare import bitwise_equal, compare_outputs
 
 timm = pytest.importorskip("timm")
 
-TIMM_SAMPLE = [("resnet18", 64), ("mobilenetv3_small_100", 96), ("convnext_atto", 64), ("efficientnet_b0", 96),
-               ("vit_tiny_patch16_224", 224), ("swin_tiny_patch4_window7_224", 224)]
+TIMM_SAMPLE = [
+    ("resnet18", 64),
+    ("mobilenetv3_small_100", 96),
+    ("convnext_atto", 64),
+    ("efficientnet_b0", 96),
+    ("vit_tiny_patch16_224", 224),
+    ("swin_tiny_patch4_window7_224", 224),
+]
 
 # passes that must keep the DAG's function (eval mode)
 PRESERVING = {
@@ -41,7 +47,8 @@ def _timm(name, size):
 
 
 CASES = [pytest.param(lambda n=n: _zoo(n), id=f"zoo-{n}") for n in sorted(ZOO)] + [
-    pytest.param(lambda n=n, s=s: _timm(n, s), id=f"timm-{n}") for n, s in TIMM_SAMPLE]
+    pytest.param(lambda n=n, s=s: _timm(n, s), id=f"timm-{n}") for n, s in TIMM_SAMPLE
+]
 
 
 def _signature(dag):
@@ -56,8 +63,9 @@ def test_preserving_pass(make_case, pass_name, tmp_path):
     with torch.no_grad():
         reference = dag(*inputs)
         result = PRESERVING[pass_name](dag)
-        equal, _, reason = compare_outputs(reference, result(*inputs), rtol=1e-4 if pass_name == "fold_batchnorm"
-                                           else 1e-5)
+        equal, _, reason = compare_outputs(
+            reference, result(*inputs), rtol=1e-4 if pass_name == "fold_batchnorm" else 1e-5
+        )
     assert equal, reason
     assert _signature(dag) == before, "the pass changed its input"
     loaded = td.load(td.save(result, tmp_path / "result.dag"))
@@ -77,7 +85,9 @@ def test_swap_activations_every_spelling():
     assert sum(v.op == "ReLU" for v in dag) == 3  # F.relu, torch.relu, x.relu()
     swapped = P.swap_activations(dag, {"relu": "hardswish", nn.Sigmoid: nn.Tanh})
     ops = [v.op for v in swapped]
-    assert "ReLU" not in ops and "Sigmoid" not in ops and ops.count("Hardswish") == 3 and ops.count("Tanh") == 2
+    assert (
+        "ReLU" not in ops and "Sigmoid" not in ops and ops.count("Hardswish") == 3 and ops.count("Tanh") == 2
+    )
     with torch.no_grad():
         x, y = inputs
         a = x + y
@@ -149,7 +159,7 @@ def test_nest_multiple_outputs():
     cat = next(v.name for v in dag if v.op == "cat")
     chunk = next(v.name for v in dag if v.op == "chunk")
     names = [v.name for v in dag]
-    group = names[names.index(cat): names.index(chunk) + 1]
+    group = names[names.index(cat) : names.index(chunk) + 1]
     nested = P.nest(dag, group, "mid")
     assert any(v.name.startswith("mid_out") for v in nested)
     with torch.no_grad():

@@ -19,15 +19,32 @@ from torch_dag.pruning.flop_model import FlopModel
 timm = pytest.importorskip("timm")
 
 # channel-separable models (no LayerNorm over channels), where zeroed channels carry exact zeros
-ZERO_LOSS_ZOO = ["residual", "squeeze_excite", "depthwise_grouped", "depthwise_multiplier", "split_index",
-                 "channel_ops", "heads_attention"]
-LOCAL_MODELS = {"depthwise_multiplier": (lambda: DepthwiseMultiplier(), (2, 3, 8, 8)),
-                "split_index": (lambda: SplitIndex(), (2, 3, 8, 8)),
-                "channel_ops": (lambda: ChannelOps(), (2, 3, 8, 8)),
-                "heads_attention": (lambda: HeadsAttention(), (2, 3, 16, 16))}
-ZERO_LOSS_TIMM = [("resnet18", 64), ("mobilenetv3_small_100", 96), ("efficientnet_b0", 96), ("regnety_002", 96),
-                  ("resnext26ts", 64), ("efficientnet_b0_gn", 96), ("ghostnet_050", 64), ("mixnet_s", 64),
-                  ("skresnet18", 64)]
+ZERO_LOSS_ZOO = [
+    "residual",
+    "squeeze_excite",
+    "depthwise_grouped",
+    "depthwise_multiplier",
+    "split_index",
+    "channel_ops",
+    "heads_attention",
+]
+LOCAL_MODELS = {
+    "depthwise_multiplier": (lambda: DepthwiseMultiplier(), (2, 3, 8, 8)),
+    "split_index": (lambda: SplitIndex(), (2, 3, 8, 8)),
+    "channel_ops": (lambda: ChannelOps(), (2, 3, 8, 8)),
+    "heads_attention": (lambda: HeadsAttention(), (2, 3, 16, 16)),
+}
+ZERO_LOSS_TIMM = [
+    ("resnet18", 64),
+    ("mobilenetv3_small_100", 96),
+    ("efficientnet_b0", 96),
+    ("regnety_002", 96),
+    ("resnext26ts", 64),
+    ("efficientnet_b0_gn", 96),
+    ("ghostnet_050", 64),
+    ("mixnet_s", 64),
+    ("skresnet18", 64),
+]
 
 
 class SplitIndex(nn.Module):
@@ -154,7 +171,9 @@ def test_pruning_zeroed_channels_keeps_outputs(case):
     prunable = [g for g in groups.groups() if g.prunable]
     assert prunable, groups.summary()
     rng = np.random.default_rng(0)
-    roots = {int(r) for g in prunable for r in rng.choice(g.channels, size=len(g.channels) // 3, replace=False)}
+    roots = {
+        int(r) for g in prunable for r in rng.choice(g.channels, size=len(g.channels) // 3, replace=False)
+    }
     _zero_channels(dag, groups, roots)
     with torch.no_grad():
         reference = dag(*inputs)
@@ -196,8 +215,9 @@ def test_pruning_zeroed_heads_keeps_outputs(case, attention):
         equal, _, reason = compare_outputs(reference, pruned(*inputs), rtol=1e-4)
     assert equal, reason
     for block in blocks:
-        head_size = dag[block.name].module.out_features // (3 * len(next(g for g in heads if block.name in
-                                                                            g.producers).channels))
+        head_size = dag[block.name].module.out_features // (
+            3 * len(next(g for g in heads if block.name in g.producers).channels)
+        )
         assert pruned[block.name].module.out_features == dag[block.name].module.out_features - 3 * head_size
 
 
@@ -211,7 +231,9 @@ def test_taylor_scores_are_zero_exactly_for_dead_channels():
     groups = channel_groups(dag, inputs)
     prunable = [g for g in groups.groups() if g.prunable]
     rng = np.random.default_rng(0)
-    dead = {int(r) for g in prunable for r in rng.choice(g.channels, size=len(g.channels) // 4, replace=False)}
+    dead = {
+        int(r) for g in prunable for r in rng.choice(g.channels, size=len(g.channels) // 4, replace=False)
+    }
     _zero_channels(dag, groups, dead)
     batches = [(torch.randn(4, 3, 64, 64),) for _ in range(2)]
     grads_before = [p.grad for p in dag.parameters()]
@@ -221,7 +243,10 @@ def test_taylor_scores_are_zero_exactly_for_dead_channels():
     assert np.mean(np.array(alive) > 0) > 0.9
     assert [p.grad for p in dag.parameters()] == grads_before  # the DAG's .grad are left alone
     pruned = prune(dag, 0.5, inputs, config=PruneConfig(criterion="taylor"), calibration=batches)
-    assert abs(td.count_flops(pruned, *inputs).total_flops / td.count_flops(dag, *inputs).total_flops - 0.5) <= 0.02
+    assert (
+        abs(td.count_flops(pruned, *inputs).total_flops / td.count_flops(dag, *inputs).total_flops - 0.5)
+        <= 0.02
+    )
     with pytest.raises(td.DagError, match="calibration"):
         prune(dag, 0.5, inputs, config=PruneConfig(criterion="taylor"))
 
@@ -238,8 +263,13 @@ def test_magnitude_scores_sum_over_every_member_of_a_channel(criterion):
     group = next(g for g in groups.groups() if g.prunable)
     norm = (lambda t: t.abs().sum(-1)) if criterion == "l1" else (lambda t: t.square().sum(-1))
     conv, bn, reader = model[0], model[1], model[3]
-    expected = (norm(conv.weight.reshape(6, -1)) + norm(conv.bias[:, None]) + norm(bn.weight[:, None])
-                + norm(bn.bias[:, None]) + norm(reader.weight.transpose(0, 1).reshape(6, -1))).double()
+    expected = (
+        norm(conv.weight.reshape(6, -1))
+        + norm(conv.bias[:, None])
+        + norm(bn.weight[:, None])
+        + norm(bn.bias[:, None])
+        + norm(reader.weight.transpose(0, 1).reshape(6, -1))
+    ).double()
     scores = channel_scores(dag, groups, criterion)
     got = torch.tensor([scores[r] for r in group.channels], dtype=torch.float64)
     torch.testing.assert_close(got, expected.detach())
@@ -249,7 +279,9 @@ def test_magnitude_scores_sum_over_every_member_of_a_channel(criterion):
     assert 0 < again[group.channels[2]] < scores[group.channels[2]]
 
 
-@pytest.mark.parametrize(("name", "size"), [("resnet18", 64), ("mobilenetv3_small_100", 96), ("regnety_002", 96)])
+@pytest.mark.parametrize(
+    ("name", "size"), [("resnet18", 64), ("mobilenetv3_small_100", 96), ("regnety_002", 96)]
+)
 @pytest.mark.parametrize("criterion", ["l1", "l2", "bn_scale", "random"])
 def test_prune_reaches_the_flops_target(name, size, criterion, tmp_path):
     dag, inputs = _timm(name, size)
@@ -279,7 +311,9 @@ def test_prune_rounds_widths_and_keeps_input_untouched():
 
 def small_convs(seed: int) -> tuple[td.DagModule, torch.Tensor]:
     torch.manual_seed(seed)
-    model = nn.Sequential(nn.Conv2d(3, 12, 3), nn.ReLU(), nn.Conv2d(12, 12, 3), nn.ReLU(), nn.Conv2d(12, 4, 1))
+    model = nn.Sequential(
+        nn.Conv2d(3, 12, 3), nn.ReLU(), nn.Conv2d(12, 12, 3), nn.ReLU(), nn.Conv2d(12, 4, 1)
+    )
     x = torch.randn(1, 3, 12, 12)
     return td.build_from_unstructured_module(model.eval(), (x,)), x
 
@@ -308,7 +342,9 @@ def test_a_target_out_of_reach_is_reported():
     pruner says so instead of staying quiet."""
     torch.manual_seed(0)
     x = torch.randn(1, 3, 12, 12)
-    dag = td.build_from_unstructured_module(nn.Sequential(nn.Conv2d(3, 2, 3), nn.ReLU(), nn.Conv2d(2, 4, 1)), (x,))
+    dag = td.build_from_unstructured_module(
+        nn.Sequential(nn.Conv2d(3, 2, 3), nn.ReLU(), nn.Conv2d(2, 4, 1)), (x,)
+    )
     with pytest.warns(UserWarning, match=r"ratio reached is 0\.\d+, outside 0\.300 \+- 0\.020"):
         _, report = prune(dag, 0.3, (x,), return_report=True)
     assert abs(report.reached - 0.3) > 0.02
@@ -323,8 +359,10 @@ def test_weight_standardized_convs_prune():
     assert abs(ratio - 0.5) <= 0.02
     convs = [v.module for v in pruned if v.op == "WSConv2d"]
     assert all(c.gain is None or c.gain.shape[0] == c.out_channels for c in convs)
-    assert any(c.out_channels < dag[v.name].module.out_channels for v, c in zip(
-        [v for v in pruned if v.op == "WSConv2d"], convs))
+    assert any(
+        c.out_channels < dag[v.name].module.out_channels
+        for v, c in zip([v for v in pruned if v.op == "WSConv2d"], convs)
+    )
     assert pruned(*inputs).shape == dag(*inputs).shape
 
 
@@ -348,8 +386,9 @@ def test_attention_heads_go_whole(seed):
     dag = td.build_from_unstructured_module(HeadsAttention().eval(), (x,))
     groups = channel_groups(dag, (x,))
     heads = [g for g in groups.groups() if "qkv" in g.producers or "q" in g.producers]
-    assert [(len(g.channels), g.unit, g.prunable) for g in heads] == [(4, 8, True), (4, 8, True)], \
+    assert [(len(g.channels), g.unit, g.prunable) for g in heads] == [(4, 8, True), (4, 8, True)], (
         groups.summary()
+    )
     pruned = prune(dag, 0.3, (x,), config=PruneConfig(round_to=1))
     reshapes = [v.args[1] for v in pruned if v.op == "reshape" and len(v.args[1]) == 5]
     assert any(shape[3] < 4 for shape in reshapes), reshapes  # heads removed, head size kept
@@ -360,7 +399,7 @@ def test_attention_heads_go_whole(seed):
     reshapes = [v.args[1] for v in pruned if v.op == "reshape" and len(v.args[1]) == 5]
     assert all(shape[3] == 4 for shape in reshapes) and any(shape[4] < 8 for shape in reshapes), reshapes
     (attention,) = [v for v in pruned if v.op == "scaled_dot_product_attention"]
-    assert attention.kwargs["scale"] == 8 ** -0.5  # as before pruning
+    assert attention.kwargs["scale"] == 8**-0.5  # as before pruning
     assert pruned(x).shape == (2, 5)
     with pytest.raises(td.DagError, match="attention='rows'"):
         channel_groups(dag, (x,), attention="rows")
@@ -427,10 +466,30 @@ def test_cli_prune_compensates_from_calibration_inputs(tmp_path, how):
     td.save(dag, tmp_path / "mlp.dag")
     np.save(tmp_path / "calibration.npy", data.numpy())
     out = tmp_path / f"{how}.dag"
-    main(["prune", str(tmp_path / "mlp.dag"), "--flops-ratio", "0.5", "--round-to", "1", "--calibration",
-          str(tmp_path / "calibration.npy"), "--compensate", how, "-q", "-o", str(out)])
-    expected = prune(dag, 0.5, (data[:1],), calibration=[(b,) for b in data.split(8)],
-                     config=PruneConfig(round_to=1, compensate=how))
+    main(
+        [
+            "prune",
+            str(tmp_path / "mlp.dag"),
+            "--flops-ratio",
+            "0.5",
+            "--round-to",
+            "1",
+            "--calibration",
+            str(tmp_path / "calibration.npy"),
+            "--compensate",
+            how,
+            "-q",
+            "-o",
+            str(out),
+        ]
+    )
+    expected = prune(
+        dag,
+        0.5,
+        (data[:1],),
+        calibration=[(b,) for b in data.split(8)],
+        config=PruneConfig(round_to=1, compensate=how),
+    )
     assert bitwise_equal(td.load(out).state_dict(), expected.state_dict())
 
 
@@ -470,7 +529,9 @@ def test_a_channel_count_sizes_only_its_own_channels():
         def forward(self, x):
             y = self.a(x)
             batch, channels, h, w = y.shape
-            return self.d((self.b(x).reshape(batch, channels, h * w) + y.flatten(2)).reshape(batch, channels, h, w))
+            return self.d(
+                (self.b(x).reshape(batch, channels, h * w) + y.flatten(2)).reshape(batch, channels, h, w)
+            )
 
     dag = td.build_from_unstructured_module(ReshapesByC().eval(), (x,))
     (ab,) = [g for g in channel_groups(dag, (x,)).groups() if "a" in g.producers]
@@ -535,7 +596,9 @@ def _constant_channels(dag, groups, roots: set[int]) -> None:
 class _Mlp(nn.Module):
     def __init__(self):
         super().__init__()
-        self.layers = nn.Sequential(nn.Linear(16, 64), nn.GELU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+        self.layers = nn.Sequential(
+            nn.Linear(16, 64), nn.GELU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10)
+        )
 
     def forward(self, x):
         return self.layers(x)
@@ -549,7 +612,9 @@ def test_compensation_makes_pruning_constant_channels_lossless(case, how):
     through attention, where constant queries and keys give uniform weights over constant values."""
     torch.manual_seed(0)
     if case == "vit":
-        model = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=2, img_size=32, patch_size=8)
+        model = timm.create_model(
+            "vit_tiny_patch16_224", pretrained=False, depth=2, img_size=32, patch_size=8
+        )
         inputs = (torch.randn(4, 3, 32, 32),)
     else:
         model, inputs = _Mlp(), (torch.randn(32, 16),)
@@ -559,9 +624,15 @@ def test_compensation_makes_pruning_constant_channels_lossless(case, how):
             if isinstance(module, nn.Linear):
                 module.bias.normal_()
     groups = channel_groups(dag, inputs)
-    normed = {int(r) for name, role in groups.roles.items() if surgery.kind(dag[name].module) == "Norm"
-              for r in groups.root(role.in_ids)}
-    clean = [g for g in groups.groups() if g.prunable and not normed & set(g.channels)]  # a LayerNorm mixes them
+    normed = {
+        int(r)
+        for name, role in groups.roles.items()
+        if surgery.kind(dag[name].module) == "Norm"
+        for r in groups.root(role.in_ids)
+    }
+    clean = [
+        g for g in groups.groups() if g.prunable and not normed & set(g.channels)
+    ]  # a LayerNorm mixes them
     assert clean, groups.summary()
     rng = np.random.default_rng(0)
     roots = {int(r) for g in clean for r in rng.choice(g.channels, size=len(g.channels) // 3, replace=False)}
@@ -602,10 +673,17 @@ def test_compensation_lowers_the_error_on_the_calibration_data():
 def test_no_group_loses_more_than_max_removed():
     dag, inputs = _timm("resnet18", 64)
     pruned = prune(dag, 0.5, inputs, config=PruneConfig(max_removed=0.4, round_to=1))
-    widths = [(v.module.out_channels, pruned[v.name].module.out_channels) for v in dag if isinstance(v.module, nn.Conv2d)]
+    widths = [
+        (v.module.out_channels, pruned[v.name].module.out_channels)
+        for v in dag
+        if isinstance(v.module, nn.Conv2d)
+    ]
     assert all(after >= 0.6 * before for before, after in widths), widths
     assert any(after < before for before, after in widths)
-    assert abs(td.count_flops(pruned, *inputs).total_flops / td.count_flops(dag, *inputs).total_flops - 0.5) <= 0.02
+    assert (
+        abs(td.count_flops(pruned, *inputs).total_flops / td.count_flops(dag, *inputs).total_flops - 0.5)
+        <= 0.02
+    )
 
 
 def test_calibration_given_as_a_generator_serves_taylor_and_compensation():

@@ -73,11 +73,23 @@ def test_explicit_rules_are_not_what_the_traits_derive():
     assert not redundant, f"drop these entries of RULES, their traits derive the same rule: {redundant}"
 
 
-@pytest.mark.parametrize(("op", "rule"), [("add", elementwise), ("where", elementwise), ("ReLU", elementwise),
-                                          ("gelu", elementwise), ("Dropout2d", pass_through),
-                                          ("Identity", pass_through), ("clone", pass_through),
-                                          ("MaxPool2d", pass_through), ("interpolate", pass_through),
-                                          ("to", pass_through), ("PReLU", None), ("cumsum", None)])
+@pytest.mark.parametrize(
+    ("op", "rule"),
+    [
+        ("add", elementwise),
+        ("where", elementwise),
+        ("ReLU", elementwise),
+        ("gelu", elementwise),
+        ("Dropout2d", pass_through),
+        ("Identity", pass_through),
+        ("clone", pass_through),
+        ("MaxPool2d", pass_through),
+        ("interpolate", pass_through),
+        ("to", pass_through),
+        ("PReLU", None),
+        ("cumsum", None),
+    ],
+)
 def test_rules_derived_from_traits(op, rule):
     assert rule_for(op) is rule
 

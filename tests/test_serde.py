@@ -571,8 +571,15 @@ def test_checksum_catches_a_flipped_byte(tmp_path, saved):
 def test_checksum_of_a_large_model_checks_every_piece(tmp_path):
     """Weights are hashed in 4 MiB pieces, several at once: a byte flipped in any piece is caught."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(1200, 1200), nn.ReLU(), nn.Linear(1200, 1200), nn.ReLU(), nn.Linear(1200, 1200),
-                          nn.ReLU(), nn.Linear(1200, 10))  # three 5.8 MB weights: six pieces, hashed in parallel
+    model = nn.Sequential(
+        nn.Linear(1200, 1200),
+        nn.ReLU(),
+        nn.Linear(1200, 1200),
+        nn.ReLU(),
+        nn.Linear(1200, 1200),
+        nn.ReLU(),
+        nn.Linear(1200, 10),
+    )  # three 5.8 MB weights: six pieces, hashed in parallel
     x = torch.randn(2, 1200)
     path = td.save(td.build_from_unstructured_module(model, (x,)), tmp_path / "large.dag")
     assert torch.equal(td.load(path)(x), model(x))
@@ -691,7 +698,11 @@ GRAPH_EDITS = [
     ("dotted_name", set_in("relu", ("name",), "os.path"), ["invalid name"]),
     ("duplicate_name", set_in("relu", ("name",), "conv"), ["'conv' is used twice"]),
     ("name_is_input", set_in("relu", ("name",), "x"), ["'x' is used twice"]),
-    ("bad_input_name", set_key("inputs", ["x; import os"]), ["inputs must be a list of distinct identifiers"]),
+    (
+        "bad_input_name",
+        set_key("inputs", ["x; import os"]),
+        ["inputs must be a list of distinct identifiers"],
+    ),
     ("kwargs_key", set_in("add", ("kwargs",), {"not an identifier": 1}), ["kwargs must map identifiers"]),
     ("keyword_kwarg", set_in("add", ("kwargs",), {"lambda": 1}), ["'lambda' is not an identifier"]),
     ("meta_not_object", set_in("relu", ("meta",), [1]), ["meta must be an object"]),
@@ -935,7 +946,9 @@ def _narrowed(dag: td.DagModule, width: int) -> tuple[dict[str, Any], dict[str, 
 def _mlp_dag() -> tuple[td.DagModule, torch.Tensor]:
     torch.manual_seed(0)
     x = torch.randn(5, 4)
-    return td.build_from_unstructured_module(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)), (x,)), x
+    return td.build_from_unstructured_module(
+        nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)), (x,)
+    ), x
 
 
 def test_update_in_place_keeps_the_forward_and_equals_a_fresh_build():
@@ -944,7 +957,9 @@ def test_update_in_place_keeps_the_forward_and_equals_a_fresh_build():
     code, first, relu = dag.code, dag.vertices[0], dag.vertices[1]
     update_in_place(dag, graph, {first.name, dag.vertices[2].name}, tensors, "test")
     assert dag.code is code and dag.vertices[1] is relu and dag.vertices[0] is not first
-    assert dag.vertices[0].module.out_features == 5 and dag.vertex_modules[first.name] is dag.vertices[0].module
+    assert (
+        dag.vertices[0].module.out_features == 5 and dag.vertex_modules[first.name] is dag.vertices[0].module
+    )
     fresh = build(graph, tensors, "test")
     assert bitwise_equal(dag(x), fresh(x)) and graph_and_tensors(dag)[0] == graph_and_tensors(fresh)[0]
 

@@ -25,7 +25,9 @@ from torch_dag.core.ops import MODULE_OPS
 from torch_dag.core.traits import Trait, has_trait, ops_with, registered_ops, traits_of
 from torch_dag.passes import pattern as P
 
-factorize = importlib.import_module("torch_dag.passes.factorize")  # the package exports a function of that name
+factorize = importlib.import_module(
+    "torch_dag.passes.factorize"
+)  # the package exports a function of that name
 
 # --- rule tables name known ops ----------------------------------------------------------------------
 
@@ -55,7 +57,8 @@ def test_function_to_module_maps_function_ops_to_module_ops_with_the_same_traits
         module = MODULE_OPS[cls].name
         assert traits_of(function) == traits_of(module), (
             f"{function} and {module} are one op in two spellings but declare different traits: "
-            f"{sorted(traits_of(function), key=repr)} vs {sorted(traits_of(module), key=repr)}")
+            f"{sorted(traits_of(function), key=repr)} vs {sorted(traits_of(module), key=repr)}"
+        )
 
 
 def test_every_registered_op_is_a_known_op_and_back():
@@ -66,11 +69,14 @@ def test_every_registered_op_is_a_known_op_and_back():
 
 
 def test_every_op_has_a_flop_rule_or_a_reason_to_cost_nothing():
-    missing = sorted(op for op in registered_ops() if op not in flops.FLOP_RULES and not flops.no_flops_reason(op))
+    missing = sorted(
+        op for op in registered_ops() if op not in flops.FLOP_RULES and not flops.no_flops_reason(op)
+    )
     assert not missing, (
         f"ops without a FLOP rule: {missing}. Add a rule to FLOP_RULES in torch_dag/analysis/flops.py, or, "
         "if fvcore counts the op as free, add it with the reason to _UNCOUNTED there (ops with a trait in "
-        "FREE_TRAITS need neither)")
+        "FREE_TRAITS need neither)"
+    )
 
 
 def test_ops_listed_without_a_flop_rule_need_the_listing():
@@ -87,11 +93,43 @@ PATTERN_SETS = {
     "CONVS": {"Conv1d", "Conv2d", "Conv3d"},
     "LINEARS": {"Linear"},
     "BATCH_NORMS": {"BatchNorm1d", "BatchNorm2d", "BatchNorm3d"},
-    "NORMS": {"BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "LayerNorm", "GroupNorm", "InstanceNorm1d",
-              "InstanceNorm2d", "InstanceNorm3d", "RMSNorm", "LocalResponseNorm"},
-    "ACTIVATIONS": {"ReLU", "ReLU6", "LeakyReLU", "PReLU", "ELU", "CELU", "SELU", "GELU", "SiLU", "Mish",
-                    "Sigmoid", "Tanh", "Hardswish", "Hardsigmoid", "Hardtanh", "Softplus", "Softsign",
-                    "Tanhshrink", "Hardshrink", "Softshrink", "Threshold", "LogSigmoid", "GLU"},
+    "NORMS": {
+        "BatchNorm1d",
+        "BatchNorm2d",
+        "BatchNorm3d",
+        "LayerNorm",
+        "GroupNorm",
+        "InstanceNorm1d",
+        "InstanceNorm2d",
+        "InstanceNorm3d",
+        "RMSNorm",
+        "LocalResponseNorm",
+    },
+    "ACTIVATIONS": {
+        "ReLU",
+        "ReLU6",
+        "LeakyReLU",
+        "PReLU",
+        "ELU",
+        "CELU",
+        "SELU",
+        "GELU",
+        "SiLU",
+        "Mish",
+        "Sigmoid",
+        "Tanh",
+        "Hardswish",
+        "Hardsigmoid",
+        "Hardtanh",
+        "Softplus",
+        "Softsign",
+        "Tanhshrink",
+        "Hardshrink",
+        "Softshrink",
+        "Threshold",
+        "LogSigmoid",
+        "GLU",
+    },
     "DROPOUTS": {"Dropout", "Dropout1d", "Dropout2d", "Dropout3d", "AlphaDropout"},
     "METADATA_READERS": {"size", "dim", "numel", "dtype_of", "device_of"},
 }
@@ -116,23 +154,42 @@ def test_pattern_sets_see_ops_registered_later(monkeypatch):
 # --- trait consistency ---------------------------------------------------------------------------------
 
 # what an op is; an op is at most one of these (ELEMENTWISE, ALIASES_INPUT, BATCH_NORM may come with them)
-KINDS = {Trait.CONV, Trait.LINEAR, Trait.NORM, Trait.POOL, Trait.REDUCTION, Trait.CONTRACTION, Trait.ACTIVATION,
-         Trait.DROPOUT, Trait.IDENTITY, Trait.METADATA, Trait.FACTORY, Trait.VIEW, Trait.SIDE_EFFECT}
+KINDS = {
+    Trait.CONV,
+    Trait.LINEAR,
+    Trait.NORM,
+    Trait.POOL,
+    Trait.REDUCTION,
+    Trait.CONTRACTION,
+    Trait.ACTIVATION,
+    Trait.DROPOUT,
+    Trait.IDENTITY,
+    Trait.METADATA,
+    Trait.FACTORY,
+    Trait.VIEW,
+    Trait.SIDE_EFFECT,
+}
 
 
-@pytest.mark.parametrize(("trait", "implied"), [
-    (Trait.VIEW, Trait.ALIASES_INPUT),
-    (Trait.DROPOUT, Trait.ALIASES_INPUT),
-    (Trait.BATCH_NORM, Trait.NORM),
-])
+@pytest.mark.parametrize(
+    ("trait", "implied"),
+    [
+        (Trait.VIEW, Trait.ALIASES_INPUT),
+        (Trait.DROPOUT, Trait.ALIASES_INPUT),
+        (Trait.BATCH_NORM, Trait.NORM),
+    ],
+)
 def test_trait_implies(trait, implied):
     lacking = sorted(op for op in ops_with(trait) if not has_trait(op, implied))
     assert not lacking, f"every {trait!r} op is also {implied!r} (see the Trait docstrings); not: {lacking}"
 
 
 def test_an_op_is_of_one_kind():
-    mixed = {op: sorted(traits_of(op) & KINDS, key=repr) for op in registered_ops()
-             if len(traits_of(op) & KINDS) > 1}
+    mixed = {
+        op: sorted(traits_of(op) & KINDS, key=repr)
+        for op in registered_ops()
+        if len(traits_of(op) & KINDS) > 1
+    }
     assert not mixed, f"ops declaring more than one kind of op: {mixed}"
 
 
@@ -245,7 +302,9 @@ SAMPLES: dict[str, list[Call]] = {
     "reshape": [lambda: call(X(), (2, -1))],
     "rms_norm": [lambda: call(X(), [6])],
     "roll": [lambda: call(X(), 1, 2), lambda: call(X(), 0, 2)],
-    "scaled_dot_product_attention": [lambda: call(torch.randn(2, 4, 5), torch.randn(2, 4, 5), torch.randn(2, 4, 5))],
+    "scaled_dot_product_attention": [
+        lambda: call(torch.randn(2, 4, 5), torch.randn(2, 4, 5), torch.randn(2, 4, 5))
+    ],
     "scatter": [lambda: call(X(), 1, _long(2, 4, 6, 6), X())],
     "stack": [lambda: call([X(), X()])],
     "sum": [lambda: call(X()), lambda: call(X(), ())],
@@ -258,8 +317,12 @@ SAMPLES: dict[str, list[Call]] = {
     "where": [lambda: call(X() > 0, X(), X())],
     "zeros": [lambda: call(2, 3)],
 }
-GENERIC_CALLS: list[Call] = [lambda: call(X()), lambda: call(X(), X()), lambda: call(X(), 1),
-                             lambda: call(X(), 2, 2)]
+GENERIC_CALLS: list[Call] = [
+    lambda: call(X()),
+    lambda: call(X(), X()),
+    lambda: call(X(), 1),
+    lambda: call(X(), 2, 2),
+]
 # function ops that take no tensors at all: nothing to alias
 NOT_ON_TENSORS = {"assert", "assert_async", "guard", "size_ceil", "size_floor", "size_max", "size_min"}
 
@@ -290,7 +353,9 @@ def sample_calls(op: str) -> list[tuple[tuple, dict, Any]]:
             return [(args, kwargs, fn(*args, **kwargs))]
         except (TypeError, RuntimeError, ValueError, IndexError):
             continue
-    raise AssertionError(f"no generic call runs {op}: add sample calls for it to SAMPLES in tests/test_traits.py")
+    raise AssertionError(
+        f"no generic call runs {op}: add sample calls for it to SAMPLES in tests/test_traits.py"
+    )
 
 
 def test_sample_tables_name_function_ops():
@@ -305,8 +370,10 @@ def test_function_op_aliases_its_input_exactly_when_its_traits_say(op):
     if has_trait(op, Trait.ALIASES_INPUT):
         assert aliased[0], f"{op} is declared ALIASES_INPUT but its sample call returns fresh storage"
     else:
-        assert not any(aliased), (f"{op} returned a tensor sharing storage with its input but is not declared "
-                                  "ALIASES_INPUT: in-place execution would corrupt that input")
+        assert not any(aliased), (
+            f"{op} returned a tensor sharing storage with its input but is not declared "
+            "ALIASES_INPUT: in-place execution would corrupt that input"
+        )
 
 
 @pytest.mark.parametrize("op", sorted(set(FUNCTIONS) - NOT_ON_TENSORS))
@@ -322,12 +389,14 @@ def test_function_op_computes_what_its_traits_say(op):
         if has_trait(op, Trait.CONV):  # input, weight (out, in / groups, *kernel)
             assert out.shape[1] == args[1].shape[0], (
                 f"{op} is declared CONV, yet a weight {tuple(args[1].shape)} gives {out.shape[1]} output channels, "
-                f"not (out, in / groups, *kernel): drop the trait where {op} is registered")
+                f"not (out, in / groups, *kernel): drop the trait where {op} is registered"
+            )
         if has_trait(op, Trait.LINEAR):  # input, weight (out, in) over the last axis
             weight = args[1]
             assert weight.dim() == 2 and out.shape[-1] == weight.shape[0], (
                 f"{op} is declared LINEAR, yet its second argument {tuple(weight.shape)} is no (out, in) "
-                f"weight for an output {tuple(out.shape)}: drop the trait where {op} is registered")
+                f"weight for an output {tuple(out.shape)}: drop the trait where {op} is registered"
+            )
 
 
 # module op -> (module, input); a module op not listed is built with no arguments when it can be
@@ -366,8 +435,11 @@ def module_sample(name: str, cls: type[nn.Module]) -> tuple[nn.Module, torch.Ten
 
 
 # (Parameter and Constant, the FACTORY modules, take no input: they hand out their own tensor)
-MODULE_CASES = [(spec.name, cls) for cls, spec in MODULE_OPS.items()
-                if not has_trait(spec.name, Trait.FACTORY) and module_sample(spec.name, cls) is not None]
+MODULE_CASES = [
+    (spec.name, cls)
+    for cls, spec in MODULE_OPS.items()
+    if not has_trait(spec.name, Trait.FACTORY) and module_sample(spec.name, cls) is not None
+]
 
 
 def test_module_samples_name_module_ops():

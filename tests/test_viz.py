@@ -17,8 +17,9 @@ from torch_dag.core import ops
 from torch_dag.core.dag import Vertex
 from torch_dag.core.template import Ref
 
-needs_dot = pytest.mark.skipif(shutil.which("dot") is None,
-                               reason="graphviz `dot` is not installed (apt-get install -y graphviz)")
+needs_dot = pytest.mark.skipif(
+    shutil.which("dot") is None, reason="graphviz `dot` is not installed (apt-get install -y graphviz)"
+)
 SVG = "{http://www.w3.org/2000/svg}"
 
 
@@ -40,8 +41,11 @@ def nested_dag(depth: int = 2) -> td.DagModule:
     """x -> block(x) -> relu, where block is a DagModule nesting another `depth - 1` levels deep."""
     inner = td.DagModule(["x"], [Vertex("fc", nn.Linear(4, 4), (Ref("x"),))], Ref("fc"))
     for _ in range(depth - 1):
-        inner = td.DagModule(["x"], [Vertex("pre", nn.Linear(4, 4), (Ref("x"),)),
-                                     Vertex("block", inner, (Ref("pre"),))], Ref("block"))
+        inner = td.DagModule(
+            ["x"],
+            [Vertex("pre", nn.Linear(4, 4), (Ref("x"),)), Vertex("block", inner, (Ref("pre"),))],
+            Ref("block"),
+        )
     vertices = [Vertex("block", inner, (Ref("x"),)), Vertex("act", nn.ReLU(), (Ref("block"),))]
     return td.DagModule(["x"], vertices, Ref("act"), input_meta={"x": {"shape": [2, 4], "dtype": "float32"}})
 
@@ -53,15 +57,22 @@ def test_op_family_table_names_known_ops_once():
     assert set(viz.CONFIG_TEXT) <= set(td.known_ops())
 
 
-@pytest.mark.parametrize(("module", "text"), [
-    (nn.Conv2d(64, 128, 3, 2), "Conv2d 64->128 k3 s2"),
-    (nn.Conv2d(32, 32, (3, 1), groups=32), "Conv2d 32->32 k3x1 dw"),
-    (nn.ConvTranspose2d(8, 4, 2, 2, groups=2), "ConvTranspose2d 8->4 k2 s2 g2"),
-    (nn.Linear(5, 7), "Linear 5->7"),
-    (nn.MaxPool2d(3, 2), "MaxPool2d k3 s2"), (nn.AdaptiveAvgPool2d((7, 7)), "AdaptiveAvgPool2d -> 7"),
-    (nn.GroupNorm(4, 16), "GroupNorm 16 g4"), (nn.LayerNorm([8]), "LayerNorm 8"), (nn.ReLU(), "ReLU"),
-    (nn.MultiheadAttention(32, 4), "MultiheadAttention 32 h4"), (nn.GELU("tanh"), "GELU tanh"),
-])
+@pytest.mark.parametrize(
+    ("module", "text"),
+    [
+        (nn.Conv2d(64, 128, 3, 2), "Conv2d 64->128 k3 s2"),
+        (nn.Conv2d(32, 32, (3, 1), groups=32), "Conv2d 32->32 k3x1 dw"),
+        (nn.ConvTranspose2d(8, 4, 2, 2, groups=2), "ConvTranspose2d 8->4 k2 s2 g2"),
+        (nn.Linear(5, 7), "Linear 5->7"),
+        (nn.MaxPool2d(3, 2), "MaxPool2d k3 s2"),
+        (nn.AdaptiveAvgPool2d((7, 7)), "AdaptiveAvgPool2d -> 7"),
+        (nn.GroupNorm(4, 16), "GroupNorm 16 g4"),
+        (nn.LayerNorm([8]), "LayerNorm 8"),
+        (nn.ReLU(), "ReLU"),
+        (nn.MultiheadAttention(32, 4), "MultiheadAttention 32 h4"),
+        (nn.GELU("tanh"), "GELU tanh"),
+    ],
+)
 def test_config_text(module, text):
     dag = td.DagModule(["x"], [Vertex("v", module, (Ref("x"),))], Ref("v"))
     assert f'<font point-size="8">{text.replace(">", "&gt;")}</font>' in viz.to_dot(dag)
@@ -151,12 +162,13 @@ def test_html_is_self_contained(name, tmp_path):
     assert page.count("<svg") == 1 and "<?xml" not in page and "<!DOCTYPE svg" not in page
     assert not re.search(r"<(script|link|img|iframe)\b[^>]*\b(src|href)\s*=", page)
     assert "http" not in page.replace('xmlns="http://www.w3.org/2000/svg"', "").replace(
-        'xmlns:xlink="http://www.w3.org/1999/xlink"', "")
-    assert 'id="q"' in page and "addEventListener(\"wheel\"" in page
+        'xmlns:xlink="http://www.w3.org/1999/xlink"', ""
+    )
+    assert 'id="q"' in page and 'addEventListener("wheel"' in page
     report = td.count_flops(dag, *inputs)
     kmapp = f"{report.kmapp:.2f}" if report.kmapp is not None else "n/a"
     assert f"<td>kmapp</td><td class=n>{kmapp}</td>" in page
-    svg = page[page.index("<svg"):page.index("</svg>") + len("</svg>")]
+    svg = page[page.index("<svg") : page.index("</svg>") + len("</svg>")]
     assert {v.name for v in dag} <= {t.text for t in ET.fromstring(svg).iter(f"{SVG}title")}
 
 

@@ -14,8 +14,11 @@ from torch import nn
 
 
 def conv_bn(cin: int, cout: int, k: int = 3, stride: int = 1, groups: int = 1) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False),
-                         nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(inplace=True),
+    )
 
 
 class Residual(nn.Module):
@@ -195,8 +198,9 @@ class BatchNormAct(nn.BatchNorm2d):
         if self.training and self.track_running_stats:
             self.num_batches_tracked.add_(1)
         momentum = self.momentum if self.training else 0.0
-        x = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
-                         self.training, momentum, self.eps)
+        x = F.batch_norm(
+            x, self.running_mean, self.running_var, self.weight, self.bias, self.training, momentum, self.eps
+        )
         return F.relu(x)
 
 
@@ -218,11 +222,19 @@ class FunctionalOwnWeights(nn.Module):
         x = F.conv2d(F.pad(x, (1, 1, 1, 1)), self.weight, self.bias, 1, 0, 1, 1)
         x = self.bn(x)
         x = F.layer_norm(x.permute(0, 2, 3, 1), (8,), self.ln.weight, self.ln.bias, 1e-6).permute(0, 3, 1, 2)
-        w = F.batch_norm(self.std_weight.reshape(1, 8, -1), None, None, training=True, momentum=0.0,
-                         eps=1e-5).reshape_as(self.std_weight)  # weight standardization (BiT's StdConv2d)
+        w = F.batch_norm(
+            self.std_weight.reshape(1, 8, -1), None, None, training=True, momentum=0.0, eps=1e-5
+        ).reshape_as(self.std_weight)  # weight standardization (BiT's StdConv2d)
         x = F.relu(F.conv2d(x, w))
-        w = F.batch_norm(self.scaled_weight.reshape(1, 6, -1), None, None, weight=(self.gain * 72 ** -0.5).view(-1),
-                         training=True, momentum=0.0, eps=1e-6).reshape_as(self.scaled_weight)  # NFNet's
+        w = F.batch_norm(
+            self.scaled_weight.reshape(1, 6, -1),
+            None,
+            None,
+            weight=(self.gain * 72**-0.5).view(-1),
+            training=True,
+            momentum=0.0,
+            eps=1e-6,
+        ).reshape_as(self.scaled_weight)  # NFNet's
         return F.conv2d(x, w, self.scaled_bias, 1, 1)
 
 

@@ -1,8 +1,8 @@
 """torch-dag: convert any nn.Module to a DAG of atomic ops, save it without source, transform it.
 
-    import torch_dag as td
-    dag = td.build_from_unstructured_module(model)
-    td.save(dag, "model.dag"); dag = td.load("model.dag")
+import torch_dag as td
+dag = td.build_from_unstructured_module(model)
+td.save(dag, "model.dag"); dag = td.load("model.dag")
 """
 
 from . import flex, passes, pruning

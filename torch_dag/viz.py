@@ -44,28 +44,48 @@ class GraphvizError(DagError):
 
 # family -> fill colour of its heaviest vertex (the legend's order); an op in no family is "other"
 FAMILY_COLOURS: dict[str, str] = {
-    "conv": "#2f6fd0", "linear": "#7b3fc4", "attention": "#d0342c", "norm": "#2e9e4f",
-    "activation": "#e8822a", "pooling": "#17a2a2", "elementwise": "#c9a400", "shape": "#8a8a8a",
-    "constant": "#a0522d", "other": "#5a5a5a",
+    "conv": "#2f6fd0",
+    "linear": "#7b3fc4",
+    "attention": "#d0342c",
+    "norm": "#2e9e4f",
+    "activation": "#e8822a",
+    "pooling": "#17a2a2",
+    "elementwise": "#c9a400",
+    "shape": "#8a8a8a",
+    "constant": "#a0522d",
+    "other": "#5a5a5a",
 }
 # an op's family is that of the first of its traits in this order
 _FAMILY_BY_TRAIT: tuple[tuple[Trait, str], ...] = (
-    (Trait.CONV, "conv"), (Trait.LINEAR, "linear"), (Trait.CONTRACTION, "attention"), (Trait.NORM, "norm"),
-    (Trait.ACTIVATION, "activation"), (Trait.POOL, "pooling"), (Trait.REDUCTION, "pooling"),
-    (Trait.ELEMENTWISE, "elementwise"), (Trait.FACTORY, "constant"), (Trait.VIEW, "shape"),
-    (Trait.ALIASES_INPUT, "shape"), (Trait.DROPOUT, "shape"), (Trait.IDENTITY, "shape"),
+    (Trait.CONV, "conv"),
+    (Trait.LINEAR, "linear"),
+    (Trait.CONTRACTION, "attention"),
+    (Trait.NORM, "norm"),
+    (Trait.ACTIVATION, "activation"),
+    (Trait.POOL, "pooling"),
+    (Trait.REDUCTION, "pooling"),
+    (Trait.ELEMENTWISE, "elementwise"),
+    (Trait.FACTORY, "constant"),
+    (Trait.VIEW, "shape"),
+    (Trait.ALIASES_INPUT, "shape"),
+    (Trait.DROPOUT, "shape"),
+    (Trait.IDENTITY, "shape"),
     (Trait.METADATA, "shape"),
 )
 # families of the ops whose traits name none
-_FAMILY_OF_UNTRAITED = {op: family for family, ops in {
-    "conv": "ConvTranspose1d ConvTranspose2d ConvTranspose3d conv_transpose1d conv_transpose2d conv_transpose3d "
-            "Fold Unfold fold unfold",
-    "linear": "Bilinear bilinear Embedding embedding LSTM GRU RNN",
-    "attention": "cdist",
-    "activation": "Softmax LogSoftmax Softmax2d softmax log_softmax",
-    "shape": "cat stack repeat tile pad roll flip gather index_select PixelShuffle PixelUnshuffle ChannelShuffle "
-             "pixel_shuffle pixel_unshuffle channel_shuffle",
-}.items() for op in ops.split()}
+_FAMILY_OF_UNTRAITED = {
+    op: family
+    for family, ops in {
+        "conv": "ConvTranspose1d ConvTranspose2d ConvTranspose3d conv_transpose1d conv_transpose2d conv_transpose3d "
+        "Fold Unfold fold unfold",
+        "linear": "Bilinear bilinear Embedding embedding LSTM GRU RNN",
+        "attention": "cdist",
+        "activation": "Softmax LogSoftmax Softmax2d softmax log_softmax",
+        "shape": "cat stack repeat tile pad roll flip gather index_select PixelShuffle PixelUnshuffle ChannelShuffle "
+        "pixel_shuffle pixel_unshuffle channel_shuffle",
+    }.items()
+    for op in ops.split()
+}
 
 
 def op_family(op: str) -> str:
@@ -145,7 +165,7 @@ def _html_label(lines: list[str], max_label: int) -> str:
 
 def _shade(colour: str, weight: float) -> tuple[str, str]:
     """(fill, font colour): `colour` mixed into white by `weight` in [0, 1], white text on dark fills."""
-    rgb = [round(255 + (int(colour[i:i + 2], 16) - 255) * weight) for i in (1, 3, 5)]
+    rgb = [round(255 + (int(colour[i : i + 2], 16) - 255) * weight) for i in (1, 3, 5)]
     luminance = (0.299 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2]) / 255
     return "#" + "".join(f"{c:02x}" for c in rgb), "#ffffff" if luminance < 0.55 else "#1a1a1a"
 
@@ -165,7 +185,8 @@ def _shape_text(shape: Any) -> str:
 
 def _leaf_flops(report: FlopReport) -> list[int]:
     return [f for name, f in report.flops.items() if name not in report.nested] + [
-        f for sub in report.nested.values() for f in _leaf_flops(sub)]
+        f for sub in report.nested.values() for f in _leaf_flops(sub)
+    ]
 
 
 class _Writer:
@@ -194,26 +215,39 @@ class _Writer:
         config = CONFIG_TEXT[vertex.op](vertex.module) if vertex.op in CONFIG_TEXT else ""
         lines = [vertex.name, f"{vertex.op} {config}", f"{_shape_text(shape)}  {self.share(flops)}"]
         tooltip = f"{vertex.meta.get('module_path', vertex.name)}\n{vertex!r}"
-        self.nodes.append(f"{pad}{_quote(node_id)} [label={_html_label(lines, self.max_label)} fillcolor="
-                          f"{_quote(fill)} fontcolor={_quote(font)} tooltip={_quote(tooltip)}];")
+        self.nodes.append(
+            f"{pad}{_quote(node_id)} [label={_html_label(lines, self.max_label)} fillcolor="
+            f"{_quote(fill)} fontcolor={_quote(font)} tooltip={_quote(tooltip)}];"
+        )
 
-    def dag(self, dag: DagModule, report: FlopReport | None, prefix: str, sources: dict[str, list[str]],
-            depth: int = 1) -> None:
+    def dag(
+        self,
+        dag: DagModule,
+        report: FlopReport | None,
+        prefix: str,
+        sources: dict[str, list[str]],
+        depth: int = 1,
+    ) -> None:
         """Emit `dag`'s vertices; `sources` maps each name in scope to the node ids that carry its value."""
         pad = "  " * depth
         for vertex in dag:
             node_id = prefix + vertex.name
             if is_dag_module(vertex.module):
                 inner: DagModule = vertex.module
-                inner_sources = {name: self.sources(vertex.args[i] if i < len(vertex.args) else
-                                                    vertex.kwargs.get(name), sources)
-                                 for i, name in enumerate(inner.input_names)}
+                inner_sources = {
+                    name: self.sources(
+                        vertex.args[i] if i < len(vertex.args) else vertex.kwargs.get(name), sources
+                    )
+                    for i, name in enumerate(inner.input_names)
+                }
                 sub = report.nested.get(vertex.name) if report else None
                 share = self.share(sub.total_flops if sub else 0)
                 title = f"{vertex.name}: DagModule, {len(inner)} vertices  {share}"
-                self.nodes += [f"{pad}subgraph {_quote('cluster_' + node_id)} {{",
-                               f"{pad}  label={_html_label([title], self.max_label + 20)} "
-                               'style="rounded,dashed" color="#777777" fontsize=10 labeljust=l;']
+                self.nodes += [
+                    f"{pad}subgraph {_quote('cluster_' + node_id)} {{",
+                    f"{pad}  label={_html_label([title], self.max_label + 20)} "
+                    'style="rounded,dashed" color="#777777" fontsize=10 labeljust=l;',
+                ]
                 self.dag(inner, sub, node_id + "/", inner_sources, depth + 1)
                 self.nodes.append(pad + "}")
                 sources[vertex.name] = [s for name in inner.output_names for s in inner_sources[name]]
@@ -228,8 +262,11 @@ class _Writer:
         return list(dict.fromkeys(s for ref in iter_refs(template) for s in sources[ref.name]))
 
     def legend(self) -> str:
-        cells = "".join(f'<td bgcolor="{colour}"><font color="#ffffff" point-size="9">{family}</font></td>'
-                        for family, colour in FAMILY_COLOURS.items() if family in self.families)
+        cells = "".join(
+            f'<td bgcolor="{colour}"><font color="#ffffff" point-size="9">{family}</font></td>'
+            for family, colour in FAMILY_COLOURS.items()
+            if family in self.families
+        )
         table = f'<table border="0" cellspacing="2"><tr>{cells}</tr></table>'
         return f'  "<legend>" [shape=plaintext style="" label=<{table}>];'
 
@@ -249,8 +286,10 @@ def _to_dot(dag: DagModule, given: tuple, report: FlopReport | None, max_label: 
     for i, name in enumerate(dag.input_names):
         value = given[i] if i < len(given) else None
         shape = value.shape if isinstance(value, torch.Tensor) else dag.input_meta.get(name, {}).get("shape")
-        writer.nodes.append(f'  {_quote(name)} [shape=invhouse fillcolor="#dddddd" '
-                            f'label={_html_label([name, _shape_text(shape)], max_label)}];')
+        writer.nodes.append(
+            f'  {_quote(name)} [shape=invhouse fillcolor="#dddddd" '
+            f"label={_html_label([name, _shape_text(shape)], max_label)}];"
+        )
     sources = {name: [name] for name in dag.input_names}
     writer.dag(dag, report, "", sources)
     for name in unique_refs(dag.output):
@@ -261,17 +300,23 @@ def _to_dot(dag: DagModule, given: tuple, report: FlopReport | None, max_label: 
         summary += f", {_si(report.total_flops)} FLOPs"
     label = _html_label(["output", summary], 60)
     writer.nodes.append(f'  "<output>" [shape=house fillcolor="#dddddd" label={label}];')
-    header = ["digraph dag {", '  graph [rankdir=TB ranksep=0.25 nodesep=0.2 fontname="Helvetica"];',
-              '  node [shape=box style="rounded,filled" fontname="Helvetica" fontsize=10 margin="0.1,0.04" '
-              'height=0.3 penwidth=0.6];', '  edge [arrowsize=0.5 color="#666666" penwidth=0.8];']
+    header = [
+        "digraph dag {",
+        '  graph [rankdir=TB ranksep=0.25 nodesep=0.2 fontname="Helvetica"];',
+        '  node [shape=box style="rounded,filled" fontname="Helvetica" fontsize=10 margin="0.1,0.04" '
+        "height=0.3 penwidth=0.6];",
+        '  edge [arrowsize=0.5 color="#666666" penwidth=0.8];',
+    ]
     edges = [f"  {_quote(a)} -> {_quote(b)};" for a, b in writer.edges]
     return "\n".join([*header, writer.legend(), *writer.nodes, *edges, "}"]) + "\n"
 
 
 def _dot(source: str, fmt: str) -> bytes:
     if shutil.which("dot") is None:
-        raise GraphvizError("the graphviz `dot` program is not on PATH; install graphviz "
-                            "(apt-get install -y graphviz, brew install graphviz or conda install graphviz)")
+        raise GraphvizError(
+            "the graphviz `dot` program is not on PATH; install graphviz "
+            "(apt-get install -y graphviz, brew install graphviz or conda install graphviz)"
+        )
     done = subprocess.run(["dot", f"-T{fmt}"], input=source.encode(), capture_output=True, check=False)
     if done.returncode != 0:
         raise GraphvizError(f"dot -T{fmt} failed: {done.stderr.decode(errors='replace').strip()}")
@@ -335,9 +380,11 @@ document.getElementById("q").addEventListener("input", function (e) {
 
 def _rows(rows: Sequence[tuple[str, ...]]) -> str:
     """HTML table rows; every cell but the first is right-aligned."""
-    cell = '<td{}>{}</td>'.format
-    return "".join("<tr>" + "".join(cell(" class=n" if i else "", html.escape(c)) for i, c in enumerate(row))
-                   + "</tr>" for row in rows)
+    cell = "<td{}>{}</td>".format
+    return "".join(
+        "<tr>" + "".join(cell(" class=n" if i else "", html.escape(c)) for i, c in enumerate(row)) + "</tr>"
+        for row in rows
+    )
 
 
 def to_html(dag: DagModule, path: str | Path, inputs: Any = None, title: str = "torch-dag") -> Path:
@@ -345,7 +392,7 @@ def to_html(dag: DagModule, path: str | Path, inputs: Any = None, title: str = "
     given = _as_tuple(inputs)
     report = count_flops(dag, *given) if inputs is not None else None
     svg = _dot(_to_dot(dag, given, report, max_label=40), "svg").decode()
-    svg = svg[svg.index("<svg"):]  # drop the XML prolog and DOCTYPE: the page is HTML
+    svg = svg[svg.index("<svg") :]  # drop the XML prolog and DOCTYPE: the page is HTML
     ops = Counter(v.op for v in dag)
     op_flops: Counter[str] = Counter()
     for vertex in dag:
@@ -354,10 +401,15 @@ def to_html(dag: DagModule, path: str | Path, inputs: Any = None, title: str = "
     kmapp = report.kmapp if report else None
     params = sum(p.numel() for p in dag.parameters())
     flops = f"{report.total_flops / 1e9:.4f} G, batch {report.batch}" if report else "pass inputs"
-    totals = [("vertices", str(len(dag))), ("params", f"{params / 1e6:.3f} M"), ("FLOPs", flops),
-              ("kmapp", f"{kmapp:.2f}" if kmapp is not None else "n/a")]
-    op_rows = [(op, str(n), f"{100 * op_flops[op] / total:.1f}%" if report else "")
-               for op, n in ops.most_common()]
+    totals = [
+        ("vertices", str(len(dag))),
+        ("params", f"{params / 1e6:.3f} M"),
+        ("FLOPs", flops),
+        ("kmapp", f"{kmapp:.2f}" if kmapp is not None else "n/a"),
+    ]
+    op_rows = [
+        (op, str(n), f"{100 * op_flops[op] / total:.1f}%" if report else "") for op, n in ops.most_common()
+    ]
     page = _PAGE.substitute(title=html.escape(title), svg=svg, totals=_rows(totals), ops=_rows(op_rows))
     path = Path(path)
     path.write_text(page, encoding="utf-8")

@@ -36,10 +36,18 @@ def self_supervised_loss(logits: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits, logits.argmax(1))
 
 
-def tp_prune(model: torch.nn.Module, x: torch.Tensor, target: float, criterion: str,
-             calibration: Iterable[torch.Tensor], ignored: list[torch.nn.Module], round_to: int | None = None,
-             steps: int = 8, options: Callable[[torch.nn.Module, float], dict] | None = None,
-             after: Callable[[torch.nn.Module, object], None] | None = None) -> tuple[torch.nn.Module, float]:
+def tp_prune(
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    target: float,
+    criterion: str,
+    calibration: Iterable[torch.Tensor],
+    ignored: list[torch.nn.Module],
+    round_to: int | None = None,
+    steps: int = 8,
+    options: Callable[[torch.nn.Module, float], dict] | None = None,
+    after: Callable[[torch.nn.Module, object], None] | None = None,
+) -> tuple[torch.nn.Module, float]:
     """Torch-Pruning's MetaPruner (global ranking) with the matching importance, its pruning ratio
     bisected until the FLOPs ratio is closest to `target`; (pruned copy, FLOPs ratio reached).
     `options(copy, ratio)` gives more MetaPruner arguments (e.g. attention heads), `after(copy, pruner)` fixes
@@ -47,11 +55,13 @@ def tp_prune(model: torch.nn.Module, x: torch.Tensor, target: float, criterion: 
     import torch_pruning as tp
 
     base = flops(model, x)
-    importance = {"l1": lambda: tp.importance.GroupMagnitudeImportance(p=1),
-                  "l2": lambda: tp.importance.GroupMagnitudeImportance(p=2),
-                  "bn_scale": lambda: tp.importance.BNScaleImportance(),
-                  "taylor": lambda: tp.importance.GroupTaylorImportance(),
-                  "random": lambda: tp.importance.RandomImportance()}[criterion]
+    importance = {
+        "l1": lambda: tp.importance.GroupMagnitudeImportance(p=1),
+        "l2": lambda: tp.importance.GroupMagnitudeImportance(p=2),
+        "bn_scale": lambda: tp.importance.BNScaleImportance(),
+        "taylor": lambda: tp.importance.GroupTaylorImportance(),
+        "random": lambda: tp.importance.RandomImportance(),
+    }[criterion]
     batches = list(calibration)
 
     def attempt(ratio: float) -> torch.nn.Module:
@@ -63,9 +73,16 @@ def tp_prune(model: torch.nn.Module, x: torch.Tensor, target: float, criterion: 
             for batch in batches:
                 self_supervised_loss(candidate(batch)).backward()
         torch.manual_seed(0)
-        pruner = tp.pruner.MetaPruner(candidate, x, importance=importance(), global_pruning=True,
-                                      pruning_ratio=ratio, ignored_layers=skip, round_to=round_to,
-                                      **(options(candidate, ratio) if options else {}))
+        pruner = tp.pruner.MetaPruner(
+            candidate,
+            x,
+            importance=importance(),
+            global_pruning=True,
+            pruning_ratio=ratio,
+            ignored_layers=skip,
+            round_to=round_to,
+            **(options(candidate, ratio) if options else {}),
+        )
         pruner.step()
         if after is not None:
             after(candidate, pruner)
@@ -89,7 +106,9 @@ def tp_prune(model: torch.nn.Module, x: torch.Tensor, target: float, criterion: 
             best = (ratio, kept)
         low, high = (ratio, high) if kept > target else (low, ratio)
     if best is None:
-        raise RuntimeError(f"no ratio tried (down to {high:.3f}) gave a model that runs: {failure}") from failure
+        raise RuntimeError(
+            f"no ratio tried (down to {high:.3f}) gave a model that runs: {failure}"
+        ) from failure
     return attempt(best[0]), best[1]
 
 
@@ -102,7 +121,9 @@ def logits_of(model: torch.nn.Module, x: torch.Tensor, batch: int = 64) -> torch
 def agreement_and_kl(student: torch.Tensor, teacher: torch.Tensor) -> tuple[float, float]:
     """Top-1 agreement with the teacher, and the mean KL(teacher || student) of the softmax outputs."""
     agree = (student.argmax(1) == teacher.argmax(1)).float().mean().item()
-    kl = F.kl_div(student.log_softmax(1), teacher.log_softmax(1), reduction="batchmean", log_target=True).item()
+    kl = F.kl_div(
+        student.log_softmax(1), teacher.log_softmax(1), reduction="batchmean", log_target=True
+    ).item()
     return agree, kl
 
 
@@ -140,9 +161,18 @@ class Rows:
         return list(self.rows.values())
 
 
-def plot(rows: list[dict], x: str, y: str, line: Callable[[dict], str], path: Path, title: str,
-         ylabel: str, reference: float | None = None, panel: Callable[[dict], str] | None = None,
-         sharey: bool = True) -> None:
+def plot(
+    rows: list[dict],
+    x: str,
+    y: str,
+    line: Callable[[dict], str],
+    path: Path,
+    title: str,
+    ylabel: str,
+    reference: float | None = None,
+    panel: Callable[[dict], str] | None = None,
+    sharey: bool = True,
+) -> None:
     """One line per method (rows grouped by `line`), y against x, in side-by-side panels when `panel`
     names one per row (a method keeps its colour across panels); saved as PNG."""
     import matplotlib
@@ -164,8 +194,14 @@ def plot(rows: list[dict], x: str, y: str, line: Callable[[dict], str], path: Pa
         for label, points in sorted(panels[name].items()):
             points.sort()
             style = "--" if "finetuned" in label else "-"
-            ax.plot([p[0] for p in points], [p[1] for p in points], style, marker="o", label=label,
-                    color=colour[label])
+            ax.plot(
+                [p[0] for p in points],
+                [p[1] for p in points],
+                style,
+                marker="o",
+                label=label,
+                color=colour[label],
+            )
         if reference is not None:
             ax.axhline(reference, color="gray", linestyle=":", label="unpruned")
         ax.set_xlabel("FLOPs ratio kept" if x.endswith("flops") else x)

@@ -38,7 +38,9 @@ def tones(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     t = torch.arange(FRAME) / RATE
     frames = torch.zeros(n, FRAME)
     for harmonic in range(1, 5):
-        amplitude = torch.rand(n, 1, generator=g) * (1.0 if harmonic == 1 else 0.6 / harmonic) + (0.3 if harmonic == 1 else 0)
+        amplitude = torch.rand(n, 1, generator=g) * (1.0 if harmonic == 1 else 0.6 / harmonic) + (
+            0.3 if harmonic == 1 else 0
+        )
         phase = torch.rand(n, 1, generator=g) * 2 * math.pi
         frames += amplitude * torch.sin(2 * math.pi * harmonic * frequency[:, None] * t + phase)
     noise = torch.randn(n, FRAME, generator=g) * frames.std(1, keepdim=True) / math.sqrt(10 ** (20 / 10))
@@ -78,7 +80,9 @@ def load_crepe() -> torch.nn.Module:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--targets", type=float, nargs="+", default=[0.75, 0.5, 0.3])
     parser.add_argument("--criteria", nargs="+", default=["l1", "l2", "bn_scale", "taylor", "random"])
     parser.add_argument("--tools", nargs="+", default=TOOLS, choices=TOOLS)
@@ -92,34 +96,65 @@ def main() -> None:
     base = flops(dag, x)
     rows = Rows(OUT, FIELDS, ["tool", "criterion", "target"])
     accuracy, median = score(dag, frames, cents)
-    rows.add(dict(tool="unpruned", criterion="-", target=1.0, flops=1.0, accuracy=accuracy, median_cents=median))
-    print(f"CREPE tiny: {base / 1e6:.1f} MFLOPs per frame; unpruned raw pitch accuracy {accuracy:.2%} "
-          f"(median error {median:.1f} cents) on {len(frames)} tones")
+    rows.add(
+        dict(tool="unpruned", criterion="-", target=1.0, flops=1.0, accuracy=accuracy, median_cents=median)
+    )
+    print(
+        f"CREPE tiny: {base / 1e6:.1f} MFLOPs per frame; unpruned raw pitch accuracy {accuracy:.2%} "
+        f"(median error {median:.1f} cents) on {len(frames)} tones"
+    )
     for target, criterion, tool in itertools.product(args.targets, args.criteria, args.tools):
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 if tool.startswith("torch-dag"):
-                    config = PruneConfig(criterion=criterion, round_to=1,
-                                         compensate="none" if tool == "torch-dag-plain" else "lstsq")
-                    pruned = td.prune(dag, target, (x,), calibration=[(c,) for c in calibration], config=config)
+                    config = PruneConfig(
+                        criterion=criterion,
+                        round_to=1,
+                        compensate="none" if tool == "torch-dag-plain" else "lstsq",
+                    )
+                    pruned = td.prune(
+                        dag, target, (x,), calibration=[(c,) for c in calibration], config=config
+                    )
                 else:
-                    pruned, _ = tp_prune(model, x, target, criterion, calibration,
-                                         ignored=[model.classifier])
+                    pruned, _ = tp_prune(model, x, target, criterion, calibration, ignored=[model.classifier])
             accuracy, median = score(pruned, frames, cents)
         except Exception as e:  # a tool that cannot prune the model is a failure, recorded as such
-            rows.add(dict(tool=tool, criterion=criterion, target=target, flops="", accuracy="",
-                          median_cents="", error=f"{type(e).__name__}: {e}"[:200].replace("\n", " ")))
-            print(f"tool={tool}  criterion={criterion}  FAILED: {type(e).__name__}: {str(e)[:150]}", flush=True)
+            rows.add(
+                dict(
+                    tool=tool,
+                    criterion=criterion,
+                    target=target,
+                    flops="",
+                    accuracy="",
+                    median_cents="",
+                    error=f"{type(e).__name__}: {e}"[:200].replace("\n", " "),
+                )
+            )
+            print(
+                f"tool={tool}  criterion={criterion}  FAILED: {type(e).__name__}: {str(e)[:150]}", flush=True
+            )
             continue
-        row = dict(tool=tool, criterion=criterion, target=target, flops=round(flops(pruned, x) / base, 4),
-                   accuracy=round(accuracy, 4), median_cents=round(median, 1))
+        row = dict(
+            tool=tool,
+            criterion=criterion,
+            target=target,
+            flops=round(flops(pruned, x) / base, 4),
+            accuracy=round(accuracy, 4),
+            median_cents=round(median, 1),
+        )
         rows.add(row)
         print("  ".join(f"{k}={v}" for k, v in row.items()), flush=True)
-    plot([r for r in rows.all() if r["tool"] != "unpruned"], "flops", "accuracy",
-         lambda r: f"{r['tool']} {r['criterion']}", OUT.with_suffix(".png"),
-         "CREPE tiny on synthetic tones: raw pitch accuracy (50 cents)", "raw pitch accuracy",
-         reference=float(rows.get(tool="unpruned", criterion="-", target=1.0)["accuracy"]))
+    plot(
+        [r for r in rows.all() if r["tool"] != "unpruned"],
+        "flops",
+        "accuracy",
+        lambda r: f"{r['tool']} {r['criterion']}",
+        OUT.with_suffix(".png"),
+        "CREPE tiny on synthetic tones: raw pitch accuracy (50 cents)",
+        "raw pitch accuracy",
+        reference=float(rows.get(tool="unpruned", criterion="-", target=1.0)["accuracy"]),
+    )
 
 
 if __name__ == "__main__":

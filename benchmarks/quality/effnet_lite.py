@@ -51,9 +51,24 @@ def photos() -> list[np.ndarray]:
     from sklearn.datasets import load_sample_images
 
     images = []
-    for name in ["astronaut", "chelsea", "coffee", "rocket", "stereo_motorcycle", "hubble_deep_field",
-                 "immunohistochemistry", "retina", "camera", "brick", "grass", "gravel", "moon", "clock",
-                 "coins", "cell"]:
+    for name in [
+        "astronaut",
+        "chelsea",
+        "coffee",
+        "rocket",
+        "stereo_motorcycle",
+        "hubble_deep_field",
+        "immunohistochemistry",
+        "retina",
+        "camera",
+        "brick",
+        "grass",
+        "gravel",
+        "moon",
+        "clock",
+        "coins",
+        "cell",
+    ]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             image = getattr(skimage.data, name)()
@@ -77,11 +92,22 @@ def test_views(images: list[np.ndarray]) -> torch.Tensor:
         x = to_tensor(image)
         for short in (224, 256, 320):
             h, w = x.shape[-2:]
-            scaled = F.interpolate(x, size=(round(h * short / min(h, w)), round(w * short / min(h, w))),
-                                   mode="bilinear", antialias=True, align_corners=False)
+            scaled = F.interpolate(
+                x,
+                size=(round(h * short / min(h, w)), round(w * short / min(h, w))),
+                mode="bilinear",
+                antialias=True,
+                align_corners=False,
+            )
             h, w = scaled.shape[-2:]
-            for top, left in ((h - SIZE) // 2, (w - SIZE) // 2), (0, 0), (0, w - SIZE), (h - SIZE, 0), (h - SIZE, w - SIZE):
-                crop = scaled[..., top:top + SIZE, left:left + SIZE]
+            for top, left in (
+                ((h - SIZE) // 2, (w - SIZE) // 2),
+                (0, 0),
+                (0, w - SIZE),
+                (h - SIZE, 0),
+                (h - SIZE, w - SIZE),
+            ):
+                crop = scaled[..., top : top + SIZE, left : left + SIZE]
                 views += [crop, crop.flip(-1)]
     return normalize(torch.cat(views).clamp(0, 255))
 
@@ -107,9 +133,17 @@ class TuneViews:
         area = h * w * float(torch.empty(()).uniform_(0.2, 1.0, generator=g))
         aspect = float(torch.empty(()).uniform_(3 / 4, 4 / 3, generator=g))
         ch, cw = min(h, round((area / aspect) ** 0.5)), min(w, round((area * aspect) ** 0.5))
-        top, left = int(torch.randint(h - ch + 1, (), generator=g)), int(torch.randint(w - cw + 1, (), generator=g))
-        crop = F.interpolate(x[..., top:top + ch, left:left + cw], size=(SIZE, SIZE), mode="bilinear",
-                             antialias=True, align_corners=False)
+        top, left = (
+            int(torch.randint(h - ch + 1, (), generator=g)),
+            int(torch.randint(w - cw + 1, (), generator=g)),
+        )
+        crop = F.interpolate(
+            x[..., top : top + ch, left : left + cw],
+            size=(SIZE, SIZE),
+            mode="bilinear",
+            antialias=True,
+            align_corners=False,
+        )
         if torch.rand((), generator=g) < 0.5:
             crop = crop.flip(-1)
         crop = crop * float(torch.empty(()).uniform_(0.8, 1.2, generator=g))
@@ -139,8 +173,10 @@ def run(args: argparse.Namespace) -> None:
     teacher = td.build_from_unstructured_module(model, (x,))
     reference = logits_of(teacher, x_test)
     base = flops(teacher, x)
-    print(f"EfficientNet-Lite0: {base / 1e9:.3f} GFLOPs; {len(x_test)} test views of {len(evaluation)} photos, "
-          f"finetune on {len(tuning)} others ({args.steps} steps of {args.batch})")
+    print(
+        f"EfficientNet-Lite0: {base / 1e9:.3f} GFLOPs; {len(x_test)} test views of {len(evaluation)} photos, "
+        f"finetune on {len(tuning)} others ({args.steps} steps of {args.batch})"
+    )
     for target in args.targets:
         for criterion in args.criteria:
             for tool in args.tools:
@@ -150,36 +186,67 @@ def run(args: argparse.Namespace) -> None:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     if tool.startswith("torch-dag"):
-                        config = PruneConfig(criterion=criterion, round_to=1,
-                                             compensate="none" if tool == "torch-dag-plain" else "lstsq")
-                        pruned, seconds = timed(td.prune, teacher, target, (x,), calibration=calibration, config=config)
+                        config = PruneConfig(
+                            criterion=criterion,
+                            round_to=1,
+                            compensate="none" if tool == "torch-dag-plain" else "lstsq",
+                        )
+                        pruned, seconds = timed(
+                            td.prune, teacher, target, (x,), calibration=calibration, config=config
+                        )
                     else:
-                        (pruned, _), seconds = timed(tp_prune, model, x, target, criterion, calibration,
-                                                     ignored=[model._fc])
+                        (pruned, _), seconds = timed(
+                            tp_prune, model, x, target, criterion, calibration, ignored=[model._fc]
+                        )
                 ratio = flops(pruned, x) / base
                 for finetuned in (False, True) if tune else (False,):
                     spent = 0.0
                     if finetuned:
-                        report = td.finetune(pruned, teacher, TuneViews(tuning, args.steps, args.batch), lr=args.lr,
-                                             freeze_bn=True, progress=False)
+                        report = td.finetune(
+                            pruned,
+                            teacher,
+                            TuneViews(tuning, args.steps, args.batch),
+                            lr=args.lr,
+                            freeze_bn=True,
+                            progress=False,
+                        )
                         spent = report.seconds
                     agree, kl = agreement_and_kl(logits_of(pruned, x_test), reference)
-                    row = dict(tool=tool, criterion=criterion, target=target, flops=round(ratio, 4),
-                               finetuned=finetuned, agreement=round(agree, 4), kl=round(kl, 4),
-                               prune_s=round(seconds, 2), finetune_s=round(spent, 1))
+                    row = dict(
+                        tool=tool,
+                        criterion=criterion,
+                        target=target,
+                        flops=round(ratio, 4),
+                        finetuned=finetuned,
+                        agreement=round(agree, 4),
+                        kl=round(kl, 4),
+                        prune_s=round(seconds, 2),
+                        finetune_s=round(spent, 1),
+                    )
                     rows.add(row)
                     print("  ".join(f"{k}={v}" for k, v in row.items()), flush=True)
     if args.factorize:
         factorize(args, rows, teacher, x, x_test, reference, calibration, tuning)
 
 
-def factorize(args: argparse.Namespace, rows: Rows, teacher: td.DagModule, x: torch.Tensor, x_test: torch.Tensor,
-              reference: torch.Tensor, calibration: list, tuning: list) -> None:
+def factorize(
+    args: argparse.Namespace,
+    rows: Rows,
+    teacher: td.DagModule,
+    x: torch.Tensor,
+    x_test: torch.Tensor,
+    reference: torch.Tensor,
+    calibration: list,
+    tuning: list,
+) -> None:
     """Low-rank factorization to 70 % of the FLOPs: data-aware ranks and solution vs truncated SVD vs one
     rank fraction for all layers, before and after the same short finetune."""
     base = flops(teacher, x)
-    for method, options in (("data-aware", dict(calibration=calibration)), ("svd", {}),
-                            ("uniform rank", dict(calibration=calibration, allocation="uniform"))):
+    for method, options in (
+        ("data-aware", dict(calibration=calibration)),
+        ("svd", {}),
+        ("uniform rank", dict(calibration=calibration, allocation="uniform")),
+    ):
         if rows.has(tool="torch-dag factorize", criterion=method, target=0.7, finetuned=True):
             continue
         with warnings.catch_warnings():
@@ -188,12 +255,26 @@ def factorize(args: argparse.Namespace, rows: Rows, teacher: td.DagModule, x: to
         for finetuned in (False, True):
             spent = 0.0
             if finetuned:
-                spent = td.finetune(small, teacher, TuneViews(tuning, args.steps, args.batch), lr=args.lr,
-                                    freeze_bn=True, progress=False).seconds
+                spent = td.finetune(
+                    small,
+                    teacher,
+                    TuneViews(tuning, args.steps, args.batch),
+                    lr=args.lr,
+                    freeze_bn=True,
+                    progress=False,
+                ).seconds
             agree, kl = agreement_and_kl(logits_of(small, x_test), reference)
-            row = dict(tool="torch-dag factorize", criterion=method, target=0.7, flops=round(flops(small, x) / base, 4),
-                       finetuned=finetuned, agreement=round(agree, 4), kl=round(kl, 4), prune_s=round(seconds, 2),
-                       finetune_s=round(spent, 1))
+            row = dict(
+                tool="torch-dag factorize",
+                criterion=method,
+                target=0.7,
+                flops=round(flops(small, x) / base, 4),
+                finetuned=finetuned,
+                agreement=round(agree, 4),
+                kl=round(kl, 4),
+                prune_s=round(seconds, 2),
+                finetune_s=round(spent, 1),
+            )
             rows.add(row)
             print("  ".join(f"{k}={v}" for k, v in row.items()), flush=True)
 
@@ -202,7 +283,10 @@ def summarize() -> None:
     rows = Rows(OUT, FIELDS, ["tool", "criterion", "target", "finetuned"]).all()
     if not rows:
         raise SystemExit(f"no rows in {OUT}")
-    print(f"{'target':>6} {'criterion':9} {'finetuned':9} | " + " | ".join(f"{t + ' agree / KL (FLOPs)':36}" for t in TOOLS))
+    print(
+        f"{'target':>6} {'criterion':9} {'finetuned':9} | "
+        + " | ".join(f"{t + ' agree / KL (FLOPs)':36}" for t in TOOLS)
+    )
     by = {(r["tool"], r["criterion"], r["target"], r["finetuned"]): r for r in rows}
     for target in sorted({r["target"] for r in rows if r["tool"] in TOOLS}, key=float, reverse=True):
         for finetuned in ("False", "True"):
@@ -210,36 +294,62 @@ def summarize() -> None:
                 cells = []
                 for tool in TOOLS:
                     r = by.get((tool, criterion, target, finetuned))
-                    cells.append(f"{float(r['agreement']):6.1%} / {float(r['kl']):6.3f} ({float(r['flops']):.3f})"
-                                 if r else "-")
+                    cells.append(
+                        f"{float(r['agreement']):6.1%} / {float(r['kl']):6.3f} ({float(r['flops']):.3f})"
+                        if r
+                        else "-"
+                    )
                 if any(c != "-" for c in cells):
-                    print(f"{target:>6} {criterion:9} {finetuned:9} | " + " | ".join(f"{c:36}" for c in cells))
+                    print(
+                        f"{target:>6} {criterion:9} {finetuned:9} | " + " | ".join(f"{c:36}" for c in cells)
+                    )
     for target in sorted({r["target"] for r in rows if r["tool"] in TOOLS}, key=float, reverse=True):
         plain = [r for r in rows if r["target"] == target and r["finetuned"] == "False"]
-        best = {tool: max((float(r["agreement"]) for r in plain if r["tool"] == tool), default=float("nan"))
-                for tool in TOOLS}
+        best = {
+            tool: max((float(r["agreement"]) for r in plain if r["tool"] == tool), default=float("nan"))
+            for tool in TOOLS
+        }
         print(f"best criterion at {target}: " + ", ".join(f"{t} {best[t]:.1%}" for t in TOOLS))
     for r in rows:
         if r["tool"] == "torch-dag factorize":
-            print(f"factorized, {r['criterion']:12} finetuned={r['finetuned']:5}: agreement {float(r['agreement']):6.1%}, "
-                  f"KL {float(r['kl']):.3f} (FLOPs {float(r['flops']):.3f})")
+            print(
+                f"factorized, {r['criterion']:12} finetuned={r['finetuned']:5}: agreement {float(r['agreement']):6.1%}, "
+                f"KL {float(r['kl']):.3f} (FLOPs {float(r['flops']):.3f})"
+            )
     seconds = [float(r["prune_s"]) for r in rows if r["finetuned"] == "False" and r["tool"] in TOOLS]
     print(f"prune time median {statistics.median(seconds):.2f} s")
-    plot(rows, "flops", "agreement", lambda r: f"{r['tool']} {r['criterion']}", OUT.with_suffix(".png"),
-         "EfficientNet-Lite0, agreement with the unpruned model", "top-1 agreement",
-         panel=lambda r: "after a short finetune" if r["finetuned"] == "True" else "without finetuning")
+    plot(
+        rows,
+        "flops",
+        "agreement",
+        lambda r: f"{r['tool']} {r['criterion']}",
+        OUT.with_suffix(".png"),
+        "EfficientNet-Lite0, agreement with the unpruned model",
+        "top-1 agreement",
+        panel=lambda r: "after a short finetune" if r["finetuned"] == "True" else "without finetuning",
+    )
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--targets", type=float, nargs="+", default=TARGETS)
     parser.add_argument("--criteria", nargs="+", default=CRITERIA, choices=CRITERIA)
     parser.add_argument("--tools", nargs="+", default=TOOLS, choices=TOOLS)
-    parser.add_argument("--finetune-criteria", nargs="*", default=["l2", "taylor"], choices=CRITERIA,
-                        help="criteria whose pruned models are also finetuned (CPU time)")
+    parser.add_argument(
+        "--finetune-criteria",
+        nargs="*",
+        default=["l2", "taylor"],
+        choices=CRITERIA,
+        help="criteria whose pruned models are also finetuned (CPU time)",
+    )
     parser.add_argument("--finetune-targets", type=float, nargs="*", default=[0.75, 0.5])
-    parser.add_argument("--factorize", action="store_true", help="also factorize to 70 %% of the FLOPs "
-                        "(data-aware, SVD, uniform rank)")
+    parser.add_argument(
+        "--factorize",
+        action="store_true",
+        help="also factorize to 70 %% of the FLOPs (data-aware, SVD, uniform rank)",
+    )
     parser.add_argument("--steps", type=int, default=40, help="finetuning steps")
     parser.add_argument("--batch", type=int, default=16, help="finetuning batch size")
     parser.add_argument("--lr", type=float, default=1e-4)

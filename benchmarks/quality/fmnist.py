@@ -59,7 +59,18 @@ import torch_dag as td
 from torch_dag.pruning import PruneConfig
 
 OUT = RESULTS / "fmnist.csv"
-FIELDS = ["model", "experiment", "method", "target", "flops", "finetuned", "lr", "seed", "accuracy", "seconds"]
+FIELDS = [
+    "model",
+    "experiment",
+    "method",
+    "target",
+    "flops",
+    "finetuned",
+    "lr",
+    "seed",
+    "accuracy",
+    "seconds",
+]
 KEY = ["model", "experiment", "method", "target", "finetuned", "lr", "seed"]
 SEED = 2  # the finetuning data order's seed; --seeds adds more for the pruned models
 OLD = {"seed": str(SEED)}  # rows written before the seed column
@@ -68,11 +79,21 @@ VALIDATION = 5000  # the last training images: for choosing the finetuning learn
 
 def cnn() -> nn.Module:
     """A small VGG-style CNN for 28 x 28 gray images (about 9 M multiply-adds)."""
+
     def block(i: int, o: int) -> list[nn.Module]:
         return [nn.Conv2d(i, o, 3, padding=1, bias=False), nn.BatchNorm2d(o), nn.ReLU()]
 
-    return nn.Sequential(*block(1, 16), *block(16, 32), nn.MaxPool2d(2), *block(32, 64), nn.MaxPool2d(2),
-                         *block(64, 64), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10))
+    return nn.Sequential(
+        *block(1, 16),
+        *block(16, 32),
+        nn.MaxPool2d(2),
+        *block(32, 64),
+        nn.MaxPool2d(2),
+        *block(64, 64),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(64, 10),
+    )
 
 
 def vit() -> nn.Module:
@@ -80,8 +101,17 @@ def vit() -> nn.Module:
     multiply-adds)."""
     import timm
 
-    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=28, patch_size=7, in_chans=1,
-                             num_classes=10, embed_dim=96, depth=4, num_heads=4)
+    return timm.create_model(
+        "vit_tiny_patch16_224",
+        pretrained=False,
+        img_size=28,
+        patch_size=7,
+        in_chans=1,
+        num_classes=10,
+        embed_dim=96,
+        depth=4,
+        num_heads=4,
+    )
 
 
 def _tp_vit_options(model: nn.Module, ratio: float, whole_heads: bool = False) -> dict:
@@ -89,10 +119,17 @@ def _tp_vit_options(model: nn.Module, ratio: float, whole_heads: bool = False) -
     with `whole_heads` whole heads (ranked globally, the same fraction as the other channels)."""
     import timm
 
-    heads = {m.qkv: m.num_heads for m in model.modules() if isinstance(m, timm.models.vision_transformer.Attention)}
+    heads = {
+        m.qkv: m.num_heads for m in model.modules() if isinstance(m, timm.models.vision_transformer.Attention)
+    }
     if not whole_heads:
         return {"num_heads": heads}
-    return {"num_heads": heads, "prune_num_heads": True, "prune_head_dims": False, "head_pruning_ratio": ratio}
+    return {
+        "num_heads": heads,
+        "prune_num_heads": True,
+        "prune_head_dims": False,
+        "head_pruning_ratio": ratio,
+    }
 
 
 def _tp_vit_after(model: nn.Module, pruner) -> None:
@@ -108,8 +145,10 @@ def _tp_vit_after(model: nn.Module, pruner) -> None:
 
 
 # name: (factory, training epochs, training learning rate, the output layer, Torch-Pruning's options)
-MODELS = {"cnn": (cnn, 6, 2e-3, lambda m: m[-1], {}),
-          "vit": (vit, 20, 1e-3, lambda m: m.head, dict(options=_tp_vit_options, after=_tp_vit_after))}
+MODELS = {
+    "cnn": (cnn, 6, 2e-3, lambda m: m[-1], {}),
+    "vit": (vit, 20, 1e-3, lambda m: m.head, dict(options=_tp_vit_options, after=_tp_vit_after)),
+}
 
 
 def data() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -120,12 +159,24 @@ def data() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
 
 
 def loader(x: torch.Tensor, y: torch.Tensor, batch: int, seed: int) -> torch.utils.data.DataLoader:
-    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=batch, shuffle=True,
-                                       drop_last=True, generator=torch.Generator().manual_seed(seed))
+    return torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(x, y),
+        batch_size=batch,
+        shuffle=True,
+        drop_last=True,
+        generator=torch.Generator().manual_seed(seed),
+    )
 
 
-def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, lr: float = 2e-3, seed: int = 0,
-          log=print) -> nn.Module:
+def train(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    epochs: int,
+    lr: float = 2e-3,
+    seed: int = 0,
+    log=print,
+) -> nn.Module:
     """Plain supervised training (AdamW, one-cycle schedule, batch 128)."""
     torch.manual_seed(seed)
     batches = loader(x, y, 128, seed)
@@ -183,48 +234,96 @@ def run(args: argparse.Namespace) -> None:
     teacher = td.build_from_unstructured_module(model, (example,))
     base_flops = flops(teacher, example)
     base = accuracy(teacher, x_test, y_test)
-    rows.add(dict(model=name, experiment="base", method="unpruned", target=1.0, flops=1.0, finetuned=False,
-                  lr=0, accuracy=base, seconds=0))
+    rows.add(
+        dict(
+            model=name,
+            experiment="base",
+            method="unpruned",
+            target=1.0,
+            flops=1.0,
+            finetuned=False,
+            lr=0,
+            accuracy=base,
+            seconds=0,
+        )
+    )
     print(f"{name}: {base_flops / 1e6:.1f} MFLOPs, test accuracy {base:.2%}")
-    calibration = [(x[i:i + 64],) for i in range(0, 256, 64)]
+    calibration = [(x[i : i + 64],) for i in range(0, 256, 64)]
 
     def pruned_by(tool: str, criterion: str, target: float) -> nn.Module:
         if tool.startswith("torch-pruning"):
             options = dict(tp_options)
             if tool == "torch-pruning-heads":
                 options["options"] = functools.partial(options["options"], whole_heads=True)
-            return tp_prune(model, example, target, criterion, [b[0] for b in calibration],
-                            ignored=[output_layer(model)], **options)[0]
-        config = PruneConfig(criterion=criterion, round_to=1, compensate="none" if tool == "torch-dag-plain" else "lstsq",
-                             attention="head_dim" if tool == "torch-dag-head-dim" else "heads")
+            return tp_prune(
+                model,
+                example,
+                target,
+                criterion,
+                [b[0] for b in calibration],
+                ignored=[output_layer(model)],
+                **options,
+            )[0]
+        config = PruneConfig(
+            criterion=criterion,
+            round_to=1,
+            compensate="none" if tool == "torch-dag-plain" else "lstsq",
+            attention="head_dim" if tool == "torch-dag-head-dim" else "heads",
+        )
         return td.prune(teacher, target, (example,), calibration=calibration, config=config)
 
     def finetune(student: nn.Module, lr: float, seed: int = SEED):  # seed: the loader's shuffling
-        return td.finetune(student, teacher, loader(x_tune, y_tune, 128, seed=seed), epochs=1, lr=lr,
-                           progress=False)
+        return td.finetune(
+            student, teacher, loader(x_tune, y_tune, 128, seed=seed), epochs=1, lr=lr, progress=False
+        )
 
     validation = {}
     for lr in args.lrs:
         for tool in ("torch-dag", "torch-pruning"):
-            key = dict(model=name, experiment="lr", method=f"{tool} l2", target=0.5, finetuned=True, lr=lr,
-                       seed=SEED)
+            key = dict(
+                model=name, experiment="lr", method=f"{tool} l2", target=0.5, finetuned=True, lr=lr, seed=SEED
+            )
             if not rows.has(**key):
                 student = pruned_by(tool, "l2", 0.5)
                 report = finetune(student, lr)
-                rows.add({**key, "flops": round(flops(student, example) / base_flops, 4),
-                          "accuracy": accuracy(student, x_val, y_val), "seconds": round(report.seconds, 1)})
+                rows.add(
+                    {
+                        **key,
+                        "flops": round(flops(student, example) / base_flops, 4),
+                        "accuracy": accuracy(student, x_val, y_val),
+                        "seconds": round(report.seconds, 1),
+                    }
+                )
             validation.setdefault(lr, []).append(float(rows.get(**key)["accuracy"]))
     lr = max(args.lrs, key=lambda r: sum(validation[r]))
-    print("validation accuracy per finetuning rate: " + ", ".join(
-        f"{r:g}: {sum(v) / len(v):.2%}" for r, v in validation.items()) + f"; finetuning at {lr:g}")
+    print(
+        "validation accuracy per finetuning rate: "
+        + ", ".join(f"{r:g}: {sum(v) / len(v):.2%}" for r, v in validation.items())
+        + f"; finetuning at {lr:g}"
+    )
 
-    def record(experiment: str, method: str, target: float, student: nn.Module, seconds: float = 0.0,
-               seeds: Sequence[int] = (SEED,)) -> None:
+    def record(
+        experiment: str,
+        method: str,
+        target: float,
+        student: nn.Module,
+        seconds: float = 0.0,
+        seeds: Sequence[int] = (SEED,),
+    ) -> None:
         """The compressed model's test accuracy, and after one finetune epoch per data-order seed."""
         ratio = flops(student, example) / base_flops
-        row = dict(model=name, experiment=experiment, method=method, target=target, flops=round(ratio, 4),
-                   finetuned=False, lr=lr if experiment != "scratch" else 0, seed=SEED,
-                   accuracy=accuracy(student, x_test, y_test), seconds=round(seconds, 2))
+        row = dict(
+            model=name,
+            experiment=experiment,
+            method=method,
+            target=target,
+            flops=round(ratio, 4),
+            finetuned=False,
+            lr=lr if experiment != "scratch" else 0,
+            seed=SEED,
+            accuracy=accuracy(student, x_test, y_test),
+            seconds=round(seconds, 2),
+        )
         rows.add(row)
         print("  ".join(f"{k}={v}" for k, v in row.items()), flush=True)
         if experiment == "scratch":
@@ -235,24 +334,47 @@ def run(args: argparse.Namespace) -> None:
             tuned_student = copy.deepcopy(student)
             report = finetune(tuned_student, lr, seed)
             tuned = accuracy(tuned_student, x_test, y_test)
-            rows.add({**row, "finetuned": True, "seed": seed, "accuracy": tuned, "seconds": round(report.seconds, 1)})
+            rows.add(
+                {
+                    **row,
+                    "finetuned": True,
+                    "seed": seed,
+                    "accuracy": tuned,
+                    "seconds": round(report.seconds, 1),
+                }
+            )
             print(f"    after one finetune epoch (seed {seed}): {tuned:.4f}", flush=True)
 
     def flexible_model(config: td.flex.FlexConfig, recalibrate: bool) -> td.flex.FlexDagModule:
-        flexible = td.make_flexible(teacher, example_inputs=(example,), flops_ratios=[0.3, 0.5, 1.0],
-                                    calibration=calibration, config=config)
+        flexible = td.make_flexible(
+            teacher,
+            example_inputs=(example,),
+            flops_ratios=[0.3, 0.5, 1.0],
+            calibration=calibration,
+            config=config,
+        )
         if recalibrate:
             td.recalibrate_batchnorm(flexible, calibration)
         return flexible
 
-    def record_levels(flexible: td.flex.FlexDagModule, method: str, finetuned: bool, rate: float,
-                      seconds: float) -> None:
+    def record_levels(
+        flexible: td.flex.FlexDagModule, method: str, finetuned: bool, rate: float, seconds: float
+    ) -> None:
         for level, target in enumerate((0.3, 0.5, 1.0)):
             flexible.set_level_use(level)
             plain = flexible.make_base_copy()
-            row = dict(model=name, experiment="flex", method=method, target=target,
-                       flops=round(flops(plain, example) / base_flops, 4), finetuned=finetuned, lr=rate,
-                       seed=SEED, accuracy=accuracy(plain, x_test, y_test), seconds=round(seconds, 1))
+            row = dict(
+                model=name,
+                experiment="flex",
+                method=method,
+                target=target,
+                flops=round(flops(plain, example) / base_flops, 4),
+                finetuned=finetuned,
+                lr=rate,
+                seed=SEED,
+                accuracy=accuracy(plain, x_test, y_test),
+                seconds=round(seconds, 1),
+            )
             if finetuned:
                 rows.add({**row, "experiment": "flex-lr", "accuracy": accuracy(plain, x_val, y_val)})
             rows.add(row)
@@ -262,41 +384,79 @@ def run(args: argparse.Namespace) -> None:
         for target in args.targets:
             for criterion in args.criteria:
                 method = f"{tool} {criterion}"
-                if not all(rows.has(model=name, experiment="prune", method=method, target=target, finetuned=True,
-                                    lr=lr, seed=seed) for seed in args.seeds):
+                if not all(
+                    rows.has(
+                        model=name,
+                        experiment="prune",
+                        method=method,
+                        target=target,
+                        finetuned=True,
+                        lr=lr,
+                        seed=seed,
+                    )
+                    for seed in args.seeds
+                ):
                     student, seconds = timed(pruned_by, tool, criterion, target)
                     record("prune", method, target, student, seconds, args.seeds)
         if tool != "torch-dag":
             continue
         for target in args.targets if args.scratch else ():
-            if not rows.has(model=name, experiment="scratch", method="torch-dag l2 architecture", target=target,
-                            finetuned=False, lr=0, seed=SEED):
-                architecture = td.prune(teacher, target, (example,), config=PruneConfig(criterion="l2", round_to=1))
+            if not rows.has(
+                model=name,
+                experiment="scratch",
+                method="torch-dag l2 architecture",
+                target=target,
+                finetuned=False,
+                lr=0,
+                seed=SEED,
+            ):
+                architecture = td.prune(
+                    teacher, target, (example,), config=PruneConfig(criterion="l2", round_to=1)
+                )
                 start = time.perf_counter()
                 scratch = train(reinitialized(architecture), x, y, epochs, lr=train_lr)
                 record("scratch", "torch-dag l2 architecture", target, scratch, time.perf_counter() - start)
 
-        for method, options in (("data-aware", dict(calibration=calibration)), ("svd", {}),
-                                ("uniform rank", dict(calibration=calibration, allocation="uniform"))):
-            if not rows.has(model=name, experiment="factorize", method=method, target=0.7, finetuned=True, lr=lr,
-                            seed=SEED):
+        for method, options in (
+            ("data-aware", dict(calibration=calibration)),
+            ("svd", {}),
+            ("uniform rank", dict(calibration=calibration, allocation="uniform")),
+        ):
+            if not rows.has(
+                model=name,
+                experiment="factorize",
+                method=method,
+                target=0.7,
+                finetuned=True,
+                lr=lr,
+                seed=SEED,
+            ):
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     small, seconds = timed(td.factorize, teacher, 0.7, example_inputs=(example,), **options)
                 record("factorize", method, 0.7, small, seconds)
 
-        variants = (("", "none", False), (" compensated", "lstsq", False), (" compensated recalibrated", "lstsq", True))
+        variants = (
+            ("", "none", False),
+            (" compensated", "lstsq", False),
+            (" compensated recalibrated", "lstsq", True),
+        )
         for criterion, (suffix, compensate, recalibrate) in itertools.product(
-                ("l2", "taylor") if name == "cnn" else (), variants):
+            ("l2", "taylor") if name == "cnn" else (), variants
+        ):
             method = "flexible level" + ("" if criterion == "l2" else f" {criterion}") + suffix
             config = td.flex.FlexConfig(criterion=criterion, round_to=1, compensate=compensate)
             if not rows.has(model=name, experiment="flex", method=method, target=0.3, finetuned=False, lr=0):
-                record_levels(flexible_model(config, recalibrate), method, False, 0, 0.0)  # before any training
+                record_levels(
+                    flexible_model(config, recalibrate), method, False, 0, 0.0
+                )  # before any training
             for flex_lr in args.lrs:  # the flexible model's own rate, chosen on validation like the others'
-                if not rows.has(model=name, experiment="flex", method=method, target=0.3, finetuned=True,
-                                lr=flex_lr):
+                if not rows.has(
+                    model=name, experiment="flex", method=method, target=0.3, finetuned=True, lr=flex_lr
+                ):
                     flexible = flexible_model(config, recalibrate)
                     record_levels(flexible, method, True, flex_lr, finetune(flexible, flex_lr).seconds)
+
 
 def csv_of(name: str) -> Path:
     """Each model's rows in a file of its own (two models can run at once)."""
@@ -320,8 +480,11 @@ def summarize_model(name: str, rows: list[dict]) -> None:
             validation.setdefault(r["lr"], []).append(float(r["accuracy"]))
     if validation:
         lr = max(validation, key=lambda k: sum(validation[k]))
-        print("finetuning rate chosen on the validation split (mean of both tools' l2 models at 50 %): " + ", ".join(
-            f"{float(k):g}: {sum(v) / len(v):.2%}" for k, v in validation.items()) + f" -> {float(lr):g}")
+        print(
+            "finetuning rate chosen on the validation split (mean of both tools' l2 models at 50 %): "
+            + ", ".join(f"{float(k):g}: {sum(v) / len(v):.2%}" for k, v in validation.items())
+            + f" -> {float(lr):g}"
+        )
         flex_validation: dict[tuple[str, str], list[float]] = {}
         for r in rows:
             if r["experiment"] == "flex-lr":
@@ -332,9 +495,15 @@ def summarize_model(name: str, rows: list[dict]) -> None:
             if best is None or sum(values) > sum(flex_validation[method, best]):
                 flex_lr[method] = rate
         for method, best in flex_lr.items():
-            print(f"{method}: its rate chosen on validation (mean of its levels): " + ", ".join(
-                f"{float(k):g}: {sum(v) / len(v):.2%}" for (m, k), v in flex_validation.items() if m == method)
-                + f" -> {float(best):g}")
+            print(
+                f"{method}: its rate chosen on validation (mean of its levels): "
+                + ", ".join(
+                    f"{float(k):g}: {sum(v) / len(v):.2%}"
+                    for (m, k), v in flex_validation.items()
+                    if m == method
+                )
+                + f" -> {float(best):g}"
+            )
 
         def kept(r: dict) -> bool:
             if r["experiment"] in ("lr", "flex-lr"):
@@ -344,9 +513,11 @@ def summarize_model(name: str, rows: list[dict]) -> None:
             return float(r["lr"]) in (0.0, float(lr))
 
         rows = [r for r in rows if kept(r)]
-    print(f"{'experiment':10} {'method':34} {'target':>6} {'FLOPs':>6} {'compressed':>10} {'+1 epoch':>16} "
-          f"{'final vs unpruned':>17}   (scratch: trained as long as the original; flex: after its one epoch; "
-          f"+1 epoch over several seeds: mean +-std (seeds))")
+    print(
+        f"{'experiment':10} {'method':34} {'target':>6} {'FLOPs':>6} {'compressed':>10} {'+1 epoch':>16} "
+        f"{'final vs unpruned':>17}   (scratch: trained as long as the original; flex: after its one epoch; "
+        f"+1 epoch over several seeds: mean +-std (seeds))"
+    )
     by: dict[tuple, list[dict]] = {}
     for r in rows:
         by.setdefault((r["experiment"], r["method"], r["target"], r["finetuned"]), []).append(r)
@@ -365,33 +536,75 @@ def summarize_model(name: str, rows: list[dict]) -> None:
         tuned = by.get((experiment, method, target, "True"))
         plain = by.get((experiment, method, target, "False"))
         final = statistics.mean(float(r["accuracy"]) for r in tuned or plain)
-        print(f"{experiment:10} {method:34} {target:>6} {float(group[0]['flops']):6.3f} {cell(plain):>10} "
-              f"{cell(tuned):>16} {100 * (final - base):+16.2f}p")
+        print(
+            f"{experiment:10} {method:34} {target:>6} {float(group[0]['flops']):6.3f} {cell(plain):>10} "
+            f"{cell(tuned):>16} {100 * (final - base):+16.2f}p"
+        )
+
     def after(row: dict) -> bool:
         return row["finetuned"] == "True" or row["experiment"] == "scratch"
 
-    plot([r for r in rows if r["experiment"] in ("prune", "scratch", "flex", "factorize")], "flops", "accuracy",
-         lambda r: f"{r['experiment']}: {r['method']}", csv_of(name).with_suffix(".png"),
-         f"Fashion-MNIST {name}, test accuracy", "test accuracy", reference=base, sharey=False,
-         panel=lambda r: "after one finetune epoch (scratch: trained anew)" if after(r) else "before finetuning")
+    plot(
+        [r for r in rows if r["experiment"] in ("prune", "scratch", "flex", "factorize")],
+        "flops",
+        "accuracy",
+        lambda r: f"{r['experiment']}: {r['method']}",
+        csv_of(name).with_suffix(".png"),
+        f"Fashion-MNIST {name}, test accuracy",
+        "test accuracy",
+        reference=base,
+        sharey=False,
+        panel=lambda r: (
+            "after one finetune epoch (scratch: trained anew)" if after(r) else "before finetuning"
+        ),
+    )
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", choices=sorted(MODELS), default="cnn")
-    parser.add_argument("--epochs", type=int, help="training epochs of the model and of scratch runs "
-                        "(default: cnn 6, vit 20)")
+    parser.add_argument(
+        "--epochs", type=int, help="training epochs of the model and of scratch runs (default: cnn 6, vit 20)"
+    )
     parser.add_argument("--criteria", nargs="+", default=["l2", "taylor"])
-    parser.add_argument("--lrs", type=float, nargs="+", default=[1e-3, 3e-4, 1e-4],
-                        help="finetuning learning rates to choose from on the validation split")
-    parser.add_argument("--tools", nargs="+", default=["torch-dag", "torch-pruning", "torch-dag-plain"],
-                        choices=["torch-dag", "torch-pruning", "torch-dag-plain", "torch-dag-head-dim", "torch-pruning-heads"])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[SEED],
-                        help="finetuning data-order seeds of the pruned models (one row each; the summary shows "
-                        "their mean and spread)")
-    parser.add_argument("--targets", type=float, nargs="+", default=[0.5, 0.3], help="FLOPs ratios to prune to")
-    parser.add_argument("--no-scratch", dest="scratch", action="store_false",
-                        help="skip training the pruned architectures from scratch (the longest runs)")
+    parser.add_argument(
+        "--lrs",
+        type=float,
+        nargs="+",
+        default=[1e-3, 3e-4, 1e-4],
+        help="finetuning learning rates to choose from on the validation split",
+    )
+    parser.add_argument(
+        "--tools",
+        nargs="+",
+        default=["torch-dag", "torch-pruning", "torch-dag-plain"],
+        choices=[
+            "torch-dag",
+            "torch-pruning",
+            "torch-dag-plain",
+            "torch-dag-head-dim",
+            "torch-pruning-heads",
+        ],
+    )
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=[SEED],
+        help="finetuning data-order seeds of the pruned models (one row each; the summary shows "
+        "their mean and spread)",
+    )
+    parser.add_argument(
+        "--targets", type=float, nargs="+", default=[0.5, 0.3], help="FLOPs ratios to prune to"
+    )
+    parser.add_argument(
+        "--no-scratch",
+        dest="scratch",
+        action="store_false",
+        help="skip training the pruned architectures from scratch (the longest runs)",
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--summary", action="store_true")
     args = parser.parse_args()

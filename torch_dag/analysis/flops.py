@@ -43,7 +43,7 @@ def _conv(vertex: Vertex, args: tuple, kwargs: dict, out: Any) -> int:
     x = args[0]
     transposed = isinstance(module, nn.modules.conv._ConvTransposeNd)
     batch = x.shape[0] if x.dim() == len(weight_shape) else 1
-    spatial = _shape(x)[-(len(weight_shape) - 2):] if transposed else _shape(out)[-(len(weight_shape) - 2):]
+    spatial = _shape(x)[-(len(weight_shape) - 2) :] if transposed else _shape(out)[-(len(weight_shape) - 2) :]
     return batch * _numel(weight_shape) * _numel(spatial)
 
 
@@ -163,7 +163,9 @@ def _multihead_attention(vertex: Vertex, args: tuple, kwargs: dict, out: Any) ->
 def _ws_conv2d(vertex: Vertex, args: tuple, kwargs: dict, out: Any) -> int:
     """The conv, and the batch_norm that standardizes its weight (as counted where written functionally)."""
     weight = vertex.module.weight
-    return _conv(vertex, args, kwargs, out) + _numel(weight.shape) * (5 if vertex.module.gain is not None else 4)
+    return _conv(vertex, args, kwargs, out) + _numel(weight.shape) * (
+        5 if vertex.module.gain is not None else 4
+    )
 
 
 def _low_rank_linear(vertex: Vertex, args: tuple, kwargs: dict, out: Any) -> int:
@@ -191,23 +193,37 @@ def _function_ops(trait: Trait) -> list[str]:
 # op -> its rule; an op registered later adds its own entry (or a reason in WITHOUT_FLOP_RULE)
 FLOP_RULES: dict[str, FlopRule] = {
     **dict.fromkeys(_module_ops(Trait.CONV), _conv),
-    "ConvTranspose1d": _conv, "ConvTranspose2d": _conv, "ConvTranspose3d": _conv,
+    "ConvTranspose1d": _conv,
+    "ConvTranspose2d": _conv,
+    "ConvTranspose3d": _conv,
     **dict.fromkeys(_function_ops(Trait.CONV), _conv_function),
     # not CONV ops: a transposed convolution's weight reads (in, out / groups, *kernel)
-    "conv_transpose1d": _conv_transpose_function, "conv_transpose2d": _conv_transpose_function,
+    "conv_transpose1d": _conv_transpose_function,
+    "conv_transpose2d": _conv_transpose_function,
     "conv_transpose3d": _conv_transpose_function,
     **dict.fromkeys(_module_ops(Trait.LINEAR) + _function_ops(Trait.LINEAR), _linear),
-    "matmul": _matmul, "addmm": _addmm, "einsum": _einsum,
+    "matmul": _matmul,
+    "addmm": _addmm,
+    "einsum": _einsum,
     **dict.fromkeys(_module_ops(Trait.BATCH_NORM), _batch_norm),
-    "LayerNorm": _norm("elementwise_affine"), "GroupNorm": _norm("affine"),
-    "InstanceNorm1d": _norm("affine"), "InstanceNorm2d": _norm("affine"), "InstanceNorm3d": _norm("affine"),
-    "batch_norm": _batch_norm_function, "layer_norm": _norm_function(2), "group_norm": _norm_function(2),
+    "LayerNorm": _norm("elementwise_affine"),
+    "GroupNorm": _norm("affine"),
+    "InstanceNorm1d": _norm("affine"),
+    "InstanceNorm2d": _norm("affine"),
+    "InstanceNorm3d": _norm("affine"),
+    "batch_norm": _batch_norm_function,
+    "layer_norm": _norm_function(2),
+    "group_norm": _norm_function(2),
     "instance_norm": _norm_function(3),
-    "AdaptiveAvgPool2d": _input_numel, "adaptive_avg_pool2d": _input_numel,
-    "interpolate": _interpolate, "grid_sample": _output_numel(4),
+    "AdaptiveAvgPool2d": _input_numel,
+    "adaptive_avg_pool2d": _input_numel,
+    "interpolate": _interpolate,
+    "grid_sample": _output_numel(4),
     "scaled_dot_product_attention": _sdpa,
     "MultiheadAttention": _multihead_attention,
-    "LowRankLinear": _low_rank_linear, "LowRankConv2d": _low_rank_conv2d, "WSConv2d": _ws_conv2d,
+    "LowRankLinear": _low_rank_linear,
+    "LowRankConv2d": _low_rank_conv2d,
+    "WSConv2d": _ws_conv2d,
 }
 
 # traits whose ops cost no FLOPs: they compute nothing, or only element-wise work (free for fvcore)
@@ -228,20 +244,25 @@ _UNCOUNTED = {
         "MaxPool1d MaxPool2d MaxPool3d AvgPool1d AvgPool2d AvgPool3d AdaptiveAvgPool1d AdaptiveAvgPool3d "
         "AdaptiveMaxPool1d AdaptiveMaxPool2d AdaptiveMaxPool3d LPPool1d LPPool2d max_pool1d max_pool2d "
         "max_pool3d avg_pool1d avg_pool2d avg_pool3d adaptive_avg_pool1d adaptive_avg_pool3d "
-        "adaptive_max_pool1d adaptive_max_pool2d lp_pool2d"),
+        "adaptive_max_pool1d adaptive_max_pool2d lp_pool2d"
+    ),
     "fvcore counts no reductions, scans or softmax": (
         "all any amax amin argmax argmin count_nonzero logsumexp max min mean median norm prod std std_mean "
-        "sum var var_mean cumsum cumprod trace Softmax LogSoftmax Softmax2d softmax log_softmax"),
+        "sum var var_mean cumsum cumprod trace Softmax LogSoftmax Softmax2d softmax log_softmax"
+    ),
     "fvcore counts only batch, group, layer and instance norms": (
-        "LocalResponseNorm RMSNorm local_response_norm normalize rms_norm"),
+        "LocalResponseNorm RMSNorm local_response_norm normalize rms_norm"
+    ),
     "fvcore counts only matmul, mm, bmm, addmm, einsum, linear and convolutions": (
         "addbmm baddbmm kron outer Bilinear bilinear cdist dist pairwise_distance cosine_similarity cross "
-        "LSTM GRU RNN affine_grid"),
+        "LSTM GRU RNN affine_grid"
+    ),
     "moves, selects, sorts or converts values without arithmetic": (
         "cat stack repeat repeat_interleave tile flip roll pad gather scatter index_select index_put "
         "masked_select take_along_dim tril triu diag diff one_hot meshgrid to type_as sort argsort topk "
         "unique nonzero searchsorted bucketize Embedding embedding Fold Unfold fold unfold PixelShuffle "
-        "PixelUnshuffle ChannelShuffle pixel_shuffle pixel_unshuffle channel_shuffle"),
+        "PixelUnshuffle ChannelShuffle pixel_shuffle pixel_unshuffle channel_shuffle"
+    ),
     "arithmetic on Python sizes, not tensors": "size_ceil size_floor size_max size_min",
     "a nested DAG: its own vertices are counted": "DagModule",
 }
@@ -303,8 +324,10 @@ class FlopReport:
         total = max(1, self.total_flops)
         for name, flops in sorted(self.flops.items(), key=lambda kv: -kv[1])[:top]:
             shape = "x".join(map(str, self.shapes.get(name, ()))) or "-"
-            lines.append(f"  {name[:40]:40s} {self.ops[name][:22]:22s} {shape[:22]:22s} "
-                         f"{flops / 1e9:9.4f} {100 * flops / total:5.1f}%")
+            lines.append(
+                f"  {name[:40]:40s} {self.ops[name][:22]:22s} {shape[:22]:22s} "
+                f"{flops / 1e9:9.4f} {100 * flops / total:5.1f}%"
+            )
         return "\n".join(lines)
 
 

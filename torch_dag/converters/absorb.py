@@ -61,8 +61,9 @@ def _absorb_linear(c: Canonicalizer, args: tuple, node: fx.Node) -> tuple[nn.Mod
     weight, bias = _attr(c, weight), _attr(c, bias)
     if weight is None or weight.dim() != 2:
         raise NotAbsorbable
-    module = _meta_module(nn.Linear, in_features=weight.shape[1], out_features=weight.shape[0],
-                          bias=bias is not None)
+    module = _meta_module(
+        nn.Linear, in_features=weight.shape[1], out_features=weight.shape[0], bias=bias is not None
+    )
     return _share(module, weight=weight, bias=bias), (x,)
 
 
@@ -87,9 +88,17 @@ def _absorb_conv(cls: type[nn.Module]) -> Absorber:
         _constants(stride, padding, dilation, groups)
         if weight is None:
             raise NotAbsorbable
-        module = _meta_module(cls, in_channels=weight.shape[1] * groups, out_channels=weight.shape[0],
-                              kernel_size=tuple(weight.shape[2:]), stride=stride, padding=padding,
-                              dilation=dilation, groups=groups, bias=bias is not None)
+        module = _meta_module(
+            cls,
+            in_channels=weight.shape[1] * groups,
+            out_channels=weight.shape[0],
+            kernel_size=tuple(weight.shape[2:]),
+            stride=stride,
+            padding=padding,
+            dilation=dilation,
+            groups=groups,
+            bias=bias is not None,
+        )
         return _share(module, weight=weight, bias=bias), (x,)
 
     return absorb
@@ -118,20 +127,33 @@ def _absorb_batch_norm(c: Canonicalizer, args: tuple, node: fx.Node) -> tuple[nn
     if owner_path != c.module_path(node):
         raise NotAbsorbable
     owner = _owner(c.root, c.attr_of[running_mean.name][0])
-    if not isinstance(owner, _BATCH_NORMS) or owner.running_mean is not mean or owner.running_var is not _attr(
-            c, running_var, parameter=False):
+    if (
+        not isinstance(owner, _BATCH_NORMS)
+        or owner.running_mean is not mean
+        or owner.running_var is not _attr(c, running_var, parameter=False)
+    ):
         raise NotAbsorbable
     cls = next(k for k in _BATCH_NORMS if isinstance(owner, k))
     affine = owner.affine and _attr(c, weight) is owner.weight and _attr(c, bias) is owner.bias
     if not affine and (weight is not None or bias is not None):
         raise NotAbsorbable
     _constants(eps)
-    module = _meta_module(cls, num_features=mean.shape[0], eps=eps, momentum=owner.momentum,
-                          affine=affine, track_running_stats=True)
+    module = _meta_module(
+        cls,
+        num_features=mean.shape[0],
+        eps=eps,
+        momentum=owner.momentum,
+        affine=affine,
+        track_running_stats=True,
+    )
     if affine:
         _share(module, weight=owner.weight, bias=owner.bias)
-    _share(module, running_mean=owner.running_mean, running_var=owner.running_var,
-           num_batches_tracked=owner.num_batches_tracked)
+    _share(
+        module,
+        running_mean=owner.running_mean,
+        running_var=owner.running_var,
+        num_batches_tracked=owner.num_batches_tracked,
+    )
     return module, (x,)
 
 
@@ -139,8 +161,13 @@ def _absorb_layer_norm(c: Canonicalizer, args: tuple, node: fx.Node) -> tuple[nn
     x, shape, weight, bias, eps = args
     weight, bias = _attr(c, weight), _attr(c, bias)
     _constants(shape, eps)
-    module = _meta_module(nn.LayerNorm, normalized_shape=shape, eps=eps, elementwise_affine=weight is not None,
-                          bias=bias is not None)
+    module = _meta_module(
+        nn.LayerNorm,
+        normalized_shape=shape,
+        eps=eps,
+        elementwise_affine=weight is not None,
+        bias=bias is not None,
+    )
     if weight is None and bias is not None:
         raise NotAbsorbable
     return _share(module, weight=weight, bias=bias), (x,)
@@ -167,12 +194,20 @@ def _absorb_rms_norm(c: Canonicalizer, args: tuple, node: fx.Node) -> tuple[nn.M
 def _absorb_embedding(c: Canonicalizer, args: tuple, node: fx.Node) -> tuple[nn.Module, tuple]:
     ids, weight, *options = args
     weight = _attr(c, weight)
-    padding_idx, max_norm, norm_type, scale_grad_by_freq, sparse = (*options, None, None, 2.0, False, False)[:5]
+    padding_idx, max_norm, norm_type, scale_grad_by_freq, sparse = (*options, None, None, 2.0, False, False)[
+        :5
+    ]
     if weight is None or weight.dim() != 2 or max_norm is not None:
         raise NotAbsorbable
     _constants(padding_idx, norm_type, scale_grad_by_freq, sparse)
-    module = _meta_module(nn.Embedding, num_embeddings=weight.shape[0], embedding_dim=weight.shape[1],
-                          padding_idx=padding_idx, scale_grad_by_freq=scale_grad_by_freq, sparse=sparse)
+    module = _meta_module(
+        nn.Embedding,
+        num_embeddings=weight.shape[0],
+        embedding_dim=weight.shape[1],
+        padding_idx=padding_idx,
+        scale_grad_by_freq=scale_grad_by_freq,
+        sparse=sparse,
+    )
     return _share(module, weight=weight), (ids,)
 
 

@@ -33,8 +33,11 @@ def _build_spelling_tables() -> tuple[dict[Any, str], dict[str, str]]:
         table[key] = op
 
     for op, spec in FUNCTIONS.items():
-        for namespace, names in ((torch, spec.spellings.torch), (F, spec.spellings.functional),
-                                 (operator, spec.spellings.operator)):
+        for namespace, names in (
+            (torch, spec.spellings.torch),
+            (F, spec.spellings.functional),
+            (operator, spec.spellings.operator),
+        ):
             for name in names:
                 for spelling in (name, f"{name}_") if namespace is not operator else (name,):
                     target = getattr(namespace, spelling, None)  # torch.relu_ is relu, in place
@@ -53,8 +56,22 @@ def _build_spelling_tables() -> tuple[dict[Any, str], dict[str, str]]:
 
 OP_BY_TARGET, OP_BY_METHOD = _build_spelling_tables()
 
-_IN_PLACE_OPERATORS = {getattr(operator, n) for n in ("iadd", "isub", "imul", "itruediv", "ifloordiv",
-                                                      "imod", "ipow", "iand", "ior", "ixor", "imatmul")}
+_IN_PLACE_OPERATORS = {
+    getattr(operator, n)
+    for n in (
+        "iadd",
+        "isub",
+        "imul",
+        "itruediv",
+        "ifloordiv",
+        "imod",
+        "ipow",
+        "iand",
+        "ior",
+        "ixor",
+        "imatmul",
+    )
+}
 
 
 def is_in_place(kind: str, target: Any, kwargs: dict[str, Any]) -> bool:
@@ -71,8 +88,15 @@ def is_in_place(kind: str, target: Any, kwargs: dict[str, Any]) -> bool:
 
 # --- argument normalization -----------------------------------------------------------------------
 
-_DTYPE_METHODS = {"float": torch.float32, "double": torch.float64, "half": torch.float16,
-                  "bfloat16": torch.bfloat16, "int": torch.int32, "long": torch.int64, "bool": torch.bool}
+_DTYPE_METHODS = {
+    "float": torch.float32,
+    "double": torch.float64,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "int": torch.int32,
+    "long": torch.int64,
+    "bool": torch.bool,
+}
 _VARARG_SIZE_OPS = {"reshape", "permute", "expand", "repeat", "flip", "tile"}
 
 
@@ -80,8 +104,9 @@ def _pack_sizes(args: tuple, values: tuple) -> tuple:
     """`x.view(2, -1)` -> `reshape(x, (2, -1))`; `x.view((2, -1))` and `x.view(y.shape)` stay."""
     if len(args) == 2:
         value = values[1]
-        if isinstance(value, (list, tuple)) or (value is not None and not isinstance(value, int)
-                                                and not isinstance(value, torch.SymInt)):
+        if isinstance(value, (list, tuple)) or (
+            value is not None and not isinstance(value, int) and not isinstance(value, torch.SymInt)
+        ):
             return args
     return (args[0], tuple(args[1:]))
 
@@ -170,16 +195,26 @@ FUNCTION_TO_MODULE: dict[str, tuple[type[nn.Module], tuple[str, ...]]] = {
     "adaptive_max_pool1d": (nn.AdaptiveMaxPool1d, ("output_size", "return_indices")),
     "adaptive_max_pool2d": (nn.AdaptiveMaxPool2d, ("output_size", "return_indices")),
     "avg_pool1d": (nn.AvgPool1d, ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad")),
-    "avg_pool2d": (nn.AvgPool2d, ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad",
-                                  "divisor_override")),
-    "avg_pool3d": (nn.AvgPool3d, ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad",
-                                  "divisor_override")),
-    "max_pool1d": (nn.MaxPool1d, ("kernel_size", "stride", "padding", "dilation", "ceil_mode",
-                                  "return_indices")),
-    "max_pool2d": (nn.MaxPool2d, ("kernel_size", "stride", "padding", "dilation", "ceil_mode",
-                                  "return_indices")),
-    "max_pool3d": (nn.MaxPool3d, ("kernel_size", "stride", "padding", "dilation", "ceil_mode",
-                                  "return_indices")),
+    "avg_pool2d": (
+        nn.AvgPool2d,
+        ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override"),
+    ),
+    "avg_pool3d": (
+        nn.AvgPool3d,
+        ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override"),
+    ),
+    "max_pool1d": (
+        nn.MaxPool1d,
+        ("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices"),
+    ),
+    "max_pool2d": (
+        nn.MaxPool2d,
+        ("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices"),
+    ),
+    "max_pool3d": (
+        nn.MaxPool3d,
+        ("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices"),
+    ),
     "pixel_shuffle": (nn.PixelShuffle, ("upscale_factor",)),
     "pixel_unshuffle": (nn.PixelUnshuffle, ("downscale_factor",)),
     "channel_shuffle": (nn.ChannelShuffle, ("groups",)),
@@ -188,8 +223,9 @@ FUNCTION_TO_MODULE: dict[str, tuple[type[nn.Module], tuple[str, ...]]] = {
 _IGNORED_FOR_MODULE = {"inplace", "training", "_stacklevel", "train"}
 
 
-def as_module_op(op: str, args: tuple, kwargs: dict, is_constant: Callable[[Any], bool]
-                 ) -> tuple[nn.Module, tuple] | None:
+def as_module_op(
+    op: str, args: tuple, kwargs: dict, is_constant: Callable[[Any], bool]
+) -> tuple[nn.Module, tuple] | None:
     """`F.gelu(x, approximate='tanh')` -> `(nn.GELU(approximate='tanh'), (x,))`, when it can be."""
     entry = FUNCTION_TO_MODULE.get(op)
     if entry is None or not args:

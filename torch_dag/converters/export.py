@@ -35,17 +35,40 @@ from .tracer import _light
 # ATen ops whose torch-level spelling takes its arguments in another order or form
 _ADAPTERS: dict[str, Callable[..., tuple[Any, tuple, dict]]] = {
     "batch_norm": lambda x, w, b, mean, var, training, momentum, eps, *_: (
-        F.batch_norm, (x, mean, var, w, b, training, momentum, eps), {}),
+        F.batch_norm,
+        (x, mean, var, w, b, training, momentum, eps),
+        {},
+    ),
     "layer_norm": lambda x, shape, w=None, b=None, eps=1e-5, *_: (F.layer_norm, (x, shape, w, b, eps), {}),
     "group_norm": lambda x, groups, w=None, b=None, eps=1e-5, *_: (F.group_norm, (x, groups, w, b, eps), {}),
     "split_with_sizes": lambda x, sizes, dim=0: (torch.split, (x, sizes, dim), {}),
     "embedding": lambda weight, ids, padding_idx=-1, *_: (
-        F.embedding, (ids, weight, None if padding_idx == -1 else padding_idx), {}),
+        F.embedding,
+        (ids, weight, None if padding_idx == -1 else padding_idx),
+        {},
+    ),
 }
 _SIZE_MATH = {math.ceil: functions.size_ceil, math.floor: functions.size_floor}
 _DROPPED = {"_assert_tensor_metadata", "sym_constrain_range_for_size"}
-_METHODS = {"view", "contiguous", "expand", "repeat", "to", "type_as", "clone", "detach", "masked_fill",
-            "new_zeros", "new_ones", "new_full", "new_empty", "fill_", "zero_", "copy_", "index_put_"}
+_METHODS = {
+    "view",
+    "contiguous",
+    "expand",
+    "repeat",
+    "to",
+    "type_as",
+    "clone",
+    "detach",
+    "masked_fill",
+    "new_zeros",
+    "new_ones",
+    "new_full",
+    "new_empty",
+    "fill_",
+    "zero_",
+    "copy_",
+    "index_put_",
+}
 
 
 def _index(node: fx.Node, args: tuple) -> tuple:
@@ -54,7 +77,7 @@ def _index(node: fx.Node, args: tuple) -> tuple:
     leading = (slice(None),) * (dim % cast(fx.Node, node.args[0]).meta["val"].dim())
     if _schema(node).name.endswith("select"):
         return x, (*leading, rest[0])
-    start, end, step = (rest + [None, None, 1][len(rest):])[:3]
+    start, end, step = (rest + [None, None, 1][len(rest) :])[:3]
     end = None if isinstance(end, int) and end >= 2**62 else end  # aten spells "to the end" as int64 max
     return x, (*leading, slice(start, end, step))
 
@@ -65,33 +88,51 @@ def trace(model: nn.Module, inputs: dict[str, Any]) -> tuple[fx.Graph, list[str]
     `meta["td_value"]` as the fx path keeps it; and the names of the inputs."""
     # every size of a tensor input may vary (export keeps the ones the model fixes, and checks its
     # assumptions on the others); a model that cannot be exported so is exported at the example's sizes
-    dynamic = {name: ({d: torch.export.Dim.AUTO for d in range(value.dim())} if isinstance(value, torch.Tensor)
-                      else None) for name, value in inputs.items()}
+    dynamic = {
+        name: (
+            {d: torch.export.Dim.AUTO for d in range(value.dim())}
+            if isinstance(value, torch.Tensor)
+            else None
+        )
+        for name, value in inputs.items()
+    }
     try:
         try:
             program = torch.export.export(model, (), dict(inputs), dynamic_shapes=dynamic, strict=False)
         except Exception:
             program = torch.export.export(model, (), dict(inputs), strict=False)
     except Exception as e:
-        raise ConversionError(f"torch.export could not trace {type(model).__name__}: {type(e).__name__}: "
-                              f"{str(e)[:500]}") from e
+        raise ConversionError(
+            f"torch.export could not trace {type(model).__name__}: {type(e).__name__}: {str(e)[:500]}"
+        ) from e
     signature = program.graph_signature
     attrs = {**signature.inputs_to_parameters, **signature.inputs_to_buffers}
-    if signature.inputs_to_lifted_tensor_constants or signature.buffers_to_mutate or signature.user_inputs_to_mutate:
-        raise ConversionError(f"{type(model).__name__}: the exported program has tensor constants or mutates "
-                              "buffers or inputs, which the torch.export path does not map yet")
+    if (
+        signature.inputs_to_lifted_tensor_constants
+        or signature.buffers_to_mutate
+        or signature.user_inputs_to_mutate
+    ):
+        raise ConversionError(
+            f"{type(model).__name__}: the exported program has tensor constants or mutates "
+            "buffers or inputs, which the torch.export path does not map yet"
+        )
     graph = fx.Graph()
     env: dict[fx.Node, Any] = {}
     symbols: dict[Any, tuple[fx.Node, str]] = {}
     user_inputs = [n for n in program.graph.nodes if n.op == "placeholder" and n.name not in attrs]
     names = list(inputs)
     if len(user_inputs) != len(names):
-        raise ConversionError(f"{type(model).__name__}: torch.export flattened the inputs {names} into "
-                              f"{len(user_inputs)} tensors; only tensor inputs are mapped")
+        raise ConversionError(
+            f"{type(model).__name__}: torch.export flattened the inputs {names} into "
+            f"{len(user_inputs)} tensors; only tensor inputs are mapped"
+        )
     for node in program.graph.nodes:
         if node.op == "placeholder":
-            env[node] = (graph.get_attr(attrs[node.name]) if node.name in attrs
-                         else graph.placeholder(names[user_inputs.index(node)]))
+            env[node] = (
+                graph.get_attr(attrs[node.name])
+                if node.name in attrs
+                else graph.placeholder(names[user_inputs.index(node)])
+            )
             if node.name not in attrs:
                 _check_sizes(graph, env[node], node, program.range_constraints, symbols)
         elif node.op == "call_function":
@@ -108,8 +149,13 @@ def trace(model: nn.Module, inputs: dict[str, Any]) -> tuple[fx.Graph, list[str]
     return graph, names
 
 
-def _check_sizes(graph: fx.Graph, placeholder: fx.Node, node: fx.Node, ranges: dict,
-                 symbols: dict[Any, tuple[fx.Node, str]]) -> None:
+def _check_sizes(
+    graph: fx.Graph,
+    placeholder: fx.Node,
+    node: fx.Node,
+    ranges: dict,
+    symbols: dict[Any, tuple[fx.Node, str]],
+) -> None:
     """Assert, when the DAG runs, the sizes torch.export traced the model for: a fixed size, the range
     of a size it let vary (a branch on it narrows that range), and sizes it found equal (`symbols`: the
     first read of each size symbol, shared across inputs)."""
@@ -132,9 +178,21 @@ def _check_sizes(graph: fx.Graph, placeholder: fx.Node, node: fx.Node, ranges: d
         if bounds is not None:
             low, high = _finite(bounds.lower), _finite(bounds.upper)
             if low is not None:
-                _assert(graph, operator.ge, read, low, f"{where}: torch.export traced the model for sizes >= {low}")
+                _assert(
+                    graph,
+                    operator.ge,
+                    read,
+                    low,
+                    f"{where}: torch.export traced the model for sizes >= {low}",
+                )
             if high is not None:
-                _assert(graph, operator.le, read, high, f"{where}: torch.export traced the model for sizes <= {high}")
+                _assert(
+                    graph,
+                    operator.le,
+                    read,
+                    high,
+                    f"{where}: torch.export traced the model for sizes <= {high}",
+                )
 
 
 def _finite(bound: Any) -> int | None:
@@ -172,7 +230,9 @@ def _call(graph: fx.Graph, node: fx.Node, env: dict[fx.Node, Any]) -> Any:
         return graph.call_function(operator.getitem, _index(node, args))
     if name == "index" and not kwargs:  # x[i, j] with index tensors (None: the whole axis)
         x, indices = args
-        return graph.call_function(operator.getitem, (x, tuple(slice(None) if i is None else i for i in indices)))
+        return graph.call_function(
+            operator.getitem, (x, tuple(slice(None) if i is None else i for i in indices))
+        )
     if name in ("_to_copy", "to"):  # a dtype / device change; layout and memory format stay as they are
         named = _by_name(node, args, kwargs)
         if "other" in named:
@@ -192,12 +252,16 @@ def _call(graph: fx.Graph, node: fx.Node, env: dict[fx.Node, Any]) -> Any:
         if named.get("dtype") is not None:
             options["dtype"] = named["dtype"]
         return graph.call_function(torch.norm, (args[0],), options)
-    if name.endswith("_") and "inplace" in _parameters(getattr(F, name[:-1], None)):  # F.silu(x, inplace=True)
+    if name.endswith("_") and "inplace" in _parameters(
+        getattr(F, name[:-1], None)
+    ):  # F.silu(x, inplace=True)
         return graph.call_function(getattr(F, name[:-1]), args, {**kwargs, "inplace": True})
     if name in _ADAPTERS:
         function, args, kwargs = _ADAPTERS[name](*args, **kwargs)
         return graph.call_function(function, args, kwargs)
-    if name in _METHODS or (not hasattr(F, name) and not hasattr(torch, name) and hasattr(torch.Tensor, name)):
+    if name in _METHODS or (
+        not hasattr(F, name) and not hasattr(torch, name) and hasattr(torch.Tensor, name)
+    ):
         return graph.call_method(name, args, kwargs)
     function = getattr(F, name, None) or getattr(torch, name, None)
     if function is None:
@@ -239,9 +303,11 @@ def _record_values(model: nn.Module, graph: fx.Graph, inputs: dict[str, Any]) ->
             try:
                 value = super().run_node(node)
             except Exception as e:
-                raise ConversionError(f"the torch-level form of exported node '{node.name}' ({node.op} "
-                                      f"{getattr(node.target, '__name__', node.target)}) does not run: "
-                                      f"{type(e).__name__}: {str(e)[:300]}") from e
+                raise ConversionError(
+                    f"the torch-level form of exported node '{node.name}' ({node.op} "
+                    f"{getattr(node.target, '__name__', node.target)}) does not run: "
+                    f"{type(e).__name__}: {str(e)[:300]}"
+                ) from e
             node.meta["td_value"] = _light(value)
             return value
 

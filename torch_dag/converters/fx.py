@@ -79,8 +79,10 @@ def _from_export(model: nn.Module, inputs: dict[str, Any] | None) -> DagModule:
         with torch.no_grad():
             equal, worst, why = compare_outputs(model(**_clone(inputs)), dag(**_clone(inputs)))
         if not equal:
-            raise ConversionError(f"the DAG made through torch.export differs from {type(model).__name__} on the "
-                                  f"example inputs (max difference {worst:.3g}: {why}); not returned")
+            raise ConversionError(
+                f"the DAG made through torch.export differs from {type(model).__name__} on the "
+                f"example inputs (max difference {worst:.3g}: {why}); not returned"
+            )
         dag.traced_with = "export"
         return dag.train(was_training)
     finally:
@@ -92,8 +94,10 @@ def _from_fx(model: nn.Module, inputs: dict[str, Any] | None) -> DagModule:
         model = _Root(model)
         inputs = {"input": inputs[next(iter(inputs))]} if inputs else None
     was_training = model.training
-    snapshot = {module: [(state, dict(state)) for state in (vars(module), module._buffers, module._parameters)]
-                for module in model.modules()}
+    snapshot = {
+        module: [(state, dict(state)) for state in (vars(module), module._buffers, module._parameters)]
+        for module in model.modules()
+    }
     model.eval()
     try:
         with torch.no_grad():
@@ -130,8 +134,9 @@ class _Root(nn.Module):
         return self.layer(input)
 
 
-def _bind_example_inputs(model: nn.Module, example_inputs: Any, example_kwargs: dict | None
-                         ) -> dict[str, Any] | None:
+def _bind_example_inputs(
+    model: nn.Module, example_inputs: Any, example_kwargs: dict | None
+) -> dict[str, Any] | None:
     if example_inputs is None and example_kwargs is None:
         cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)
         if isinstance(cfg, dict) and isinstance(cfg.get("input_size"), (tuple, list)):
@@ -144,7 +149,9 @@ def _bind_example_inputs(model: nn.Module, example_inputs: Any, example_kwargs: 
     try:
         bound = signature.bind(*(example_inputs or ()), **(example_kwargs or {}))
     except TypeError as e:
-        raise ConversionError(f"example inputs do not fit {type(model).__name__}.forward{signature}: {e}") from e
+        raise ConversionError(
+            f"example inputs do not fit {type(model).__name__}.forward{signature}: {e}"
+        ) from e
     arguments: dict[str, Any] = {}
     for name, value in bound.arguments.items():  # **kwargs: its entries are inputs of their own names
         kind = signature.parameters[name].kind

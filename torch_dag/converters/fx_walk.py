@@ -65,9 +65,11 @@ class Canonicalizer:
 
     def error(self, node: fx.Node, message: str) -> ConversionError:
         target = getattr(node.target, "__qualname__", node.target)
-        return ConversionError(f"cannot convert fx node '{node.name}' (op={node.op}, target={target}"
-                               f"{', module ' + repr(self.module_path(node)) if self.module_path(node) else ''})"
-                               f": {message}")
+        return ConversionError(
+            f"cannot convert fx node '{node.name}' (op={node.op}, target={target}"
+            f"{', module ' + repr(self.module_path(node)) if self.module_path(node) else ''})"
+            f": {message}"
+        )
 
     @staticmethod
     def module_path(node: fx.Node) -> str:
@@ -87,8 +89,14 @@ class Canonicalizer:
         self.used_names.add(name)
         return name
 
-    def add(self, node: fx.Node, module: nn.Module, args: tuple = (), kwargs: dict | None = None,
-            hint: str | None = None) -> Ref:
+    def add(
+        self,
+        node: fx.Node,
+        module: nn.Module,
+        args: tuple = (),
+        kwargs: dict | None = None,
+        hint: str | None = None,
+    ) -> Ref:
         name = self.fresh_name(hint or node.name)
         meta: dict[str, Any] = {}
         if self.module_path(node):
@@ -125,7 +133,10 @@ class Canonicalizer:
         self.inputs.append(name)
         value = node.meta.get("td_value")
         if isinstance(value, torch.Tensor):
-            self.input_meta[name] = {"shape": list(value.shape), "dtype": str(value.dtype).removeprefix("torch.")}
+            self.input_meta[name] = {
+                "shape": list(value.shape),
+                "dtype": str(value.dtype).removeprefix("torch."),
+            }
         return Ref(name)
 
     def on_get_attr(self, node: fx.Node) -> Ref:
@@ -176,9 +187,12 @@ class Canonicalizer:
             return None
         op = canonical.OP_BY_TARGET.get(node.target)
         if op is None:
-            raise self.error(node, "this function is not in the op vocabulary "
-                             "(see torch_dag.known_ops()); if it is a helper of the model, make sure "
-                             "torch.fx traces through it")
+            raise self.error(
+                node,
+                "this function is not in the op vocabulary "
+                "(see torch_dag.known_ops()); if it is a helper of the model, make sure "
+                "torch.fx traces through it",
+            )
         return self.on_call(node, op, self.template(node.args, node), self.template(node.kwargs, node))
 
     def on_call_method(self, node: fx.Node) -> Any:
@@ -217,8 +231,9 @@ class Canonicalizer:
     def on_call(self, node: fx.Node, op: str, args: tuple, kwargs: dict) -> Ref:
         in_place = canonical.is_in_place(node.op, node.target, node.kwargs)
         args, kwargs = canonical.bind_canonical(op, args, kwargs)
-        built = self.absorb_weights(node, op, args, kwargs) or canonical.as_module_op(op, args, kwargs,
-                                                                                      is_constant)
+        built = self.absorb_weights(node, op, args, kwargs) or canonical.as_module_op(
+            op, args, kwargs, is_constant
+        )
         if built is not None:
             module, args = built
             path = self.module_path(node)  # a layer written functionally is named after its module
@@ -244,13 +259,17 @@ class Canonicalizer:
             base_nodes = [n for n, r in self.ref_of.items() if r == Ref(base)]
             later = [u for n in base_nodes for u in n.users if self.position[u] > self.position[node]]
             if later:
-                raise self.error(node, f"in-place update of a view of '{base}', which is read again "
-                                       f"afterwards by '{later[0].name}'; write it out of place")
+                raise self.error(
+                    node,
+                    f"in-place update of a view of '{base}', which is read again "
+                    f"afterwards by '{later[0].name}'; write it out of place",
+                )
         source_node = next(n for n in node.all_input_nodes if self.ref_of.get(n) == target)
         self.ref_of[source_node] = result  # every later node that reads the old value reads the new one
 
-    def absorb_weights(self, node: fx.Node, op: str, args: tuple, kwargs: dict
-                       ) -> tuple[nn.Module, tuple] | None:
+    def absorb_weights(
+        self, node: fx.Node, op: str, args: tuple, kwargs: dict
+    ) -> tuple[nn.Module, tuple] | None:
         """`F.conv2d(x, self.weight, ...)` on the model's own parameters -> a `Conv2d` vertex sharing them."""
         maker = ABSORBERS.get(op)
         if maker is None or kwargs:
@@ -293,7 +312,9 @@ def _is_fx_internal_check(node: fx.Node, baked_nodes: set[fx.Node]) -> bool:
     if getattr(node.target, "__name__", "") == "_assert_is_none":
         return True
     inputs = node.all_input_nodes
-    return node.target in (torch._assert, operator.eq) and bool(inputs) and all(n in baked_nodes for n in inputs)
+    return (
+        node.target in (torch._assert, operator.eq) and bool(inputs) and all(n in baked_nodes for n in inputs)
+    )
 
 
 def _live_vertices(vertices: list[Vertex], output: Any) -> list[Vertex]:

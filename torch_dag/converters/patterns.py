@@ -44,23 +44,37 @@ def raise_weight_standardization(dag: DagModule) -> DagModule:
 def _match(dag: DagModule, conv: Vertex) -> tuple[WSConv2d, list[str]] | None:
     """The WSConv2d that computes `conv`, and the vertices it replaces, if `conv` is that pattern."""
     args = conv.args
-    if len(args) != 7 or conv.kwargs or not isinstance(args[1], Ref) or not all(
-            isinstance(a, (int, tuple, str)) for a in args[3:]):
+    if (
+        len(args) != 7
+        or conv.kwargs
+        or not isinstance(args[1], Ref)
+        or not all(isinstance(a, (int, tuple, str)) for a in args[3:])
+    ):
         return None
     view_as = _only_use(dag, args[1].name, conv.name, "view_as")
     if view_as is None or not isinstance(view_as.args[1], Ref):
         return None
     weight = _parameter(dag, view_as.args[1].name)
-    norm = _only_use(dag, view_as.args[0].name, view_as.name, "batch_norm") if isinstance(view_as.args[0], Ref) \
+    norm = (
+        _only_use(dag, view_as.args[0].name, view_as.name, "batch_norm")
+        if isinstance(view_as.args[0], Ref)
         else None
+    )
     if weight is None or norm is None or weight.weight.dim() != 4 or norm.kwargs:
         return None
     out_channels = weight.weight.shape[0]
     # batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
-    if len(norm.args) != 8 or norm.args[1:3] != (None, None) or norm.args[4] is not None \
-            or norm.args[5] is not True or not isinstance(norm.args[7], float):
+    if (
+        len(norm.args) != 8
+        or norm.args[1:3] != (None, None)
+        or norm.args[4] is not None
+        or norm.args[5] is not True
+        or not isinstance(norm.args[7], float)
+    ):
         return None
-    reshape = _only_use(dag, norm.args[0].name, norm.name, "reshape") if isinstance(norm.args[0], Ref) else None
+    reshape = (
+        _only_use(dag, norm.args[0].name, norm.name, "reshape") if isinstance(norm.args[0], Ref) else None
+    )
     if reshape is None or reshape.args != (Ref(view_as.args[1].name), (1, out_channels, -1)):
         return None
     chain = [view_as.args[1].name, reshape.name, norm.name, view_as.name]
@@ -75,17 +89,28 @@ def _match(dag: DagModule, conv: Vertex) -> tuple[WSConv2d, list[str]] | None:
         chain.insert(0, args[2].name)
     stride, padding, dilation, groups = args[3:]
     with torch.device("meta"):  # the tensors are the model's own, set below
-        module = WSConv2d(weight.weight.shape[1] * groups, out_channels, tuple(weight.weight.shape[2:]), stride,
-                          padding, dilation, groups, bias=bias is not None, gain=gain is not None, scale=scale,
-                          eps=norm.args[7])
+        module = WSConv2d(
+            weight.weight.shape[1] * groups,
+            out_channels,
+            tuple(weight.weight.shape[2:]),
+            stride,
+            padding,
+            dilation,
+            groups,
+            bias=bias is not None,
+            gain=gain is not None,
+            scale=scale,
+            eps=norm.args[7],
+        )
     module.weight = weight.weight  # the same tensors: shared with the model, as fx shares them
     module.bias = bias.weight if bias is not None else None
     module.gain = gain
     return module, chain
 
 
-def _gain(dag: DagModule, arg: Any, user: str, out_channels: int, chain: list[str]
-          ) -> tuple[nn.Parameter | None, float] | None:
+def _gain(
+    dag: DagModule, arg: Any, user: str, out_channels: int, chain: list[str]
+) -> tuple[nn.Parameter | None, float] | None:
     """The batch_norm weight as (gain, scale): (None, 1) for no weight, or (gain, scale) for
     `(gain * scale).reshape(-1)` with gain a Parameter of shape (out, 1, 1, 1); None when it is something else."""
     if arg is None:
@@ -94,8 +119,13 @@ def _gain(dag: DagModule, arg: Any, user: str, out_channels: int, chain: list[st
     if flat is None or flat.args[1:] != ((-1,),) or not isinstance(flat.args[0], Ref):
         return None
     product = _only_use(dag, flat.args[0].name, flat.name, "mul")
-    if product is None or len(product.args) != 2 or product.kwargs or not isinstance(product.args[0], Ref) \
-            or not isinstance(product.args[1], (int, float)):
+    if (
+        product is None
+        or len(product.args) != 2
+        or product.kwargs
+        or not isinstance(product.args[0], Ref)
+        or not isinstance(product.args[1], (int, float))
+    ):
         return None
     gain = _parameter(dag, product.args[0].name)
     if gain is None or gain.weight.shape != (out_channels, 1, 1, 1):

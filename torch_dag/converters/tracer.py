@@ -29,13 +29,48 @@ _GUARD = FUNCTIONS["guard"].fn
 # torch functions whose int-list arguments often hold traced sizes (`torch.zeros(B, C)`,
 # `torch.reshape(x, (B, -1))`): torch's argument parser would turn a proxy into a constant (or fail)
 # before fx sees the call, so while tracing they record a node whenever any argument is a proxy.
-_SIZE_TAKING = ((torch, ("zeros", "ones", "full", "empty", "arange", "linspace", "eye", "tensor", "as_tensor",
-                         "rand", "randn", "randint", "reshape", "tile", "broadcast_to", "roll", "narrow",
-                         "split", "unflatten")),
-                (torch.nn.functional, ("pad",)))
+_SIZE_TAKING = (
+    (
+        torch,
+        (
+            "zeros",
+            "ones",
+            "full",
+            "empty",
+            "arange",
+            "linspace",
+            "eye",
+            "tensor",
+            "as_tensor",
+            "rand",
+            "randn",
+            "randint",
+            "reshape",
+            "tile",
+            "broadcast_to",
+            "roll",
+            "narrow",
+            "split",
+            "unflatten",
+        ),
+    ),
+    (torch.nn.functional, ("pad",)),
+)
 # the same for methods of real tensors (a buffer) called with traced sizes: `self.index.expand(B, -1)`
-_SIZE_TAKING_METHODS = ("expand", "view", "reshape", "repeat", "tile", "narrow", "unflatten", "split",
-                        "new_zeros", "new_ones", "new_full", "new_empty")
+_SIZE_TAKING_METHODS = (
+    "expand",
+    "view",
+    "reshape",
+    "repeat",
+    "tile",
+    "narrow",
+    "unflatten",
+    "split",
+    "new_zeros",
+    "new_ones",
+    "new_full",
+    "new_empty",
+)
 
 
 def vocabulary_spec(module: nn.Module) -> ModuleOpSpec | None:
@@ -274,8 +309,9 @@ class ConcreteTracer(fx.Tracer):
     @contextlib.contextmanager
     def patch_size_taking(self) -> Iterator[None]:
         """Make `torch.zeros(B, C)` with a traced `B` a graph node instead of a TypeError or a constant."""
-        originals = {(namespace, name): getattr(namespace, name)
-                     for namespace, names in _SIZE_TAKING for name in names}
+        originals = {
+            (namespace, name): getattr(namespace, name) for namespace, names in _SIZE_TAKING for name in names
+        }
 
         def wrap(fn):
             @functools.wraps(fn)

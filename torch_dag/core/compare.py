@@ -23,7 +23,11 @@ def compare_outputs(reference: Any, actual: Any, *, rtol: float = 1e-5) -> tuple
             continue
         if not isinstance(act, torch.Tensor) or act.shape != ref.shape or act.dtype != ref.dtype:
             what = f"{tuple(act.shape)} {act.dtype}" if isinstance(act, torch.Tensor) else type(act).__name__
-            return False, float("inf"), f"output leaf {i}: expected {tuple(ref.shape)} {ref.dtype}, got {what}"
+            return (
+                False,
+                float("inf"),
+                f"output leaf {i}: expected {tuple(ref.shape)} {ref.dtype}, got {what}",
+            )
         if ref.numel() == 0:
             continue
         ref64, act64 = ref.detach().double(), act.detach().double()

@@ -24,8 +24,13 @@ _RESERVED = frozenset(dir(nn.ModuleDict)) | {"self"}
 
 
 def is_valid_vertex_name(name: Any) -> bool:
-    return (isinstance(name, str) and name.isidentifier() and not keyword.iskeyword(name)
-            and not name.startswith("__") and name not in _RESERVED)
+    return (
+        isinstance(name, str)
+        and name.isidentifier()
+        and not keyword.iskeyword(name)
+        and not name.startswith("__")
+        and name not in _RESERVED
+    )
 
 
 @dataclass
@@ -72,8 +77,13 @@ class DagModule(nn.Module):
     _is_torch_dag_module = True
     traced_with: str  # on converted DAGs: the tracer that made it, "fx" or "export"
 
-    def __init__(self, inputs: Sequence[str], vertices: Sequence[Vertex], output: Any,
-                 input_meta: dict[str, dict[str, Any]] | None = None):
+    def __init__(
+        self,
+        inputs: Sequence[str],
+        vertices: Sequence[Vertex],
+        output: Any,
+        input_meta: dict[str, dict[str, Any]] | None = None,
+    ):
         super().__init__()
         self.input_names: list[str] = list(inputs)
         # per input: what it was converted with, e.g. {"shape": [1, 3, 224, 224], "dtype": "float32"}
@@ -152,8 +162,10 @@ class DagModule(nn.Module):
         for new in vertices:
             old = self[new.name]
             if new.op != old.op or new.predecessors != old.predecessors:
-                raise DagError(f"vertex {new.name!r} ({old.op} of {old.predecessors}) can only be replaced by "
-                               f"one of the same op and inputs, not {new.op} of {new.predecessors}")
+                raise DagError(
+                    f"vertex {new.name!r} ({old.op} of {old.predecessors}) can only be replaced by "
+                    f"one of the same op and inputs, not {new.op} of {new.predecessors}"
+                )
         same_code = all(self[v.name].args == v.args and self[v.name].kwargs == v.kwargs for v in vertices)
         for new in vertices:
             self._vertices[new.name] = new
@@ -180,9 +192,15 @@ class DagModule(nn.Module):
             if not meta or "shape" not in meta:
                 raise DagError(f"input {name!r} has no recorded shape; pass inputs explicitly")
             dtype, shape = DTYPES.get(meta.get("dtype", "float32")), meta["shape"]
-            if dtype is None or not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+            if (
+                dtype is None
+                or not isinstance(shape, list)
+                or not all(type(d) is int and d >= 0 for d in shape)
+            ):
                 raise DagError(f"input {name!r} has an unusable recorded shape/dtype {meta}")
-            inputs.append(torch.randn(shape).to(dtype) if dtype.is_floating_point else torch.zeros(shape, dtype=dtype))
+            inputs.append(
+                torch.randn(shape).to(dtype) if dtype.is_floating_point else torch.zeros(shape, dtype=dtype)
+            )
         return tuple(inputs)
 
     def run_collecting(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
@@ -260,8 +278,9 @@ def _walk_constants(dag: DagModule, emit) -> None:
             for key, value in template.items():
                 emit(key)
                 visit(value)
-        elif isinstance(template, slice) and any(isinstance(x, Ref) for x in
-                                                 (template.start, template.stop, template.step)):
+        elif isinstance(template, slice) and any(
+            isinstance(x, Ref) for x in (template.start, template.stop, template.step)
+        ):
             for item in (template.start, template.stop, template.step):
                 visit(item)
         else:
@@ -323,8 +342,9 @@ def _expression_writer(names: dict[str, str]) -> Callable[[Any], str]:
             return "(" + ", ".join(items) + ("," if len(items) == 1 else "") + ")"
         if isinstance(template, dict):
             return "{" + ", ".join(f"__K[{next(n_constants)}]: {expr(v)}" for v in template.values()) + "}"
-        if isinstance(template, slice) and any(isinstance(x, Ref) for x in
-                                               (template.start, template.stop, template.step)):
+        if isinstance(template, slice) and any(
+            isinstance(x, Ref) for x in (template.start, template.stop, template.step)
+        ):
             return f"slice({expr(template.start)}, {expr(template.stop)}, {expr(template.step)})"
         return f"__K[{next(n_constants)}]"
 

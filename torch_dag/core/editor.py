@@ -26,8 +26,9 @@ class Editor:
     def __init__(self, dag: DagModule):
         self.inputs = list(dag.input_names)
         self.input_meta = dict(dag.input_meta)
-        self.vertices: dict[str, Vertex] = {v.name: replace(v, kwargs=dict(v.kwargs), meta=dict(v.meta))
-                                            for v in dag}
+        self.vertices: dict[str, Vertex] = {
+            v.name: replace(v, kwargs=dict(v.kwargs), meta=dict(v.meta)) for v in dag
+        }
         self.output = dag.output
         self.training = dag.training
 
@@ -59,7 +60,9 @@ class Editor:
     def set_module(self, name: str, module: nn.Module) -> None:
         self.vertices[name].module = module
 
-    def rewire(self, old: str, new: Any, *, only: Iterable[str] | None = None, skip: Iterable[str] = ()) -> None:
+    def rewire(
+        self, old: str, new: Any, *, only: Iterable[str] | None = None, skip: Iterable[str] = ()
+    ) -> None:
         """Make readers of `old` read `new` (a vertex name, or any template value) instead."""
         target = Ref(new) if isinstance(new, str) else new
         only = set(only) if only is not None else None
@@ -96,8 +99,10 @@ class Editor:
         if replacement is not None:
             self.rewire(name, replacement)
         elif self.users(name):
-            raise DagError(f"cannot remove vertex {name!r} ({self.vertices[name].op}): "
-                           f"{self.users(name)} still read it; give a replacement")
+            raise DagError(
+                f"cannot remove vertex {name!r} ({self.vertices[name].op}): "
+                f"{self.users(name)} still read it; give a replacement"
+            )
         del self.vertices[name]
 
     def remove_dead(self) -> list[str]:

@@ -80,8 +80,14 @@ def in_place_calls(dag: Any, predecessors: list[list[str]] | None = None) -> tup
         if isinstance(vertex.module, (Parameter, Constant)):
             protected.add(vertex.name)
         make = IN_PLACE.get(op_name(vertex.module)) if not is_dag_module(vertex.module) else None
-        if (make is not None and first is not None and len(predecessors[i]) == 1 and not vertex.kwargs
-                and root[first] not in protected and class_end[root[first]] <= i):
+        if (
+            make is not None
+            and first is not None
+            and len(predecessors[i]) == 1
+            and not vertex.kwargs
+            and root[first] not in protected
+            and class_end[root[first]] <= i
+        ):
             call = make(vertex.module)
         if (_fresh(vertex.module) and call is callable_of(vertex.module)) or first is None:
             root[vertex.name] = vertex.name

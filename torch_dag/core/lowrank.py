@@ -37,9 +37,17 @@ class LowRankLinear(nn.Module):
 
 
 class LowRankConv2d(nn.Module):
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: tuple[int, int], rank: int,
-                 stride: tuple[int, int] = (1, 1), padding: tuple[int, int] | str = (0, 0),
-                 dilation: tuple[int, int] = (1, 1), bias: bool = True):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: tuple[int, int],
+        rank: int,
+        stride: tuple[int, int] = (1, 1),
+        padding: tuple[int, int] | str = (0, 0),
+        dilation: tuple[int, int] = (1, 1),
+        bias: bool = True,
+    ):
         super().__init__()
         self.in_channels, self.out_channels, self.rank = in_channels, out_channels, rank
         self.kernel_size, self.stride, self.dilation = _pair(kernel_size), _pair(stride), _pair(dilation)
@@ -57,9 +65,11 @@ class LowRankConv2d(nn.Module):
         return torch.einsum("or,rikl->oikl", self.up[:, :, 0, 0], self.down)
 
     def extra_repr(self) -> str:
-        return (f"{self.in_channels} -> {self.rank} -> {self.out_channels}, kernel_size={self.kernel_size}, "
-                f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}, "
-                f"bias={self.bias is not None}")
+        return (
+            f"{self.in_channels} -> {self.rank} -> {self.out_channels}, kernel_size={self.kernel_size}, "
+            f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}, "
+            f"bias={self.bias is not None}"
+        )
 
 
 def _pair(value: int | tuple[int, ...]) -> tuple[int, int]:

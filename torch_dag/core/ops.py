@@ -35,8 +35,9 @@ if TYPE_CHECKING:
 class Parameter(nn.Module):
     """A free parameter used directly in forward (a class token, a layer-scale gamma, ...)."""
 
-    def __init__(self, shape: tuple[int, ...] = (), dtype: torch.dtype = torch.float32,
-                 requires_grad: bool = True):
+    def __init__(
+        self, shape: tuple[int, ...] = (), dtype: torch.dtype = torch.float32, requires_grad: bool = True
+    ):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(shape, dtype=dtype), requires_grad=requires_grad)
 
@@ -173,8 +174,12 @@ def clone_module(module: nn.Module) -> nn.Module:
     """A copy of `module` sharing its tensors but not its containers (parameters, buffers, hooks and
     any other dict, list or set attribute), children cloned likewise."""
     clone = object.__new__(type(module))  # what copy.copy does, without its generic (slow) protocol
-    clone.__dict__.update({key: value.copy() if isinstance(value, (dict, list, set)) else value
-                           for key, value in module.__dict__.items()})
+    clone.__dict__.update(
+        {
+            key: value.copy() if isinstance(value, (dict, list, set)) else value
+            for key, value in module.__dict__.items()
+        }
+    )
     clone._modules = {k: None if m is None else clone_module(m) for k, m in module._modules.items()}
     return clone
 
@@ -187,16 +192,29 @@ _SKIPPED_INIT_PARAMS = {"self", "device", "dtype", "_weight", "_freeze"}
 
 
 # classes whose __init__ takes *args/**kwargs: the arguments they really take
-_RNN_PARAMS = ("input_size", "hidden_size", "num_layers", "bias", "batch_first", "dropout", "bidirectional",
-               "proj_size")
-_INIT_PARAMS_OVERRIDE = {nn.LSTM: _RNN_PARAMS, nn.GRU: _RNN_PARAMS[:-1],
-                         nn.RNN: ("input_size", "hidden_size", "num_layers", "nonlinearity", *_RNN_PARAMS[3:-1])}
+_RNN_PARAMS = (
+    "input_size",
+    "hidden_size",
+    "num_layers",
+    "bias",
+    "batch_first",
+    "dropout",
+    "bidirectional",
+    "proj_size",
+)
+_INIT_PARAMS_OVERRIDE = {
+    nn.LSTM: _RNN_PARAMS,
+    nn.GRU: _RNN_PARAMS[:-1],
+    nn.RNN: ("input_size", "hidden_size", "num_layers", "nonlinearity", *_RNN_PARAMS[3:-1]),
+}
 
 
 # constructor arguments a class does not keep as attributes of the same name
 _DERIVED_CONFIG: dict[type[nn.Module], dict[str, Callable[[nn.Module], Any]]] = {
-    nn.MultiheadAttention: {"bias": lambda m: m.in_proj_bias is not None,
-                            "add_bias_kv": lambda m: m.bias_k is not None},
+    nn.MultiheadAttention: {
+        "bias": lambda m: m.in_proj_bias is not None,
+        "add_bias_kv": lambda m: m.bias_k is not None,
+    },
 }
 
 
@@ -204,15 +222,21 @@ def _init_params(cls: type[nn.Module]) -> tuple[inspect.Parameter, ...]:
     """Constructor parameters stored in a config (device/dtype factory arguments of torch.nn excluded)."""
     if cls in _INIT_PARAMS_OVERRIDE:
         base = inspect.signature(nn.RNNBase.__init__).parameters
-        return tuple(base.get(n) or inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default="tanh")
-                     for n in _INIT_PARAMS_OVERRIDE[cls])
+        return tuple(
+            base.get(n) or inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default="tanh")
+            for n in _INIT_PARAMS_OVERRIDE[cls]
+        )
     skipped = _SKIPPED_INIT_PARAMS if cls.__module__.startswith("torch.nn") else {"self"}
-    return tuple(p for p in inspect.signature(cls.__init__).parameters.values()
-                 if p.name not in skipped and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD))
+    return tuple(
+        p
+        for p in inspect.signature(cls.__init__).parameters.values()
+        if p.name not in skipped and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+    )
 
 
-def register_module_op(cls: type[nn.Module], name: str | None = None, traits: Iterable[Trait] = ()
-                       ) -> type[nn.Module]:
+def register_module_op(
+    cls: type[nn.Module], name: str | None = None, traits: Iterable[Trait] = ()
+) -> type[nn.Module]:
     """Add a module class to the vocabulary with its traits (a duplicate name or class raises).
 
     Its config is its constructor arguments, read back from attributes of the same name."""
@@ -232,21 +256,76 @@ _TORCH_NN_OPS: dict[tuple[Trait, ...], tuple[str, ...]] = {
     (Trait.CONV,): ("Conv1d", "Conv2d", "Conv3d"),
     (Trait.LINEAR,): ("Linear",),
     (Trait.BATCH_NORM,): ("BatchNorm1d", "BatchNorm2d", "BatchNorm3d"),
-    (Trait.NORM,): ("LayerNorm", "GroupNorm", "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d",
-                    "LocalResponseNorm", "RMSNorm"),
-    _A: ("ReLU", "ReLU6", "LeakyReLU", "ELU", "CELU", "SELU", "GELU", "SiLU", "Mish", "Sigmoid", "Tanh",
-         "Hardswish", "Hardsigmoid", "Hardtanh", "Softplus", "Softsign", "Tanhshrink", "Hardshrink",
-         "Softshrink", "Threshold", "LogSigmoid"),
+    (Trait.NORM,): (
+        "LayerNorm",
+        "GroupNorm",
+        "InstanceNorm1d",
+        "InstanceNorm2d",
+        "InstanceNorm3d",
+        "LocalResponseNorm",
+        "RMSNorm",
+    ),
+    _A: (
+        "ReLU",
+        "ReLU6",
+        "LeakyReLU",
+        "ELU",
+        "CELU",
+        "SELU",
+        "GELU",
+        "SiLU",
+        "Mish",
+        "Sigmoid",
+        "Tanh",
+        "Hardswish",
+        "Hardsigmoid",
+        "Hardtanh",
+        "Softplus",
+        "Softsign",
+        "Tanhshrink",
+        "Hardshrink",
+        "Softshrink",
+        "Threshold",
+        "LogSigmoid",
+    ),
     (Trait.ACTIVATION,): ("PReLU", "GLU"),
     (Trait.IDENTITY, Trait.ALIASES_INPUT): ("Identity",),
     (Trait.DROPOUT, Trait.ALIASES_INPUT): ("Dropout", "Dropout1d", "Dropout2d", "Dropout3d", "AlphaDropout"),
-    (Trait.POOL,): ("MaxPool1d", "MaxPool2d", "MaxPool3d", "AvgPool1d", "AvgPool2d", "AvgPool3d",
-                    "AdaptiveAvgPool1d", "AdaptiveAvgPool2d", "AdaptiveAvgPool3d", "AdaptiveMaxPool1d",
-                    "AdaptiveMaxPool2d", "AdaptiveMaxPool3d", "LPPool1d", "LPPool2d"),
+    (Trait.POOL,): (
+        "MaxPool1d",
+        "MaxPool2d",
+        "MaxPool3d",
+        "AvgPool1d",
+        "AvgPool2d",
+        "AvgPool3d",
+        "AdaptiveAvgPool1d",
+        "AdaptiveAvgPool2d",
+        "AdaptiveAvgPool3d",
+        "AdaptiveMaxPool1d",
+        "AdaptiveMaxPool2d",
+        "AdaptiveMaxPool3d",
+        "LPPool1d",
+        "LPPool2d",
+    ),
     (Trait.CONTRACTION,): ("MultiheadAttention",),
-    (): ("ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d", "Bilinear", "Embedding", "Softmax",
-         "LogSoftmax", "Softmax2d", "PixelShuffle", "PixelUnshuffle", "ChannelShuffle", "Fold", "Unfold",
-         "LSTM", "GRU", "RNN"),
+    (): (
+        "ConvTranspose1d",
+        "ConvTranspose2d",
+        "ConvTranspose3d",
+        "Bilinear",
+        "Embedding",
+        "Softmax",
+        "LogSoftmax",
+        "Softmax2d",
+        "PixelShuffle",
+        "PixelUnshuffle",
+        "ChannelShuffle",
+        "Fold",
+        "Unfold",
+        "LSTM",
+        "GRU",
+        "RNN",
+    ),
 }
 for _traits, _names in _TORCH_NN_OPS.items():
     for _name in _names:

@@ -14,8 +14,15 @@ def choices(literal: Any) -> tuple[str, ...]:
     return get_args(literal)
 
 
-def check_option(option: str, value: Any, accepted: Sequence[str], *, what: str | None = None,
-                 where: str = "", error: type[Exception] = DagError) -> None:
+def check_option(
+    option: str,
+    value: Any,
+    accepted: Sequence[str],
+    *,
+    what: str | None = None,
+    where: str = "",
+    error: type[Exception] = DagError,
+) -> None:
     """Raise `error` unless `value` is one of `accepted`: "<option>='x' is not a known <what><where>: use a,
     b or c". `what` says what the option chooses (default: its name), `where` what it configures."""
     if isinstance(value, str) and value in accepted:

@@ -139,7 +139,7 @@ def from_json(data: Any, depth: int = 0) -> Any:
         return [from_json(v, depth + 1) for v in data]
     if not isinstance(data, dict) or len(data) != 1:
         raise LoadError(f"malformed template value {str(data)[:80]!r}")
-    (tag, value), = data.items()
+    ((tag, value),) = data.items()
     if tag == "$ref":
         if not isinstance(value, str):
             raise LoadError(f"$ref must name a vertex, got {value!r}")

@@ -33,8 +33,10 @@ def verify(dag: DagModule) -> DagModule:
         for ref in iter_refs((vertex.args, vertex.kwargs)):
             if ref.name not in seen:
                 later = ref.name in dag
-                problems.append(f"{where}: reads {ref.name!r}, which "
-                                + ("comes later (not topological order)" if later else "does not exist"))
+                problems.append(
+                    f"{where}: reads {ref.name!r}, which "
+                    + ("comes later (not topological order)" if later else "does not exist")
+                )
         if is_dag_module(vertex.module):
             try:
                 verify(vertex.module)

@@ -14,8 +14,9 @@ from ..passes.prepare import as_inputs
 
 
 @torch.no_grad()
-def recalibrate_batchnorm(model: torch.nn.Module, calibration: Iterable, *, levels: Sequence[int] | None = None
-                          ) -> int:
+def recalibrate_batchnorm(
+    model: torch.nn.Module, calibration: Iterable, *, levels: Sequence[int] | None = None
+) -> int:
     """Re-estimate the running statistics of `model`'s batchnorms from `calibration` (batches of inputs:
     a tensor or a tuple of the model's inputs each, as `td.prune` takes them), in place; returns how
     many batchnorm layers got new statistics.
@@ -43,8 +44,10 @@ def recalibrate_batchnorm(model: torch.nn.Module, calibration: Iterable, *, leve
     current = model.current_level()
     if current is None:
         if levels is not None:
-            raise DagError("the flexible model runs widths set by set_widths; set_level_use(i) before "
-                           "recalibrating levels")
+            raise DagError(
+                "the flexible model runs widths set by set_widths; set_level_use(i) before "
+                "recalibrating levels"
+            )
         return _recalibrate(model, in_use(), batches)
     count = 0
     try:
@@ -58,8 +61,13 @@ def recalibrate_batchnorm(model: torch.nn.Module, calibration: Iterable, *, leve
 
 def _recalibrate(model: torch.nn.Module, candidates: list[torch.nn.Module], batches: list[tuple]) -> int:
     """Recompute the running statistics of the batchnorms among `candidates` (modules `model` runs)."""
-    norms = [m for m in candidates if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
-             and m.track_running_stats and m.running_mean is not None]
+    norms = [
+        m
+        for m in candidates
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+        and m.track_running_stats
+        and m.running_mean is not None
+    ]
     if not norms:
         return 0
     modes = {m: m.training for m in [*model.modules(), *norms]}

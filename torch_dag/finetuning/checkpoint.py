@@ -20,8 +20,16 @@ STATE_FILE = "state.safetensors"
 STUDENT_FILE = "student.dag"
 
 
-def save_checkpoint(folder: Path, student: DagModule, opt: torch.optim.Optimizer, step: int, epoch: int,
-                     in_epoch: int, rank: int, world: int) -> None:
+def save_checkpoint(
+    folder: Path,
+    student: DagModule,
+    opt: torch.optim.Optimizer,
+    step: int,
+    epoch: int,
+    in_epoch: int,
+    rank: int,
+    world: int,
+) -> None:
     """Rank 0 writes the folder next to the old one and swaps it in, so a crash leaves a whole checkpoint."""
     from ..serde import save
 

@@ -55,9 +55,11 @@ class FinetuneConfig:
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.alpha <= 1.0:
-            raise ValueError(f"alpha (the weight of distillation against labels) must be in [0, 1], "
-                             f"got {self.alpha}")
+            raise ValueError(
+                f"alpha (the weight of distillation against labels) must be in [0, 1], got {self.alpha}"
+            )
         check_option("optimizer", self.optimizer, choices(Optimizer), error=ValueError)
-        check_option("schedule", self.schedule, choices(Schedule), what="learning-rate schedule",
-                     error=ValueError)
+        check_option(
+            "schedule", self.schedule, choices(Schedule), what="learning-rate schedule", error=ValueError
+        )
         object.__setattr__(self, "features", tuple(self.features))

@@ -47,8 +47,14 @@ from .distributed import average_buffers, default_device, join_process_group, me
 from .losses import distillation_loss, to_device, unpack
 
 
-def finetune(student: DagModule, teacher: torch.nn.Module, data: Iterable[Any], *,
-             config: FinetuneConfig | None = None, **options: Any) -> FinetuneReport:
+def finetune(
+    student: DagModule,
+    teacher: torch.nn.Module,
+    data: Iterable[Any],
+    *,
+    config: FinetuneConfig | None = None,
+    **options: Any,
+) -> FinetuneReport:
     """Train `student` in place towards `teacher` (frozen, in eval mode) on `data`. The teacher never
     changes: modules the student shares with it (as a factorized model shares the layers it left alone)
     are first replaced in the student by copies. Settings are a `FinetuneConfig`, or its fields as
@@ -74,8 +80,13 @@ def finetune(student: DagModule, teacher: torch.nn.Module, data: Iterable[Any], 
         run.done, start_epoch, skip = load_checkpoint(run.checkpoint, student, run.opt)
     report = FinetuneReport(steps=0, total_steps=run.done, world_size=world, resumed_at=run.done)
     start = time.perf_counter()
-    bar = tqdm(total=run.total, initial=run.done, desc="finetune", unit="step",
-               disable=not config.progress or rank != 0)
+    bar = tqdm(
+        total=run.total,
+        initial=run.done,
+        desc="finetune",
+        unit="step",
+        disable=not config.progress or rank != 0,
+    )
     try:
         _train(run, data, report, bar, start_epoch, skip)
     finally:
@@ -109,13 +120,23 @@ class _Run:
 
 def _check_run(student: DagModule, data: Iterable[Any], config: FinetuneConfig) -> None:
     if config.epochs > 1 and iter(data) is data:
-        raise ValueError("data is a one-pass iterator; pass a re-iterable (a DataLoader, a list) for epochs > 1")
+        raise ValueError(
+            "data is a one-pass iterator; pass a re-iterable (a DataLoader, a list) for epochs > 1"
+        )
     if config.features and isinstance(student, FlexDagModule):
-        raise ValueError("feature matching needs one width; a flexible student is distilled on its outputs only")
+        raise ValueError(
+            "feature matching needs one width; a flexible student is distilled on its outputs only"
+        )
 
 
-def _setup(student: DagModule, teacher: torch.nn.Module, data: Iterable[Any], config: FinetuneConfig, world: int,
-           rank: int) -> _Run:
+def _setup(
+    student: DagModule,
+    teacher: torch.nn.Module,
+    data: Iterable[Any],
+    config: FinetuneConfig,
+    world: int,
+    rank: int,
+) -> _Run:
     """Separate the student from the teacher, put both on the device in their modes, make the optimizer."""
     device = torch.device(config.device) if config.device is not None else default_device(student, world)
     flex = student if isinstance(student, FlexDagModule) else None
@@ -130,8 +151,10 @@ def _setup(student: DagModule, teacher: torch.nn.Module, data: Iterable[Any], co
     model = tapped_student
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(
-            tapped_student, device_ids=[device.index] if device.type == "cuda" else None,
-            find_unused_parameters=flex is not None)  # a level leaves the other levels' norm parameters unused
+            tapped_student,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=flex is not None,
+        )  # a level leaves the other levels' norm parameters unused
     opt = _optimizer([p for p in student.parameters() if p.requires_grad], config)
     steps_per_epoch = len(data) // world if isinstance(data, Sized) else None
     total = steps_per_epoch * config.epochs if steps_per_epoch else None
@@ -141,11 +164,15 @@ def _setup(student: DagModule, teacher: torch.nn.Module, data: Iterable[Any], co
 
 def _optimizer(params: list[torch.nn.Parameter], config: FinetuneConfig) -> torch.optim.Optimizer:
     if config.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+        return torch.optim.SGD(
+            params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+        )
     return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
 
 
-def _train(run: _Run, data: Iterable[Any], report: FinetuneReport, bar: tqdm, start_epoch: int, skip: int) -> None:
+def _train(
+    run: _Run, data: Iterable[Any], report: FinetuneReport, bar: tqdm, start_epoch: int, skip: int
+) -> None:
     """The epochs from `start_epoch` (its first `skip` steps done before a checkpoint), with checkpoints."""
     config = run.config
     for epoch in range(start_epoch, config.epochs):
@@ -158,7 +185,9 @@ def _train(run: _Run, data: Iterable[Any], report: FinetuneReport, bar: tqdm, st
         save_checkpoint(run.checkpoint, run.student, run.opt, run.done, config.epochs, 0, run.rank, run.world)
 
 
-def _epoch(run: _Run, data: Iterable[Any], report: FinetuneReport, bar: tqdm, epoch: int, skip: int) -> list[float]:
+def _epoch(
+    run: _Run, data: Iterable[Any], report: FinetuneReport, bar: tqdm, epoch: int, skip: int
+) -> list[float]:
     """One epoch's steps (the first `skip` only replayed); the loss of each."""
     config = run.config
     torch.manual_seed(config.seed + epoch)  # the same data order on every rank, and on resume
@@ -176,7 +205,9 @@ def _epoch(run: _Run, data: Iterable[Any], report: FinetuneReport, bar: tqdm, ep
         bar.update(1)
         bar.set_postfix(epoch=epoch, loss=f"{loss:.4f}")
         if run.checkpoint is not None and config.checkpoint_every and run.done % config.checkpoint_every == 0:
-            save_checkpoint(run.checkpoint, run.student, run.opt, run.done, epoch, index + 1, run.rank, run.world)
+            save_checkpoint(
+                run.checkpoint, run.student, run.opt, run.done, epoch, index + 1, run.rank, run.world
+            )
     return losses
 
 
@@ -215,8 +246,11 @@ def _separate(student: torch.nn.Module, teacher: torch.nn.Module) -> None:
 
     memo: dict[int, Any] = {}
     if isinstance(student, DagModule):  # its vertices hold the modules too: swap whole vertices
-        copies = [Vertex(v.name, copy.deepcopy(v.module, memo), v.args, dict(v.kwargs), dict(v.meta))
-                  for v in student if shared(v.module)]
+        copies = [
+            Vertex(v.name, copy.deepcopy(v.module, memo), v.args, dict(v.kwargs), dict(v.meta))
+            for v in student
+            if shared(v.module)
+        ]
         if copies:
             student.replace_vertices(copies)
         return
@@ -233,22 +267,26 @@ def _separate(student: torch.nn.Module, teacher: torch.nn.Module) -> None:
     unshare(student)
 
 
-def _tap(student: DagModule, teacher: torch.nn.Module, features: Sequence[str]
-         ) -> tuple[torch.nn.Module, torch.nn.Module]:
+def _tap(
+    student: DagModule, teacher: torch.nn.Module, features: Sequence[str]
+) -> tuple[torch.nn.Module, torch.nn.Module]:
     """The student and teacher as they are, or, with `features`, views of them (sharing every module)
     that also return the named vertices' values."""
     if not features:
         return student, teacher
     if not isinstance(teacher, DagModule):
-        raise TypeError("feature matching needs the teacher as a DagModule (its vertices are matched by name)")
+        raise TypeError(
+            "feature matching needs the teacher as a DagModule (its vertices are matched by name)"
+        )
     for dag, who in ((student, "student"), (teacher, "teacher")):
         missing = [n for n in features if n not in dag]
         if missing:
             raise DagError(f"feature vertices {missing} are not in the {who}")
 
     def tapped(dag: DagModule) -> DagModule:
-        return DagModule(dag.input_names, dag.vertices, (dag.output, {n: Ref(n) for n in features}),
-                         dag.input_meta)
+        return DagModule(
+            dag.input_names, dag.vertices, (dag.output, {n: Ref(n) for n in features}), dag.input_meta
+        )
 
     return tapped(student), tapped(teacher)
 

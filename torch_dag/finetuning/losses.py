@@ -32,14 +32,18 @@ def unpack(batch: Any) -> tuple[tuple, dict, Any]:
     if isinstance(batch, (list, tuple)) and len(batch) == 2:
         inputs, target = batch
         return (tuple(inputs) if isinstance(inputs, (list, tuple)) else (inputs,)), {}, target
-    raise TypeError(f"a batch must be a tensor, an (inputs, target) pair or a dict of inputs, got "
-                    f"{type(batch).__name__}" + (f" of length {len(batch)}" if isinstance(batch, (list, tuple)) else ""))
+    raise TypeError(
+        f"a batch must be a tensor, an (inputs, target) pair or a dict of inputs, got "
+        f"{type(batch).__name__}" + (f" of length {len(batch)}" if isinstance(batch, (list, tuple)) else "")
+    )
 
 
 def logits(out: Any) -> torch.Tensor:
     if isinstance(out, dict):
         if "logits" not in out:
-            raise DagError(f"the output is a dict without 'logits' (keys {list(out)}); distillation needs one")
+            raise DagError(
+                f"the output is a dict without 'logits' (keys {list(out)}); distillation needs one"
+            )
         return out["logits"]
     if isinstance(out, (list, tuple)):
         return logits(out[0])
@@ -53,8 +57,10 @@ def distillation_loss(out: Any, expected: Any, target: Any, config: FinetuneConf
         (out, got), (expected, wanted) = out, expected
     student, teacher = logits(out), logits(expected)
     if student.shape != teacher.shape:
-        raise DagError(f"the student's output {tuple(student.shape)} and the teacher's {tuple(teacher.shape)} "
-                       "differ in shape; distillation compares them element by element")
+        raise DagError(
+            f"the student's output {tuple(student.shape)} and the teacher's {tuple(teacher.shape)} "
+            "differ in shape; distillation compares them element by element"
+        )
     s = student.reshape(-1, student.shape[-1]).float() / temperature
     t = teacher.reshape(-1, teacher.shape[-1]).float() / temperature
     loss = F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), reduction="batchmean", log_target=True)
@@ -64,7 +70,11 @@ def distillation_loss(out: Any, expected: Any, target: Any, config: FinetuneConf
     for name in features:
         a, b = got[name], wanted[name]
         if a.shape != b.shape:
-            raise DagError(f"feature '{name}': the student's value has shape {tuple(a.shape)}, the teacher's "
-                           f"{tuple(b.shape)}; match vertices whose width pruning kept")
-        loss = loss + config.feature_weight * F.mse_loss(a.float(), b.float()) / b.float().var().clamp_min(1e-8)
+            raise DagError(
+                f"feature '{name}': the student's value has shape {tuple(a.shape)}, the teacher's "
+                f"{tuple(b.shape)}; match vertices whose width pruning kept"
+            )
+        loss = loss + config.feature_weight * F.mse_loss(a.float(), b.float()) / b.float().var().clamp_min(
+            1e-8
+        )
     return loss

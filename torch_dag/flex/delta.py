@@ -35,8 +35,11 @@ class InMemoryDeltaManager:
     def move_to(self, level: int) -> DagModule:
         check_level(level, self.max_level)
         if level != self.level:
-            apply_deltas(self._model, [self.deltas[step] for step in level_path(self.level, level)],
-                         graph_and_tensors(self._model)[0])
+            apply_deltas(
+                self._model,
+                [self.deltas[step] for step in level_path(self.level, level)],
+                graph_and_tensors(self._model)[0],
+            )
         self.level = level
         return self._model
 

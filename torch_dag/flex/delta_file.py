@@ -60,8 +60,9 @@ class FileDeltaManager:
         self._pool = ThreadPoolExecutor(min(4, os.cpu_count() or 1))  # zlib releases the GIL while it sums
 
     @staticmethod
-    def make_delta_file(file: str | Path, flex: FlexDagModule, starting_level: int = 0, *,
-                        progress: bool = False) -> Path:
+    def make_delta_file(
+        file: str | Path, flex: FlexDagModule, starting_level: int = 0, *, progress: bool = False
+    ) -> Path:
         """Write the plain model of `starting_level` and every neighbour delta of `flex` to `file`
         (with a progress bar over the levels when `progress`)."""
         was = flex._require_level("make_delta_file")
@@ -70,7 +71,9 @@ class FileDeltaManager:
         try:
             flex.set_level_use(starting_level)
             segments.append(("base", dumps(flex.make_base_copy())))
-            for level in tqdm(range(flex.max_level() + 1), desc="level deltas", unit="level", disable=not progress):
+            for level in tqdm(
+                range(flex.max_level() + 1), desc="level deltas", unit="level", disable=not progress
+            ):
                 for (source, target), delta in sorted(level_deltas(flex, level).items()):
                     name = f"{'up' if target > source else 'down'}/{target}"
                     segments.append((name, delta.to_bytes()))
@@ -81,9 +84,17 @@ class FileDeltaManager:
             crcs = [zlib.crc32(chunk) for chunk in split_bytes(data, _CHUNK)]
             entries.append({"name": name, "offset": offset, "length": len(data), "crc32": crcs})
             offset += len(data)
-        index = json.dumps({"format": "torch_dag.deltas", "version": _VERSION, "chunk": _CHUNK,
-                            "levels": flex.max_level() + 1, "starting_level": starting_level, "segments": entries},
-                           separators=(",", ":")).encode()
+        index = json.dumps(
+            {
+                "format": "torch_dag.deltas",
+                "version": _VERSION,
+                "chunk": _CHUNK,
+                "levels": flex.max_level() + 1,
+                "starting_level": starting_level,
+                "segments": entries,
+            },
+            separators=(",", ":"),
+        ).encode()
         path = Path(file)
         path.parent.mkdir(parents=True, exist_ok=True)
         header = _MAGIC + struct.pack("<Q", len(index)) + hashlib.sha256(index).digest() + index
@@ -99,7 +110,9 @@ class FileDeltaManager:
             self._graph = graph_and_tensors(self._model)[0]
             self.level = int(self.index["starting_level"])
         at = cast(int, self.level)  # set with the model
-        names = [f"{'up' if target > source else 'down'}/{target}" for source, target in level_path(at, level)]
+        names = [
+            f"{'up' if target > source else 'down'}/{target}" for source, target in level_path(at, level)
+        ]
         if not names:
             return self._model
         deltas = [LevelDelta.from_bytes(self._segment(name), f"{self.path} {name}") for name in names]
@@ -108,8 +121,10 @@ class FileDeltaManager:
         except LoadError:
             raise
         except Exception as e:  # the file's deltas do not fit the file's own models
-            raise LoadError(f"{self.path}: segments {', '.join(map(repr, names))} do not apply ({type(e).__name__}: "
-                            f"{str(e)[:200]})") from None
+            raise LoadError(
+                f"{self.path}: segments {', '.join(map(repr, names))} do not apply ({type(e).__name__}: "
+                f"{str(e)[:200]})"
+            ) from None
         self.level = level
         return self._model
 
@@ -122,7 +137,7 @@ class FileDeltaManager:
         if start + entry["length"] > len(self._map):
             raise LoadError(f"{self.path}: segment {name!r} is truncated")
         self.bytes_read += entry["length"]
-        data = memoryview(self._map)[start:start + entry["length"]]
+        data = memoryview(self._map)[start : start + entry["length"]]
         if list(self._pool.map(zlib.crc32, split_bytes(data, _CHUNK))) != entry["crc32"]:
             raise LoadError(f"{self.path}: segment {name!r} is corrupted (checksum mismatch)")
         return data
@@ -147,20 +162,36 @@ def _read_index(f, path: Path) -> tuple[dict[str, Any], int]:
     if hashlib.sha256(raw).digest() != head[16:48]:
         raise LoadError(f"{path}: the index is corrupted (checksum mismatch)")
     index = json.loads(raw)
-    if not isinstance(index, dict) or index.get("format") != "torch_dag.deltas" or index.get("version") != _VERSION:
-        raise LoadError(f"{path}: not a version {_VERSION} torch_dag delta file (format "
-                        f"{str(index.get('format') if isinstance(index, dict) else index)[:40]!r}, version "
-                        f"{index.get('version') if isinstance(index, dict) else None}): make it again with this torch_dag")
+    if (
+        not isinstance(index, dict)
+        or index.get("format") != "torch_dag.deltas"
+        or index.get("version") != _VERSION
+    ):
+        raise LoadError(
+            f"{path}: not a version {_VERSION} torch_dag delta file (format "
+            f"{str(index.get('format') if isinstance(index, dict) else index)[:40]!r}, version "
+            f"{index.get('version') if isinstance(index, dict) else None}): make it again with this torch_dag"
+        )
     if index.get("chunk") != _CHUNK:
-        raise LoadError(f"{path}: the index gives checksum pieces of {str(index.get('chunk'))[:20]} bytes, "
-                        f"expected {_CHUNK}")
+        raise LoadError(
+            f"{path}: the index gives checksum pieces of {str(index.get('chunk'))[:20]} bytes, "
+            f"expected {_CHUNK}"
+        )
     data_start = 48 + length
     index["by_name"] = {}
     for entry in index.get("segments", []):
-        if not (isinstance(entry, dict) and type(entry.get("offset")) is int and type(entry.get("length")) is int
-                and isinstance(entry.get("crc32"), list) and isinstance(entry.get("name"), str)
-                and entry["offset"] >= 0 and data_start + entry["offset"] + entry["length"] <= size):
-            raise LoadError(f"{path}: segment {str(entry)[:80]} lies outside the file: truncated or corrupted")
+        if not (
+            isinstance(entry, dict)
+            and type(entry.get("offset")) is int
+            and type(entry.get("length")) is int
+            and isinstance(entry.get("crc32"), list)
+            and isinstance(entry.get("name"), str)
+            and entry["offset"] >= 0
+            and data_start + entry["offset"] + entry["length"] <= size
+        ):
+            raise LoadError(
+                f"{path}: segment {str(entry)[:80]} lies outside the file: truncated or corrupted"
+            )
         index["by_name"][entry["name"]] = entry
     if type(index.get("levels")) is not int or type(index.get("starting_level")) is not int:
         raise LoadError(f"{path}: the index does not say its levels")

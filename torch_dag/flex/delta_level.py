@@ -50,8 +50,12 @@ class LevelDelta:
 
     @classmethod
     def between(cls, flex: FlexDagModule, source: int, target: int) -> LevelDelta:
-        if abs(source - target) != 1 or not (0 <= source <= flex.max_level() and 0 <= target <= flex.max_level()):
-            raise DagError(f"a delta joins neighbouring levels of 0..{flex.max_level()}, not {source} -> {target}")
+        if abs(source - target) != 1 or not (
+            0 <= source <= flex.max_level() and 0 <= target <= flex.max_level()
+        ):
+            raise DagError(
+                f"a delta joins neighbouring levels of 0..{flex.max_level()}, not {source} -> {target}"
+            )
         was = flex.current_level()
         try:
             flex.set_level_use(source)
@@ -72,8 +76,12 @@ class LevelDelta:
             vertex, attr = _split_key(key)
             module = flex_layers.get(vertex)
             if module is not None and module._parameters.get(attr) is not None:
-                step, value = _param_step(tensor, module.cuts[source].get(attr, []), module.cuts[target].get(attr, []),
-                                          up=target > source)
+                step, value = _param_step(
+                    tensor,
+                    module.cuts[source].get(attr, []),
+                    module.cuts[target].get(attr, []),
+                    up=target > source,
+                )
                 if step is not None:
                     for item in step.get("expand", step.get("shrink", [])):
                         item[1] = interned.setdefault(json.dumps(item[1]), len(interned))
@@ -99,16 +107,21 @@ class LevelDelta:
         shapes = {k: list(source[k].shape) for k in self.source_shapes if k in source}
         if shapes != self.source_shapes:
             wrong = next(k for k in self.source_shapes if shapes.get(k) != self.source_shapes[k])
-            raise DagError(f"this delta moves level {self.source} -> {self.target}, but the model is not at level "
-                           f"{self.source}: {wrong} has shape {shapes.get(wrong)}, expected {self.source_shapes[wrong]}")
+            raise DagError(
+                f"this delta moves level {self.source} -> {self.target}, but the model is not at level "
+                f"{self.source}: {wrong} has shape {shapes.get(wrong)}, expected {self.source_shapes[wrong]}"
+            )
         with torch.no_grad():
             return {key: self._make(key, source[key]) for key in self.source_shapes}
 
     def _target_graph(self, graph: dict[str, Any]) -> dict[str, Any]:
         """The target's graph JSON, from the source's (as `graph_and_tensors` gives it)."""
         changed = self.graph["vertices"]
-        return {**graph, **{k: v for k, v in self.graph.items() if k != "vertices"},
-                "vertices": [changed.get(entry["name"], entry) for entry in graph["vertices"]]}
+        return {
+            **graph,
+            **{k: v for k, v in self.graph.items() if k != "vertices"},
+            "vertices": [changed.get(entry["name"], entry) for entry in graph["vertices"]],
+        }
 
     def _make(self, key: str, old: torch.Tensor) -> torch.Tensor:
         step = self.steps.get(key)
@@ -117,15 +130,19 @@ class LevelDelta:
         if "shrink" in step:
             return shrink(old, [(axis, self._index(runs)) for axis, runs in step["shrink"]])
         shape = list(step["shape"])
-        axes = [(axis, self._index(runs), self._outside_of(runs, shape[axis])) for axis, runs in step["expand"]]
+        axes = [
+            (axis, self._index(runs), self._outside_of(runs, shape[axis])) for axis, runs in step["expand"]
+        ]
         pieces, region = [], list(shape)  # the pieces' shapes (see `outside`), outermost first
         for axis, on, _ in axes:
-            pieces.append([*region[:axis], shape[axis] - count(on), *region[axis + 1:]])
+            pieces.append([*region[:axis], shape[axis] - count(on), *region[axis + 1 :]])
             region[axis] = count(on)
         sizes = [math.prod(p) for p in pieces]
         value = self.values[key]
         if value.numel() != sum(sizes) or list(old.shape) != region:
-            raise DagError(f"{key}: the delta's values do not fit a {shape} tensor around a {list(old.shape)} one")
+            raise DagError(
+                f"{key}: the delta's values do not fit a {shape} tensor around a {list(old.shape)} one"
+            )
         parts = [part.reshape(piece) for part, piece in zip(value.split(sizes), pieces)]
         if all(isinstance(on, list) for _, on, _ in axes):  # few runs: copy everything once, into place
             new = torch.empty(shape, dtype=old.dtype)
@@ -155,10 +172,18 @@ class LevelDelta:
     # --- bytes --------------------------------------------------------------------------------------
 
     def to_bytes(self) -> bytes:
-        meta = {"source": self.source, "target": self.target, "graph": self.graph,
-                "source_shapes": self.source_shapes, "steps": self.steps, "runs": self.runs}
-        return safetensors.torch.save({k: v.contiguous() for k, v in self.values.items()},
-                                      metadata={_META: json.dumps(meta, separators=(",", ":"))})
+        meta = {
+            "source": self.source,
+            "target": self.target,
+            "graph": self.graph,
+            "source_shapes": self.source_shapes,
+            "steps": self.steps,
+            "runs": self.runs,
+        }
+        return safetensors.torch.save(
+            {k: v.contiguous() for k, v in self.values.items()},
+            metadata={_META: json.dumps(meta, separators=(",", ":"))},
+        )
 
     @classmethod
     def from_bytes(cls, data: bytes | bytearray | memoryview, where: str = "<delta>") -> LevelDelta:
@@ -172,8 +197,15 @@ class LevelDelta:
         except Exception as e:
             raise LoadError(f"{where}: not a readable level delta ({type(e).__name__}: {e})") from None
         _check_meta(meta, values, where)
-        return cls(meta["source"], meta["target"], meta["graph"], meta["source_shapes"], meta["steps"], meta["runs"],
-                   values)
+        return cls(
+            meta["source"],
+            meta["target"],
+            meta["graph"],
+            meta["source_shapes"],
+            meta["steps"],
+            meta["runs"],
+            values,
+        )
 
 
 def apply_deltas(plain: DagModule, deltas: list[LevelDelta], graph: dict[str, Any]) -> dict[str, Any]:
@@ -182,7 +214,9 @@ def apply_deltas(plain: DagModule, deltas: list[LevelDelta], graph: dict[str, An
     by level, the model is rebuilt once: only the vertices some delta changes get new modules. Everything
     is made and checked first: on an error `plain` stays as it was."""
     if type(plain) is not DagModule:
-        raise DagError(f"a level delta applies to a plain DagModule (make_base_copy()), not {type(plain).__name__}")
+        raise DagError(
+            f"a level delta applies to a plain DagModule (make_base_copy()), not {type(plain).__name__}"
+        )
     tensors = {k: t.detach() for k, t in plain.state_dict(keep_vars=True).items()}
     changed: set[str] = set()
     for delta in deltas:
@@ -205,40 +239,69 @@ def _check_meta(meta: Any, values: dict[str, torch.Tensor], where: str) -> None:
             raise LoadError(f"{where}: malformed level delta: {what}")
 
     def ints(value: Any, length: int | None = None) -> bool:
-        return (isinstance(value, list) and all(type(v) is int and v >= 0 for v in value)
-                and (length is None or len(value) == length))
+        return (
+            isinstance(value, list)
+            and all(type(v) is int and v >= 0 for v in value)
+            and (length is None or len(value) == length)
+        )
 
-    expect(isinstance(meta, dict) and all(k in meta for k in ("source", "target", "graph", "source_shapes",
-                                                                 "steps", "runs")), "missing fields")
-    expect(type(meta["source"]) is int and type(meta["target"]) is int and abs(meta["source"] - meta["target"]) == 1,
-           "source and target must be neighbouring levels")
+    expect(
+        isinstance(meta, dict)
+        and all(k in meta for k in ("source", "target", "graph", "source_shapes", "steps", "runs")),
+        "missing fields",
+    )
+    expect(
+        type(meta["source"]) is int
+        and type(meta["target"]) is int
+        and abs(meta["source"] - meta["target"]) == 1,
+        "source and target must be neighbouring levels",
+    )
     graph = meta["graph"]
-    expect(isinstance(graph, dict) and isinstance(graph.get("vertices"), dict)
-           and all(isinstance(v, dict) and v.get("name") == k for k, v in graph["vertices"].items())
-           and isinstance(graph.get("tied", {}), dict) and isinstance(graph.get("frozen", []), list),
-           "the graph changes must map vertex names to vertex entries")
+    expect(
+        isinstance(graph, dict)
+        and isinstance(graph.get("vertices"), dict)
+        and all(isinstance(v, dict) and v.get("name") == k for k, v in graph["vertices"].items())
+        and isinstance(graph.get("tied", {}), dict)
+        and isinstance(graph.get("frozen", []), list),
+        "the graph changes must map vertex names to vertex entries",
+    )
     shapes = meta["source_shapes"]
-    expect(isinstance(shapes, dict) and all(ints(v) for v in shapes.values()), "source_shapes must map names to shapes")
+    expect(
+        isinstance(shapes, dict) and all(ints(v) for v in shapes.values()),
+        "source_shapes must map names to shapes",
+    )
     runs = meta["runs"]
-    expect(isinstance(runs, list) and all(isinstance(r, list) and all(ints(span, 2) and span[0] <= span[1]
-                                                                      for span in r) for r in runs),
-           "runs must be lists of [start, stop) spans")
+    expect(
+        isinstance(runs, list)
+        and all(
+            isinstance(r, list) and all(ints(span, 2) and span[0] <= span[1] for span in r) for r in runs
+        ),
+        "runs must be lists of [start, stop) spans",
+    )
     expect(isinstance(meta["steps"], dict), "steps must be an object")
     for key, step in meta["steps"].items():
         ndim = len(shapes.get(key, []))
         kind = "shrink" if isinstance(step, dict) and "shrink" in step else "expand"
         cuts = step.get(kind) if isinstance(step, dict) else None
-        expect(key in shapes and isinstance(cuts, list) and all(ints(c, 2) and c[0] < ndim and c[1] < len(runs)
-                                                                 for c in cuts), f"bad step for {key!r}")
+        expect(
+            key in shapes
+            and isinstance(cuts, list)
+            and all(ints(c, 2) and c[0] < ndim and c[1] < len(runs) for c in cuts),
+            f"bad step for {key!r}",
+        )
         if kind == "expand":
             expect(ints(step.get("shape"), ndim) and key in values, f"bad expansion of {key!r}")
             for axis, index in cuts or ():
                 spans = runs[index]
-                expect(not spans or spans[-1][1] <= step["shape"][axis], f"{key!r}: positions outside the tensor")
+                expect(
+                    not spans or spans[-1][1] <= step["shape"][axis], f"{key!r}: positions outside the tensor"
+                )
         else:
             for axis, index in cuts or ():
                 spans = runs[index]
-                expect(not spans or spans[-1][1] <= shapes[key][axis], f"{key!r}: positions outside the tensor")
+                expect(
+                    not spans or spans[-1][1] <= shapes[key][axis], f"{key!r}: positions outside the tensor"
+                )
     expect(set(values) <= set(shapes), "the delta names tensors its models do not have")
 
 
@@ -256,8 +319,9 @@ def _split_key(key: str) -> tuple[str, str]:
     return vertex, attr
 
 
-def _param_step(tensor: torch.Tensor, source_cuts: list, target_cuts: list, up: bool
-                ) -> tuple[dict[str, Any] | None, torch.Tensor | None]:
+def _param_step(
+    tensor: torch.Tensor, source_cuts: list, target_cuts: list, up: bool
+) -> tuple[dict[str, Any] | None, torch.Tensor | None]:
     """A parameter of a flexible layer (`tensor` at the target level). Going up, the target's indices
     contain the source's: record where the source's sit and store the rest; going down, record which
     of the source's the target keeps. An axis without a cut is the full range."""
@@ -279,8 +343,9 @@ def _param_step(tensor: torch.Tensor, source_cuts: list, target_cuts: list, up: 
     return {"expand": positions, "shape": list(tensor.shape)}, outside(tensor, positions)
 
 
-def _other_value(key: str, tensor: torch.Tensor, flex: FlexDagModule, source: int, before: dict[str, list[int]]
-                 ) -> torch.Tensor | None:
+def _other_value(
+    key: str, tensor: torch.Tensor, flex: FlexDagModule, source: int, before: dict[str, list[int]]
+) -> torch.Tensor | None:
     """A buffer of a flexible layer (statistics per level: stored when they differ) or a tensor of a
     plain vertex (the same at every level)."""
     vertex, attr = _split_key(key)

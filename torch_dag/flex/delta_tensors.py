@@ -53,7 +53,7 @@ def complement(where: Where, size: int) -> Where:
     mask = np.ones(size, dtype=bool)
     if isinstance(where, list):
         for start, length in where:
-            mask[start:start + length] = False
+            mask[start : start + length] = False
     else:
         mask[where.numpy()] = False
     return where_of(np.flatnonzero(mask))
@@ -65,8 +65,9 @@ def take(tensor: torch.Tensor, axis: int, where: Where) -> torch.Tensor:
         return tensor.index_select(axis, where)
     if len(where) == 1:
         return tensor.narrow(axis, *where[0]).contiguous()
-    return torch.cat([tensor.narrow(axis, start, length) for start, length in where] or [tensor.narrow(axis, 0, 0)],
-                     axis)
+    return torch.cat(
+        [tensor.narrow(axis, start, length) for start, length in where] or [tensor.narrow(axis, 0, 0)], axis
+    )
 
 
 def shrink(tensor: torch.Tensor, cuts: list[tuple[int, Where]]) -> torch.Tensor:
@@ -94,8 +95,9 @@ def put(tensor: torch.Tensor, axis: int, where: Where, value: torch.Tensor) -> N
         offset += length
 
 
-def fill(new: torch.Tensor, axes: list[tuple[int, list, Where]], old: torch.Tensor, parts: list[torch.Tensor]
-          ) -> None:
+def fill(
+    new: torch.Tensor, axes: list[tuple[int, list, Where]], old: torch.Tensor, parts: list[torch.Tensor]
+) -> None:
     """Write an expansion into `new`: for the first axis, its part off the kept positions, then each run
     of kept positions recursively (the next axes), down to the old tensor."""
     if not axes:
@@ -105,6 +107,10 @@ def fill(new: torch.Tensor, axes: list[tuple[int, list, Where]], old: torch.Tens
     put(new, axis, off, parts[0])
     offset = 0
     for start, length in on:
-        fill(new.narrow(axis, start, length), rest, old.narrow(axis, offset, length),
-              [part.narrow(axis, offset, length) for part in parts[1:]])
+        fill(
+            new.narrow(axis, start, length),
+            rest,
+            old.narrow(axis, offset, length),
+            [part.narrow(axis, offset, length) for part in parts[1:]],
+        )
         offset += length

@@ -45,10 +45,16 @@ from .widths import (
 )
 
 
-def make_flexible(dag: DagModule, levels: Sequence[float | Sequence[float | int]] = (0.25, 0.5, 1.0),
-                  example_inputs: tuple | torch.Tensor | None = None, *, flops_ratios: Sequence[float] | None = None,
-                  config: FlexConfig = FlexConfig(), calibration: Iterable | None = None,
-                  protected: Iterable[str] = ()) -> FlexDagModule:
+def make_flexible(
+    dag: DagModule,
+    levels: Sequence[float | Sequence[float | int]] = (0.25, 0.5, 1.0),
+    example_inputs: tuple | torch.Tensor | None = None,
+    *,
+    flops_ratios: Sequence[float] | None = None,
+    config: FlexConfig = FlexConfig(),
+    calibration: Iterable | None = None,
+    protected: Iterable[str] = (),
+) -> FlexDagModule:
     """A flexible copy of `dag` with one level per entry of `levels` (narrowest first): a width fraction
     for every prunable group, or a vector of widths (one per group, fractions or channel counts); or,
     with `flops_ratios`, levels whose widths (one fraction for all groups) keep those FLOPs ratios.
@@ -75,8 +81,9 @@ def make_flexible(dag: DagModule, levels: Sequence[float | Sequence[float | int]
     return flex
 
 
-def _ranked(dag: DagModule, groups: ChannelGroups, config: FlexConfig, prep: Prepared
-            ) -> tuple[DagModule, WidthPlan, list[np.ndarray]]:
+def _ranked(
+    dag: DagModule, groups: ChannelGroups, config: FlexConfig, prep: Prepared
+) -> tuple[DagModule, WidthPlan, list[np.ndarray]]:
     """Each prunable group's channels ranked by importance (and, with `config.reorder`, `dag` with them
     sorted so); the plan of widths and, per group, the positions of its classes best first."""
     prunable = [g for g in groups.groups() if g.prunable]
@@ -86,8 +93,13 @@ def _ranked(dag: DagModule, groups: ChannelGroups, config: FlexConfig, prep: Pre
     if config.reorder:
         dag, scores = _reorder(dag, groups, prunable, scores, prep.example_inputs)
     ranking = [np.argsort([-scores.get(r, 0.0) for r in g.channels], kind="stable") for g in prunable]
-    plan = WidthPlan(groups, prunable, [np.asarray(g.channels)[r] for g, r in zip(prunable, ranking)],
-                     must_keep(groups), config)
+    plan = WidthPlan(
+        groups,
+        prunable,
+        [np.asarray(g.channels)[r] for g, r in zip(prunable, ranking)],
+        must_keep(groups),
+        config,
+    )
     return dag, plan, ranking
 
 
@@ -102,8 +114,14 @@ def _level_keeps(plan: WidthPlan, levels: Sequence[float | Sequence[float | int]
     return [keep_mask(plan.groups, r) for r in removed]
 
 
-def _flexible_copy(dag: DagModule, groups: ChannelGroups, keeps: list[Keep], protected: list[str],
-                   config: FlexConfig, ranking: list[np.ndarray]) -> FlexDagModule:
+def _flexible_copy(
+    dag: DagModule,
+    groups: ChannelGroups,
+    keeps: list[Keep],
+    protected: list[str],
+    config: FlexConfig,
+    ranking: list[np.ndarray],
+) -> FlexDagModule:
     """`dag` with a `FlexModule` (one skeleton per level) for every vertex that holds weights for a
     prunable group, and per-level arguments for the call templates that spell widths out; its
     `width_info` holds what `WidthPlan.rebuild` needs to redo the analysis after loading."""
@@ -119,8 +137,12 @@ def _flexible_copy(dag: DagModule, groups: ChannelGroups, keeps: list[Keep], pro
             full = role.rewrite(lambda ids: np.ones(len(ids), dtype=bool))
             full_args[vertex.name] = [to_json(list(full)), {k: to_json(v) for k, v in kwargs.items()}]
         vertices.append(Vertex(vertex.name, module, args, kwargs, dict(vertex.meta)))
-    width_info = {"protected": protected, "config": config.__dict__.copy(), "full_args": full_args,
-                  "ranking": [r.tolist() for r in ranking]}
+    width_info = {
+        "protected": protected,
+        "config": config.__dict__.copy(),
+        "full_args": full_args,
+        "ranking": [r.tolist() for r in ranking],
+    }
     flex = FlexDagModule(dag.input_names, vertices, dag.output, dag.input_meta, level_args, width_info)
     flex.train(dag.training)
     return flex
@@ -143,11 +165,15 @@ def compensate_levels(flex: FlexDagModule, calibration: Iterable) -> None:
     def recorder(name: str, geometry: tuple | None, bias: bool) -> Callable:
         def record(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
             grams[name] = grams[name] + row_gram(args[0], geometry, constant=bias)
+
         return record
 
     was = flex.current_level()
     flex.set_level_use(flex.max_level())
-    hooks = [m.register_forward_hook(recorder(n, conv_geometry(m.full), m.bias is not None)) for n, m in layers.items()]
+    hooks = [
+        m.register_forward_hook(recorder(n, conv_geometry(m.full), m.bias is not None))
+        for n, m in layers.items()
+    ]
     batches = 0
     try:
         with evaluating(flex), torch.no_grad():
@@ -167,12 +193,18 @@ def compensate_levels(flex: FlexDagModule, calibration: Iterable) -> None:
 
 def _solvable(module: FlexModule) -> bool:
     full = module.full
-    if not (isinstance(full, nn.Linear) or (isinstance(full, nn.Conv2d) and full.groups == 1
-                                             and full.padding_mode == "zeros")):
+    if not (
+        isinstance(full, nn.Linear)
+        or (isinstance(full, nn.Conv2d) and full.groups == 1 and full.padding_mode == "zeros")
+    ):
         return False
     weight = cast(torch.Tensor, module.weight)
-    loses = any(len(index) < weight.shape[1] for cuts in module.cuts[:-1] for axis, index in cuts.get("weight", [])
-                if axis == 1)
+    loses = any(
+        len(index) < weight.shape[1]
+        for cuts in module.cuts[:-1]
+        for axis, index in cuts.get("weight", [])
+        if axis == 1
+    )
     return loses and weight[0].numel() + 1 <= MAX_LSTSQ
 
 
@@ -183,7 +215,9 @@ def _solve_shared(module: FlexModule, gram: torch.Tensor) -> None:
     if bias is not None:
         full = torch.cat([full, bias.detach().double()[:, None]], 1)
     positions = weight[0, 0].numel()
-    energy = float(gram.diagonal()[:weight[0].numel()].mean()) or 1.0  # (inputs that are all zero: any scale)
+    energy = (
+        float(gram.diagonal()[: weight[0].numel()].mean()) or 1.0
+    )  # (inputs that are all zero: any scale)
     ridge = torch.full((len(gram),), RIDGE * energy, dtype=gram.dtype)
     if bias is not None:
         ridge[-1] = 0  # the constant is free
@@ -208,13 +242,18 @@ def _solve_shared(module: FlexModule, gram: torch.Tensor) -> None:
                 rhs = rhs + read[:, None] * (gram @ target)
         solved[rows] = torch.linalg.solve(lhs, rhs).T
     with torch.no_grad():
-        weight.copy_(solved[:, :weight[0].numel()].reshape(weight.shape))
+        weight.copy_(solved[:, : weight[0].numel()].reshape(weight.shape))
         if bias is not None:
             bias.copy_(solved[:, -1])
 
 
-def _reorder(dag: DagModule, groups: ChannelGroups, prunable: list[Group], scores: dict[int, float],
-             example_inputs: tuple) -> tuple[DagModule, dict[int, float]]:
+def _reorder(
+    dag: DagModule,
+    groups: ChannelGroups,
+    prunable: list[Group],
+    scores: dict[int, float],
+    example_inputs: tuple,
+) -> tuple[DagModule, dict[int, float]]:
     """`dag` with each prunable group's channels sorted by importance, and the scores of the classes at
     their new places. Along an axis, a group's channels lie in runs (a residual stream: one run; the
     query, key and value of attention: one each; a grouped conv's inputs: one per group); each run is
@@ -250,8 +289,11 @@ def _reorder(dag: DagModule, groups: ChannelGroups, prunable: list[Group], score
         if not agrees(candidate):
             allowed, candidate = set(), dag
         kept = [prunable[g].producers[0] for g in sorted(everything - allowed)]
-        warnings.warn(f"{len(kept)} channel groups keep their channel order (an op between their members "
-                      f"moves channels): {', '.join(kept[:5])}{' ...' if len(kept) > 5 else ''}", stacklevel=3)
+        warnings.warn(
+            f"{len(kept)} channel groups keep their channel order (an op between their members "
+            f"moves channels): {', '.join(kept[:5])}{' ...' if len(kept) > 5 else ''}",
+            stacklevel=3,
+        )
     moved = dict(scores)
     for ids in groups.producers.values():  # the class now at position j had the score of the one at order[j]
         roots = groups.root(ids)
@@ -280,7 +322,7 @@ def _sorted_runs(roots: np.ndarray, rank: dict[int, tuple[int, int]], allowed: s
         if len(run) > 1:
             start = run[0][0]
             placed = sorted(run, key=lambda block: rank[block[2]][1])
-            order[start:run[-1][1]] = np.concatenate([np.arange(a, b) for a, b, _ in placed])
+            order[start : run[-1][1]] = np.concatenate([np.arange(a, b) for a, b, _ in placed])
         run.clear()
         seen.clear()
 

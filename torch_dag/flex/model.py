@@ -28,20 +28,30 @@ class FlexDagModule(DagModule):
     other sub-network given one width per channel group (see `make_flexible`).
     """
 
-    def __init__(self, inputs: Sequence[str], vertices: Sequence[Vertex], output: Any,
-                 input_meta: dict[str, dict[str, Any]] | None = None, level_args: LevelArgs | None = None,
-                 width_info: dict[str, Any] | None = None):
+    def __init__(
+        self,
+        inputs: Sequence[str],
+        vertices: Sequence[Vertex],
+        output: Any,
+        input_meta: dict[str, dict[str, Any]] | None = None,
+        level_args: LevelArgs | None = None,
+        width_info: dict[str, Any] | None = None,
+    ):
         super().__init__(inputs, vertices, output, input_meta)
         counts = {v.module.num_levels for v in self if is_flex(v.module)}
         if len(counts) != 1:
-            raise DagError("a flexible DAG needs flexible vertices that all have the same number of levels, "
-                           f"found {sorted(counts) or 'none'}")
+            raise DagError(
+                "a flexible DAG needs flexible vertices that all have the same number of levels, "
+                f"found {sorted(counts) or 'none'}"
+            )
         self.num_levels: int = counts.pop()
         self.level_args: LevelArgs = dict(level_args or {})
         for name, per_level in self.level_args.items():
             if name not in self or len(per_level) != self.num_levels:
-                raise DagError(f"level call templates for {name!r}: the vertex must exist and have one "
-                               f"template per level ({self.num_levels})")
+                raise DagError(
+                    f"level call templates for {name!r}: the vertex must exist and have one "
+                    f"template per level ({self.num_levels})"
+                )
         # what `set_widths` needs to recompute the channel groups (JSON-able, saved with the model)
         self.width_info: dict[str, Any] | None = width_info
         self._width_plan: WidthPlan | None = None  # the analysis, made on first use
@@ -61,7 +71,9 @@ class FlexDagModule(DagModule):
 
     def set_level_use(self, level: int) -> None:
         if not isinstance(level, (int, np.integer)) or not 0 <= level <= self.max_level():
-            raise DagError(f"level {level!r} does not exist: this flexible model has levels 0..{self.max_level()}")
+            raise DagError(
+                f"level {level!r} does not exist: this flexible model has levels 0..{self.max_level()}"
+            )
         self._apply_level(int(level))
 
     def _apply_level(self, level: int) -> None:
@@ -110,7 +122,9 @@ class FlexDagModule(DagModule):
                 for name, param in module._parameters.items():
                     if param is None:
                         continue
-                    value = cast(torch.Tensor, vertex.module._parameters[name])  # a plain model of the level has it
+                    value = cast(
+                        torch.Tensor, vertex.module._parameters[name]
+                    )  # a plain model of the level has it
                     _assign(param, cuts.get(name, []), value, vertex.name)
                 _copy_buffers(skeleton, vertex.module, vertex.name)
 
@@ -126,7 +140,9 @@ class FlexDagModule(DagModule):
                     target = vertex.module._parameters[name]
                     if target is None:
                         continue
-                    source = cast(torch.Tensor, module.sliced(name, cuts))  # the plain model has it: so has this
+                    source = cast(
+                        torch.Tensor, module.sliced(name, cuts)
+                    )  # the plain model has it: so has this
                     _check_shape(target, source, vertex.name, name)
                     target.copy_(source)
                 _copy_buffers(vertex.module, skeleton, vertex.name)
@@ -134,8 +150,10 @@ class FlexDagModule(DagModule):
     def _pairs(self, plain: DagModule) -> list[tuple[Vertex, nn.Module]]:
         """(plain vertex, this model's module) for every module of this model; vertex names must match."""
         if [v.name for v in plain] != [v.name for v in self]:
-            raise DagError("the plain model does not have this flexible model's vertices (same names, same "
-                           "order): make it with make_base_copy()")
+            raise DagError(
+                "the plain model does not have this flexible model's vertices (same names, same "
+                "order): make it with make_base_copy()"
+            )
         seen: set[int] = set()
         pairs = []
         for vertex, own in zip(plain, self):
@@ -175,7 +193,9 @@ class FlexDagModule(DagModule):
 
     def _require_level(self, what: str) -> int:
         if self._level is None:
-            raise DagError(f"{what} works between levels; the model runs custom widths: set_level_use(i) first")
+            raise DagError(
+                f"{what} works between levels; the model runs custom widths: set_level_use(i) first"
+            )
         return self._level
 
     def __deepcopy__(self, memo: dict[int, Any]) -> FlexDagModule:
@@ -189,11 +209,15 @@ class FlexDagModule(DagModule):
 
 def _check_shape(target: torch.Tensor, source: torch.Tensor, vertex: str, name: str) -> None:
     if target.shape != source.shape:
-        raise DagError(f"vertex {vertex!r}: {name} has shape {tuple(target.shape)} in the plain model and "
-                       f"{tuple(source.shape)} at this level: the plain model is of another level")
+        raise DagError(
+            f"vertex {vertex!r}: {name} has shape {tuple(target.shape)} in the plain model and "
+            f"{tuple(source.shape)} at this level: the plain model is of another level"
+        )
 
 
-def _assign(param: torch.Tensor, axes: list[tuple[int, np.ndarray]], value: torch.Tensor, vertex: str) -> None:
+def _assign(
+    param: torch.Tensor, axes: list[tuple[int, np.ndarray]], value: torch.Tensor, vertex: str
+) -> None:
     """Write `value` into the positions of `param` that a level's cuts (`axes`) select."""
     index: list[Any] = [slice(None)] * param.dim()
     for k, (axis, positions) in enumerate(axes):

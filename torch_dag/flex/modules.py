@@ -41,16 +41,22 @@ class FlexModule(nn.Module):
     def __init__(self, full: nn.Module, levels: Sequence[nn.Module], cuts: Sequence[Cuts]):
         super().__init__()
         if len(levels) != len(cuts) or not levels:
-            raise DagError(f"a flexible layer needs one skeleton and one cut per level, got {len(levels)} "
-                           f"and {len(cuts)}")
+            raise DagError(
+                f"a flexible layer needs one skeleton and one cut per level, got {len(levels)} "
+                f"and {len(cuts)}"
+            )
         if any(p is not None for m in full.children() for p in m.parameters()):
-            raise DagError(f"{type(full).__name__}: only layers whose parameters are their own can be flexible")
+            raise DagError(
+                f"{type(full).__name__}: only layers whose parameters are their own can be flexible"
+            )
         for name, param in full._parameters.items():  # None (bias=False) too: the skeletons read it
             self.register_parameter(name, param)
         self.full = _skeleton(full)
         self.levels = nn.ModuleList(_skeleton(m) for m in levels)
-        self.cuts = [{attr: [(int(a), np.asarray(i, dtype=np.int64)) for a, i in axes] for attr, axes in c.items()}
-                     for c in cuts]
+        self.cuts = [
+            {attr: [(int(a), np.asarray(i, dtype=np.int64)) for a, i in axes] for attr, axes in c.items()}
+            for c in cuts
+        ]
         self.level: int | None = len(levels) - 1
         self.custom: tuple[nn.Module, Cuts] | None = None  # set by `set_widths`: a width not among the levels
         self._index_cache: dict[tuple, torch.Tensor | tuple[int, int]] = {}
@@ -93,7 +99,9 @@ class FlexModule(nn.Module):
             if where is None:
                 where = _as_range(index) or torch.from_numpy(index).to(tensor.device)
                 self._index_cache[key] = where
-            tensor = tensor.narrow(axis, *where) if isinstance(where, tuple) else tensor.index_select(axis, where)
+            tensor = (
+                tensor.narrow(axis, *where) if isinstance(where, tuple) else tensor.index_select(axis, where)
+            )
         return tensor
 
     def current_layer(self) -> nn.Module:
@@ -116,7 +124,9 @@ class FlexModule(nn.Module):
         try:
             return skeleton(*args, **kwargs)
         except Exception as error:
-            where = f"level {self.level} of 0..{len(self.levels) - 1}" if self.custom is None else "custom widths"
+            where = (
+                f"level {self.level} of 0..{len(self.levels) - 1}" if self.custom is None else "custom widths"
+            )
             if hasattr(error, "add_note"):
                 error.add_note(f"in a flexible {self.op} at {where} ({_describe(skeleton)})")
             raise
@@ -186,7 +196,9 @@ def _prefixes(counts: Sequence[int], what: str) -> list[np.ndarray]:
 
 def _levels(counts_in: Sequence[int], counts_out: Sequence[int]) -> int:
     if len(counts_in) != len(counts_out):
-        raise DagError(f"one input and one output width per level: got {len(counts_in)} and {len(counts_out)}")
+        raise DagError(
+            f"one input and one output width per level: got {len(counts_in)} and {len(counts_out)}"
+        )
     return len(counts_in)
 
 
@@ -194,14 +206,18 @@ class Conv2d(FlexModule):
     """`nn.Conv2d` whose level i maps `in_channels[i]` inputs to `out_channels[i]` outputs (prefixes of
     one shared weight); `groups` (the same at every level) must divide every width."""
 
-    def __init__(self, in_channels: Sequence[int], out_channels: Sequence[int], kernel_size: Any, **kwargs: Any):
+    def __init__(
+        self, in_channels: Sequence[int], out_channels: Sequence[int], kernel_size: Any, **kwargs: Any
+    ):
         n = _levels(in_channels, out_channels)
         ins, outs = _prefixes(in_channels, "in_channels"), _prefixes(out_channels, "out_channels")
         full = nn.Conv2d(len(ins[-1]), len(outs[-1]), kernel_size, **kwargs)
         groups = full.groups
         if 1 < groups < full.in_channels:
-            raise DagError("a hand-written flexible Conv2d is dense or depthwise; grouped convs become "
-                           "flexible through make_flexible, which keeps their group structure")
+            raise DagError(
+                "a hand-written flexible Conv2d is dense or depthwise; grouped convs become "
+                "flexible through make_flexible, which keeps their group structure"
+            )
         levels, cuts = [], []
         for i in range(n):
             level = copy.copy(full)
@@ -241,8 +257,10 @@ def _norm_levels(full: nn.Module, counts: Sequence[int], configure) -> tuple[lis
     levels, cuts = [], []
     for index in _prefixes(counts, "num_features"):
         level = copy.copy(full)
-        level._buffers = {k: (None if v is None else v[: len(index)].clone() if v.dim() else v.clone())
-                          for k, v in full._buffers.items()}
+        level._buffers = {
+            k: (None if v is None else v[: len(index)].clone() if v.dim() else v.clone())
+            for k, v in full._buffers.items()
+        }
         configure(level, len(index))
         levels.append(level)
         cuts.append({k: [(0, index)] for k, v in full._parameters.items() if v is not None})
@@ -272,7 +290,9 @@ class MultiheadAttention(nn.Module):
     (a prefix of the heads in the query, key, value and output projections). Built from flexible
     `Linear`s and the vocabulary's attention op, so a model using it converts like any other."""
 
-    def __init__(self, embed_dim: int | Sequence[int], num_heads: Sequence[int], head_dim: int, bias: bool = True):
+    def __init__(
+        self, embed_dim: int | Sequence[int], num_heads: Sequence[int], head_dim: int, bias: bool = True
+    ):
         super().__init__()
         widths = [h * head_dim for h in num_heads]
         embed = list(embed_dim) if isinstance(embed_dim, Sequence) else [embed_dim] * len(widths)

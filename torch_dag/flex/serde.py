@@ -30,15 +30,35 @@ _MAX_RUNS = 1 << 20
 def flex_config(module: FlexModule) -> dict[str, Any]:
     levels = []
     for i in range(module.num_levels):
-        levels.append({"config": _layer_config(module.view(i)),
-                       "cuts": {name: [[axis, index_runs(index)] for axis, index in axes]
-                                for name, axes in module.cuts[i].items()}})
-    params = {name: ({"shape": list(p.shape), "dtype": str(p.dtype).removeprefix("torch."),
-                      "requires_grad": p.requires_grad} if p is not None else None)
-              for name, p in module._parameters.items()}
+        levels.append(
+            {
+                "config": _layer_config(module.view(i)),
+                "cuts": {
+                    name: [[axis, index_runs(index)] for axis, index in axes]
+                    for name, axes in module.cuts[i].items()
+                },
+            }
+        )
+    params = {
+        name: (
+            {
+                "shape": list(p.shape),
+                "dtype": str(p.dtype).removeprefix("torch."),
+                "requires_grad": p.requires_grad,
+            }
+            if p is not None
+            else None
+        )
+        for name, p in module._parameters.items()
+    }
     full = _plain_copy(module.full, module._parameters)
-    return {"op": op_name(module.full), "full": _layer_config(full), "params": params, "levels": levels,
-            "level": module.level if module.custom is None else module.num_levels - 1}
+    return {
+        "op": op_name(module.full),
+        "full": _layer_config(full),
+        "params": params,
+        "levels": levels,
+        "level": module.level if module.custom is None else module.num_levels - 1,
+    }
 
 
 def build_flex(config: Any, where: str) -> FlexModule:
@@ -50,17 +70,23 @@ def build_flex(config: Any, where: str) -> FlexModule:
     except Exception as e:
         raise LoadError(f"{where}: {e}") from None
     _expect(isinstance(params, dict), f"{where}: params must be an object")
-    _expect(isinstance(levels, list) and len(levels) > 0 and all(isinstance(x, dict) for x in levels),
-            f"{where}: levels must be a non-empty list of objects")
+    _expect(
+        isinstance(levels, list) and len(levels) > 0 and all(isinstance(x, dict) for x in levels),
+        f"{where}: levels must be a non-empty list of objects",
+    )
     full = _build(spec, config.get("full"), where)
     for name, info in params.items():
         _expect(name in full._parameters, f"{where}: {op} has no parameter {name!r}")
         if info is None:
             full._parameters[name] = None
             continue
-        _expect(isinstance(info, dict) and isinstance(info.get("shape"), list)
-                and all(type(d) is int and d >= 0 for d in info["shape"]) and info.get("dtype") in DTYPES,
-                f"{where}: bad description of parameter {name!r}")
+        _expect(
+            isinstance(info, dict)
+            and isinstance(info.get("shape"), list)
+            and all(type(d) is int and d >= 0 for d in info["shape"])
+            and info.get("dtype") in DTYPES,
+            f"{where}: bad description of parameter {name!r}",
+        )
         tensor = torch.empty(info["shape"], dtype=DTYPES[info["dtype"]], device="meta")
         full._parameters[name] = nn.Parameter(tensor, requires_grad=info.get("requires_grad") is not False)
     skeletons, cuts = [], []
@@ -109,13 +135,27 @@ def _cuts(data: Any, full: nn.Module, where: str) -> dict[str, list[tuple[int, n
         _expect(isinstance(axes, list), f"{where}: cuts of {name!r} must be a list")
         cuts[name] = []
         for item in axes:
-            _expect(isinstance(item, list) and len(item) == 2 and type(item[0]) is int
-                    and 0 <= item[0] < param.dim() and isinstance(item[1], list) and len(item[1]) <= _MAX_RUNS,
-                    f"{where}: malformed cut of {name!r}")
+            _expect(
+                isinstance(item, list)
+                and len(item) == 2
+                and type(item[0]) is int
+                and 0 <= item[0] < param.dim()
+                and isinstance(item[1], list)
+                and len(item[1]) <= _MAX_RUNS,
+                f"{where}: malformed cut of {name!r}",
+            )
             axis, runs = item
             size = param.shape[axis]
-            _expect(all(isinstance(r, list) and len(r) == 2 and all(type(x) is int for x in r)
-                        and 0 <= r[0] < r[1] <= size for r in runs), f"{where}: cut of {name!r} out of range")
+            _expect(
+                all(
+                    isinstance(r, list)
+                    and len(r) == 2
+                    and all(type(x) is int for x in r)
+                    and 0 <= r[0] < r[1] <= size
+                    for r in runs
+                ),
+                f"{where}: cut of {name!r} out of range",
+            )
             index = np.concatenate([np.arange(a, b) for a, b in runs]) if runs else np.zeros(0, np.int64)
             _expect(bool(np.all(np.diff(index) > 0)), f"{where}: cut of {name!r} is not sorted and distinct")
             cuts[name].append((axis, index))
@@ -132,23 +172,44 @@ def _expect(condition: bool, message: str) -> None:
 
 def flex_dag_json(dag: FlexDagModule) -> dict[str, Any]:
     if dag.current_level() is None:
-        raise DagError("a flexible model running custom widths cannot be saved as such: set_level_use(i) "
-                       "first, or save make_base_copy() as a plain model")
-    return {"level": dag.current_level(), "width_info": dag.width_info,
-            "level_args": {name: [[to_json(list(args)), {k: to_json(v) for k, v in kwargs.items()}]
-                                  for args, kwargs in per_level] for name, per_level in dag.level_args.items()}}
+        raise DagError(
+            "a flexible model running custom widths cannot be saved as such: set_level_use(i) "
+            "first, or save make_base_copy() as a plain model"
+        )
+    return {
+        "level": dag.current_level(),
+        "width_info": dag.width_info,
+        "level_args": {
+            name: [
+                [to_json(list(args)), {k: to_json(v) for k, v in kwargs.items()}]
+                for args, kwargs in per_level
+            ]
+            for name, per_level in dag.level_args.items()
+        },
+    }
 
 
-def build_flex_dag(data: Any, inputs: list[str], vertices: list, output: Any, input_meta: dict) -> FlexDagModule:
-    _expect(isinstance(data, dict) and isinstance(data.get("level_args", {}), dict), "flex: must be an object "
-            "with level_args")
+def build_flex_dag(
+    data: Any, inputs: list[str], vertices: list, output: Any, input_meta: dict
+) -> FlexDagModule:
+    _expect(
+        isinstance(data, dict) and isinstance(data.get("level_args", {}), dict),
+        "flex: must be an object with level_args",
+    )
     level_args = {}
     for name, per_level in data.get("level_args", {}).items():
-        _expect(isinstance(per_level, list) and all(isinstance(x, list) and len(x) == 2 and isinstance(x[0], list)
-                                                    and isinstance(x[1], dict) for x in per_level),
-                f"flex: level_args of {name!r} must be a list of [args, kwargs]")
-        level_args[name] = [(tuple(from_json(args)), {k: from_json(v) for k, v in kwargs.items()})
-                            for args, kwargs in per_level]
+        _expect(
+            isinstance(per_level, list)
+            and all(
+                isinstance(x, list) and len(x) == 2 and isinstance(x[0], list) and isinstance(x[1], dict)
+                for x in per_level
+            ),
+            f"flex: level_args of {name!r} must be a list of [args, kwargs]",
+        )
+        level_args[name] = [
+            (tuple(from_json(args)), {k: from_json(v) for k, v in kwargs.items()})
+            for args, kwargs in per_level
+        ]
     width_info = data.get("width_info")
     _expect(width_info is None or isinstance(width_info, dict), "flex: width_info must be an object")
     dag = FlexDagModule(inputs, vertices, output, input_meta, level_args, width_info)

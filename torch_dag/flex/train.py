@@ -12,10 +12,17 @@ import torch.nn.functional as F
 from .model import FlexDagModule
 
 
-def sandwich_step(flex: FlexDagModule, inputs: tuple | torch.Tensor, target: Any,
-                  loss_fn: Callable[[Any, Any], torch.Tensor], optimizer: torch.optim.Optimizer, *,
-                  distill: bool = True, temperature: float = 1.0, rng: random.Random | None = None
-                  ) -> dict[int, float]:
+def sandwich_step(
+    flex: FlexDagModule,
+    inputs: tuple | torch.Tensor,
+    target: Any,
+    loss_fn: Callable[[Any, Any], torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    *,
+    distill: bool = True,
+    temperature: float = 1.0,
+    rng: random.Random | None = None,
+) -> dict[int, float]:
     """One optimizer step over the largest, the smallest and one random middle level (each batch).
 
     The largest level learns from `target` with `loss_fn`; the others too, or, with `distill`, from the
@@ -37,8 +44,15 @@ def sandwich_step(flex: FlexDagModule, inputs: tuple | torch.Tensor, target: Any
             teacher = out.detach() if level == top else teacher
         else:
             teacher = cast(torch.Tensor, teacher)  # the largest level runs first and sets it
-            loss = F.kl_div(F.log_softmax(out / temperature, -1), F.log_softmax(teacher / temperature, -1),
-                            reduction="batchmean", log_target=True) * temperature**2
+            loss = (
+                F.kl_div(
+                    F.log_softmax(out / temperature, -1),
+                    F.log_softmax(teacher / temperature, -1),
+                    reduction="batchmean",
+                    log_target=True,
+                )
+                * temperature**2
+            )
         loss.backward()
         losses[level] = float(loss)
     optimizer.step()

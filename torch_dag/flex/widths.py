@@ -47,8 +47,13 @@ class FlexConfig:
     def __post_init__(self) -> None:
         check_option("criterion", self.criterion, choices(Criterion), what="importance criterion")
         check_option("attention", self.attention, choices(AttentionMode), what="attention mode")
-        check_option("compensate", self.compensate, choices(FlexCompensation), what="compensation",
-                     where=" of a flexible model")
+        check_option(
+            "compensate",
+            self.compensate,
+            choices(FlexCompensation),
+            what="compensation",
+            where=" of a flexible model",
+        )
 
 
 @dataclass
@@ -66,15 +71,21 @@ class WidthPlan:
         """Redo the analysis of a loaded flexible model (its ranking was saved with it)."""
         info = flex.width_info
         if not info:
-            raise DagError("set_widths needs a model made by make_flexible (it knows the channel groups); this "
-                           "one was written by hand: use set_level_use")
+            raise DagError(
+                "set_widths needs a model made by make_flexible (it knows the channel groups); this "
+                "one was written by hand: use set_level_use"
+            )
         full = _full_width_dag(flex, info.get("full_args", {}))
         config = FlexConfig(**info["config"])
         groups = channel_groups(full, full.example_inputs(), info["protected"], attention=config.attention)
         prunable = [g for g in groups.groups() if g.prunable]
         if len(prunable) != len(info["ranking"]):
-            raise DagError(f"the saved ranking has {len(info['ranking'])} groups, the analysis finds {len(prunable)}")
-        ranked = [np.asarray(g.channels)[np.asarray(r, dtype=np.int64)] for g, r in zip(prunable, info["ranking"])]
+            raise DagError(
+                f"the saved ranking has {len(info['ranking'])} groups, the analysis finds {len(prunable)}"
+            )
+        ranked = [
+            np.asarray(g.channels)[np.asarray(r, dtype=np.int64)] for g, r in zip(prunable, info["ranking"])
+        ]
         return cls(groups, prunable, ranked, must_keep(groups), config)
 
     def removed(self, counts: Sequence[int]) -> np.ndarray:
@@ -91,8 +102,10 @@ class WidthPlan:
         """Kept classes per group for widths given as fractions (floats) or channel counts (ints),
         rounded up to the rounding step and at least `min_channels`."""
         if len(widths) != len(self.prunable):
-            raise DagError(f"give one width per prunable channel group: {len(self.prunable)} (the search "
-                           f"dimension), got {len(widths)}")
+            raise DagError(
+                f"give one width per prunable channel group: {len(self.prunable)} (the search "
+                f"dimension), got {len(widths)}"
+            )
         counts = []
         for group, width in zip(self.prunable, widths):
             size = len(group.channels)
@@ -101,8 +114,10 @@ class WidthPlan:
             elif isinstance(width, (float, np.floating)) and 0 < width <= 1:
                 keep = math.ceil(width * size - 1e-9)
             else:
-                raise DagError(f"width {width!r} for the group of {group.producers[0]}: give a fraction in (0, 1] "
-                               "or a channel count >= 1")
+                raise DagError(
+                    f"width {width!r} for the group of {group.producers[0]}: give a fraction in (0, 1] "
+                    "or a channel count >= 1"
+                )
             step = self.config.round_to // math.gcd(self.config.round_to, group.unit)
             if step > 1 and size >= step:
                 keep = math.ceil(keep / step) * step
@@ -138,8 +153,11 @@ def at_widths(module: nn.Module, role: Role, keep: Keep) -> tuple[nn.Module, Cut
     """The skeleton of `module` at the kept channels and which indices of its parameters it reads."""
     in_mask = keep(role.in_ids) if role.in_ids is not None else None
     out_mask = keep(role.out_ids) if role.out_ids is not None else None
-    cuts = {attr: axes for attr, axes in surgery.slice_plan(module, role, in_mask, out_mask).items()
-            if attr in module._parameters}
+    cuts = {
+        attr: axes
+        for attr, axes in surgery.slice_plan(module, role, in_mask, out_mask).items()
+        if attr in module._parameters
+    }
     return surgery.slice_module(module, role, in_mask, out_mask, parameters=False), cuts
 
 

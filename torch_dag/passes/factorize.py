@@ -56,26 +56,50 @@ EMPTY_CALIBRATION = "calibration is empty: give at least one batch, or None for 
 
 
 @overload
-def factorize(dag: DagModule, flops_ratio: float | None = None, *, params_ratio: float | None = None,
-              rank_ratio: float | None = None, calibration: Iterable | None = None,
-              example_inputs: tuple | torch.Tensor | None = None, allocation: Allocation = "error",
-              protected: Iterable[str] = (), progress: bool = False, return_report: Literal[False] = False
-              ) -> DagModule: ...
+def factorize(
+    dag: DagModule,
+    flops_ratio: float | None = None,
+    *,
+    params_ratio: float | None = None,
+    rank_ratio: float | None = None,
+    calibration: Iterable | None = None,
+    example_inputs: tuple | torch.Tensor | None = None,
+    allocation: Allocation = "error",
+    protected: Iterable[str] = (),
+    progress: bool = False,
+    return_report: Literal[False] = False,
+) -> DagModule: ...
 
 
 @overload
-def factorize(dag: DagModule, flops_ratio: float | None = None, *, params_ratio: float | None = None,
-              rank_ratio: float | None = None, calibration: Iterable | None = None,
-              example_inputs: tuple | torch.Tensor | None = None, allocation: Allocation = "error",
-              protected: Iterable[str] = (), progress: bool = False, return_report: Literal[True]
-              ) -> tuple[DagModule, FactorizationReport]: ...
+def factorize(
+    dag: DagModule,
+    flops_ratio: float | None = None,
+    *,
+    params_ratio: float | None = None,
+    rank_ratio: float | None = None,
+    calibration: Iterable | None = None,
+    example_inputs: tuple | torch.Tensor | None = None,
+    allocation: Allocation = "error",
+    protected: Iterable[str] = (),
+    progress: bool = False,
+    return_report: Literal[True],
+) -> tuple[DagModule, FactorizationReport]: ...
 
 
-def factorize(dag: DagModule, flops_ratio: float | None = None, *, params_ratio: float | None = None,
-              rank_ratio: float | None = None, calibration: Iterable | None = None,
-              example_inputs: tuple | torch.Tensor | None = None, allocation: Allocation = "error",
-              protected: Iterable[str] = (), progress: bool = False, return_report: bool = False
-              ) -> DagModule | tuple[DagModule, FactorizationReport]:
+def factorize(
+    dag: DagModule,
+    flops_ratio: float | None = None,
+    *,
+    params_ratio: float | None = None,
+    rank_ratio: float | None = None,
+    calibration: Iterable | None = None,
+    example_inputs: tuple | torch.Tensor | None = None,
+    allocation: Allocation = "error",
+    protected: Iterable[str] = (),
+    progress: bool = False,
+    return_report: bool = False,
+) -> DagModule | tuple[DagModule, FactorizationReport]:
     """A DAG whose Linear / Conv2d vertices (and earlier low-rank ones) are low-rank pairs.
 
     Give exactly one target: `flops_ratio` or `params_ratio` (of the whole model, fvcore FLOPs on
@@ -90,11 +114,20 @@ def factorize(dag: DagModule, flops_ratio: float | None = None, *, params_ratio:
     start = time.perf_counter()
     targets = dict(zip(TARGETS, (flops_ratio, params_ratio, rank_ratio)))
     check_option("allocation", allocation, choices(Allocation), what="rank allocation")
-    prep = prepare(dag, example_inputs, calibration, targets=targets, fractions=TARGETS,
-                   inputs_from_calibration=True, empty_calibration=EMPTY_CALIBRATION)
+    prep = prepare(
+        dag,
+        example_inputs,
+        calibration,
+        targets=targets,
+        fractions=TARGETS,
+        inputs_from_calibration=True,
+        empty_calibration=EMPTY_CALIBRATION,
+    )
     before = count_flops(prep.dag, *prep.example_inputs)
     layers, reports = _find_layers(prep.dag, before.flops, set(protected))
-    moments = None if prep.calibration is None else record_moments(prep.dag, layers, prep.calibration, progress)
+    moments = (
+        None if prep.calibration is None else record_moments(prep.dag, layers, prep.calibration, progress)
+    )
     for layer in tqdm(layers, desc="factorize: spectra", unit="layer", disable=not progress):
         layer.solve(moments[layer.key] if moments else None)
     ranks, why = _allocate(layers, prep, allocation, before)
@@ -103,8 +136,9 @@ def factorize(dag: DagModule, flops_ratio: float | None = None, *, params_ratio:
     return (result, summary) if return_report else result
 
 
-def _allocate(layers: list[Layer], prep: Prepared, allocation: Allocation, before: FlopReport
-              ) -> tuple[list[int | None], str]:
+def _allocate(
+    layers: list[Layer], prep: Prepared, allocation: Allocation, before: FlopReport
+) -> tuple[list[int | None], str]:
     """Each layer's rank (None: left whole) for the target, and why a layer left whole was."""
     target, value = prep.goal
     if target == "rank_ratio":
@@ -131,17 +165,31 @@ def _replace_layers(dag: DagModule, layers: list[Layer], ranks: list[int | None]
     return editor.build()
 
 
-def _summary(prep: Prepared, allocation: Allocation, reports: list[LayerReport], before: FlopReport,
-             result: DagModule, seconds: float) -> FactorizationReport:
+def _summary(
+    prep: Prepared,
+    allocation: Allocation,
+    reports: list[LayerReport],
+    before: FlopReport,
+    result: DagModule,
+    seconds: float,
+) -> FactorizationReport:
     # the FLOP rules of the low-rank ops are exactly per_rank_flops x rank: no second forward needed
-    flops_after = before.total_flops - sum(r.flops - r.flops_after for r in reports if r.flops_after is not None)
+    flops_after = before.total_flops - sum(
+        r.flops - r.flops_after for r in reports if r.flops_after is not None
+    )
     params_after = sum(p.numel() for p in result.parameters())
     data_aware = prep.calibration is not None
     return FactorizationReport(
         "data-aware" if data_aware else "svd",
         "uniform" if prep.target == "rank_ratio" or allocation == "uniform" else "error",
-        reports, before.total_flops, flops_after, before.total_params, params_after, seconds,
-        "output" if data_aware else "weight")
+        reports,
+        before.total_flops,
+        flops_after,
+        before.total_params,
+        params_after,
+        seconds,
+        "output" if data_aware else "weight",
+    )
 
 
 def low_rank(module: nn.Module, rank: int, inputs: torch.Tensor | None = None) -> tuple[nn.Module, float]:
@@ -153,7 +201,9 @@ def low_rank(module: nn.Module, rank: int, inputs: torch.Tensor | None = None) -
     module = cast(Factorizable, module)  # its type was just checked
     weight = weight_matrix(module).double()
     out, d = weight.shape
-    report = LayerReport([type(module).__name__], type(module).__name__, (out, d), min(out, d), min(out, d), 0)
+    report = LayerReport(
+        [type(module).__name__], type(module).__name__, (out, d), min(out, d), min(out, d), 0
+    )
     reason = _why_not(module, [], set(), report)
     if reason:
         raise DagError(f"cannot factorize this {type(module).__name__}: {reason}")
@@ -169,8 +219,9 @@ def low_rank(module: nn.Module, rank: int, inputs: torch.Tensor | None = None) -
     return factorized_module(layer, rank)
 
 
-def _find_layers(dag: DagModule, flops: dict[str, int], protected: set[str]
-                 ) -> tuple[list[Layer], list[LayerReport]]:
+def _find_layers(
+    dag: DagModule, flops: dict[str, int], protected: set[str]
+) -> tuple[list[Layer], list[LayerReport]]:
     """Factorizable layers (one per module, however many vertices call it) and a report for each."""
     calls: dict[int, list] = {}
     for vertex in dag:
@@ -178,20 +229,32 @@ def _find_layers(dag: DagModule, flops: dict[str, int], protected: set[str]
             calls.setdefault(id(vertex.module), []).append(vertex)
     layers, reports = [], []
     for vertices in calls.values():
-        module, names = cast(Factorizable, vertices[0].module), [v.name for v in vertices]  # a FACTORIZABLE op
+        module, names = (
+            cast(Factorizable, vertices[0].module),
+            [v.name for v in vertices],
+        )  # a FACTORIZABLE op
         weight = weight_matrix(module)
         out, d = weight.shape
         macs = _macs_per_position(module, out, d)
-        report = LayerReport(names, vertices[0].op, (out, d), min(out, d), (macs - 1) // (out + d),
-                             sum(flops.get(n, 0) for n in names))
+        report = LayerReport(
+            names,
+            vertices[0].op,
+            (out, d),
+            min(out, d),
+            (macs - 1) // (out + d),
+            sum(flops.get(n, 0) for n in names),
+        )
         reports.append(report)
         report.reason = _why_not(module, names, protected, report)
         if report.reason:
             continue
         geometry = conv_geometry(module)
         inputs = tuple(_first_ref(v) for v in vertices)
-        layers.append(Layer(module, report, weight.double(), (inputs, geometry),
-                             report.flops / macs * (out + d), out + d))
+        layers.append(
+            Layer(
+                module, report, weight.double(), (inputs, geometry), report.flops / macs * (out + d), out + d
+            )
+        )
     return layers, reports
 
 

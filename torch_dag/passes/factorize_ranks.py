@@ -21,15 +21,20 @@ def at_ratio(layers: list[Layer], ratio: float) -> tuple[list[int | None], str]:
 
 
 def _savings(layers: list[Layer], ranks: list[int | None], by_params: bool) -> float:
-    return sum(layer.cost(by_params) - layer.rank_costs(by_params)[rank - 1]
-               for layer, rank in zip(layers, ranks) if rank is not None)
+    return sum(
+        layer.cost(by_params) - layer.rank_costs(by_params)[rank - 1]
+        for layer, rank in zip(layers, ranks)
+        if rank is not None
+    )
 
 
 def _unreachable(layers: list[Layer], needed: float, by_params: bool) -> DagError:
     best = _savings(layers, [1] * len(layers), by_params)
     what = "params" if by_params else "FLOPs"
-    return DagError(f"the target needs {needed:.4g} fewer {what}, but factorizing all {len(layers)} "
-                    f"factorizable layers at rank 1 saves only {best:.4g}")
+    return DagError(
+        f"the target needs {needed:.4g} fewer {what}, but factorizing all {len(layers)} "
+        f"factorizable layers at rank 1 saves only {best:.4g}"
+    )
 
 
 def error_allocation(layers: list[Layer], needed: float, by_params: bool) -> tuple[list[int | None], str]:
@@ -65,8 +70,9 @@ def error_allocation(layers: list[Layer], needed: float, by_params: bool) -> tup
     return _spend_slack(layers, choose(high), needed, by_params), why
 
 
-def _spend_slack(layers: list[Layer], ranks: list[int | None], needed: float, by_params: bool
-                 ) -> list[int | None]:
+def _spend_slack(
+    layers: list[Layer], ranks: list[int | None], needed: float, by_params: bool
+) -> list[int | None]:
     """The Lagrangian allocation saves a little more than needed (layers switch in whole steps):
     give that slack back as extra rank where it removes the most error per unit of cost."""
     ranks = list(ranks)

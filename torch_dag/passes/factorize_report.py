@@ -64,8 +64,12 @@ class FactorizationReport:
         for layer in layers:
             shape = f"{layer.shape[0]}x{layer.shape[1]}"
             rank = f"{layer.rank}/{layer.full_rank}" if layer.rank is not None else f"-/{layer.full_rank}"
-            kept = f"{layer.flops_after / max(1, layer.flops):.1%}" if layer.flops_after is not None else "100%"
+            kept = (
+                f"{layer.flops_after / max(1, layer.flops):.1%}" if layer.flops_after is not None else "100%"
+            )
             error = f"{layer.error:.4f}" if layer.error is not None else "-"
-            lines.append(f"  {layer.name[:40]:40s} {layer.op[:14]:14s} {shape:>11s} {rank:>11s} {kept:>10s} "
-                         f"{error:>10s}  {layer.reason}")
+            lines.append(
+                f"  {layer.name[:40]:40s} {layer.op[:14]:14s} {shape:>11s} {rank:>11s} {kept:>10s} "
+                f"{error:>10s}  {layer.reason}"
+            )
         return "\n".join(lines)

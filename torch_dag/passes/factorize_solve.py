@@ -128,7 +128,9 @@ class Layer:
         """Normalized squared error of ranks 1..max_rank (energy outside the first r directions)."""
         if self._errors is None:
             tails = self.tails()
-            self._errors = tails[1: self.max_rank + 1] / tails[0] if tails[0] > 0 else np.zeros(self.max_rank)
+            self._errors = (
+                tails[1 : self.max_rank + 1] / tails[0] if tails[0] > 0 else np.zeros(self.max_rank)
+            )
         return self._errors
 
 
@@ -147,7 +149,9 @@ def weight_of(module: Factorizable) -> torch.Tensor:
 def weight_matrix(module: Factorizable) -> torch.Tensor:
     """The weight (a low-rank pair's product) as an (out, d) matrix."""
     with torch.no_grad():
-        weight = module.merged_weight() if isinstance(module, (LowRankLinear, LowRankConv2d)) else module.weight
+        weight = (
+            module.merged_weight() if isinstance(module, (LowRankLinear, LowRankConv2d)) else module.weight
+        )
         return weight.detach().reshape(weight.shape[0], -1)
 
 
@@ -180,8 +184,9 @@ class Moment:
         return (self.sum + self.sum.T) / 2
 
 
-def record_moments(dag: DagModule, layers: list[Layer], batches: Sequence[tuple], progress: bool
-                   ) -> dict[tuple, Moment]:
+def record_moments(
+    dag: DagModule, layers: list[Layer], batches: Sequence[tuple], progress: bool
+) -> dict[tuple, Moment]:
     """Run the calibration batches once through the DAG, accumulating every layer's moment (layers
     that record inputs and read the same tensors the same way share one)."""
     moments: dict[tuple, Moment] = {}
@@ -190,6 +195,7 @@ def record_moments(dag: DagModule, layers: list[Layer], batches: Sequence[tuple]
     def recorder(layer: Layer, moment: Moment):
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
             moment.add(layer.rows(args[0], output))
+
         return hook
 
     try:
@@ -239,7 +245,9 @@ def factorized_module(layer: Layer, rank: int) -> tuple[nn.Module, float]:
 
 def _low_rank_conv(module: nn.Conv2d | LowRankConv2d, out: int, rank: int, bias: bool) -> LowRankConv2d:
     """An empty LowRankConv2d with `module`'s geometry (a 2-d conv: its sizes are pairs)."""
-    kernel, stride, dilation = (cast(Pair, size) for size in (module.kernel_size, module.stride, module.dilation))
+    kernel, stride, dilation = (
+        cast(Pair, size) for size in (module.kernel_size, module.stride, module.dilation)
+    )
     padding = cast(Pair | str, module.padding)
     return LowRankConv2d(module.in_channels, out, kernel, rank, stride, padding, dilation, bias=bias)
 

@@ -23,8 +23,12 @@ def _tracks_running_stats(bn: Vertex, graph: GraphView) -> bool:
     return cast(_BatchNorm, bn.module).track_running_stats
 
 
-_PAIR = op(BATCH_NORMS, name="bn", where=_tracks_running_stats,
-           inputs=[op(OpSet(Trait.CONV, Trait.LINEAR, modules_only=True), name="layer", only_user=True)])
+_PAIR = op(
+    BATCH_NORMS,
+    name="bn",
+    where=_tracks_running_stats,
+    inputs=[op(OpSet(Trait.CONV, Trait.LINEAR, modules_only=True), name="layer", only_user=True)],
+)
 
 
 def _foldable(match_layer: Vertex, bn: Vertex, shared: set[int]) -> str | None:

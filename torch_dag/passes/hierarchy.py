@@ -76,14 +76,17 @@ def _check_convex(dag: DagModule, members: set[str]) -> None:
         seen.add(current)
         for user in users[current]:
             if user in members:
-                raise DagError(f"nest: vertex {current!r} ({dag[current].op}) is outside the set but lies on "
-                               f"a path from it back into it (to {user!r}); include it or nest less")
+                raise DagError(
+                    f"nest: vertex {current!r} ({dag[current].op}) is outside the set but lies on "
+                    f"a path from it back into it (to {user!r}); include it or nest less"
+                )
             if user != "<output>":
                 frontier.append(user)
 
 
-def _stable_topological(vertices: dict[str, Vertex], priority: dict[str, int], inputs: set[str]
-                        ) -> dict[str, Vertex]:
+def _stable_topological(
+    vertices: dict[str, Vertex], priority: dict[str, int], inputs: set[str]
+) -> dict[str, Vertex]:
     """Topological order that keeps the given priorities wherever the edges allow."""
     pending = {n: {p for p in v.predecessors if p not in inputs} for n, v in vertices.items()}
     users: dict[str, list[str]] = {}
@@ -119,7 +122,9 @@ def _inline(editor: Editor, vertex: Vertex, inner: DagModule) -> None:
     bound = dict(zip(inner.input_names, vertex.args))
     bound.update(vertex.kwargs)
     if set(bound) != set(inner.input_names):
-        raise DagError(f"vertex {vertex.name!r}: arguments do not fit the nested DAG's inputs {inner.input_names}")
+        raise DagError(
+            f"vertex {vertex.name!r}: arguments do not fit the nested DAG's inputs {inner.input_names}"
+        )
     renamed: dict[str, str] = {}
     for inner_vertex in inner:
         renamed[inner_vertex.name] = editor.fresh_name(f"{vertex.name}_{inner_vertex.name}")
@@ -132,8 +137,18 @@ def _inline(editor: Editor, vertex: Vertex, inner: DagModule) -> None:
     items: list[tuple[str, Vertex]] = []
     for name, value in editor.vertices.items():
         if name == vertex.name:
-            items.extend((renamed[v.name], replace(v, name=renamed[v.name], args=map_refs(v.args, outer),
-                                                   kwargs=map_refs(v.kwargs, outer))) for v in inner)
+            items.extend(
+                (
+                    renamed[v.name],
+                    replace(
+                        v,
+                        name=renamed[v.name],
+                        args=map_refs(v.args, outer),
+                        kwargs=map_refs(v.kwargs, outer),
+                    ),
+                )
+                for v in inner
+            )
         elif name not in reserved:
             items.append((name, value))
     editor.vertices = dict(items)
@@ -143,7 +158,11 @@ def _inline(editor: Editor, vertex: Vertex, inner: DagModule) -> None:
 def _simplify_getitems(editor: Editor) -> None:
     """`getitem((a, b), 1)` (left by inlining a multi-output nested DAG) -> `b`."""
     for vertex in list(editor):
-        if vertex.op == "getitem" and isinstance(vertex.args[0], (tuple, list)) and type(vertex.args[1]) is int:
+        if (
+            vertex.op == "getitem"
+            and isinstance(vertex.args[0], (tuple, list))
+            and type(vertex.args[1]) is int
+        ):
             editor.remove(vertex.name, replacement=vertex.args[0][vertex.args[1]])
 
 

@@ -30,8 +30,9 @@ def insert_after(dag: DagModule, pattern: Pattern, factory: Factory, *, suffix: 
             continue
         name = editor.fresh_name(f"{match.vertex.name}_{suffix}")
         editor.rewire(match.vertex.name, name)
-        editor.insert(Vertex(name, _check(module, match.vertex), (Ref(match.vertex.name),)),
-                      after=match.vertex.name)
+        editor.insert(
+            Vertex(name, _check(module, match.vertex), (Ref(match.vertex.name),)), after=match.vertex.name
+        )
     return editor.build()
 
 
@@ -44,7 +45,9 @@ def insert_before(dag: DagModule, pattern: Pattern, factory: Factory, *, suffix:
         if module is None:
             continue
         if source is None:
-            raise DagError(f"vertex {match.vertex.name!r} ({match.vertex.op}) has no tensor input to insert before")
+            raise DagError(
+                f"vertex {match.vertex.name!r} ({match.vertex.op}) has no tensor input to insert before"
+            )
         name = editor.fresh_name(f"{match.vertex.name}_{suffix}")
         editor.insert(Vertex(name, _check(module, match.vertex), (Ref(source),)), before=match.vertex.name)
         editor.rewire(source, name, only=[match.vertex.name])
@@ -59,5 +62,7 @@ def _check(module: object, vertex: Vertex) -> nn.Module:
 
 def not_followed_by(ops: AbstractSet[str]):
     """A `where` check: the vertex has a reader and none of its readers is one of `ops`."""
-    return lambda vertex, view: bool(view.users(vertex.name)) and not any(
-        u != "<output>" and view[u].op in ops for u in view.users(vertex.name))
+    return lambda vertex, view: (
+        bool(view.users(vertex.name))
+        and not any(u != "<output>" and view[u].op in ops for u in view.users(vertex.name))
+    )

@@ -107,8 +107,14 @@ class Pattern:
     name: str | None = None  # capture key in the match (default: the op set)
 
 
-def op(ops: str | Iterable[str] | None = None, *, where: Check | None = None,
-       inputs: Iterable[Pattern | None] | None = None, only_user: bool = False, name: str | None = None) -> Pattern:
+def op(
+    ops: str | Iterable[str] | None = None,
+    *,
+    where: Check | None = None,
+    inputs: Iterable[Pattern | None] | None = None,
+    only_user: bool = False,
+    name: str | None = None,
+) -> Pattern:
     """A pattern: `ops` an op name or a set of names (None for any; an `OpSet` is read at match time),
     `where(vertex, view)` an extra check, `inputs` patterns for the vertex's tensor inputs in order
     (None = anything)."""
@@ -132,8 +138,9 @@ def _tensor_inputs(vertex: Vertex) -> list[str]:
     return [a.name for a in vertex.args if isinstance(a, Ref)]
 
 
-def try_match(pattern: Pattern, vertex: Vertex, view: GraphView, user: str | None = None, *,
-              explain: bool = True) -> tuple[Match | None, str]:
+def try_match(
+    pattern: Pattern, vertex: Vertex, view: GraphView, user: str | None = None, *, explain: bool = True
+) -> tuple[Match | None, str]:
     """Match `pattern` at `vertex`; return (match, "") or (None, the reason it failed: "" unless
     `explain`, as listing an `OpSet` reads the whole registry)."""
     if pattern.ops is not None and vertex.op not in pattern.ops:
@@ -147,7 +154,10 @@ def try_match(pattern: Pattern, vertex: Vertex, view: GraphView, user: str | Non
     if pattern.inputs is not None:
         names = _tensor_inputs(vertex)
         if len(names) < len(pattern.inputs):
-            return None, f"{vertex.name}: has {len(names)} tensor inputs, the pattern needs {len(pattern.inputs)}"
+            return (
+                None,
+                f"{vertex.name}: has {len(names)} tensor inputs, the pattern needs {len(pattern.inputs)}",
+            )
         for i, (sub, input_name) in enumerate(zip(pattern.inputs, names)):
             if sub is None:
                 continue
@@ -180,5 +190,21 @@ def any_op(*sets: Iterable[str]) -> frozenset[str]:
     return frozenset(out)
 
 
-__all__ = ["ACTIVATIONS", "BATCH_NORMS", "CONVS", "DROPOUTS", "LINEARS", "METADATA_READERS", "NORMS", "GraphView",
-           "Match", "OpSet", "Pattern", "any_op", "find", "op", "try_match", "why_not"]
+__all__ = [
+    "ACTIVATIONS",
+    "BATCH_NORMS",
+    "CONVS",
+    "DROPOUTS",
+    "LINEARS",
+    "METADATA_READERS",
+    "NORMS",
+    "GraphView",
+    "Match",
+    "OpSet",
+    "Pattern",
+    "any_op",
+    "find",
+    "op",
+    "try_match",
+    "why_not",
+]

@@ -33,10 +33,16 @@ class Prepared:
         return self.target, self.value
 
 
-def prepare(dag: DagModule, example_inputs: tuple | torch.Tensor | None = None,
-            calibration: Iterable | None = None, *, targets: Mapping[str, float | None] | None = None,
-            fractions: Collection[str] = (), inputs_from_calibration: bool = False,
-            empty_calibration: str | None = None) -> Prepared:
+def prepare(
+    dag: DagModule,
+    example_inputs: tuple | torch.Tensor | None = None,
+    calibration: Iterable | None = None,
+    *,
+    targets: Mapping[str, float | None] | None = None,
+    fractions: Collection[str] = (),
+    inputs_from_calibration: bool = False,
+    empty_calibration: str | None = None,
+) -> Prepared:
     """Check that exactly one of `targets` is given (those named in `fractions` must lie in (0, 1]);
     default `example_inputs` to random inputs of the converted shapes, or with `inputs_from_calibration`
     to the first calibration batch; list the calibration batches (`empty_calibration`: the error to

@@ -58,7 +58,9 @@ def _reshape_is_identity(vertex: Vertex, editor: Editor) -> bool:
     for i, entry in enumerate(shape):
         if entry == -1:
             wildcards += 1
-        elif not (_is_size_of(editor, entry, x, i) or (i > 0 and type(entry) is int and entry == recorded[i])):
+        elif not (
+            _is_size_of(editor, entry, x, i) or (i > 0 and type(entry) is int and entry == recorded[i])
+        ):
             return False
     return wildcards <= 1
 
@@ -92,8 +94,17 @@ def dedupe_constants(dag: DagModule) -> DagModule:
         if not isinstance(vertex.module, Constant):
             continue
         value = vertex.module.value
-        same = next((name for other, name in kept if other.dtype == value.dtype and other.shape == value.shape
-                     and other.device == value.device and torch.equal(other, value)), None)
+        same = next(
+            (
+                name
+                for other, name in kept
+                if other.dtype == value.dtype
+                and other.shape == value.shape
+                and other.device == value.device
+                and torch.equal(other, value)
+            ),
+            None,
+        )
         if same is None:
             kept.append((value, vertex.name))
         else:

@@ -24,8 +24,10 @@ def _op_key(key: str | type[nn.Module]) -> str:
         return MODULE_OPS[key].name
     by_lower = {spec.name.lower(): spec.name for spec in MODULE_OPS.values()}
     if key.lower() not in by_lower:
-        raise DagError(f"unknown activation {key!r}; module ops are torch.nn class names, the activations "
-                       f"among them: {', '.join(ACTIVATIONS)}")
+        raise DagError(
+            f"unknown activation {key!r}; module ops are torch.nn class names, the activations "
+            f"among them: {', '.join(ACTIVATIONS)}"
+        )
     return by_lower[key.lower()]
 
 
@@ -36,8 +38,9 @@ def _factory(replacement: Replacement) -> Callable[[nn.Module], nn.Module]:
     return replacement
 
 
-def swap_activations(dag: DagModule, mapping: Mapping[str | type[nn.Module], Replacement], *,
-                     names: str | None = None) -> DagModule:
+def swap_activations(
+    dag: DagModule, mapping: Mapping[str | type[nn.Module], Replacement], *, names: str | None = None
+) -> DagModule:
     """A copy of `dag` where every vertex whose op is a key of `mapping` gets the mapped module.
 
     Keys are op names (any case) or classes; values are op names, classes (built with no arguments)

@@ -3,5 +3,13 @@
 from .groups import ChannelGroups, Group, channel_groups
 from .prune import PruneConfig, PruneReport, channel_scores, compensate, prune
 
-__all__ = ["ChannelGroups", "Group", "PruneConfig", "PruneReport", "channel_groups", "channel_scores", "compensate",
-           "prune"]
+__all__ = [
+    "ChannelGroups",
+    "Group",
+    "PruneConfig",
+    "PruneReport",
+    "channel_groups",
+    "channel_scores",
+    "compensate",
+    "prune",
+]

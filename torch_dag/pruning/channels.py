@@ -77,8 +77,9 @@ class ChannelGroups:
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:  # the analysis is done: every id's class root, once, as an array
-        self._roots = np.fromiter((self.uf.find(i) for i in range(len(self.uf.parent))), dtype=np.int64,
-                                  count=len(self.uf.parent))
+        self._roots = np.fromiter(
+            (self.uf.find(i) for i in range(len(self.uf.parent))), dtype=np.int64, count=len(self.uf.parent)
+        )
 
     @property
     def size(self) -> int:
@@ -124,8 +125,10 @@ class ChannelGroups:
         lines = [f"{len(groups)} channel groups, {len(prunable)} prunable (the search dimension)"]
         for g in groups:
             state = "prunable" if g.prunable else "fixed: " + "; ".join(g.reasons)[:100]
-            lines.append(f"  {len(g.channels):5d} channels  {', '.join(g.producers[:3])}"
-                         f"{' ...' if len(g.producers) > 3 else ''}  [{state}]")
+            lines.append(
+                f"  {len(g.channels):5d} channels  {', '.join(g.producers[:3])}"
+                f"{' ...' if len(g.producers) > 3 else ''}  [{state}]"
+            )
         return "\n".join(lines)
 
 
@@ -154,7 +157,9 @@ class Analysis:
     """The analysis in progress: the ids made so far and their ties, roles, blocked ids, and what each
     vertex carries (`info`)."""
 
-    def __init__(self, dag: DagModule, values: dict[str, Any], protected: Iterable[str], attention: str = "heads"):
+    def __init__(
+        self, dag: DagModule, values: dict[str, Any], protected: Iterable[str], attention: str = "heads"
+    ):
         self.dag = dag
         self.attention = attention
         self.values = values

@@ -21,8 +21,15 @@ from . import surgery
 from .channels import ChannelGroups
 
 
-def compensate(dag: DagModule, pruned: DagModule, groups: ChannelGroups, keep: Callable[[np.ndarray], np.ndarray],
-               calibration: Iterable, how: Literal["lstsq", "mean"] = "lstsq", progress: bool = False) -> None:
+def compensate(
+    dag: DagModule,
+    pruned: DagModule,
+    groups: ChannelGroups,
+    keep: Callable[[np.ndarray], np.ndarray],
+    calibration: Iterable,
+    how: Literal["lstsq", "mean"] = "lstsq",
+    progress: bool = False,
+) -> None:
     """Make up, in place on `pruned`, for the input channels each layer lost, from what they carried on
     the calibration batches (run through the unpruned `dag`).
 
@@ -38,12 +45,18 @@ def compensate(dag: DagModule, pruned: DagModule, groups: ChannelGroups, keep: C
     readers = {}
     for name, role in groups.roles.items():
         module = dag[name].module
-        if role.axis is not None or role.in_ids is None or surgery.kind(module) not in ("Conv", "Grouped", "Linear"):
+        if (
+            role.axis is not None
+            or role.in_ids is None
+            or surgery.kind(module) not in ("Conv", "Grouped", "Linear")
+        ):
             continue  # a depthwise conv's removed inputs only feed removed outputs
         dropped = ~keep(role.in_ids)
         if dropped.any():
-            solve = how == "lstsq" and (isinstance(module, nn.Linear) or (
-                isinstance(module, nn.Conv2d) and module.groups == 1 and module.padding_mode == "zeros"))
+            solve = how == "lstsq" and (
+                isinstance(module, nn.Linear)
+                or (isinstance(module, nn.Conv2d) and module.groups == 1 and module.padding_mode == "zeros")
+            )
             readers[name] = _Reader(cast(_Layer, module), torch.from_numpy(dropped), solve)
     if not readers:
         return
@@ -100,7 +113,11 @@ class _Reader:
         weight = new.weight
         if self.solve:
             full = self.module.weight.detach().double().reshape(len(self.module.weight), -1)
-            bias = self.module.bias.detach().double() if self.module.bias is not None else full.new_zeros(len(full))
+            bias = (
+                self.module.bias.detach().double()
+                if self.module.bias is not None
+                else full.new_zeros(len(full))
+            )
             full = torch.cat([full, bias[:, None]], 1)[out]
             positions = self.module.weight[0, 0].numel()
             kept = torch.cat([(~self.dropped).repeat_interleave(positions), torch.tensor([True])])
@@ -110,8 +127,12 @@ class _Reader:
             # ridge gives back `mean`
             ridge = RIDGE * inner.diagonal()[:-1].mean() * torch.ones(len(inner), dtype=inner.dtype)
             ridge[-1] = 0
-            solved = torch.linalg.solve(inner + ridge.diag(), (full @ gram[:, kept] + full[:, kept] * ridge).T).T
-            new.weight = nn.Parameter(solved[:, :-1].reshape(weight.shape).to(weight), requires_grad=weight.requires_grad)
+            solved = torch.linalg.solve(
+                inner + ridge.diag(), (full @ gram[:, kept] + full[:, kept] * ridge).T
+            ).T
+            new.weight = nn.Parameter(
+                solved[:, :-1].reshape(weight.shape).to(weight), requires_grad=weight.requires_grad
+            )
             bias = solved[:, -1]
         else:
             shift = (cast(torch.Tensor, self.mean) / self.batches)[out]  # a sum, as `gram` above

@@ -33,11 +33,17 @@ class FlopModel:
             if not flops.get(name):
                 continue
             if role.flop_shares:
-                shared += [(flops[name] * share, segment(groups.root(ids))) for share, ids in role.flop_shares]
+                shared += [
+                    (flops[name] * share, segment(groups.root(ids))) for share, ids in role.flop_shares
+                ]
                 continue
             same = role.out_ids is role.in_ids  # depthwise: one fraction, not two
-            sides.append([segment(groups.root(ids)) if ids is not None else -1
-                          for ids in (role.in_ids, None if same else role.out_ids)])
+            sides.append(
+                [
+                    segment(groups.root(ids)) if ids is not None else -1
+                    for ids in (role.in_ids, None if same else role.out_ids)
+                ]
+            )
             sliced.append(flops[name])
         shared = [(f, s) for f, s in shared if s >= 0]
         lengths = np.array([len(r) for r in segments], dtype=np.int64)

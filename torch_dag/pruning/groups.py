@@ -37,8 +37,14 @@ __all__ = ["AttentionMode", "ChannelGroups", "Channels", "Group", "channel_group
 AttentionMode = Literal["heads", "head_dim"]  # remove whole heads, or the same positions of every head
 
 
-def channel_groups(dag: DagModule, example_inputs: tuple, protected: Iterable[str] = (), *,
-                   values: dict[str, Any] | None = None, attention: AttentionMode = "heads") -> ChannelGroups:
+def channel_groups(
+    dag: DagModule,
+    example_inputs: tuple,
+    protected: Iterable[str] = (),
+    *,
+    values: dict[str, Any] | None = None,
+    attention: AttentionMode = "heads",
+) -> ChannelGroups:
     """Analyse `dag` on `example_inputs` (shapes only matter) and return its channel groups;
     `values` (from `dag.run_collecting(*example_inputs)`) saves the forward pass when at hand.
     `attention`: "heads" prunes attention heads whole, "head_dim" the same positions of every head."""

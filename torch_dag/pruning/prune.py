@@ -55,7 +55,9 @@ class PruneConfig:
         check_option("attention", self.attention, choices(AttentionMode), what="attention mode")
         check_option("compensate", self.compensate, choices(Compensation), what="compensation")
         if not 0 < self.max_removed <= 1:
-            raise DagError(f"max_removed is a fraction of a group's channels in (0, 1], got {self.max_removed}")
+            raise DagError(
+                f"max_removed is a fraction of a group's channels in (0, 1], got {self.max_removed}"
+            )
 
 
 @dataclass(frozen=True)
@@ -71,14 +73,21 @@ class PruneReport:
     narrowed: int  # prunable groups that lost channels
 
     def __str__(self) -> str:
-        return (f"{self.measure} ratio {self.reached:.3f} (target {self.target:.3f}); widths rounded to multiples "
-                f"of {self.round_to} where a group is that wide; {self.groups} channel groups, {self.prunable} "
-                f"prunable, {self.narrowed} narrowed")
+        return (
+            f"{self.measure} ratio {self.reached:.3f} (target {self.target:.3f}); widths rounded to multiples "
+            f"of {self.round_to} where a group is that wide; {self.groups} channel groups, {self.prunable} "
+            f"prunable, {self.narrowed} narrowed"
+        )
 
 
-def channel_scores(dag: DagModule, groups: ChannelGroups, criterion: Criterion, seed: int = 0,
-                   calibration: Iterable | None = None, loss: Callable[[Any], torch.Tensor] | None = None
-                   ) -> dict[int, float]:
+def channel_scores(
+    dag: DagModule,
+    groups: ChannelGroups,
+    criterion: Criterion,
+    seed: int = 0,
+    calibration: Iterable | None = None,
+    loss: Callable[[Any], torch.Tensor] | None = None,
+) -> dict[int, float]:
     """Importance of each channel class, summed over every member that holds weights for it: for `l1`
     and `l2`, the magnitude of everything that goes with the channel (its producers' output rows and
     biases, its norms' affine entries, its consumers' input columns, tied parameters such as a class
@@ -94,9 +103,14 @@ def channel_scores(dag: DagModule, groups: ChannelGroups, criterion: Criterion, 
         return {root: float(rng.random()) for g in groups.groups() for root in g.channels}
     if criterion == "bn_scale":  # a norm's role has the ids of its input
         norms = [(role, dag[name].module) for name, role in groups.roles.items()]
-        return _summed(groups.size, [(groups.root(cast(np.ndarray, role.in_ids)), module.weight.detach().abs())
-                                     for role, module in norms if role.axis is None
-                                     and isinstance(module, _BatchNorm) and module.affine])
+        return _summed(
+            groups.size,
+            [
+                (groups.root(cast(np.ndarray, role.in_ids)), module.weight.detach().abs())
+                for role, module in norms
+                if role.axis is None and isinstance(module, _BatchNorm) and module.affine
+            ],
+        )
     parts = []
     for tensor, axis, roots in weight_members(dag, groups):
         flat = tensor.detach().movedim(axis, 0).reshape(tensor.shape[axis], -1)
@@ -125,8 +139,12 @@ def weight_members(dag: DagModule, groups: ChannelGroups) -> list[tuple[torch.Te
     return members
 
 
-def taylor_scores(dag: DagModule, groups: ChannelGroups, calibration: Iterable,
-                  loss: Callable[[Any], torch.Tensor] | None = None) -> dict[int, float]:
+def taylor_scores(
+    dag: DagModule,
+    groups: ChannelGroups,
+    calibration: Iterable,
+    loss: Callable[[Any], torch.Tensor] | None = None,
+) -> dict[int, float]:
     """First-order Taylor importance of each channel class (Molchanov et al., 2019): per batch, the
     sum over every weight the class owns, in every member, of weight x gradient (the first-order
     change of the loss if the channel were removed), squared and summed over batches.
@@ -149,8 +167,14 @@ def taylor_scores(dag: DagModule, groups: ChannelGroups, calibration: Iterable,
     return dict(scores)
 
 
-def _taylor_batches(dag: DagModule, calibration: Iterable, loss: Callable[[Any], torch.Tensor], params: list,
-                    members: list, scores: dict[int, float]) -> None:
+def _taylor_batches(
+    dag: DagModule,
+    calibration: Iterable,
+    loss: Callable[[Any], torch.Tensor],
+    params: list,
+    members: list,
+    scores: dict[int, float],
+) -> None:
     for batch in calibration:
         batch = as_inputs(batch)
         grads = torch.autograd.grad(loss(dag(*batch)), params, allow_unused=True)
@@ -173,8 +197,10 @@ def _self_supervised_loss(outputs: Any) -> torch.Tensor:
         logits = leaves[0]
         return F.cross_entropy(logits, logits.argmax(1))
     if not leaves:
-        raise TypeError("the taylor criterion's default loss needs a floating-point tensor among the outputs: "
-                        "give channel_scores a loss")
+        raise TypeError(
+            "the taylor criterion's default loss needs a floating-point tensor among the outputs: "
+            "give channel_scores a loss"
+        )
     terms = [0.5 * t.square().mean() for t in leaves]
     return sum(terms[1:], terms[0])
 
@@ -197,14 +223,22 @@ def _removal_order(groups: list[Group], scores: dict[int, float]) -> list[tuple[
     for index, group in enumerate(groups):
         values = np.array([scores.get(r, 0.0) for r in group.channels])
         normalized = values / max(values.mean(), 1e-12)
-        order.extend((float(v), index, position, root)
-                     for position, (v, root) in enumerate(zip(normalized, group.channels)))
+        order.extend(
+            (float(v), index, position, root)
+            for position, (v, root) in enumerate(zip(normalized, group.channels))
+        )
     order.sort()
     return [(index, root) for _, index, _, root in order]
 
 
-def _removed_roots(groups: list[Group], order: list[tuple[int, int]], remove: int, config: PruneConfig,
-                   owners: dict[int, list[int]], scores: dict[int, float]) -> set[int]:
+def _removed_roots(
+    groups: list[Group],
+    order: list[tuple[int, int]],
+    remove: int,
+    config: PruneConfig,
+    owners: dict[int, list[int]],
+    scores: dict[int, float],
+) -> set[int]:
     """The `remove` least important channels, within each group's minimum and rounding, and never
     every channel a producer makes (a concat joins producers that each need one). Anything not
     returned here is kept, including channels outside every group."""
@@ -214,8 +248,11 @@ def _removed_roots(groups: list[Group], order: list[tuple[int, int]], remove: in
     removed: set[int] = set()
     for index, group in enumerate(groups):
         size = len(group.channels)
-        keep = max(size - len(candidates[index]), min(config.min_channels, size),
-                   math.ceil(size * (1 - config.max_removed) - 1e-9))
+        keep = max(
+            size - len(candidates[index]),
+            min(config.min_channels, size),
+            math.ceil(size * (1 - config.max_removed) - 1e-9),
+        )
         # a class of several channels side by side (an attention head): round the classes so that the
         # layers' widths are multiples of round_to; strided ones (grouped convs) round the classes themselves
         step = config.round_to // math.gcd(config.round_to, group.unit)
@@ -229,23 +266,50 @@ def _removed_roots(groups: list[Group], order: list[tuple[int, int]], remove: in
 
 
 @overload
-def prune(dag: DagModule, flops_ratio: float | None = ..., example_inputs: tuple | torch.Tensor | None = ..., *,
-          params_ratio: float | None = ..., kmapp: float | None = ..., config: PruneConfig = ...,
-          calibration: Iterable | None = ..., protected: Iterable[str] = ..., progress: bool = ...,
-          return_report: Literal[False] = ...) -> DagModule: ...
+def prune(
+    dag: DagModule,
+    flops_ratio: float | None = ...,
+    example_inputs: tuple | torch.Tensor | None = ...,
+    *,
+    params_ratio: float | None = ...,
+    kmapp: float | None = ...,
+    config: PruneConfig = ...,
+    calibration: Iterable | None = ...,
+    protected: Iterable[str] = ...,
+    progress: bool = ...,
+    return_report: Literal[False] = ...,
+) -> DagModule: ...
 
 
 @overload
-def prune(dag: DagModule, flops_ratio: float | None = ..., example_inputs: tuple | torch.Tensor | None = ..., *,
-          params_ratio: float | None = ..., kmapp: float | None = ..., config: PruneConfig = ...,
-          calibration: Iterable | None = ..., protected: Iterable[str] = ..., progress: bool = ...,
-          return_report: Literal[True]) -> tuple[DagModule, PruneReport]: ...
+def prune(
+    dag: DagModule,
+    flops_ratio: float | None = ...,
+    example_inputs: tuple | torch.Tensor | None = ...,
+    *,
+    params_ratio: float | None = ...,
+    kmapp: float | None = ...,
+    config: PruneConfig = ...,
+    calibration: Iterable | None = ...,
+    protected: Iterable[str] = ...,
+    progress: bool = ...,
+    return_report: Literal[True],
+) -> tuple[DagModule, PruneReport]: ...
 
 
-def prune(dag: DagModule, flops_ratio: float | None = None, example_inputs: tuple | torch.Tensor | None = None, *,
-          params_ratio: float | None = None, kmapp: float | None = None, config: PruneConfig = PruneConfig(),
-          calibration: Iterable | None = None, protected: Iterable[str] = (), progress: bool = False,
-          return_report: bool = False) -> DagModule | tuple[DagModule, PruneReport]:
+def prune(
+    dag: DagModule,
+    flops_ratio: float | None = None,
+    example_inputs: tuple | torch.Tensor | None = None,
+    *,
+    params_ratio: float | None = None,
+    kmapp: float | None = None,
+    config: PruneConfig = PruneConfig(),
+    calibration: Iterable | None = None,
+    protected: Iterable[str] = (),
+    progress: bool = False,
+    return_report: bool = False,
+) -> DagModule | tuple[DagModule, PruneReport]:
     """A smaller DagModule with about `flops_ratio` of the FLOPs (fvcore convention), or `params_ratio`
     of the parameters, or a `kmapp` (FLOPs per input pixel / 1000) of its own, channels removed by
     importance across every prunable channel group; the input DAG is left untouched.
@@ -260,7 +324,9 @@ def prune(dag: DagModule, flops_ratio: float | None = None, example_inputs: tupl
     # channels cross block boundaries: a nested DAG is pruned flat; calibration is read twice (taylor,
     # then compensation), so it is listed
     targets = dict(zip(TARGETS, (flops_ratio, params_ratio, kmapp)))
-    prep = prepare(dag, example_inputs, calibration, targets=targets, fractions=("flops_ratio", "params_ratio"))
+    prep = prepare(
+        dag, example_inputs, calibration, targets=targets, fractions=("flops_ratio", "params_ratio")
+    )
     dag, inputs = prep.dag, prep.example_inputs
     with torch.no_grad():
         values = dag.run_collecting(*inputs)  # one forward serves the FLOP count and the groups
@@ -272,8 +338,15 @@ def prune(dag: DagModule, flops_ratio: float | None = None, example_inputs: tupl
     search = _Search(dag, groups, inputs, config, counted, prep.target == "params_ratio", scores)
     found = search.run(target, progress)
     if config.compensate != "none" and prep.calibration is not None:
-        compensate(dag, found.pruned, groups, search.keep(found.removed), prep.calibration, config.compensate,
-                   progress)
+        compensate(
+            dag,
+            found.pruned,
+            groups,
+            search.keep(found.removed),
+            prep.calibration,
+            config.compensate,
+            progress,
+        )
     _warn_if_off(found, target, config, search.measure)
     return (found.pruned, search.report(found, target)) if return_report else found.pruned
 
@@ -293,13 +366,18 @@ def _target_ratio(prep: Prepared, counted: FlopReport) -> float:
 def _warn_if_off(found: _Found, target: float, config: PruneConfig, measure: Measure) -> None:
     """Say when the target was missed, or met only at a finer rounding of widths (at prune's caller)."""
     if abs(found.ratio - target) > config.tolerance:  # removing channels in order of importance skips it
-        warnings.warn(f"prune: the {measure} ratio reached is {found.ratio:.3f}, outside {target:.3f} +- "
-                      f"{config.tolerance:.3f}: removing channels in order of importance has no step closer "
-                      "(few, wide channels); try another criterion or target", stacklevel=3)
+        warnings.warn(
+            f"prune: the {measure} ratio reached is {found.ratio:.3f}, outside {target:.3f} +- "
+            f"{config.tolerance:.3f}: removing channels in order of importance has no step closer "
+            "(few, wide channels); try another criterion or target",
+            stacklevel=3,
+        )
     elif found.round_to != config.round_to:
-        warnings.warn(f"prune: widths rounded to multiples of {found.round_to} instead of {config.round_to}, the "
-                      f"{measure} target {target:.3f} being out of reach otherwise (reached {found.ratio:.3f})",
-                      stacklevel=3)
+        warnings.warn(
+            f"prune: widths rounded to multiples of {found.round_to} instead of {config.round_to}, the "
+            f"{measure} target {target:.3f} being out of reach otherwise (reached {found.ratio:.3f})",
+            stacklevel=3,
+        )
 
 
 @dataclass(frozen=True)
@@ -317,8 +395,16 @@ class _Search:
     (FLOPs and params of convs, linears and norms scale with their kept channel fractions), then on
     measurements where ops outside the model move the ratio; at finer roundings of widths when needed."""
 
-    def __init__(self, dag: DagModule, groups: ChannelGroups, inputs: tuple, config: PruneConfig,
-                 counted: FlopReport, by_params: bool, scores: dict[int, float]):
+    def __init__(
+        self,
+        dag: DagModule,
+        groups: ChannelGroups,
+        inputs: tuple,
+        config: PruneConfig,
+        counted: FlopReport,
+        by_params: bool,
+        scores: dict[int, float],
+    ):
         self.dag, self.groups, self.inputs, self.config, self.counted = dag, groups, inputs, config, counted
         self.by_params, self.scores = by_params, scores
         self.measure: Measure = "params" if by_params else "FLOPs"
@@ -345,8 +431,9 @@ class _Search:
 
     def at_rounding(self, target: float, round_to: int) -> _Found:
         tolerance = self.config.tolerance / 2
-        order, remove = _fit(self.order, lambda o, k: self.model.ratio(self.removed(o, k, round_to)), target,
-                             tolerance)
+        order, remove = _fit(
+            self.order, lambda o, k: self.model.ratio(self.removed(o, k, round_to)), target, tolerance
+        )
         found = self.build(order, remove, round_to)
         if abs(found.ratio - target) > tolerance:  # ops outside the model moved it: measure
             remove = _bisect(len(order), lambda k: self.build(order, k, round_to).ratio, target)
@@ -375,8 +462,15 @@ class _Search:
     def report(self, found: _Found, target: float) -> PruneReport:
         kept, full = _out_widths(found.pruned), _out_widths(self.dag)
         narrowed = sum(1 for g in self.prunable if any(p in kept and kept[p] != full[p] for p in g.producers))
-        return PruneReport(self.measure, target, found.ratio, found.round_to, len(self.groups.groups()),
-                           len(self.prunable), narrowed)
+        return PruneReport(
+            self.measure,
+            target,
+            found.ratio,
+            found.round_to,
+            len(self.groups.groups()),
+            len(self.prunable),
+            narrowed,
+        )
 
 
 def _out_widths(dag: DagModule) -> dict[str, int]:
@@ -391,8 +485,13 @@ def must_keep(groups: ChannelGroups) -> dict[int, list[int]]:
     return {i: sorted({int(r) for r in groups.root(ids)}) for i, ids in enumerate(sets)}
 
 
-def _fit(order: list[tuple[int, int]], ratio_of: Callable[[list[tuple[int, int]], int], float], target: float,
-         tolerance: float, skips: int = 16) -> tuple[list[tuple[int, int]], int]:
+def _fit(
+    order: list[tuple[int, int]],
+    ratio_of: Callable[[list[tuple[int, int]], int], float],
+    target: float,
+    tolerance: float,
+    skips: int = 16,
+) -> tuple[list[tuple[int, int]], int]:
     """The removal order and the number removed from its front whose ratio is closest to `target`.
 
     When even the closest number misses by more than `tolerance`, one removal jumps over the target: a
@@ -404,7 +503,7 @@ def _fit(order: list[tuple[int, int]], ratio_of: Callable[[list[tuple[int, int]]
         jump = remove - 1 if ratio < target else remove  # removing order[jump] crosses the target
         if abs(ratio - target) <= tolerance or not 0 <= jump < len(order):
             break
-        order = order[:jump] + order[jump + 1:]
+        order = order[:jump] + order[jump + 1 :]
         remove = _bisect(len(order), partial(ratio_of, order), target)
     return order, remove
 

@@ -90,8 +90,10 @@ _NORM_ROW = _row("Norm")
 # op -> its layout. The conv family is what `isinstance(module, _ConvNd)` matched; the transposed convs
 # have no channel rule (their weight is (in, out / groups, *kernel)), so no role brings them here
 LAYOUTS: dict[str, Layout] = {
-    **dict.fromkeys(("Conv1d", "Conv2d", "Conv3d", "WSConv2d", "ConvTranspose1d", "ConvTranspose2d",
-                     "ConvTranspose3d"), _CONV),
+    **dict.fromkeys(
+        ("Conv1d", "Conv2d", "Conv3d", "WSConv2d", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d"),
+        _CONV,
+    ),
     "Linear": Layout(_row("Linear"), _fix_linear),
     **dict.fromkeys(("BatchNorm1d", "BatchNorm2d", "BatchNorm3d"), Layout(_NORM_ROW, _fix_batch_norm)),
     "LayerNorm": Layout(_NORM_ROW, _fix_layer_norm),
@@ -113,8 +115,9 @@ def kind(module: nn.Module) -> str | None:
     return found.row(module) if found is not None else None
 
 
-def slice_plan(module: nn.Module, role: Role, in_mask: np.ndarray | None, out_mask: np.ndarray | None
-               ) -> dict[str, list[tuple[int, np.ndarray]]]:
+def slice_plan(
+    module: nn.Module, role: Role, in_mask: np.ndarray | None, out_mask: np.ndarray | None
+) -> dict[str, list[tuple[int, np.ndarray]]]:
     """Which indices along which axes of each of `module`'s tensors the selections keep: {attr: [(axis,
     index)]}. A selection is a boolean mask over an axis's channel ids or, for a reordering, the positions
     to take in order; an attribute that keeps all its channels in place is left out."""
@@ -160,7 +163,9 @@ def _in_group(selection: np.ndarray, groups: int) -> np.ndarray:
     per_group = selection.reshape(groups, -1)
     first = per_group[0]
     if not (per_group - per_group[:, :1] == first - first[0]).all() or first.min() != 0:
-        raise ValueError("a reordering of a grouped conv's inputs must move the channels of every group alike")
+        raise ValueError(
+            "a reordering of a grouped conv's inputs must move the channels of every group alike"
+        )
     return first
 
 
@@ -172,8 +177,14 @@ def take(tensor: torch.Tensor, cuts: list[tuple[int, np.ndarray]]) -> torch.Tens
     return tensor.clone() if not cuts else tensor
 
 
-def slice_module(module: nn.Module, role: Role, in_mask: np.ndarray | None, out_mask: np.ndarray | None,
-                 *, parameters: bool = True) -> nn.Module:
+def slice_module(
+    module: nn.Module,
+    role: Role,
+    in_mask: np.ndarray | None,
+    out_mask: np.ndarray | None,
+    *,
+    parameters: bool = True,
+) -> nn.Module:
     """A copy of `module` keeping the masked channels (the input module is left untouched). With
     `parameters=False` the copy has no parameters at all (a flexible layer's per-level skeleton)."""
     new = copy.copy(module)

@@ -72,8 +72,14 @@ def graph_and_tensors(dag: DagModule) -> tuple[dict[str, Any], dict[str, torch.T
         raise TypeError(f"td.save expects a DagModule, got {type(dag).__name__}")
     verify(dag)
     tensors, tied, frozen = _unique_tensors(dag)
-    graph = {"format": _FORMAT, "schema_version": SCHEMA_VERSION, **_graph_json(dag), "training": dag.training,
-             "tied": tied, "frozen": frozen}
+    graph = {
+        "format": _FORMAT,
+        "schema_version": SCHEMA_VERSION,
+        **_graph_json(dag),
+        "training": dag.training,
+        "tied": tied,
+        "frozen": frozen,
+    }
     return graph, tensors
 
 
@@ -120,8 +126,12 @@ def _graph_json(dag: DagModule) -> dict[str, Any]:
         if vertex.meta:
             entry["meta"] = _json_safe(vertex.meta)
         vertices.append(entry)
-    graph = {"inputs": list(dag.input_names), "input_meta": _json_safe(dag.input_meta), "vertices": vertices,
-             "output": to_json(dag.output)}
+    graph = {
+        "inputs": list(dag.input_names),
+        "input_meta": _json_safe(dag.input_meta),
+        "vertices": vertices,
+        "output": to_json(dag.output),
+    }
     for key, (cls, to_json_, _) in EXTENSION_DAGS.items():
         if isinstance(dag, cls):
             graph[key] = to_json_(dag)
@@ -131,8 +141,11 @@ def _graph_json(dag: DagModule) -> dict[str, Any]:
 def _dtypes_differing(fresh: nn.Module, module: nn.Module) -> dict[str, str]:
     """Tensors whose dtype differs from a freshly built module's (a float64 or bf16 layer)."""
     built = fresh.state_dict(keep_vars=True)
-    return {key: str(t.dtype).removeprefix("torch.") for key, t in module.state_dict(keep_vars=True).items()
-            if key in built and built[key].dtype != t.dtype}
+    return {
+        key: str(t.dtype).removeprefix("torch.")
+        for key, t in module.state_dict(keep_vars=True).items()
+        if key in built and built[key].dtype != t.dtype
+    }
 
 
 def _json_safe(meta: dict[str, Any]) -> dict[str, Any]:
@@ -209,7 +222,7 @@ def _whole_checksum(tensors: dict[str, torch.Tensor]) -> str:
 def split_bytes(data: bytes | memoryview, size: int) -> list[memoryview]:
     """`data` in pieces of `size` bytes (the last one shorter), as views."""
     view = memoryview(data)
-    return [view[i:i + size] for i in range(0, len(view), size)]
+    return [view[i : i + size] for i in range(0, len(view), size)]
 
 
 def _bytes_of(tensor: torch.Tensor) -> memoryview:
@@ -243,15 +256,18 @@ def load(path: str | os.PathLike, *, strict_checksum: bool = True) -> DagModule:
     return _checked_build(graph, tensors, str(path), strict_checksum)
 
 
-def loads(data: bytes | bytearray | memoryview, *, where: str = "<bytes>", strict_checksum: bool = True) -> DagModule:
+def loads(
+    data: bytes | bytearray | memoryview, *, where: str = "<bytes>", strict_checksum: bool = True
+) -> DagModule:
     """`load` from the bytes of a `.dag` file."""
     header, views = tensor_views(bytearray(data) if isinstance(data, bytes) else data, where)
     graph = _read_graph(where, header)
     return _checked_build(graph, {key: t.clone() for key, t in views.items()}, where, strict_checksum)
 
 
-def _checked_build(graph: dict[str, Any], tensors: dict[str, torch.Tensor], where: str, strict_checksum: bool
-                   ) -> DagModule:
+def _checked_build(
+    graph: dict[str, Any], tensors: dict[str, torch.Tensor], where: str, strict_checksum: bool
+) -> DagModule:
     expected = graph.get("checksum")
     check = _checksum if not isinstance(expected, str) or expected.startswith(_PIECED) else _whole_checksum
     if strict_checksum and check(tensors) != expected:
@@ -275,8 +291,9 @@ def _finish(dag: DagModule, graph: dict[str, Any], tensors: dict[str, torch.Tens
     return dag
 
 
-def rebuild(dag: DagModule, graph: dict[str, Any], changed: set[str], tensors: dict[str, torch.Tensor],
-            where: str) -> DagModule:
+def rebuild(
+    dag: DagModule, graph: dict[str, Any], changed: set[str], tensors: dict[str, torch.Tensor], where: str
+) -> DagModule:
     """A DagModule for `graph` (the JSON of `dag` with the entries of the vertices `changed` edited) and
     its `tensors`, built like `build` but reusing `dag`'s other modules (copies of them, so `dag` is
     untouched): the cheap way to move between graphs that differ in a few vertices."""
@@ -298,8 +315,9 @@ def rebuild(dag: DagModule, graph: dict[str, Any], changed: set[str], tensors: d
     return _finish(moved, graph, tensors, where)
 
 
-def update_in_place(dag: DagModule, graph: dict[str, Any], changed: set[str], tensors: dict[str, torch.Tensor],
-                    where: str) -> None:
+def update_in_place(
+    dag: DagModule, graph: dict[str, Any], changed: set[str], tensors: dict[str, torch.Tensor], where: str
+) -> None:
     """Move `dag` itself to `graph` (its JSON with the entries of the vertices `changed` edited) and
     `tensors`. When the edits keep every vertex's op and inputs (new widths, say) and touch no shared or
     nested module, only the changed vertices are rebuilt; otherwise `dag` takes over a `rebuild`.
@@ -311,8 +329,13 @@ def update_in_place(dag: DagModule, graph: dict[str, Any], changed: set[str], te
         if entry["name"] not in changed and "same_module_as" not in entry:
             continue
         vertex = None if "same_module_as" in entry else _build_vertex(entry, index, {}, depth=0)
-        if (vertex is None or is_dag_module(vertex.module) or is_dag_module(old.module) or vertex.op != old.op
-                or vertex.predecessors != old.predecessors):
+        if (
+            vertex is None
+            or is_dag_module(vertex.module)
+            or is_dag_module(old.module)
+            or vertex.op != old.op
+            or vertex.predecessors != old.predecessors
+        ):
             moved = rebuild(dag, graph, changed, tensors, where)
             dag.__dict__.clear()
             dag.__dict__.update(moved.__dict__)
@@ -320,8 +343,11 @@ def update_in_place(dag: DagModule, graph: dict[str, Any], changed: set[str], te
         problem = arity_problem(vertex)
         _expect(problem is None, f"{where}: vertex {vertex.name!r} (op {vertex.op}): {problem}")
         vertices[vertex.name] = vertex
-    expected = {f"vertex_modules.{v.name}.{key}": value for v in dag
-                for key, value in vertices.get(v.name, v).module.state_dict(keep_vars=True).items()}
+    expected = {
+        f"vertex_modules.{v.name}.{key}": value
+        for v in dag
+        for key, value in vertices.get(v.name, v).module.state_dict(keep_vars=True).items()
+    }
     weights = _weights(expected, tensors, graph, where)
     dag.replace_vertices(list(vertices.values()))
     for key, tensor in weights.items():
@@ -339,8 +365,10 @@ def update_in_place(dag: DagModule, graph: dict[str, Any], changed: set[str], te
 def _vertex_entries(graph: dict[str, Any], dag: DagModule, where: str) -> list[dict[str, Any]]:
     """The graph's vertex entries, checked to be objects naming `dag`'s vertices in order."""
     entries = graph.get("vertices")
-    if not (isinstance(entries, list) and [e.get("name") if isinstance(e, dict) else None for e in entries]
-            == [v.name for v in dag]):
+    if not (
+        isinstance(entries, list)
+        and [e.get("name") if isinstance(e, dict) else None for e in entries] == [v.name for v in dag]
+    ):
         raise LoadError(f"{where}: the graph must have the model's vertices, in order")
     return entries
 
@@ -351,13 +379,37 @@ def _shallow_copy(module: nn.Module) -> nn.Module:
     return copy.deepcopy(module) if is_dag_module(module) else clone_module(module)
 
 
-_ITEM_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-               "BOOL": 1, "U16": 2, "U32": 4, "U64": 8, "F8_E4M3": 1, "F8_E5M2": 1}
+_ITEM_SIZES = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+    "U16": 2,
+    "U32": 4,
+    "U64": 8,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+}
 
 
-_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-                       "U8": torch.uint8, "BOOL": torch.bool}
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
 
 
 def tensor_views(data: bytearray | memoryview, where: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -373,10 +425,16 @@ def tensor_views(data: bytearray | memoryview, where: str) -> tuple[dict[str, An
         if dtype is None:
             raise LoadError(f"{where}: tensor {key!r} has a dtype torch_dag does not read ({info['dtype']})")
         begin, end = info["data_offsets"]
-        flat = (torch.frombuffer(data, dtype=torch.uint8, count=end - begin, offset=start + begin) if end > begin
-                else torch.empty(0, dtype=torch.uint8))
-        tensors[key] = flat.view(dtype).reshape(info["shape"]) if flat.numel() else torch.empty(info["shape"],
-                                                                                                 dtype=dtype)
+        flat = (
+            torch.frombuffer(data, dtype=torch.uint8, count=end - begin, offset=start + begin)
+            if end > begin
+            else torch.empty(0, dtype=torch.uint8)
+        )
+        tensors[key] = (
+            flat.view(dtype).reshape(info["shape"])
+            if flat.numel()
+            else torch.empty(info["shape"], dtype=dtype)
+        )
     return header, tensors
 
 
@@ -388,7 +446,7 @@ def _read_header(start: bytes | bytearray | memoryview, size: int, where: str) -
     (header_len,) = struct.unpack("<Q", start[:8])
     if header_len > min(_MAX_HEADER, size - 8):
         raise LoadError(f"{where}: header length {header_len} exceeds the file; truncated or not a DAG")
-    raw = bytes(start[8:8 + header_len])
+    raw = bytes(start[8 : 8 + header_len])
     try:
         header = json.loads(raw)
     except (ValueError, RecursionError) as e:
@@ -399,17 +457,24 @@ def _read_header(start: bytes | bytearray | memoryview, size: int, where: str) -
     for key, info in header.items():
         if key == "__metadata__":
             continue
-        ok = (isinstance(info, dict) and info.get("dtype") in _ITEM_SIZES and isinstance(info.get("shape"), list)
-              and all(type(d) is int and d >= 0 for d in info["shape"])
-              and isinstance(info.get("data_offsets"), list) and len(info["data_offsets"]) == 2
-              and all(type(o) is int for o in info["data_offsets"]))
+        ok = (
+            isinstance(info, dict)
+            and info.get("dtype") in _ITEM_SIZES
+            and isinstance(info.get("shape"), list)
+            and all(type(d) is int and d >= 0 for d in info["shape"])
+            and isinstance(info.get("data_offsets"), list)
+            and len(info["data_offsets"]) == 2
+            and all(type(o) is int for o in info["data_offsets"])
+        )
         _expect(ok, f"{where}: malformed entry for tensor {key!r} in the header")
         begin, end = info["data_offsets"]
         numel = 1
         for d in info["shape"]:
             numel *= d
-        _expect(0 <= begin <= end <= data_size and end - begin == numel * _ITEM_SIZES[info["dtype"]],
-                f"{where}: tensor {key!r} lies outside the file or has the wrong size; the file is truncated")
+        _expect(
+            0 <= begin <= end <= data_size and end - begin == numel * _ITEM_SIZES[info["dtype"]],
+            f"{where}: tensor {key!r} lies outside the file or has the wrong size; the file is truncated",
+        )
         spans.append((begin, end))
     spans.sort()
     _expect(all(a[1] <= b[0] for a, b in itertools.pairwise(spans)), f"{where}: tensors overlap in the file")
@@ -428,8 +493,10 @@ def _read_graph(where: str, header: dict[str, Any]) -> dict[str, Any]:
         raise LoadError(f"{where}: not a torch_dag file")
     version = graph.get("schema_version")
     if version != SCHEMA_VERSION:
-        raise LoadError(f"{where}: schema version {version!r} is not supported (this torch_dag reads "
-                        f"{SCHEMA_VERSION}); upgrade torch_dag or re-save the model")
+        raise LoadError(
+            f"{where}: schema version {version!r} is not supported (this torch_dag reads "
+            f"{SCHEMA_VERSION}); upgrade torch_dag or re-save the model"
+        )
     return graph
 
 
@@ -442,8 +509,9 @@ def _restore_training_flags(dag: DagModule, graph: dict[str, Any]) -> None:
         if isinstance(flag, bool):
             vertex.module.train(flag)
         if is_dag_module(vertex.module) and isinstance(entries.get(vertex.name, {}).get("config"), dict):
-            _restore_training_flags(vertex.module, {"training": vertex.module.training,
-                                                    **entries[vertex.name]["config"]})
+            _restore_training_flags(
+                vertex.module, {"training": vertex.module.training, **entries[vertex.name]["config"]}
+            )
 
 
 def _expect(condition: bool, message: str) -> None:
@@ -455,21 +523,29 @@ def _build_dag(graph: Any, depth: int) -> DagModule:
     _expect(depth <= _MAX_DEPTH, f"DAGs nested more than {_MAX_DEPTH} levels deep")
     _expect(isinstance(graph, dict), "graph must be an object")
     inputs, entries = graph.get("inputs"), graph.get("vertices")
-    _expect(isinstance(inputs, list) and all(is_valid_vertex_name(n) for n in inputs)
-            and len(set(inputs)) == len(inputs), f"inputs must be a list of distinct identifiers, got {str(inputs)[:80]}")
+    _expect(
+        isinstance(inputs, list)
+        and all(is_valid_vertex_name(n) for n in inputs)
+        and len(set(inputs)) == len(inputs),
+        f"inputs must be a list of distinct identifiers, got {str(inputs)[:80]}",
+    )
     _expect(isinstance(entries, list), "vertices must be a list")
     vertices: list[Vertex] = []
     by_name: dict[str, Vertex] = {}
     for index, entry in enumerate(entries):
         vertex = _build_vertex(entry, index, by_name, depth)
-        _expect(vertex.name not in by_name and vertex.name not in inputs,
-                f"vertex name {vertex.name!r} is used twice")
+        _expect(
+            vertex.name not in by_name and vertex.name not in inputs,
+            f"vertex name {vertex.name!r} is used twice",
+        )
         by_name[vertex.name] = vertex
         vertices.append(vertex)
     output = from_json(graph.get("output"))
     input_meta = graph.get("input_meta", {})
-    _expect(isinstance(input_meta, dict) and all(isinstance(v, dict) for v in input_meta.values()),
-            "input_meta must map input names to objects")
+    _expect(
+        isinstance(input_meta, dict) and all(isinstance(v, dict) for v in input_meta.values()),
+        "input_meta must map input names to objects",
+    )
     try:
         for key, (_, _, build_) in EXTENSION_DAGS.items():
             if key in graph:
@@ -487,8 +563,10 @@ def _build_vertex(entry: Any, index: int, by_name: dict[str, Vertex], depth: int
     where = f"vertex {name!r} (op {op})"
     args, kwargs = from_json(entry.get("args", [])), entry.get("kwargs", {})
     _expect(isinstance(args, list), f"{where}: args must be a list")
-    _expect(isinstance(kwargs, dict) and all(isinstance(k, str) and k.isidentifier() for k in kwargs),
-            f"{where}: kwargs must map identifiers to values")
+    _expect(
+        isinstance(kwargs, dict) and all(isinstance(k, str) and k.isidentifier() for k in kwargs),
+        f"{where}: kwargs must map identifiers to values",
+    )
     kwargs = {k: from_json(v) for k, v in kwargs.items()}
     meta = entry.get("meta", {})
     _expect(isinstance(meta, dict), f"{where}: meta must be an object")
@@ -552,13 +630,16 @@ def _load_weights(dag: DagModule, tensors: dict[str, torch.Tensor], graph: dict[
         _assign(dag, key, tensor)
 
 
-def _weights(expected: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], graph: dict[str, Any], path: str
-             ) -> dict[str, torch.Tensor]:
+def _weights(
+    expected: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], graph: dict[str, Any], path: str
+) -> dict[str, torch.Tensor]:
     """The tensor (a Parameter where `expected` has one) for each state key of a model whose state is
     shaped like `expected`, from the stored `tensors` and the graph's ties and frozen keys, all checked."""
     tied, frozen = graph.get("tied", {}), graph.get("frozen", [])
-    _expect(isinstance(tied, dict) and all(isinstance(v, str) and v in tensors for v in tied.values()),
-            f"{path}: 'tied' must map names to stored tensors")
+    _expect(
+        isinstance(tied, dict) and all(isinstance(v, str) and v in tensors for v in tied.values()),
+        f"{path}: 'tied' must map names to stored tensors",
+    )
     _expect(isinstance(frozen, list) and all(isinstance(k, str) for k in frozen), f"{path}: bad 'frozen'")
     stored = set(tensors) | set(tied)
     missing, unexpected = sorted(set(expected) - stored), sorted(stored - set(expected))
@@ -567,11 +648,15 @@ def _weights(expected: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor]
     for key, like in expected.items():
         source = tied.get(key, key)
         tensor = tensors[source]
-        _expect(tensor.shape == like.shape and tensor.dtype == like.dtype,
-                f"{path}: {key} is stored as {tuple(tensor.shape)} {tensor.dtype}, "
-                f"the graph needs {tuple(like.shape)} {like.dtype}")
-        _expect(isinstance(like, nn.Parameter) == isinstance(expected.get(source), nn.Parameter),
-                f"{path}: {key} is tied to {source!r}, but one is a parameter and the other a buffer")
+        _expect(
+            tensor.shape == like.shape and tensor.dtype == like.dtype,
+            f"{path}: {key} is stored as {tuple(tensor.shape)} {tensor.dtype}, "
+            f"the graph needs {tuple(like.shape)} {like.dtype}",
+        )
+        _expect(
+            isinstance(like, nn.Parameter) == isinstance(expected.get(source), nn.Parameter),
+            f"{path}: {key} is tied to {source!r}, but one is a parameter and the other a buffer",
+        )
     objects: dict[str, torch.Tensor] = {}
     for key, like in expected.items():
         source = tied.get(key, key)

@@ -6,5 +6,17 @@ from .counts import ARITHMETIC, NOT_A_QUERY, SHAPE_QUERIES, SIZED_BY_COUNTS, is_
 from .coverage import NO_CHANNEL_RULE
 from .table import DERIVED, KEYWORD_OPERANDS, RULES, is_harmless, rule_for
 
-__all__ = ["ARITHMETIC", "DERIVED", "KEYWORD_OPERANDS", "NOT_A_QUERY", "NO_CHANNEL_RULE", "RULES", "SHAPE_QUERIES",
-           "SIZED_BY_COUNTS", "is_harmless", "is_shape_query", "rule_for", "shape_query"]
+__all__ = [
+    "ARITHMETIC",
+    "DERIVED",
+    "KEYWORD_OPERANDS",
+    "NOT_A_QUERY",
+    "NO_CHANNEL_RULE",
+    "RULES",
+    "SHAPE_QUERIES",
+    "SIZED_BY_COUNTS",
+    "is_harmless",
+    "is_shape_query",
+    "rule_for",
+    "shape_query",
+]

@@ -76,7 +76,7 @@ def pad(a: Analysis, v: Vertex, inputs: list[Any], out: Any) -> Any:
         return None
     widths = v.args[1]
     padded = out.dim() - x.axis - 1  # the pad list starts at the last axis, two numbers per axis
-    if len(widths) > 2 * padded and any(widths[2 * padded: 2 * padded + 2]):
+    if len(widths) > 2 * padded and any(widths[2 * padded : 2 * padded + 2]):
         a.block(x, f"{v.name}: pads the channel axis")
         return None
     return x

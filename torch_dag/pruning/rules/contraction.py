@@ -32,10 +32,13 @@ def attention(a: Analysis, v: Vertex, inputs: list[Any], out: Any) -> Any:
         if isinstance(mask_info, Channels) and mask_info.axis - a.values[mask.name].dim() == offset:
             a.uf.union(q.ids, mask_info.ids)
         elif mask_info is not None:
-            a.block([q, mask_info], f"{v.name}: an attention mask with channels on another axis than the heads")
+            a.block(
+                [q, mask_info], f"{v.name}: an attention mask with channels on another axis than the heads"
+            )
             return None
-        elif isinstance(mask, Ref) and not untracked_operand(a, v, mask, Channels(ranks[0] + offset, q.ids),
-                                                            ranks[0]):
+        elif isinstance(mask, Ref) and not untracked_operand(
+            a, v, mask, Channels(ranks[0] + offset, q.ids), ranks[0]
+        ):
             return None
         return Channels(out.dim() + offset, value.ids)
     last = [info.axis == rank - 1 for info, rank in zip((q, k, value), ranks) if isinstance(info, Channels)]
@@ -45,13 +48,15 @@ def attention(a: Analysis, v: Vertex, inputs: list[Any], out: Any) -> Any:
         if isinstance(q, Channels):  # the head dim q and k contract: pruned in both, the scale kept
             a.uf.union(q.ids, k.ids)
             if call_arg(v, 6, "scale") is None:
-                a.role(v).keywords = {"scale": qk_dim ** -0.5}
+                a.role(v).keywords = {"scale": qk_dim**-0.5}
             a.role(v).flop_shares.append((qk_dim / (qk_dim + v_dim), q.ids))  # q k^T over the head dim
         if isinstance(value, Channels):
             a.role(v).flop_shares.append((v_dim / (qk_dim + v_dim), value.ids))  # the weights times v
         return Channels(out.dim() - 1, value.ids) if isinstance(value, Channels) else None
-    a.block([q, k, value, mask_info], f"{v.name}: attention with channels on axes it contracts or on some "
-            "operands only")
+    a.block(
+        [q, k, value, mask_info],
+        f"{v.name}: attention with channels on axes it contracts or on some operands only",
+    )
     return None
 
 
@@ -63,10 +68,16 @@ def matmul(a: Analysis, v: Vertex, inputs: list[Any], out: Any) -> Any:
         a.block(inputs, f"{v.name}: matmul with a vector")
         return None
     left, right = inputs[:2]
-    batch = [(info, info.axis - rank) for info, rank in zip((left, right), ranks)
-             if isinstance(info, Channels) and info.axis < rank - 2]
+    batch = [
+        (info, info.axis - rank)
+        for info, rank in zip((left, right), ranks)
+        if isinstance(info, Channels) and info.axis < rank - 2
+    ]
     if batch:
-        if len(batch) != sum(isinstance(i, Channels) for i in (left, right)) or len({off for _, off in batch}) > 1:
+        if (
+            len(batch) != sum(isinstance(i, Channels) for i in (left, right))
+            or len({off for _, off in batch}) > 1
+        ):
             a.block([left, right], f"{v.name}: matmul with channels on different axes of its operands")
             return None
         channels, offset = batch[0]
@@ -74,7 +85,9 @@ def matmul(a: Analysis, v: Vertex, inputs: list[Any], out: Any) -> Any:
             a.uf.union(channels.ids, info.ids)
         for info, ref, rank in zip((left, right), v.args[:2], ranks):
             if info is None and rank >= -offset and a.values[ref.name].shape[offset] != 1:
-                a.block(channels, f"{v.name}: matmul with {ref.name}, which spans the channels but is not tracked")
+                a.block(
+                    channels, f"{v.name}: matmul with {ref.name}, which spans the channels but is not tracked"
+                )
                 return None
         a.role(v).flop_shares = [(1.0, channels.ids)]  # one product per head
         return Channels(out.dim() + offset, channels.ids)
@@ -84,8 +97,12 @@ def matmul(a: Analysis, v: Vertex, inputs: list[Any], out: Any) -> Any:
     if isinstance(right, Channels) and right.axis == ranks[1] - 1 and not isinstance(left, Channels):
         a.role(v).flop_shares = [(1.0, right.ids)]
         return Channels(out.dim() - 1, right.ids)
-    if isinstance(left, Channels) and isinstance(right, Channels) and left.axis == ranks[0] - 1 \
-            and right.axis == ranks[1] - 2:  # q @ k.T over the head dim: a position goes from both
+    if (
+        isinstance(left, Channels)
+        and isinstance(right, Channels)
+        and left.axis == ranks[0] - 1
+        and right.axis == ranks[1] - 2
+    ):  # q @ k.T over the head dim: a position goes from both
         a.uf.union(left.ids, right.ids)
         a.role(v).flop_shares = [(1.0, left.ids)]  # handled: nothing of its own to slice
         return None

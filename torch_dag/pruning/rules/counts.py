@@ -18,7 +18,11 @@ def shape_query(a: Analysis, v: Vertex, inputs: list[Any]) -> Any:
         dim = v.args[1] if len(v.args) > 1 else None
         if isinstance(x, Channels) and dim is None:
             return ShapeOf(x)
-        if isinstance(x, Channels) and isinstance(dim, int) and dim % rank_of(a.values[v.args[0].name]) == x.axis:
+        if (
+            isinstance(x, Channels)
+            and isinstance(dim, int)
+            and dim % rank_of(a.values[v.args[0].name]) == x.axis
+        ):
             return Count(x)
         return None
     if v.op == "numel":
@@ -28,7 +32,13 @@ def shape_query(a: Analysis, v: Vertex, inputs: list[Any]) -> Any:
         index, rank = v.args[1], len(a.values[v.args[0].name])
         if isinstance(index, int) and index % rank == x.channels.axis:
             return Count(x.channels)
-        covered = range(rank)[index] if isinstance(index, slice) else [index % rank] if isinstance(index, int) else None
+        covered = (
+            range(rank)[index]
+            if isinstance(index, slice)
+            else [index % rank]
+            if isinstance(index, int)
+            else None
+        )
         if covered is None or x.channels.axis in covered:
             a.block(x, f"{v.name}: reads the channel count from a shape")
         return None

@@ -17,32 +17,129 @@ NEEDS_NO_RULE = frozenset({Trait.FACTORY, Trait.METADATA, Trait.SIDE_EFFECT})
 _WITHOUT_RULE: dict[str, tuple[str, ...]] = {
     "weights laid out unlike a plain conv / linear (transposed, low-rank, bilinear, embedding, per-channel "
     "PReLU slope, recurrent, attention with in_proj): no slicing row yet": (
-        "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d", "LowRankConv2d", "LowRankLinear", "Bilinear",
-        "Embedding", "PReLU", "LSTM", "GRU", "RNN", "MultiheadAttention"),
+        "ConvTranspose1d",
+        "ConvTranspose2d",
+        "ConvTranspose3d",
+        "LowRankConv2d",
+        "LowRankLinear",
+        "Bilinear",
+        "Embedding",
+        "PReLU",
+        "LSTM",
+        "GRU",
+        "RNN",
+        "MultiheadAttention",
+    ),
     "a functional layer takes its weights as tensor operands: no rule slices them yet": (
-        "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d", "linear",
-        "bilinear", "embedding", "prelu", "batch_norm", "layer_norm", "group_norm", "instance_norm", "rms_norm"),
+        "conv1d",
+        "conv2d",
+        "conv3d",
+        "conv_transpose1d",
+        "conv_transpose2d",
+        "conv_transpose3d",
+        "linear",
+        "bilinear",
+        "embedding",
+        "prelu",
+        "batch_norm",
+        "layer_norm",
+        "group_norm",
+        "instance_norm",
+        "rms_norm",
+    ),
     "normalizes per channel with an affine or running statistics that no rule slices yet": (
-        "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d", "RMSNorm"),
+        "InstanceNorm1d",
+        "InstanceNorm2d",
+        "InstanceNorm3d",
+        "RMSNorm",
+    ),
     "mixes the values of neighbouring or all channels (softmax or a norm over the channel axis)": (
-        "LocalResponseNorm", "local_response_norm", "normalize", "Softmax2d"),
+        "LocalResponseNorm",
+        "local_response_norm",
+        "normalize",
+        "Softmax2d",
+    ),
     "a reduction whose dims, keepdim or tuple result no rule reads yet (mean, sum, amax, amin have one)": (
-        "all", "any", "argmax", "argmin", "count_nonzero", "logsumexp", "max", "median", "min", "norm", "prod",
-        "std", "std_mean", "var", "var_mean"),
+        "all",
+        "any",
+        "argmax",
+        "argmin",
+        "count_nonzero",
+        "logsumexp",
+        "max",
+        "median",
+        "min",
+        "norm",
+        "prod",
+        "std",
+        "std_mean",
+        "var",
+        "var_mean",
+    ),
     "contracts or compares whole rows or axes: which channels meet depends on the axes, no rule yet": (
-        "addbmm", "addmm", "baddbmm", "einsum", "kron", "outer", "cdist", "dist", "cosine_similarity",
-        "pairwise_distance", "cross", "trace"),
+        "addbmm",
+        "addmm",
+        "baddbmm",
+        "einsum",
+        "kron",
+        "outer",
+        "cdist",
+        "dist",
+        "cosine_similarity",
+        "pairwise_distance",
+        "cross",
+        "trace",
+    ),
     "picks, orders or counts elements by their values or by index tensors: no rule yet": (
-        "gather", "scatter", "index_put", "index_select", "masked_select", "nonzero", "unique", "topk", "sort",
-        "argsort", "bucketize", "searchsorted", "take_along_dim", "one_hot"),
+        "gather",
+        "scatter",
+        "index_put",
+        "index_select",
+        "masked_select",
+        "nonzero",
+        "unique",
+        "topk",
+        "sort",
+        "argsort",
+        "bucketize",
+        "searchsorted",
+        "take_along_dim",
+        "one_hot",
+    ),
     "accumulates or compares neighbours along an axis: fine off the channel axis, no rule yet": (
-        "cumsum", "cumprod", "diff", "flip"),
+        "cumsum",
+        "cumprod",
+        "diff",
+        "flip",
+    ),
     "a view, copy or patch extraction that moves axes no rule tracks yet": (
-        "diagonal", "diag", "movedim", "narrow", "select", "t", "unflatten", "unfold_dim", "tril", "triu",
-        "repeat", "repeat_interleave", "tile", "meshgrid", "fold", "unfold", "Fold", "Unfold", "grid_sample",
-        "affine_grid"),
+        "diagonal",
+        "diag",
+        "movedim",
+        "narrow",
+        "select",
+        "t",
+        "unflatten",
+        "unfold_dim",
+        "tril",
+        "triu",
+        "repeat",
+        "repeat_interleave",
+        "tile",
+        "meshgrid",
+        "fold",
+        "unfold",
+        "Fold",
+        "Unfold",
+        "grid_sample",
+        "affine_grid",
+    ),
     "rounds or compares sizes: a channel count through it is no count a reshape may use": (
-        "size_ceil", "size_floor", "size_max", "size_min"),
+        "size_ceil",
+        "size_floor",
+        "size_max",
+        "size_min",
+    ),
     "a nested DAG: `prune` flattens nested DAGs before the analysis": ("DagModule",),
     "a flexible layer (flex, above pruning): its widths are chosen at run time, not pruned": ("Flex",),
 }
@@ -60,8 +157,11 @@ def unknown_ops(names: Iterable[str]) -> list[str]:
 def ops_missing_a_rule(ops: Iterable[str]) -> list[str]:
     """The ops among `ops` that get no channel rule, need none by their traits and are not listed in
     NO_CHANNEL_RULE: each must get a rule or a reason."""
-    return sorted(op for op in ops if rule_for(op) is None and not (traits_of(op) & NEEDS_NO_RULE)
-                  and op not in NO_CHANNEL_RULE)
+    return sorted(
+        op
+        for op in ops
+        if rule_for(op) is None and not (traits_of(op) & NEEDS_NO_RULE) and op not in NO_CHANNEL_RULE
+    )
 
 
 def ops_with_rule_and_reason(ops: Iterable[str]) -> list[str]:
@@ -70,6 +170,8 @@ def ops_with_rule_and_reason(ops: Iterable[str]) -> list[str]:
 
 
 def missing_rule_message(ops: list[str]) -> str:
-    return (f"ops without a channel rule: {', '.join(ops)}. Add a rule to RULES in {WHERE}table.py (or give the "
-            f"op the traits that derive one, see DERIVED there), or list the op in NO_CHANNEL_RULE in "
-            f"{WHERE}coverage.py with a one-line reason")
+    return (
+        f"ops without a channel rule: {', '.join(ops)}. Add a rule to RULES in {WHERE}table.py (or give the "
+        f"op the traits that derive one, see DERIVED there), or list the op in NO_CHANNEL_RULE in "
+        f"{WHERE}coverage.py with a one-line reason"
+    )

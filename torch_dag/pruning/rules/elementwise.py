@@ -84,7 +84,9 @@ def _held_tensor(a: Analysis, name: str, position: int) -> tuple[str, int] | Non
     return None
 
 
-def _source_axis(a: Analysis, v: Vertex, before: torch.Tensor, after: torch.Tensor, position: int) -> int | None:
+def _source_axis(
+    a: Analysis, v: Vertex, before: torch.Tensor, after: torch.Tensor, position: int
+) -> int | None:
     """The axis of `v`'s input that becomes axis `position` of its output whole, if it does."""
     if v.op in ("contiguous", "clone", "to", "detach"):
         return position

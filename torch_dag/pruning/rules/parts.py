@@ -32,14 +32,15 @@ def getitem(a: Analysis, v: Vertex, inputs: list[Any], out: Any) -> Any:
         return Channels(x.axis - 1 + a.values[index.name].dim(), x.ids)  # table[index] looks rows up
     index = index if isinstance(index, tuple) else (index,)
     if sum(item is Ellipsis for item in index) > 1 or any(
-            isinstance(item, (torch.Tensor, list, bool)) or (isinstance(item, Ref) and not _is_int(a, item))
-            for item in index):
+        isinstance(item, (torch.Tensor, list, bool)) or (isinstance(item, Ref) and not _is_int(a, item))
+        for item in index
+    ):
         a.block(x, f"{v.name}: advanced indexing of a tensor with tracked channels")
         return None
     consumed = sum(1 for item in index if item is not None and item is not Ellipsis)
     if Ellipsis in index:
         at = index.index(Ellipsis)
-        index = index[:at] + (slice(None),) * (value.dim() - consumed) + index[at + 1:]
+        index = index[:at] + (slice(None),) * (value.dim() - consumed) + index[at + 1 :]
     in_axis = out_axis = 0
     for position, item in enumerate(index):
         if item is None:
@@ -60,8 +61,11 @@ def getitem(a: Analysis, v: Vertex, inputs: list[Any], out: Any) -> Any:
 
 def _plain_slice(item: Any) -> bool:
     """A slice with step 1 and int (or open) bounds."""
-    return (isinstance(item, slice) and item.step in (None, 1)
-            and all(b is None or isinstance(b, int) for b in (item.start, item.stop)))
+    return (
+        isinstance(item, slice)
+        and item.step in (None, 1)
+        and all(b is None or isinstance(b, int) for b in (item.start, item.stop))
+    )
 
 
 def _channel_slice(a: Analysis, v: Vertex, x: Channels, index: tuple, position: int, out_axis: int) -> Any:
@@ -75,7 +79,7 @@ def _channel_slice(a: Analysis, v: Vertex, x: Channels, index: tuple, position: 
     def rewrite(keep: Callable[[np.ndarray], np.ndarray]) -> tuple:
         mask = keep(x.ids)
         bounds = slice(int(mask[:start].sum()), int(mask[:stop].sum()))
-        return (v.args[0], index[:position] + (bounds,) + index[position + 1:], *v.args[2:])
+        return (v.args[0], index[:position] + (bounds,) + index[position + 1 :], *v.args[2:])
 
     role = a.role(v)
     role.rewrite, role.parts = rewrite, [x.ids[start:stop]]

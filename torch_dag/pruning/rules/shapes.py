@@ -25,8 +25,8 @@ def flatten(a: Analysis, v: Vertex, inputs: list[Any], out: Any) -> Any:
         return x
     if x.axis > end:
         return Channels(x.axis - (end - start), x.ids)
-    inner = int(np.prod(value.shape[x.axis + 1: end + 1]))
-    outer = int(np.prod(value.shape[start: x.axis]))
+    inner = int(np.prod(value.shape[x.axis + 1 : end + 1]))
+    outer = int(np.prod(value.shape[start : x.axis]))
     ids = np.tile(np.repeat(x.ids, inner), outer)
     return Channels(start, ids)
 
@@ -93,15 +93,26 @@ def reshape(a: Analysis, v: Vertex, inputs: list[Any], out: Any) -> Any:
             a.block([x, *counts], f"{v.name}: reshape mixes the channel axis with others unevenly")
             return None
         channels, resized, spanned = result
-    a.block([c for i, c in enumerate(info) if i not in spanned and i != axis and numbers(c)],
-            f"{v.name}: a channel count sizes another axis")
+    a.block(
+        [c for i, c in enumerate(info) if i not in spanned and i != axis and numbers(c)],
+        f"{v.name}: a channel count sizes another axis",
+    )
     if spanned:
-        a.role(v).rewrite = lambda keep: (v.args[0], _resized(shape, after, resized, spanned, keep), *v.args[2:])
+        a.role(v).rewrite = lambda keep: (
+            v.args[0],
+            _resized(shape, after, resized, spanned, keep),
+            *v.args[2:],
+        )
     return channels
 
 
-def _resized(shape: list | tuple, after: torch.Size, resized: dict[int, np.ndarray], spanned: range,
-             keep: Callable[[np.ndarray], np.ndarray]) -> list | tuple:
+def _resized(
+    shape: list | tuple,
+    after: torch.Size,
+    resized: dict[int, np.ndarray],
+    spanned: range,
+    keep: Callable[[np.ndarray], np.ndarray],
+) -> list | tuple:
     """A reshape's sizes after pruning: where the channels lie, the kept count (or -1 for a traced
     size, when no other axis has it: spatial sizes may vary); on the other axes they span, the present
     size (`C // heads` read from a pruned tensor would be wrong)."""
@@ -126,13 +137,14 @@ def kept_axis(before: torch.Size, after: torch.Size, axis: int) -> int | None:
     return None
 
 
-def _split_axis(a: Analysis, x: Channels, before: torch.Size, after: torch.Size
-                ) -> tuple[Channels, dict[int, np.ndarray], range] | None:
+def _split_axis(
+    a: Analysis, x: Channels, before: torch.Size, after: torch.Size
+) -> tuple[Channels, dict[int, np.ndarray], range] | None:
     """The channel axis split into consecutive axes `after[first:last]`: the one before the last part
     carries the channels (heads), whose entries are tied whole; with `attention="head_dim"` the last
     part does (a position of the head dim, tied over every head). Returns the channels, for that
     axis the ids whose kept count is its new size, and the axes of `after` the channels span."""
-    leading = math.prod(before[:x.axis])
+    leading = math.prod(before[: x.axis])
     for first in range(len(after)):
         if math.prod(after[:first]) != leading:
             continue
@@ -149,8 +161,9 @@ def _split_axis(a: Analysis, x: Channels, before: torch.Size, after: torch.Size
     return None
 
 
-def _merged_axis(x: Channels, before: torch.Size, after: torch.Size
-                 ) -> tuple[Channels, dict[int, np.ndarray], range] | None:
+def _merged_axis(
+    x: Channels, before: torch.Size, after: torch.Size
+) -> tuple[Channels, dict[int, np.ndarray], range] | None:
     """The channel axis merged with neighbours `before[first:last]` into one axis of `after`: its ids
     repeat over them, the merged size is the kept count of those ids."""
     for first in range(x.axis + 1):
@@ -163,8 +176,8 @@ def _merged_axis(x: Channels, before: torch.Size, after: torch.Size
                 size *= before[last]
                 last += 1
             if size == after[target] and last > x.axis and last - first >= 2:
-                inner = math.prod(before[x.axis + 1:last])
-                outer = math.prod(before[first:x.axis])
+                inner = math.prod(before[x.axis + 1 : last])
+                outer = math.prod(before[first : x.axis])
                 ids = np.tile(np.repeat(x.ids, inner), outer)
                 return Channels(target, ids), {target: ids}, range(target, target + 1)
     return None
