@@ -86,25 +86,7 @@ def trace(model: nn.Module, inputs: dict[str, Any]) -> tuple[fx.Graph, list[str]
     """A torch-level fx graph of `model` (get_attr nodes name its own parameters and buffers), made with
     torch.export on the example `inputs` (keyword arguments of forward), with each node's value kept in
     `meta["td_value"]` as the fx path keeps it; and the names of the inputs."""
-    # every size of a tensor input may vary (export keeps the ones the model fixes, and checks its
-    # assumptions on the others); a model that cannot be exported so is exported at the example's sizes
-    dynamic = {
-        name: (
-            {d: torch.export.Dim.AUTO for d in range(value.dim())}
-            if isinstance(value, torch.Tensor)
-            else None
-        )
-        for name, value in inputs.items()
-    }
-    try:
-        try:
-            program = torch.export.export(model, (), dict(inputs), dynamic_shapes=dynamic, strict=False)
-        except Exception:
-            program = torch.export.export(model, (), dict(inputs), strict=False)
-    except Exception as e:
-        raise ConversionError(
-            f"torch.export could not trace {type(model).__name__}: {type(e).__name__}: {str(e)[:500]}"
-        ) from e
+    program = _export(model, inputs)
     signature = program.graph_signature
     attrs = {**signature.inputs_to_parameters, **signature.inputs_to_buffers}
     if (
@@ -116,9 +98,6 @@ def trace(model: nn.Module, inputs: dict[str, Any]) -> tuple[fx.Graph, list[str]
             f"{type(model).__name__}: the exported program has tensor constants or mutates "
             "buffers or inputs, which the torch.export path does not map yet"
         )
-    graph = fx.Graph()
-    env: dict[fx.Node, Any] = {}
-    symbols: dict[Any, tuple[fx.Node, str]] = {}
     user_inputs = [n for n in program.graph.nodes if n.op == "placeholder" and n.name not in attrs]
     names = list(inputs)
     if len(user_inputs) != len(names):
@@ -126,15 +105,49 @@ def trace(model: nn.Module, inputs: dict[str, Any]) -> tuple[fx.Graph, list[str]
             f"{type(model).__name__}: torch.export flattened the inputs {names} into "
             f"{len(user_inputs)} tensors; only tensor inputs are mapped"
         )
+    graph = _torch_level_graph(program, attrs, {n: name for n, name in zip(user_inputs, names)})
+    graph.eliminate_dead_code()
+    _record_values(model, graph, inputs)
+    return graph, names
+
+
+def _export(model: nn.Module, inputs: dict[str, Any]) -> torch.export.ExportedProgram:
+    """torch.export of `model` with every size of a tensor input free to vary (export keeps the ones the
+    model fixes, and checks its assumptions on the others); a model that cannot be exported so is
+    exported at the example's sizes."""
+    dynamic = {
+        name: (
+            {d: torch.export.Dim.AUTO for d in range(value.dim())}
+            if isinstance(value, torch.Tensor)
+            else None
+        )
+        for name, value in inputs.items()
+    }
+    try:
+        try:
+            return torch.export.export(model, (), dict(inputs), dynamic_shapes=dynamic, strict=False)
+        except Exception:
+            return torch.export.export(model, (), dict(inputs), strict=False)
+    except Exception as e:
+        raise ConversionError(
+            f"torch.export could not trace {type(model).__name__}: {type(e).__name__}: {str(e)[:500]}"
+        ) from e
+
+
+def _torch_level_graph(
+    program: torch.export.ExportedProgram, attrs: dict[str, str], input_names: dict[fx.Node, str]
+) -> fx.Graph:
+    """The exported ATen graph mapped node by node to torch-level calls (`_call`); parameters and
+    buffers become get_attr nodes, user inputs placeholders named as the model's keyword inputs."""
+    graph = fx.Graph()
+    env: dict[fx.Node, Any] = {}
+    symbols: dict[Any, tuple[fx.Node, str]] = {}
     for node in program.graph.nodes:
-        if node.op == "placeholder":
-            env[node] = (
-                graph.get_attr(attrs[node.name])
-                if node.name in attrs
-                else graph.placeholder(names[user_inputs.index(node)])
-            )
-            if node.name not in attrs:
-                _check_sizes(graph, env[node], node, program.range_constraints, symbols)
+        if node.op == "placeholder" and node.name in attrs:
+            env[node] = graph.get_attr(attrs[node.name])
+        elif node.op == "placeholder":
+            env[node] = graph.placeholder(input_names[node])
+            _check_sizes(graph, env[node], node, program.range_constraints, symbols)
         elif node.op == "call_function":
             env[node] = _call(graph, node, env)
         elif node.op == "output":
@@ -144,9 +157,7 @@ def trace(model: nn.Module, inputs: dict[str, Any]) -> tuple[fx.Graph, list[str]
             raise ConversionError(f"exported node '{node.name}' (op={node.op}) has no torch-level form")
         if isinstance(env.get(node), fx.Node) and "nn_module_stack" in node.meta:
             env[node].meta["nn_module_stack"] = node.meta["nn_module_stack"]
-    graph.eliminate_dead_code()
-    _record_values(model, graph, inputs)
-    return graph, names
+    return graph
 
 
 def _check_sizes(

@@ -55,6 +55,25 @@ def _match(dag: DagModule, conv: Vertex) -> tuple[WSConv2d, list[str]] | None:
     if view_as is None or not isinstance(view_as.args[1], Ref):
         return None
     weight = _parameter(dag, view_as.args[1].name)
+    norm = _standardization(dag, view_as, weight)
+    if weight is None or norm is None:
+        return None
+    out_channels = weight.weight.shape[0]
+    chain = [view_as.args[1].name, norm.args[0].name, norm.name, view_as.name]
+    found = _gain(dag, norm.args[3], norm.name, out_channels, chain)
+    if found is None:
+        return None
+    bias = _parameter(dag, args[2].name) if isinstance(args[2], Ref) else None
+    if args[2] is not None and (bias is None or bias.weight.shape != (out_channels,)):
+        return None
+    if bias is not None:
+        chain.insert(0, args[2].name)
+    return _ws_conv(weight, bias, *found, eps=norm.args[7], conv_args=args[3:]), chain
+
+
+def _standardization(dag: DagModule, view_as: Vertex, weight: Parameter | None) -> Vertex | None:
+    """The `batch_norm` vertex that standardizes `weight` (reshaped to one row per output channel, no
+    running statistics, training mode) for `view_as`, or None."""
     norm = (
         _only_use(dag, view_as.args[0].name, view_as.name, "batch_norm")
         if isinstance(view_as.args[0], Ref)
@@ -62,7 +81,6 @@ def _match(dag: DagModule, conv: Vertex) -> tuple[WSConv2d, list[str]] | None:
     )
     if weight is None or norm is None or weight.weight.dim() != 4 or norm.kwargs:
         return None
-    out_channels = weight.weight.shape[0]
     # batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
     if (
         len(norm.args) != 8
@@ -75,23 +93,26 @@ def _match(dag: DagModule, conv: Vertex) -> tuple[WSConv2d, list[str]] | None:
     reshape = (
         _only_use(dag, norm.args[0].name, norm.name, "reshape") if isinstance(norm.args[0], Ref) else None
     )
-    if reshape is None or reshape.args != (Ref(view_as.args[1].name), (1, out_channels, -1)):
+    if reshape is None or reshape.args != (Ref(view_as.args[1].name), (1, weight.weight.shape[0], -1)):
         return None
-    chain = [view_as.args[1].name, reshape.name, norm.name, view_as.name]
-    found = _gain(dag, norm.args[3], norm.name, out_channels, chain)
-    if found is None:
-        return None
-    gain, scale = found
-    bias = _parameter(dag, args[2].name) if isinstance(args[2], Ref) else None
-    if args[2] is not None and (bias is None or bias.weight.shape != (out_channels,)):
-        return None
-    if bias is not None:
-        chain.insert(0, args[2].name)
-    stride, padding, dilation, groups = args[3:]
+    return norm
+
+
+def _ws_conv(
+    weight: Parameter,
+    bias: Parameter | None,
+    gain: nn.Parameter | None,
+    scale: float,
+    *,
+    eps: float,
+    conv_args: tuple,
+) -> WSConv2d:
+    """The WSConv2d reading the model's own tensors (shared, as fx shares them)."""
+    stride, padding, dilation, groups = conv_args
     with torch.device("meta"):  # the tensors are the model's own, set below
         module = WSConv2d(
             weight.weight.shape[1] * groups,
-            out_channels,
+            weight.weight.shape[0],
             tuple(weight.weight.shape[2:]),
             stride,
             padding,
@@ -100,12 +121,12 @@ def _match(dag: DagModule, conv: Vertex) -> tuple[WSConv2d, list[str]] | None:
             bias=bias is not None,
             gain=gain is not None,
             scale=scale,
-            eps=norm.args[7],
+            eps=eps,
         )
-    module.weight = weight.weight  # the same tensors: shared with the model, as fx shares them
+    module.weight = weight.weight
     module.bias = bias.weight if bias is not None else None
     module.gain = gain
-    return module, chain
+    return module
 
 
 def _gain(

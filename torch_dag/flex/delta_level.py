@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
 
@@ -231,20 +232,29 @@ def apply_deltas(plain: DagModule, deltas: list[LevelDelta], graph: dict[str, An
     return graph
 
 
+class _MalformedDelta:
+    """Checks of a level delta's JSON that raise `LoadError` naming the file (`where`)."""
+
+    def __init__(self, where: str):
+        self.where = where
+
+    def expect(self, ok: bool, what: str) -> None:
+        if not ok:
+            raise LoadError(f"{self.where}: malformed level delta: {what}")
+
+
+def _ints(value: Any, length: int | None = None) -> bool:
+    """A list of non-negative ints (of `length` entries, when given)."""
+    return (
+        isinstance(value, list)
+        and all(type(v) is int and v >= 0 for v in value)
+        and (length is None or len(value) == length)
+    )
+
+
 def _check_meta(meta: Any, values: dict[str, torch.Tensor], where: str) -> None:
     """Refuse a delta whose JSON does not have the shape `to_bytes` writes (a hostile or broken file)."""
-
-    def expect(ok: bool, what: str) -> None:
-        if not ok:
-            raise LoadError(f"{where}: malformed level delta: {what}")
-
-    def ints(value: Any, length: int | None = None) -> bool:
-        return (
-            isinstance(value, list)
-            and all(type(v) is int and v >= 0 for v in value)
-            and (length is None or len(value) == length)
-        )
-
+    expect = _MalformedDelta(where).expect
     expect(
         isinstance(meta, dict)
         and all(k in meta for k in ("source", "target", "graph", "source_shapes", "steps", "runs")),
@@ -267,42 +277,47 @@ def _check_meta(meta: Any, values: dict[str, torch.Tensor], where: str) -> None:
     )
     shapes = meta["source_shapes"]
     expect(
-        isinstance(shapes, dict) and all(ints(v) for v in shapes.values()),
+        isinstance(shapes, dict) and all(_ints(v) for v in shapes.values()),
         "source_shapes must map names to shapes",
     )
     runs = meta["runs"]
     expect(
         isinstance(runs, list)
         and all(
-            isinstance(r, list) and all(ints(span, 2) and span[0] <= span[1] for span in r) for r in runs
+            isinstance(r, list) and all(_ints(span, 2) and span[0] <= span[1] for span in r) for r in runs
         ),
         "runs must be lists of [start, stop) spans",
     )
     expect(isinstance(meta["steps"], dict), "steps must be an object")
     for key, step in meta["steps"].items():
-        ndim = len(shapes.get(key, []))
-        kind = "shrink" if isinstance(step, dict) and "shrink" in step else "expand"
-        cuts = step.get(kind) if isinstance(step, dict) else None
-        expect(
-            key in shapes
-            and isinstance(cuts, list)
-            and all(ints(c, 2) and c[0] < ndim and c[1] < len(runs) for c in cuts),
-            f"bad step for {key!r}",
-        )
-        if kind == "expand":
-            expect(ints(step.get("shape"), ndim) and key in values, f"bad expansion of {key!r}")
-            for axis, index in cuts or ():
-                spans = runs[index]
-                expect(
-                    not spans or spans[-1][1] <= step["shape"][axis], f"{key!r}: positions outside the tensor"
-                )
-        else:
-            for axis, index in cuts or ():
-                spans = runs[index]
-                expect(
-                    not spans or spans[-1][1] <= shapes[key][axis], f"{key!r}: positions outside the tensor"
-                )
+        _check_step(key, step, shapes, runs, values, expect)
     expect(set(values) <= set(shapes), "the delta names tensors its models do not have")
+
+
+def _check_step(
+    key: str,
+    step: Any,
+    shapes: dict[str, list[int]],
+    runs: list[list[list[int]]],
+    values: dict[str, torch.Tensor],
+    expect: Callable[[bool, str], None],
+) -> None:
+    """One tensor's step: which runs it reads along which axes, all inside the tensor it makes."""
+    ndim = len(shapes.get(key, []))
+    kind = "shrink" if isinstance(step, dict) and "shrink" in step else "expand"
+    cuts = step.get(kind) if isinstance(step, dict) else None
+    expect(
+        key in shapes
+        and isinstance(cuts, list)
+        and all(_ints(c, 2) and c[0] < ndim and c[1] < len(runs) for c in cuts),
+        f"bad step for {key!r}",
+    )
+    if kind == "expand":
+        expect(_ints(step.get("shape"), ndim) and key in values, f"bad expansion of {key!r}")
+    bounds = step["shape"] if kind == "expand" else shapes[key]
+    for axis, index in cuts or ():
+        spans = runs[index]
+        expect(not spans or spans[-1][1] <= bounds[axis], f"{key!r}: positions outside the tensor")
 
 
 def _graph_change(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
