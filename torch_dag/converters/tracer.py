@@ -23,54 +23,32 @@ from torch.fx.node import map_aggregate
 
 from ..core.functions import FUNCTIONS
 from ..core.ops import MODULE_OPS, ModuleOpSpec, custom_op_spec
+from ..core.traits import Trait, ops_with
 
 _MISSING = object()
 _GUARD = FUNCTIONS["guard"].fn
-# torch functions whose int-list arguments often hold traced sizes (`torch.zeros(B, C)`,
-# `torch.reshape(x, (B, -1))`): torch's argument parser would turn a proxy into a constant (or fail)
-# before fx sees the call, so while tracing they record a node whenever any argument is a proxy.
+# Functions whose int-list arguments often hold traced sizes: torch's argument parser would turn a proxy
+# into a constant (or fail) before fx sees the call, so while tracing they record a node whenever any
+# argument is a proxy. Besides the FACTORY ops (`torch.zeros(B, C)`, `x.new_zeros(B, C)`), these torch
+# functions and methods of real tensors take sizes (`torch.reshape(x, (B, -1))`, `buf.expand(B, -1)`):
 _SIZE_TAKING = (
-    (
-        torch,
-        (
-            "zeros",
-            "ones",
-            "full",
-            "empty",
-            "arange",
-            "linspace",
-            "eye",
-            "tensor",
-            "as_tensor",
-            "rand",
-            "randn",
-            "randint",
-            "reshape",
-            "tile",
-            "broadcast_to",
-            "roll",
-            "narrow",
-            "split",
-            "unflatten",
-        ),
-    ),
+    (torch, ("reshape", "tile", "broadcast_to", "roll", "narrow", "split", "unflatten")),
     (torch.nn.functional, ("pad",)),
 )
-# the same for methods of real tensors (a buffer) called with traced sizes: `self.index.expand(B, -1)`
-_SIZE_TAKING_METHODS = (
-    "expand",
-    "view",
-    "reshape",
-    "repeat",
-    "tile",
-    "narrow",
-    "unflatten",
-    "split",
-    "new_zeros",
-    "new_ones",
-    "new_full",
-    "new_empty",
-)
+_SIZE_TAKING_METHODS = ("expand", "view", "reshape", "repeat", "tile", "narrow", "unflatten", "split")
+
+
+def _size_taking() -> tuple[list[tuple[Any, str]], list[str]]:
+    """(namespace, name) of the functions and the names of the tensor methods that take sizes: the
+    FACTORY ops' torch and method spellings (not `*_like`, which take a tensor) and the ones above."""
+    functions = [(namespace, name) for namespace, names in _SIZE_TAKING for name in names]
+    methods = list(_SIZE_TAKING_METHODS)
+    for op in sorted(ops_with(Trait.FACTORY)):
+        spellings = FUNCTIONS[op].spellings if op in FUNCTIONS else None
+        if spellings is not None and not op.endswith("_like"):
+            functions += [(torch, name) for name in spellings.torch]
+            methods += list(spellings.methods)
+    return functions, methods
 
 
 def vocabulary_spec(module: nn.Module) -> ModuleOpSpec | None:
@@ -309,9 +287,8 @@ class ConcreteTracer(fx.Tracer):
     @contextlib.contextmanager
     def patch_size_taking(self) -> Iterator[None]:
         """Make `torch.zeros(B, C)` with a traced `B` a graph node instead of a TypeError or a constant."""
-        originals = {
-            (namespace, name): getattr(namespace, name) for namespace, names in _SIZE_TAKING for name in names
-        }
+        functions, method_names = _size_taking()
+        originals = {(namespace, name): getattr(namespace, name) for namespace, name in functions}
 
         def wrap(fn):
             @functools.wraps(fn)
@@ -331,7 +308,7 @@ class ConcreteTracer(fx.Tracer):
 
             return wrapper
 
-        methods = {name: getattr(torch.Tensor, name) for name in _SIZE_TAKING_METHODS}
+        methods = {name: getattr(torch.Tensor, name) for name in method_names}
         try:
             for (namespace, name), fn in originals.items():
                 setattr(namespace, name, wrap(fn))

@@ -1,0 +1,121 @@
+"""`torch-dag prune`, `factorize` and `flexify`: the compressions, each printing what it achieved."""
+
+from __future__ import annotations
+
+import argparse
+import time
+import warnings
+from typing import Any, cast
+
+from .. import analysis, flex, passes, pruning, serde
+from .info import print_levels
+from .models import calibration_batches, load_or_convert, recalibrate_if_asked
+
+
+def cmd_prune(args: argparse.Namespace) -> None:
+    dag, inputs = load_or_convert(args.source, args.input_size)
+    config = pruning.PruneConfig(
+        criterion=args.criterion,
+        round_to=args.round_to,
+        min_channels=args.min_channels,
+        attention=args.attention,
+        compensate=args.compensate,
+    )
+    calibration = calibration_batches(args)
+    start = time.perf_counter()
+    with warnings.catch_warnings():  # the report says which rounding was used
+        warnings.simplefilter("ignore")
+        pruned, report = pruning.prune(
+            dag,
+            args.flops_ratio,
+            inputs,
+            params_ratio=args.params_ratio,
+            kmapp=args.kmapp,
+            config=config,
+            calibration=calibration,
+            progress=not args.quiet,
+            return_report=True,
+        )
+    recalibrated = recalibrate_if_asked(pruned, calibration, args)
+    seconds = time.perf_counter() - start
+    serde.save(pruned, args.output)
+    before, after = analysis.count_flops(dag, *inputs), analysis.count_flops(pruned, *inputs)
+    rows = [
+        ("params (M)", before.total_params / 1e6, after.total_params / 1e6),
+        ("FLOPs (G)", before.total_flops / 1e9, after.total_flops / 1e9),
+        ("kmapp", before.kmapp or 0.0, after.kmapp or 0.0),
+    ]
+    print(
+        f"pruned {args.source} to {after.total_flops / before.total_flops:.1%} of its FLOPs and "
+        f"{after.total_params / before.total_params:.1%} of its params in {seconds:.1f} s "
+        f"({config.criterion}; widths rounded to multiples of {report.round_to} where a group is that wide, "
+        f"as hardware kernels run fastest on such widths"
+        f"{'' if report.round_to == config.round_to else f'; {config.round_to} could not reach the target'}"
+        f"); saved to {args.output}"
+    )
+    print(f"  {'':12s} {'before':>10s} {'after':>10s} {'ratio':>7s}")
+    for label, old, new in rows:
+        print(f"  {label:12s} {old:10.3f} {new:10.3f} {new / old if old else 0:7.3f}")
+    print(f"  channel groups: {report.groups}, prunable {report.prunable}, narrowed {report.narrowed}")
+    if recalibrated is not None:
+        print(f"  batchnorm statistics re-estimated on {args.calibration}: {recalibrated} layers")
+
+
+def cmd_factorize(args: argparse.Namespace) -> None:
+    dag, inputs = load_or_convert(args.source, args.input_size)
+    small, report = passes.factorize(
+        dag,
+        args.flops_ratio,
+        params_ratio=args.params_ratio,
+        rank_ratio=args.rank_ratio,
+        calibration=calibration_batches(args),
+        example_inputs=inputs,
+        allocation=args.allocation,
+        protected=args.protect,
+        progress=not args.quiet,
+        return_report=True,
+    )
+    serde.save(small, args.output)
+    print(report.table(top=args.top))
+    print(f"saved to {args.output}")
+
+
+def cmd_flexify(args: argparse.Namespace) -> None:
+    dag, inputs = load_or_convert(args.source, args.input_size)
+    config = flex.FlexConfig(
+        criterion=args.criterion,
+        round_to=args.round_to,
+        min_channels=args.min_channels,
+        attention=args.attention,
+        compensate=args.compensate,
+    )
+    start = time.perf_counter()
+    calibration = calibration_batches(args)
+    model = flex.make_flexible(
+        dag, args.levels, inputs, flops_ratios=args.flops_ratios, config=config, calibration=calibration
+    )
+    recalibrated = recalibrate_if_asked(model, calibration, args)
+    seconds = time.perf_counter() - start
+    serde.save(model, args.output)
+    ranking = cast(dict[str, Any], model.width_info)["ranking"]  # make_flexible records its width plan
+    print(
+        f"made {args.source} flexible with {model.num_levels} levels over {len(ranking)} "
+        f"channel groups in {seconds:.1f} s ({config.criterion}); saved to {args.output}"
+    )
+    if recalibrated is not None:
+        print(
+            f"  per-level batchnorm statistics re-estimated on {args.calibration} ({recalibrated} over all levels)"
+        )
+    model.set_level_use(model.max_level())
+    print_levels(model, inputs, analysis.count_flops(dag, *inputs))
+    if args.delta_file:
+        level = min(args.starting_level, model.max_level())
+        flex.FileDeltaManager.make_delta_file(
+            args.delta_file, model, starting_level=level, progress=not args.quiet
+        )
+        size = args.delta_file.stat().st_size
+        weights = sum(p.numel() * p.element_size() for p in model.parameters())
+        print(
+            f"delta file {args.delta_file}: {size / 1e6:.2f} MB (the flexible model's weights: "
+            f"{weights / 1e6:.2f} MB), starting at level {level}"
+        )

@@ -1,0 +1,56 @@
+"""`torch-dag convert` (a model into a `.dag` file) and `torch-dag export-onnx` (a `.dag` into ONNX)."""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from tqdm import tqdm
+
+from .. import converters, serde
+from .models import example_input, load_model
+
+
+def cmd_convert(args: argparse.Namespace) -> None:
+    steps = tqdm(total=4, desc="convert", unit="step", disable=args.quiet)
+    steps.set_postfix_str("building model")
+    model = load_model(args.model).eval()
+    x = example_input(model, args.input_size, args.batch)
+    steps.update()
+    steps.set_postfix_str("tracing")
+    start = time.perf_counter()
+    dag = converters.build_from_unstructured_module(model, (x,))
+    seconds = time.perf_counter() - start
+    steps.update()
+    steps.set_postfix_str("checking outputs")
+    from ..core.compare import compare_outputs
+
+    with torch.no_grad():
+        equal, diff, reason = compare_outputs(model(x), dag(x))
+    steps.update()
+    if not equal:
+        raise SystemExit(f"converted DAG's outputs differ from the model's: {reason}")
+    steps.set_postfix_str("saving")
+    path = serde.save(dag, args.output)
+    steps.update()
+    steps.close()
+    print(
+        f"{args.model}: {len(dag)} vertices, converted in {seconds:.2f} s, max output difference "
+        f"{diff:.1e}, saved to {path} ({path.stat().st_size / 1e6:.1f} MB)"
+    )
+
+
+def cmd_export_onnx(args: argparse.Namespace) -> None:
+    from ..converters.onnx import export_onnx
+
+    dag = serde.load(args.path)
+    inputs = dag.example_inputs()
+    if args.input_size:
+        inputs = (torch.randn(inputs[0].shape[0], *args.input_size),)
+    start = time.perf_counter()
+    path = export_onnx(dag, args.output, inputs, opset=args.opset, dynamic_batch=not args.static_batch)
+    print(
+        f"{args.path}: {len(dag)} vertices exported in {time.perf_counter() - start:.2f} s to {path} "
+        f"({path.stat().st_size / 1e6:.1f} MB)"
+    )

@@ -1,0 +1,50 @@
+"""`torch-dag info` (ops, params, FLOPs; every level of a flexible model) and `torch-dag viz` (drawings)."""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from .. import analysis, flex, serde, viz
+
+
+def cmd_info(args: argparse.Namespace) -> None:
+    dag = serde.load(args.path)
+    inputs = dag.example_inputs()
+    if args.input_size:
+        inputs = (torch.randn(inputs[0].shape[0], *args.input_size),)
+    report = analysis.count_flops(dag, *inputs)
+    shapes = ", ".join(f"{n}: {'x'.join(map(str, t.shape))}" for n, t in zip(dag.input_names, inputs))
+    print(f"{args.path}  (inputs {shapes})")
+    print(report.table(top=args.top))
+    if isinstance(dag, flex.FlexDagModule):
+        print(f"flexible: {dag.num_levels} levels (the figures above are of level {dag.current_level()})")
+        print_levels(dag, inputs, report)
+
+
+def print_levels(model: flex.FlexDagModule, inputs: tuple, full: analysis.FlopReport) -> None:
+    """Params, FLOPs and kmapp of every level of a flexible model (ratios to `full`)."""
+    was = model.current_level()
+    print(f"  {'level':>5s} {'params (M)':>11s} {'FLOPs (G)':>10s} {'FLOPs ratio':>12s} {'kmapp':>8s}")
+    for level in range(model.num_levels):
+        model.set_level_use(level)
+        count = analysis.count_flops(model, *inputs)
+        print(
+            f"  {level:5d} {count.total_params / 1e6:11.3f} {count.total_flops / 1e9:10.3f} "
+            f"{count.total_flops / full.total_flops:12.3f} {count.kmapp or 0.0:8.2f}"
+        )
+    if was is not None:
+        model.set_level_use(was)
+
+
+def cmd_viz(args: argparse.Namespace) -> None:
+    dag = serde.load(args.path)
+    inputs = None if args.no_flops else dag.example_inputs()
+    if args.html:
+        path = viz.to_html(dag, args.output, inputs, title=args.path.name)
+    else:
+        path = viz.render(
+            dag, args.output, inputs, fmt=args.format or args.output.suffix.lstrip(".") or "svg"
+        )
+    print(f"{args.path}: {len(dag)} vertices drawn to {path}")

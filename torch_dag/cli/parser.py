@@ -1,0 +1,255 @@
+"""The `torch-dag` argument parser: the subcommand table, each subcommand's options and the run function
+it calls (from the module of its group)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..core.options import choices
+from ..finetuning import Optimizer
+from ..flex.widths import FlexCompensation
+from ..passes.factorize import Allocation
+from ..pruning.prune import AttentionMode, Compensation, Criterion
+from .compress import cmd_factorize, cmd_flexify, cmd_prune
+from .convert import cmd_convert, cmd_export_onnx
+from .finetune import cmd_finetune
+from .info import cmd_info, cmd_viz
+from .rewrite import cmd_fold_bn, cmd_simplify, cmd_swap_act
+
+USAGE = """`torch-dag`: a thin command line over the public API.
+
+torch-dag convert timm:resnet50 -o resnet50.dag
+torch-dag convert mypkg.models:make_net --input-size 3x64x64 -o net.dag
+torch-dag info resnet50.dag
+torch-dag viz resnet50.dag -o resnet50.svg        (--html for one offline page)
+torch-dag swap-act resnet50.dag relu=hardswish -o r50_hswish.dag
+torch-dag fold-bn resnet50.dag -o r50_folded.dag
+torch-dag export-onnx resnet50.dag -o resnet50.onnx
+torch-dag prune timm:resnet50 --flops-ratio 0.5 -o resnet50_half.dag
+torch-dag factorize resnet50.dag --flops-ratio 0.7 --calibration images.npy -o resnet50_lr.dag
+torch-dag flexify timm:resnet50 --levels 0.25 0.5 1.0 -o resnet50_flex.dag --delta-file r50.delta
+torch-dag finetune resnet50_half.dag --teacher resnet50.dag --data images.npy -o resnet50_half_ft.dag
+torchrun --nproc_per_node 4 -m torch_dag.cli finetune ...      (the same, data-parallel)
+"""
+
+
+def parse_size(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(d) for d in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected sizes like 3x224x224, got {text!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="torch-dag", description=USAGE, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in SUBCOMMANDS:
+        add(sub)
+    return parser
+
+
+def _convert_parser(sub: argparse._SubParsersAction) -> None:
+    convert = sub.add_parser("convert", help="convert a model into a .dag file")
+    convert.add_argument("model", help="timm:NAME or package.module:factory")
+    convert.add_argument("-o", "--output", type=Path, required=True)
+    convert.add_argument("--input-size", type=parse_size, help="CxHxW (default: the model's pretrained_cfg)")
+    convert.add_argument("--batch", type=int, default=1)
+    convert.add_argument("-q", "--quiet", action="store_true")
+    convert.set_defaults(run=cmd_convert)
+
+
+def _info_parser(sub: argparse._SubParsersAction) -> None:
+    info = sub.add_parser("info", help="ops, params, FLOPs, kmapp and the heaviest vertices of a .dag")
+    info.add_argument("path", type=Path)
+    info.add_argument("--input-size", type=parse_size, help="CxHxW to count at (default: as converted)")
+    info.add_argument("--top", type=int, default=15)
+    info.set_defaults(run=cmd_info)
+
+
+def _viz_parser(sub: argparse._SubParsersAction) -> None:
+    draw = sub.add_parser("viz", help="draw a .dag with graphviz: SVG/PNG, or one offline HTML page")
+    draw.add_argument("path", type=Path)
+    draw.add_argument("-o", "--output", type=Path, required=True, help="model.svg, model.png or model.html")
+    draw.add_argument(
+        "--html", action="store_true", help="one self-contained HTML page with pan/zoom and search"
+    )
+    draw.add_argument("--format", help="graphviz output format (default: the output file's suffix)")
+    draw.add_argument(
+        "--no-flops", action="store_true", help="do not run the model to count FLOPs per vertex"
+    )
+    draw.set_defaults(run=cmd_viz)
+
+
+def _rewrite_parsers(sub: argparse._SubParsersAction) -> None:
+    """The passes that read a .dag and write one: swap-act, fold-bn, simplify."""
+    swap = sub.add_parser("swap-act", help="replace activations, e.g. relu=hardswish gelu=silu")
+    swap.add_argument("path", type=Path)
+    swap.add_argument("mapping", nargs="+", help="OLD=NEW op names (any case)")
+    swap.add_argument("--names", help="regular expression vertex names must match")
+    swap.add_argument("-o", "--output", type=Path, required=True)
+    swap.set_defaults(run=cmd_swap_act)
+    for name, run, text in (
+        ("fold-bn", cmd_fold_bn, "fold BatchNorms into the conv/linear before them (for inference)"),
+        ("simplify", cmd_simplify, "drop identity-like vertices and duplicate constants"),
+    ):
+        rewrite = sub.add_parser(name, help=text)
+        rewrite.add_argument("path", type=Path)
+        rewrite.add_argument("-o", "--output", type=Path, required=True)
+        rewrite.set_defaults(run=run)
+
+
+def _export_parser(sub: argparse._SubParsersAction) -> None:
+    export = sub.add_parser("export-onnx", help="export a .dag to ONNX (onnxruntime, TensorRT, ...)")
+    export.add_argument("path", type=Path)
+    export.add_argument("-o", "--output", type=Path, required=True, help="model.onnx")
+    export.add_argument("--input-size", type=parse_size, help="CxHxW to export at (default: as converted)")
+    export.add_argument("--opset", type=int, help="ONNX opset (default: torch.onnx's)")
+    export.add_argument(
+        "--static-batch", action="store_true", help="fix the batch size instead of a dynamic axis"
+    )
+    export.set_defaults(run=cmd_export_onnx)
+
+
+def _prune_parser(sub: argparse._SubParsersAction) -> None:
+    shrink = sub.add_parser("prune", help="remove channels to a FLOPs target; prints a before/after table")
+    shrink.add_argument("source", help="a .dag file, timm:NAME or package.module:factory")
+    target = shrink.add_mutually_exclusive_group(required=True)
+    target.add_argument("--flops-ratio", type=float, help="fraction of the FLOPs to keep")
+    target.add_argument("--params-ratio", type=float, help="fraction of the parameters to keep")
+    target.add_argument("--kmapp", type=float, help="target kmapp (FLOPs per input pixel / 1000)")
+    _add_width_options(shrink, "remove whole attention heads, or the same positions of every head")
+    shrink.add_argument(
+        "--compensate",
+        choices=choices(Compensation),
+        default="lstsq",
+        help="with --calibration: re-solve the layers that lost inputs (lstsq), or restore "
+        "the removed channels' mean contribution in their biases (mean)",
+    )
+    shrink.set_defaults(run=cmd_prune)
+
+
+def _factorize_parser(sub: argparse._SubParsersAction) -> None:
+    low = sub.add_parser("factorize", help="replace Linear/Conv2d layers by low-rank pairs to a target")
+    low.add_argument("source", help="a .dag file, timm:NAME or package.module:factory")
+    target = low.add_mutually_exclusive_group(required=True)
+    target.add_argument("--flops-ratio", type=float, help="fraction of the model's FLOPs to keep")
+    target.add_argument("--params-ratio", type=float, help="fraction of the model's parameters to keep")
+    target.add_argument("--rank-ratio", type=float, help="every layer at this fraction of its full rank")
+    low.add_argument(
+        "--allocation",
+        default="error",
+        choices=choices(Allocation),
+        help="least-error ranks per layer (default) or one rank fraction for all",
+    )
+    low.add_argument(
+        "--calibration",
+        type=Path,
+        help="a .npy array of model inputs (N x C x H x W) for the "
+        "data-aware solution (default: truncated SVD, no data)",
+    )
+    low.add_argument("--batch-size", type=int, default=8, help="calibration batch size")
+    low.add_argument("--protect", nargs="*", default=[], metavar="VERTEX", help="vertices to leave alone")
+    low.add_argument("--input-size", type=parse_size, help="CxHxW (default: as converted / pretrained_cfg)")
+    low.add_argument("--top", type=int, default=20, help="layers shown in the report (by FLOPs)")
+    low.add_argument("-o", "--output", type=Path, required=True)
+    low.add_argument("-q", "--quiet", action="store_true")
+    low.set_defaults(run=cmd_factorize)
+
+
+def _flexify_parser(sub: argparse._SubParsersAction) -> None:
+    flexify = sub.add_parser(
+        "flexify", help="one weight-shared model with switchable width levels (+ delta file)"
+    )
+    flexify.add_argument("source", help="a .dag file, timm:NAME or package.module:factory")
+    target = flexify.add_mutually_exclusive_group()
+    target.add_argument(
+        "--levels",
+        type=float,
+        nargs="+",
+        default=[0.25, 0.5, 1.0],
+        help="width fraction per level, narrowest first (default: 0.25 0.5 1.0)",
+    )
+    target.add_argument("--flops-ratios", type=float, nargs="+", help="FLOPs ratio per level instead")
+    _add_width_options(flexify, "levels keep whole attention heads, or the same positions of every head")
+    flexify.add_argument(
+        "--compensate",
+        choices=choices(FlexCompensation),
+        default="none",
+        help="with --calibration: re-solve the shared weights of the layers that lose inputs for "
+        "all levels at once (the top level no longer equals the source exactly)",
+    )
+    flexify.add_argument("--delta-file", type=Path, help="also write the levels as a delta file")
+    flexify.add_argument(
+        "--starting-level", type=int, default=0, help="the level the delta file stores whole"
+    )
+    flexify.set_defaults(run=cmd_flexify)
+
+
+def _finetune_parser(sub: argparse._SubParsersAction) -> None:
+    tune = sub.add_parser("finetune", help="distill a compressed .dag from its original (DDP under torchrun)")
+    tune.add_argument("student", type=Path, help="the .dag to train (pruned, factorized or flexible)")
+    tune.add_argument("--teacher", required=True, help="a .dag file, timm:NAME or package.module:factory")
+    tune.add_argument("--data", type=Path, required=True, help="a .npy array of model inputs (N x ...)")
+    tune.add_argument(
+        "--labels", type=Path, help="a .npy array of N class labels (default: distillation only)"
+    )
+    tune.add_argument("--epochs", type=int, default=1)
+    tune.add_argument("--batch-size", type=int, default=32, help="per process")
+    tune.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (cosine schedule)")
+    tune.add_argument("--optimizer", choices=choices(Optimizer), default="adamw")
+    tune.add_argument("--weight-decay", type=float, default=0.0)
+    tune.add_argument("--temperature", type=float, default=1.0, help="distillation temperature")
+    tune.add_argument("--alpha", type=float, default=0.5, help="weight of distillation vs the labels' loss")
+    tune.add_argument("--features", nargs="*", default=[], metavar="VERTEX", help="vertices to match too")
+    tune.add_argument(
+        "--checkpoint", type=Path, help="a checkpoint folder: written as training goes, resumed from"
+    )
+    tune.add_argument(
+        "--checkpoint-every", type=int, default=0, help="steps between checkpoints (0: each epoch)"
+    )
+    tune.add_argument("-o", "--output", type=Path, required=True)
+    tune.add_argument("-q", "--quiet", action="store_true")
+    tune.set_defaults(run=cmd_finetune)
+
+
+SUBCOMMANDS = (
+    _convert_parser,
+    _info_parser,
+    _viz_parser,
+    _rewrite_parsers,
+    _export_parser,
+    _prune_parser,
+    _factorize_parser,
+    _flexify_parser,
+    _finetune_parser,
+)  # in the order `--help` lists them
+
+
+def _add_width_options(parser: argparse.ArgumentParser, attention_help: str) -> None:
+    """The options `prune` and `flexify` share: how channels are ranked and widths chosen, and I/O."""
+    parser.add_argument("--criterion", default="l2", choices=choices(Criterion))
+    parser.add_argument(
+        "--calibration",
+        type=Path,
+        help="a .npy array of model inputs (N x C x H x W): for taylor, compensation and --recalibrate-bn",
+    )
+    parser.add_argument("--batch-size", type=int, default=8, help="calibration batch size")
+    parser.add_argument(
+        "--recalibrate-bn",
+        action="store_true",
+        help="with --calibration: re-estimate the "
+        "batchnorm statistics of the result (of every level) on the calibration data",
+    )
+    parser.add_argument(
+        "--round-to", type=int, default=8, help="keep widths multiples of this (1: no rounding)"
+    )
+    parser.add_argument("--min-channels", type=int, default=1)
+    parser.add_argument("--attention", choices=choices(AttentionMode), default="heads", help=attention_help)
+    parser.add_argument(
+        "--input-size", type=parse_size, help="CxHxW (default: as converted / pretrained_cfg)"
+    )
+    parser.add_argument("-o", "--output", type=Path, required=True)
+    parser.add_argument("-q", "--quiet", action="store_true")
