@@ -25,6 +25,7 @@ from torch import nn
 import torch_dag as td
 from torch_dag.core.compare import bitwise_equal
 from torch_dag.serde.format import _checksum, _whole_checksum, build, graph_and_tensors, update_in_place
+from torch_dag.serde.schema import graph_digest
 
 # --- models -----------------------------------------------------------------------------------------
 
@@ -108,9 +109,15 @@ def split_file(data: bytes) -> tuple[dict[str, Any], dict[str, Any], bytes]:
 
 def join_file(header: dict[str, Any], graph: Any, tensor_bytes: bytes) -> bytes:
     """Re-serialize a header carrying `graph`; data offsets are relative to the header's end."""
-    header = {**header, "__metadata__": {**header["__metadata__"], "torch_dag": json.dumps(graph)}}
+    header = {**header, "__metadata__": signed_metadata(graph)}
     raw = json.dumps(header).encode()
     return struct.pack("<Q", len(raw)) + raw + tensor_bytes
+
+
+def signed_metadata(graph: Any) -> dict[str, str]:
+    """The metadata `save` writes for `graph`, signed as a deliberate editor would sign it."""
+    graph_json = json.dumps(graph)
+    return {"torch_dag": graph_json, "torch_dag.sha256": graph_digest(graph_json)}
 
 
 def edit_graph(data: bytes, edit: Callable[[dict[str, Any]], Any]) -> bytes:
@@ -126,7 +133,7 @@ def rewrite_tensors(path: Path, edit: Callable[[dict[str, torch.Tensor], dict[st
     tensors = safetensors.torch.load_file(str(path))
     edit(tensors, graph)
     graph["checksum"] = _checksum(tensors)
-    safetensors.torch.save_file(tensors, str(path), metadata={"torch_dag": json.dumps(graph)})
+    safetensors.torch.save_file(tensors, str(path), metadata=signed_metadata(graph))
 
 
 def write(path: Path, data: bytes) -> Path:
@@ -597,6 +604,7 @@ def test_files_with_the_older_single_digest_still_load_and_are_checked(tmp_path,
     _, graph, _ = split_file(old.read_bytes())
     tensors = safetensors.torch.load_file(str(old))
     graph["checksum"] = _whole_checksum(tensors)
+    graph["schema_version"] = 1  # those files had no graph checksum
     assert len(graph["checksum"]) == 64
     safetensors.torch.save_file(tensors, str(old), metadata={"torch_dag": json.dumps(graph)})
     dag, x = small_dag()
@@ -642,7 +650,7 @@ def nest(depth: int) -> Callable[[dict[str, Any]], None]:
 
 # (id, edit of the graph JSON, fragments the LoadError message must contain)
 GRAPH_EDITS = [
-    ("schema_version_2", set_key("schema_version", 2), ["schema version 2"]),
+    ("schema_version_3", set_key("schema_version", 3), ["schema version 3"]),
     ("schema_version_str", set_key("schema_version", "1"), ["schema version '1'"]),
     ("schema_version_missing", lambda g: g.pop("schema_version"), ["schema version None"]),
     ("format", set_key("format", "onnx"), ["not a torch_dag file"]),
@@ -765,7 +773,7 @@ def test_unchecked_checksum_still_validates_weights(tmp_path, saved):
     path = tmp_path / "no_checksum.dag"
     tensors = safetensors.torch.load_file(str(write(tmp_path / "good.dag", saved)))
     del tensors["vertex_modules.conv2.bias"]
-    safetensors.torch.save_file(tensors, str(path), metadata={"torch_dag": json.dumps(graph)})
+    safetensors.torch.save_file(tensors, str(path), metadata=signed_metadata(graph))
     with pytest.raises(td.LoadError, match="checksum"):
         td.load(path)
     with pytest.raises(td.LoadError, match=r"weights missing for \['vertex_modules.conv2.bias'\]"):

@@ -8,7 +8,9 @@ of the starting level's plain model; `up/L`, `down/L`: the delta that arrives at
 L+1) with its offset from the end of the index, its length and the CRC-32 of each of its `chunk`-byte
 pieces (4 MiB; checked in parallel). A delta segment is a safetensors blob whose metadata holds the
 delta's JSON. Readers check the index hash, every offset against the file's size, and each segment's
-checksums before reading anything in it; nothing is unpickled or executed. The checksums detect
+checksums before reading anything in it, and that the index lists exactly the segments its level count
+needs (so no level count or starting level exceeds what the file holds); a malformed file raises
+`LoadError`; nothing is unpickled or executed. The checksums detect
 corruption and truncation, not deliberate tampering (the file is not signed).
 """
 
@@ -26,10 +28,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, cast
 
-from tqdm import tqdm
-
 from ..core.dag import DagModule
 from ..core.errors import LoadError
+from ..core.progress import show_progress
 from ..serde.format import dumps, graph_and_tensors, loads, split_bytes, write_atomic
 from .delta_level import LevelDelta, apply_deltas, check_level, level_deltas, level_path
 from .model import FlexDagModule
@@ -71,7 +72,7 @@ class FileDeltaManager:
         try:
             flex.set_level_use(starting_level)
             segments.append(("base", dumps(flex.make_base_copy())))
-            for level in tqdm(
+            for level in show_progress(
                 range(flex.max_level() + 1), desc="level deltas", unit="level", disable=not progress
             ):
                 for (source, target), delta in sorted(level_deltas(flex, level).items()):
@@ -116,6 +117,12 @@ class FileDeltaManager:
         if not names:
             return self._model
         deltas = [LevelDelta.from_bytes(self._segment(name), f"{self.path} {name}") for name in names]
+        for (source, target), name, delta in zip(level_path(at, level), names, deltas):
+            if (delta.source, delta.target) != (source, target):
+                raise LoadError(
+                    f"{self.path}: segment {name!r} holds the delta {delta.source} -> {delta.target}, "
+                    f"expected {source} -> {target}: damaged file"
+                )
         try:  # the model stays as it was if the deltas cannot be applied
             self._graph = apply_deltas(self._model, deltas, self._graph)
         except LoadError:
@@ -161,7 +168,10 @@ def _read_index(f, path: Path) -> tuple[dict[str, Any], int]:
     raw = f.read(length)
     if hashlib.sha256(raw).digest() != head[16:48]:
         raise LoadError(f"{path}: the index is corrupted (checksum mismatch)")
-    index = json.loads(raw)
+    try:
+        index = json.loads(raw)
+    except (ValueError, RecursionError) as e:
+        raise LoadError(f"{path}: the index is not JSON ({type(e).__name__}): damaged file") from None
     if (
         not isinstance(index, dict)
         or index.get("format") != "torch_dag.deltas"
@@ -178,8 +188,17 @@ def _read_index(f, path: Path) -> tuple[dict[str, Any], int]:
             f"expected {_CHUNK}"
         )
     data_start = 48 + length
-    index["by_name"] = {}
-    for entry in index.get("segments", []):
+    index["by_name"] = _segments(index.get("segments"), data_start, size, path)
+    _check_levels(index, path)
+    return index, data_start
+
+
+def _segments(segments: Any, data_start: int, size: int, path: Path) -> dict[str, dict[str, Any]]:
+    """The index's segments by name, each checked to lie inside the file with one CRC-32 per piece."""
+    if not isinstance(segments, list):
+        raise LoadError(f"{path}: the index has no list of segments: damaged file")
+    by_name: dict[str, dict[str, Any]] = {}
+    for entry in segments:
         if not (
             isinstance(entry, dict)
             and type(entry.get("offset")) is int
@@ -187,15 +206,39 @@ def _read_index(f, path: Path) -> tuple[dict[str, Any], int]:
             and isinstance(entry.get("crc32"), list)
             and isinstance(entry.get("name"), str)
             and entry["offset"] >= 0
+            and entry["length"] >= 0
             and data_start + entry["offset"] + entry["length"] <= size
+            and len(entry["crc32"]) == -(-entry["length"] // _CHUNK)
+            and all(type(c) is int for c in entry["crc32"])
         ):
             raise LoadError(
                 f"{path}: segment {str(entry)[:80]} lies outside the file: truncated or corrupted"
             )
-        index["by_name"][entry["name"]] = entry
-    if type(index.get("levels")) is not int or type(index.get("starting_level")) is not int:
+        if entry["name"] in by_name:
+            raise LoadError(f"{path}: segment {entry['name'][:40]!r} is listed twice: damaged file")
+        by_name[entry["name"]] = entry
+    return by_name
+
+
+def _check_levels(index: dict[str, Any], path: Path) -> None:
+    """Levels 0..levels-1 with the starting level among them, and every segment a move between
+    neighbours needs listed (so a level count can never exceed what the file holds)."""
+    levels, start = index.get("levels"), index.get("starting_level")
+    if type(levels) is not int or type(start) is not int:
         raise LoadError(f"{path}: the index does not say its levels")
-    return index, data_start
+    names = set(index["by_name"])
+    if not 1 <= levels <= len(names) or not 0 <= start < levels:
+        raise LoadError(
+            f"{path}: the index gives {str(levels)[:20]} levels starting at {str(start)[:20]}, but the file "
+            f"holds {len(names)} segments: damaged file"
+        )
+    needed = {"base"} | {f"up/{level}" for level in range(1, levels)}
+    needed |= {f"down/{level}" for level in range(levels - 1)}
+    if names != needed:
+        raise LoadError(
+            f"{path}: the index lists segments {sorted(names - needed)[:4]} it should not and lacks "
+            f"{sorted(needed - names)[:4]}: damaged file"
+        )
 
 
 @contextlib.contextmanager

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from ..core.errors import LoadError
-from .schema import FORMAT, MAX_HEADER, SCHEMA_VERSION, expect
+from .schema import DIGEST, FORMAT, MAX_HEADER, READABLE_VERSIONS, expect, graph_digest
 
 _ITEM_SIZES = {
     "F64": 8,
@@ -99,11 +99,16 @@ def read_header(start: bytes | bytearray | memoryview, size: int, where: str) ->
             and len(info["data_offsets"]) == 2
             and all(type(o) is int for o in info["data_offsets"])
         )
-        expect(ok, f"{where}: malformed entry for tensor {key!r} in the header")
+        expect(ok, f"{where}: malformed entry for tensor {str(key)[:60]!r} in the header")
         begin, end = info["data_offsets"]
-        numel = 1
+        numel = span = 1
         for d in info["shape"]:
             numel *= d
+            span *= max(d, 1)
+        expect(
+            len(info["shape"]) <= 16 and span < 2**62,
+            f"{where}: tensor {str(key)[:60]!r} has an impossible shape {str(info['shape'])[:60]}",
+        )
         expect(
             0 <= begin <= end <= data_size and end - begin == numel * _ITEM_SIZES[info["dtype"]],
             f"{where}: tensor {key!r} lies outside the file or has the wrong size; the file is truncated",
@@ -115,9 +120,16 @@ def read_header(start: bytes | bytearray | memoryview, size: int, where: str) ->
 
 
 def read_graph(where: str, header: dict[str, Any]) -> dict[str, Any]:
+    """The graph JSON of a checked header, its digest compared first (files of schema version 1 have
+    none: only their weights are checked)."""
     metadata = header.get("__metadata__")
     if not isinstance(metadata, dict) or not isinstance(metadata.get(FORMAT), str):
         raise LoadError(f"{where}: not a torch_dag file (no graph in the safetensors metadata)")
+    signed = DIGEST in metadata
+    if signed and metadata[DIGEST] != graph_digest(metadata[FORMAT]):
+        raise LoadError(f"{where}: graph checksum mismatch: the file is corrupted or was modified")
+    unknown = sorted(set(metadata) - {FORMAT, DIGEST})
+    expect(not unknown, f"{where}: unknown metadata {str(unknown)[:80]}: the file is damaged")
     try:
         graph = json.loads(metadata[FORMAT])
     except (ValueError, RecursionError) as e:
@@ -125,9 +137,13 @@ def read_graph(where: str, header: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(graph, dict) or graph.get("format") != FORMAT:
         raise LoadError(f"{where}: not a torch_dag file")
     version = graph.get("schema_version")
-    if version != SCHEMA_VERSION:
+    if version not in READABLE_VERSIONS or type(version) is not int:
         raise LoadError(
-            f"{where}: schema version {version!r} is not supported (this torch_dag reads "
-            f"{SCHEMA_VERSION}); upgrade torch_dag or re-save the model"
+            f"{where}: schema version {repr(version)[:20]} is not supported (this torch_dag reads "
+            f"{', '.join(map(str, READABLE_VERSIONS))}); upgrade torch_dag or re-save the model"
         )
+    expect(
+        signed or version < 2,
+        f"{where}: the graph checksum is missing (schema version {version} files carry one): damaged file",
+    )
     return graph

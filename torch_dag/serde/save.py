@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -18,7 +21,7 @@ from ..core.ops import CUSTOM_OPS, FunctionOp, is_dag_module, module_op_spec
 from ..core.template import to_json
 from ..core.verify import verify
 from .checksum import checksum
-from .schema import EXTENSION_DAGS, FORMAT, SCHEMA_VERSION
+from .schema import DIGEST, EXTENSION_DAGS, FORMAT, SCHEMA_VERSION, graph_digest
 
 
 def save(dag: DagModule, path: str | os.PathLike) -> Path:
@@ -34,7 +37,8 @@ def dumps(dag: DagModule) -> bytes:
     """The bytes of a `.dag` file for `dag`."""
     graph, tensors = graph_and_tensors(dag)
     graph["checksum"] = checksum(tensors)
-    metadata = {FORMAT: json.dumps(graph, separators=(",", ":"), allow_nan=False)}
+    graph_json = json.dumps(graph, separators=(",", ":"), allow_nan=False)
+    metadata = {FORMAT: graph_json, DIGEST: graph_digest(graph_json)}
     return safetensors.torch.save(tensors, metadata=metadata)
 
 
@@ -56,8 +60,11 @@ def graph_and_tensors(dag: DagModule) -> tuple[dict[str, Any], dict[str, torch.T
 
 
 def write_atomic(path: Path, data: bytes) -> None:
-    """Write a file so that a crash never leaves it half-written: a temporary file, synced, renamed."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    """Write a file so that a crash never leaves it half-written: a temporary file, synced, renamed. The
+    temporary file is `.<name>.torch_dag-tmp-<pid>-<random>`, removed on any error seen here; one left
+    by a killed save (its process gone) is removed by the next save to the same path."""
+    remove_stale_temporaries(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}{_TMP}{os.getpid()}-", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -68,8 +75,42 @@ def write_atomic(path: Path, data: bytes) -> None:
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp made it private; a saved model is an ordinary file
         os.replace(tmp, path)
     finally:
-        if os.path.exists(tmp):
+        with contextlib.suppress(FileNotFoundError):  # renamed into place, or removed here on an error
             os.unlink(tmp)
+
+
+_TMP = ".torch_dag-tmp-"
+
+
+def remove_stale_temporaries(path: Path) -> list[Path]:
+    """Remove the temporary files of saves to `path` whose process is no longer running (a save killed
+    midway); only names of the pattern `write_atomic` uses are touched. Returns what was removed."""
+    pattern = re.compile(re.escape(f".{path.name}{_TMP}") + r"(\d+)-[A-Za-z0-9_]+")
+    removed: list[Path] = []
+    try:
+        candidates = list(path.parent.glob(f".{glob.escape(path.name)}{_TMP}*"))
+    except OSError:
+        return removed
+    for candidate in candidates:
+        match = pattern.fullmatch(candidate.name)
+        if match is None or _alive(int(match.group(1))) or not candidate.is_file():
+            continue
+        with contextlib.suppress(OSError):
+            candidate.unlink()
+            removed.append(candidate)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True  # perhaps another thread of ours is saving
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return True  # someone else's process, or no way to tell: keep the file
+    return True
 
 
 def _graph_json(dag: DagModule) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from ..core.errors import DagError, LoadError
 from ..core.ops import clone_module, is_dag_module
 from ..core.verify import arity_problem
 from .build import build_vertex, finish, restore_training_flags
+from .limits import Limits
 from .schema import expect
 from .weights import assign, stored_weights
 
@@ -26,11 +27,12 @@ def rebuild(
     untouched): the cheap way to move between graphs that differ in a few vertices."""
     expect(type(dag) is DagModule, f"{where}: rebuild takes a plain DagModule")
     entries = _vertex_entries(graph, dag, where)
+    limits = Limits.of(tensors, graph)
     vertices: list[Vertex] = []
     by_name: dict[str, Vertex] = {}
     for index, (entry, old) in enumerate(zip(entries, dag)):
         if entry["name"] in changed or "same_module_as" in entry:
-            vertex = build_vertex(entry, index, by_name, depth=0)
+            vertex = build_vertex(entry, index, by_name, 0, limits, dag.input_names)
         else:
             vertex = Vertex(old.name, _shallow_copy(old.module), old.args, dict(old.kwargs), dict(old.meta))
         by_name[vertex.name] = vertex
@@ -51,11 +53,12 @@ def update_in_place(
     Everything is built and checked before `dag` is touched: on an error it stays as it was."""
     expect(type(dag) is DagModule, f"{where}: update_in_place takes a plain DagModule")
     entries = _vertex_entries(graph, dag, where)
+    limits = Limits.of(tensors, graph)
     vertices: dict[str, Vertex] = {}
     for index, (entry, old) in enumerate(zip(entries, dag)):
         if entry["name"] not in changed and "same_module_as" not in entry:
             continue
-        vertex = None if "same_module_as" in entry else build_vertex(entry, index, {}, depth=0)
+        vertex = None if "same_module_as" in entry else build_vertex(entry, index, {}, 0, limits)
         if (
             vertex is None
             or is_dag_module(vertex.module)
