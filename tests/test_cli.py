@@ -109,8 +109,11 @@ def test_info_at_another_input_size(resnet_dag, capsys):
 def test_info_on_a_missing_file_is_an_error(tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
         main(["info", str(tmp_path / "missing.dag")])
-    assert info.value.code == 1
-    assert "torch-dag: error:" in capsys.readouterr().err
+    assert info.value.code == 2
+    assert (
+        capsys.readouterr().err
+        == f"torch-dag info: error: the .dag file {tmp_path / 'missing.dag'}: no such file\n"
+    )
 
 
 def test_convert_a_module_factory(mypkg, capsys):
@@ -137,17 +140,21 @@ def test_convert_a_module_factory(mypkg, capsys):
         ("timm:no_such_model", "no_such_model"),
     ],
 )
-def test_bad_model_spec_exits_with_a_message(mypkg, spec, message):
+def test_bad_model_spec_exits_with_a_message(mypkg, spec, message, capsys):
     with pytest.raises(SystemExit) as info:
         main(["convert", spec, "--input-size", "3x8x8", "-o", str(mypkg / "x.dag"), "-q"])
-    assert isinstance(info.value.code, str), "a message, not a traceback or a bare status"
-    assert message in info.value.code
+    assert info.value.code == 2, "a usage error, not a traceback"
+    err = capsys.readouterr().err
+    assert err.startswith("torch-dag convert: error: ") and err.count("\n") == 1
+    assert message in err
     assert not (mypkg / "x.dag").exists()
 
 
-def test_factory_model_without_input_size_asks_for_one(mypkg):
-    with pytest.raises(SystemExit, match="--input-size"):
+def test_factory_model_without_input_size_asks_for_one(mypkg, capsys):
+    with pytest.raises(SystemExit) as info:
         main(["convert", "mypkg:factory", "-o", str(mypkg / "x.dag"), "-q"])
+    assert info.value.code == 2
+    assert "pass --input-size, e.g. 3x224x224" in capsys.readouterr().err
 
 
 def test_bad_input_size_is_a_usage_error(tmp_path, capsys):
@@ -195,6 +202,7 @@ def test_bad_spec_in_a_subprocess_exits_non_zero(tmp_path):
         timeout=300,
         check=False,
     )
-    assert result.returncode == 1
+    assert result.returncode == 2
     assert "must be 'timm:NAME' or 'package.module:factory'" in result.stderr
+    assert result.stderr.count("\n") == 1
     assert "Traceback" not in result.stderr

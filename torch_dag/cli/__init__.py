@@ -2,7 +2,11 @@
 
 parser.py holds the subcommand table and options; each subcommand's run function lives in the module
 of its group: convert.py (convert, export-onnx), info.py (info, viz), rewrite.py (swap-act, fold-bn,
-simplify), compress.py (prune, factorize, flexify), finetune.py; models.py loads models and inputs.
+simplify), compress.py (prune, factorize, flexify), finetune.py; models.py loads models and inputs;
+values.py checks option values and paths.
+
+A user's mistake (a bad value, a missing or unwritable file, a model that cannot run on the inputs
+given) is one line on stderr and exit status 2; only a bug in torch-dag prints a traceback.
 """
 
 from __future__ import annotations
@@ -12,14 +16,27 @@ import sys
 from ..core.errors import DagError
 from .models import load_model
 from .parser import build_parser, parse_size
+from .values import check_outputs
 
 __all__ = ["build_parser", "load_model", "main", "parse_size"]
+
+USER_ERRORS = (DagError, ValueError, OSError)  # what the toolkit raises on purpose, and bad paths
 
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
+        check_outputs(args)
         args.run(args)
-    except DagError as e:
-        print(f"torch-dag: error: {e}", file=sys.stderr)
-        raise SystemExit(1) from None
+    except USER_ERRORS as e:
+        print(f"torch-dag {args.command}: error: {one_line(e)}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def one_line(error: BaseException) -> str:
+    """The error's message on one line (an OSError as "what: which file")."""
+    if isinstance(error, OSError) and error.strerror and error.filename:
+        text = f"{error.filename}: {error.strerror}"
+    else:
+        text = str(error) or type(error).__name__
+    return " ".join(text.split())

@@ -8,12 +8,15 @@ import warnings
 from typing import Any, cast
 
 from .. import analysis, flex, passes, pruning, serde
+from ..core.errors import DagError
 from .info import print_levels
-from .models import calibration_batches, load_or_convert, recalibrate_if_asked
+from .models import calibration_batches, check_runs, load_or_convert, recalibrate_if_asked
+from .values import increasing_fractions
 
 
 def cmd_prune(args: argparse.Namespace) -> None:
-    dag, inputs = load_or_convert(args.source, args.input_size)
+    calibration = calibration_batches(args)
+    dag, inputs = load_model_and_data(args, calibration)
     config = pruning.PruneConfig(
         criterion=args.criterion,
         round_to=args.round_to,
@@ -21,7 +24,6 @@ def cmd_prune(args: argparse.Namespace) -> None:
         attention=args.attention,
         compensate=args.compensate,
     )
-    calibration = calibration_batches(args)
     start = time.perf_counter()
     with warnings.catch_warnings():  # the report says which rounding was used
         warnings.simplefilter("ignore")
@@ -62,13 +64,20 @@ def cmd_prune(args: argparse.Namespace) -> None:
 
 
 def cmd_factorize(args: argparse.Namespace) -> None:
-    dag, inputs = load_or_convert(args.source, args.input_size)
+    calibration = calibration_batches(args)
+    dag, inputs = load_model_and_data(args, calibration)
+    missing = [name for name in args.protect if name not in dag]
+    if missing:
+        raise DagError(
+            f"--protect {' '.join(missing)}: no such vertex in {args.source} (`torch-dag info` lists "
+            f"the heaviest; vertices are named like {', '.join(v.name for v in list(dag)[:3])})"
+        )
     small, report = passes.factorize(
         dag,
         args.flops_ratio,
         params_ratio=args.params_ratio,
         rank_ratio=args.rank_ratio,
-        calibration=calibration_batches(args),
+        calibration=calibration,
         example_inputs=inputs,
         allocation=args.allocation,
         protected=args.protect,
@@ -81,7 +90,16 @@ def cmd_factorize(args: argparse.Namespace) -> None:
 
 
 def cmd_flexify(args: argparse.Namespace) -> None:
-    dag, inputs = load_or_convert(args.source, args.input_size)
+    increasing_fractions("--levels", args.levels)
+    increasing_fractions("--flops-ratios", args.flops_ratios)
+    levels = len(args.flops_ratios or args.levels)
+    if args.starting_level >= levels:
+        raise DagError(
+            f"--starting-level {args.starting_level}: the model will have {levels} levels; "
+            f"give 0 to {levels - 1}"
+        )
+    calibration = calibration_batches(args)
+    dag, inputs = load_model_and_data(args, calibration)
     config = flex.FlexConfig(
         criterion=args.criterion,
         round_to=args.round_to,
@@ -90,7 +108,6 @@ def cmd_flexify(args: argparse.Namespace) -> None:
         compensate=args.compensate,
     )
     start = time.perf_counter()
-    calibration = calibration_batches(args)
     model = flex.make_flexible(
         dag, args.levels, inputs, flops_ratios=args.flops_ratios, config=config, calibration=calibration
     )
@@ -109,7 +126,7 @@ def cmd_flexify(args: argparse.Namespace) -> None:
     model.set_level_use(model.max_level())
     print_levels(model, inputs, analysis.count_flops(dag, *inputs))
     if args.delta_file:
-        level = min(args.starting_level, model.max_level())
+        level = args.starting_level
         flex.FileDeltaManager.make_delta_file(
             args.delta_file, model, starting_level=level, progress=not args.quiet
         )
@@ -119,3 +136,11 @@ def cmd_flexify(args: argparse.Namespace) -> None:
             f"delta file {args.delta_file}: {size / 1e6:.2f} MB (the flexible model's weights: "
             f"{weights / 1e6:.2f} MB), starting at level {level}"
         )
+
+
+def load_model_and_data(args: argparse.Namespace, calibration: list | None) -> tuple:
+    """The source as a DAG with example inputs, the calibration data checked to run on it."""
+    dag, inputs = load_or_convert(args.source, args.input_size, "the source")
+    if calibration:
+        check_runs(dag, calibration[0], f"--calibration {args.calibration}")
+    return dag, inputs

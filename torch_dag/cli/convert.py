@@ -6,17 +6,19 @@ import argparse
 import time
 
 import torch
-from tqdm import tqdm
 
 from .. import converters, serde
-from .models import example_input, load_model
+from ..core.errors import DagError
+from ..core.progress import show_progress
+from .models import check_runs, example_input, load_dag, load_model, sized_inputs
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
-    steps = tqdm(total=4, desc="convert", unit="step", disable=args.quiet)
+    steps = show_progress(total=4, desc="convert", unit="step", disable=args.quiet)
     steps.set_postfix_str("building model")
     model = load_model(args.model).eval()
     x = example_input(model, args.input_size, args.batch)
+    check_runs(model, (x,), f"--input-size {'x'.join(map(str, x.shape[1:]))}")
     steps.update()
     steps.set_postfix_str("tracing")
     start = time.perf_counter()
@@ -30,7 +32,7 @@ def cmd_convert(args: argparse.Namespace) -> None:
         equal, diff, reason = compare_outputs(model(x), dag(x))
     steps.update()
     if not equal:
-        raise SystemExit(f"converted DAG's outputs differ from the model's: {reason}")
+        raise DagError(f"converted DAG's outputs differ from the model's, not saving: {reason}")
     steps.set_postfix_str("saving")
     path = serde.save(dag, args.output)
     steps.update()
@@ -44,10 +46,8 @@ def cmd_convert(args: argparse.Namespace) -> None:
 def cmd_export_onnx(args: argparse.Namespace) -> None:
     from ..converters.onnx import export_onnx
 
-    dag = serde.load(args.path)
-    inputs = dag.example_inputs()
-    if args.input_size:
-        inputs = (torch.randn(inputs[0].shape[0], *args.input_size),)
+    dag = load_dag(args.path, "the .dag file")
+    inputs = sized_inputs(dag, args.input_size)
     start = time.perf_counter()
     path = export_onnx(dag, args.output, inputs, opset=args.opset, dynamic_batch=not args.static_batch)
     print(

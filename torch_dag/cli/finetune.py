@@ -8,21 +8,34 @@ import os
 import torch
 
 from .. import finetuning, serde
-from .models import load_or_convert
+from ..core.errors import DagError
+from .models import check_runs, load_dag, load_or_convert
+from .values import load_array
 
 
 def cmd_finetune(args: argparse.Namespace) -> None:
-    import numpy as np
-
-    student = serde.load(args.student)
-    teacher, _ = load_or_convert(args.teacher, None)
-    inputs = torch.from_numpy(np.load(args.data, allow_pickle=False)).float()
+    inputs = load_array(args.data, "--data").float()
     tensors = [inputs]
     if args.labels is not None:
-        labels = torch.from_numpy(np.load(args.labels, allow_pickle=False)).long()
-        if len(labels) != len(inputs):
-            raise SystemExit(f"--labels has {len(labels)} entries for {len(inputs)} inputs")
-        tensors.append(labels)
+        labels = load_array(args.labels, "--labels")
+        if labels.ndim != 1 or labels.is_floating_point() or len(labels) != len(inputs):
+            raise DagError(
+                f"--labels {args.labels}: expected {len(inputs)} integer class labels (one per sample "
+                f"of --data), got a {labels.dtype} array of shape {tuple(labels.shape)}"
+            )
+        tensors.append(labels.long())
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.batch_size * world > len(inputs):
+        raise DagError(
+            f"--batch-size {args.batch_size}: --data has {len(inputs)} samples, fewer than one batch"
+            + (f" for each of {world} processes" if world > 1 else "")
+            + f"; finetuning would run zero steps (the last incomplete batch is dropped): give at most "
+            f"--batch-size {max(1, len(inputs) // world)}, or more data"
+        )
+    student = load_dag(args.student, "the student")
+    teacher, _ = load_or_convert(args.teacher, None, "--teacher")
+    for model, who in ((teacher, "--teacher"), (student, "the student")):
+        check_runs(model, (inputs,), f"--data {args.data} for {who}")
     dataset = torch.utils.data.TensorDataset(*tensors)
     loader = torch.utils.data.DataLoader(
         dataset,

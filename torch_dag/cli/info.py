@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import argparse
 
-import torch
-
-from .. import analysis, flex, serde, viz
+from .. import analysis, flex, viz
+from .models import load_dag, sized_inputs
 
 
 def cmd_info(args: argparse.Namespace) -> None:
-    dag = serde.load(args.path)
-    inputs = dag.example_inputs()
-    if args.input_size:
-        inputs = (torch.randn(inputs[0].shape[0], *args.input_size),)
+    dag = load_dag(args.path, "the .dag file")
+    inputs = sized_inputs(dag, args.input_size)
     report = analysis.count_flops(dag, *inputs)
     shapes = ", ".join(f"{n}: {'x'.join(map(str, t.shape))}" for n, t in zip(dag.input_names, inputs))
     print(f"{args.path}  (inputs {shapes})")
@@ -39,7 +36,7 @@ def print_levels(model: flex.FlexDagModule, inputs: tuple, full: analysis.FlopRe
 
 
 def cmd_viz(args: argparse.Namespace) -> None:
-    dag = serde.load(args.path)
+    dag = load_dag(args.path, "the .dag file")
     inputs = None if args.no_flops else dag.example_inputs()
     if args.html:
         path = viz.to_html(dag, args.output, inputs, title=args.path.name)

@@ -11,33 +11,35 @@ import torch
 from torch import nn
 
 from .. import converters, finetuning, serde
+from ..core.dag import DagModule
 from ..core.errors import DagError
+from .values import load_array
 
 
 def load_model(spec: str) -> nn.Module:
     """`timm:NAME` (pretrained=False) or `package.module:factory` (called with no arguments)."""
     source, sep, name = spec.partition(":")
     if not sep or not name:
-        raise SystemExit(f"model spec {spec!r} must be 'timm:NAME' or 'package.module:factory'")
+        raise DagError(f"model spec {spec!r} must be 'timm:NAME' or 'package.module:factory'")
     if source == "timm":
         try:
             import timm
         except ImportError:
-            raise SystemExit("timm is not installed: pip install 'torch-dag[timm]'") from None
+            raise DagError("timm is not installed: pip install 'torch-dag[timm]'") from None
         try:
             return timm.create_model(name, pretrained=False)
         except RuntimeError as e:  # timm's "Unknown model"
-            raise SystemExit(f"timm cannot build {name!r}: {e}") from None
+            raise DagError(f"timm cannot build {name!r}: {e}") from None
     try:
         module = importlib.import_module(source)  # the user named this module on the command line
     except ImportError as e:
-        raise SystemExit(f"cannot import {source!r} for model spec {spec!r}: {e}") from None
+        raise DagError(f"cannot import {source!r} for model spec {spec!r}: {e}") from None
     factory = getattr(module, name, None)
     if factory is None:
-        raise SystemExit(f"{source} has no attribute {name!r}")
+        raise DagError(f"{source} has no attribute {name!r}")
     model = factory()
     if not isinstance(model, nn.Module):
-        raise SystemExit(f"{spec} returned {type(model).__name__}, not an nn.Module")
+        raise DagError(f"{spec} returned {type(model).__name__}, not an nn.Module")
     return model
 
 
@@ -46,21 +48,50 @@ def example_input(model: nn.Module, input_size: tuple[int, ...] | None, batch: i
     if input_size is None:
         cfg = getattr(model, "pretrained_cfg", None) or {}
         if "input_size" not in cfg:
-            raise SystemExit("cannot tell the model's input size: pass --input-size, e.g. 3x224x224")
+            raise DagError("cannot tell the model's input size: pass --input-size, e.g. 3x224x224")
         input_size = tuple(cfg["input_size"])
     return torch.randn(batch, *input_size)
 
 
-def load_or_convert(source: str, input_size: tuple[int, ...] | None) -> tuple:
+def check_runs(model: nn.Module, inputs: tuple, what: str) -> None:
+    """Refuse inputs `model` cannot run on (the wrong number of dimensions or channels ...), naming
+    `what` gave them, before any work: one sample, in eval mode, without gradients."""
+    was = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(*(x[:1] for x in inputs))
+    except (RuntimeError, ValueError, IndexError, TypeError, DagError) as e:
+        shapes = ", ".join("x".join(map(str, x.shape[1:])) for x in inputs)
+        message = " ".join(str(e).split())
+        raise DagError(f"{what} ({shapes} per sample): the model cannot run on it: {message}") from None
+    finally:
+        model.train(was)
+
+
+def load_dag(path: Path | str, option: str) -> DagModule:
+    """A .dag file named on the command line."""
+    if not Path(path).is_file():
+        raise DagError(f"{option} {path}: no such file")
+    return serde.load(path)
+
+
+def sized_inputs(dag: DagModule, input_size: tuple[int, ...] | None) -> tuple:
+    """The DAG's example inputs, or random ones of `--input-size` (checked to run)."""
+    inputs = dag.example_inputs()
+    if input_size:
+        inputs = (torch.randn(inputs[0].shape[0], *input_size),)
+        check_runs(dag, inputs, f"--input-size {'x'.join(map(str, input_size))}")
+    return inputs
+
+
+def load_or_convert(source: str, input_size: tuple[int, ...] | None, option: str = "the source") -> tuple:
     """A .dag file, or a model spec converted on the spot; with example inputs for analysis."""
-    if Path(source).is_file():
-        dag = serde.load(source)
-        inputs = dag.example_inputs()
-        if input_size:
-            inputs = (torch.randn(inputs[0].shape[0], *input_size),)
-        return dag, inputs
+    if Path(source).is_file() or source.endswith(".dag"):
+        dag = load_dag(source, option)
+        return dag, sized_inputs(dag, input_size)
     model = load_model(source).eval()
     x = example_input(model, input_size, 1)
+    check_runs(model, (x,), f"--input-size {'x'.join(map(str, x.shape[1:]))}")
     return converters.build_from_unstructured_module(model, (x,)), (x,)
 
 
@@ -73,9 +104,7 @@ def calibration_batches(args: argparse.Namespace) -> list[tuple[torch.Tensor]] |
         if getattr(args, "recalibrate_bn", False):
             raise DagError(_NEEDS_CALIBRATION)
         return None
-    import numpy as np
-
-    data = torch.from_numpy(np.load(args.calibration, allow_pickle=False)).float()
+    data = load_array(args.calibration, "--calibration").float()
     return [(chunk,) for chunk in data.split(args.batch_size)]
 
 

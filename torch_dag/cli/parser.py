@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any, NoReturn
 
 from ..core.options import choices
 from ..finetuning import Optimizer
@@ -16,6 +17,7 @@ from .convert import cmd_convert, cmd_export_onnx
 from .finetune import cmd_finetune
 from .info import cmd_info, cmd_viz
 from .rewrite import cmd_fold_bn, cmd_simplify, cmd_swap_act
+from .values import FRACTION, integer, number, parse_size
 
 USAGE = """`torch-dag`: a thin command line over the public API.
 
@@ -34,17 +36,31 @@ torchrun --nproc_per_node 4 -m torch_dag.cli finetune ...      (the same, data-p
 """
 
 
-def parse_size(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(d) for d in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected sizes like 3x224x224, got {text!r}") from None
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The usage text as written, and every option's default after its help (unless the help says it)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        hidden = action.default is None or action.default is False or action.default == argparse.SUPPRESS
+        shown = not hidden and action.nargs != 0
+        if shown and "default" not in text and action.option_strings:
+            text += " (default: %(default)s)"
+        return text
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with a usage error on one line (what is wrong, and where to read the usage)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)  # subcommands' parsers too
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="torch-dag", description=USAGE, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = Parser(prog="torch-dag", description=USAGE)
     sub = parser.add_subparsers(dest="command", required=True)
     for add in SUBCOMMANDS:
         add(sub)
@@ -56,8 +72,8 @@ def _convert_parser(sub: argparse._SubParsersAction) -> None:
     convert.add_argument("model", help="timm:NAME or package.module:factory")
     convert.add_argument("-o", "--output", type=Path, required=True)
     convert.add_argument("--input-size", type=parse_size, help="CxHxW (default: the model's pretrained_cfg)")
-    convert.add_argument("--batch", type=int, default=1)
-    convert.add_argument("-q", "--quiet", action="store_true")
+    convert.add_argument("--batch", type=integer(1), default=1, help="batch size of the example input")
+    convert.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     convert.set_defaults(run=cmd_convert)
 
 
@@ -65,7 +81,7 @@ def _info_parser(sub: argparse._SubParsersAction) -> None:
     info = sub.add_parser("info", help="ops, params, FLOPs, kmapp and the heaviest vertices of a .dag")
     info.add_argument("path", type=Path)
     info.add_argument("--input-size", type=parse_size, help="CxHxW to count at (default: as converted)")
-    info.add_argument("--top", type=int, default=15)
+    info.add_argument("--top", type=integer(0), default=15, help="heaviest vertices listed")
     info.set_defaults(run=cmd_info)
 
 
@@ -106,7 +122,7 @@ def _export_parser(sub: argparse._SubParsersAction) -> None:
     export.add_argument("path", type=Path)
     export.add_argument("-o", "--output", type=Path, required=True, help="model.onnx")
     export.add_argument("--input-size", type=parse_size, help="CxHxW to export at (default: as converted)")
-    export.add_argument("--opset", type=int, help="ONNX opset (default: torch.onnx's)")
+    export.add_argument("--opset", type=integer(7, 30), help="ONNX opset (default: torch.onnx's)")
     export.add_argument(
         "--static-batch", action="store_true", help="fix the batch size instead of a dynamic axis"
     )
@@ -117,9 +133,11 @@ def _prune_parser(sub: argparse._SubParsersAction) -> None:
     shrink = sub.add_parser("prune", help="remove channels to a FLOPs target; prints a before/after table")
     shrink.add_argument("source", help="a .dag file, timm:NAME or package.module:factory")
     target = shrink.add_mutually_exclusive_group(required=True)
-    target.add_argument("--flops-ratio", type=float, help="fraction of the FLOPs to keep")
-    target.add_argument("--params-ratio", type=float, help="fraction of the parameters to keep")
-    target.add_argument("--kmapp", type=float, help="target kmapp (FLOPs per input pixel / 1000)")
+    target.add_argument("--flops-ratio", type=FRACTION, help="fraction of the FLOPs to keep, in (0, 1]")
+    target.add_argument("--params-ratio", type=FRACTION, help="fraction of the parameters to keep, in (0, 1]")
+    target.add_argument(
+        "--kmapp", type=number(above=0.0), help="target kmapp (FLOPs per input pixel / 1000), > 0"
+    )
     _add_width_options(shrink, "remove whole attention heads, or the same positions of every head")
     shrink.add_argument(
         "--compensate",
@@ -135,14 +153,20 @@ def _factorize_parser(sub: argparse._SubParsersAction) -> None:
     low = sub.add_parser("factorize", help="replace Linear/Conv2d layers by low-rank pairs to a target")
     low.add_argument("source", help="a .dag file, timm:NAME or package.module:factory")
     target = low.add_mutually_exclusive_group(required=True)
-    target.add_argument("--flops-ratio", type=float, help="fraction of the model's FLOPs to keep")
-    target.add_argument("--params-ratio", type=float, help="fraction of the model's parameters to keep")
-    target.add_argument("--rank-ratio", type=float, help="every layer at this fraction of its full rank")
+    target.add_argument(
+        "--flops-ratio", type=FRACTION, help="fraction of the model's FLOPs to keep, in (0, 1]"
+    )
+    target.add_argument(
+        "--params-ratio", type=FRACTION, help="fraction of the model's parameters to keep, in (0, 1]"
+    )
+    target.add_argument(
+        "--rank-ratio", type=FRACTION, help="every layer at this fraction of its full rank, in (0, 1]"
+    )
     low.add_argument(
         "--allocation",
         default="error",
         choices=choices(Allocation),
-        help="least-error ranks per layer (default) or one rank fraction for all",
+        help="least-error ranks per layer (error) or one rank fraction for all (uniform)",
     )
     low.add_argument(
         "--calibration",
@@ -150,12 +174,12 @@ def _factorize_parser(sub: argparse._SubParsersAction) -> None:
         help="a .npy array of model inputs (N x C x H x W) for the "
         "data-aware solution (default: truncated SVD, no data)",
     )
-    low.add_argument("--batch-size", type=int, default=8, help="calibration batch size")
+    low.add_argument("--batch-size", type=integer(1), default=8, help="calibration batch size")
     low.add_argument("--protect", nargs="*", default=[], metavar="VERTEX", help="vertices to leave alone")
     low.add_argument("--input-size", type=parse_size, help="CxHxW (default: as converted / pretrained_cfg)")
-    low.add_argument("--top", type=int, default=20, help="layers shown in the report (by FLOPs)")
+    low.add_argument("--top", type=integer(0), default=20, help="layers shown in the report (by FLOPs)")
     low.add_argument("-o", "--output", type=Path, required=True)
-    low.add_argument("-q", "--quiet", action="store_true")
+    low.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     low.set_defaults(run=cmd_factorize)
 
 
@@ -167,12 +191,14 @@ def _flexify_parser(sub: argparse._SubParsersAction) -> None:
     target = flexify.add_mutually_exclusive_group()
     target.add_argument(
         "--levels",
-        type=float,
+        type=FRACTION,
         nargs="+",
         default=[0.25, 0.5, 1.0],
-        help="width fraction per level, narrowest first (default: 0.25 0.5 1.0)",
+        help="width fraction per level, each in (0, 1], increasing (default: 0.25 0.5 1.0)",
     )
-    target.add_argument("--flops-ratios", type=float, nargs="+", help="FLOPs ratio per level instead")
+    target.add_argument(
+        "--flops-ratios", type=FRACTION, nargs="+", help="FLOPs ratio per level instead, increasing"
+    )
     _add_width_options(flexify, "levels keep whole attention heads, or the same positions of every head")
     flexify.add_argument(
         "--compensate",
@@ -183,7 +209,7 @@ def _flexify_parser(sub: argparse._SubParsersAction) -> None:
     )
     flexify.add_argument("--delta-file", type=Path, help="also write the levels as a delta file")
     flexify.add_argument(
-        "--starting-level", type=int, default=0, help="the level the delta file stores whole"
+        "--starting-level", type=integer(0), default=0, help="the level the delta file stores whole"
     )
     flexify.set_defaults(run=cmd_flexify)
 
@@ -196,22 +222,29 @@ def _finetune_parser(sub: argparse._SubParsersAction) -> None:
     tune.add_argument(
         "--labels", type=Path, help="a .npy array of N class labels (default: distillation only)"
     )
-    tune.add_argument("--epochs", type=int, default=1)
-    tune.add_argument("--batch-size", type=int, default=32, help="per process")
-    tune.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (cosine schedule)")
-    tune.add_argument("--optimizer", choices=choices(Optimizer), default="adamw")
-    tune.add_argument("--weight-decay", type=float, default=0.0)
-    tune.add_argument("--temperature", type=float, default=1.0, help="distillation temperature")
-    tune.add_argument("--alpha", type=float, default=0.5, help="weight of distillation vs the labels' loss")
+    tune.add_argument("--epochs", type=integer(1), default=1, help="passes over --data")
+    tune.add_argument("--batch-size", type=integer(1), default=32, help="per process")
+    tune.add_argument(
+        "--lr", type=number(above=0.0), default=1e-3, help="peak learning rate (cosine schedule)"
+    )
+    tune.add_argument("--optimizer", choices=choices(Optimizer), default="adamw", help="the optimizer")
+    tune.add_argument("--weight-decay", type=number(low=0.0), default=0.0, help="decoupled weight decay")
+    tune.add_argument("--temperature", type=number(above=0.0), default=1.0, help="distillation temperature")
+    tune.add_argument(
+        "--alpha",
+        type=number(low=0.0, high=1.0),
+        default=0.5,
+        help="weight of distillation vs the labels' loss, in [0, 1]",
+    )
     tune.add_argument("--features", nargs="*", default=[], metavar="VERTEX", help="vertices to match too")
     tune.add_argument(
         "--checkpoint", type=Path, help="a checkpoint folder: written as training goes, resumed from"
     )
     tune.add_argument(
-        "--checkpoint-every", type=int, default=0, help="steps between checkpoints (0: each epoch)"
+        "--checkpoint-every", type=integer(0), default=0, help="steps between checkpoints (0: each epoch)"
     )
     tune.add_argument("-o", "--output", type=Path, required=True)
-    tune.add_argument("-q", "--quiet", action="store_true")
+    tune.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     tune.set_defaults(run=cmd_finetune)
 
 
@@ -230,13 +263,13 @@ SUBCOMMANDS = (
 
 def _add_width_options(parser: argparse.ArgumentParser, attention_help: str) -> None:
     """The options `prune` and `flexify` share: how channels are ranked and widths chosen, and I/O."""
-    parser.add_argument("--criterion", default="l2", choices=choices(Criterion))
+    parser.add_argument("--criterion", default="l2", choices=choices(Criterion), help="channel importance")
     parser.add_argument(
         "--calibration",
         type=Path,
         help="a .npy array of model inputs (N x C x H x W): for taylor, compensation and --recalibrate-bn",
     )
-    parser.add_argument("--batch-size", type=int, default=8, help="calibration batch size")
+    parser.add_argument("--batch-size", type=integer(1), default=8, help="calibration batch size")
     parser.add_argument(
         "--recalibrate-bn",
         action="store_true",
@@ -244,12 +277,12 @@ def _add_width_options(parser: argparse.ArgumentParser, attention_help: str) -> 
         "batchnorm statistics of the result (of every level) on the calibration data",
     )
     parser.add_argument(
-        "--round-to", type=int, default=8, help="keep widths multiples of this (1: no rounding)"
+        "--round-to", type=integer(1), default=8, help="keep widths multiples of this (1: no rounding)"
     )
-    parser.add_argument("--min-channels", type=int, default=1)
+    parser.add_argument("--min-channels", type=integer(1), default=1, help="the narrowest a group may become")
     parser.add_argument("--attention", choices=choices(AttentionMode), default="heads", help=attention_help)
     parser.add_argument(
         "--input-size", type=parse_size, help="CxHxW (default: as converted / pretrained_cfg)"
     )
     parser.add_argument("-o", "--output", type=Path, required=True)
-    parser.add_argument("-q", "--quiet", action="store_true")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress output")

@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import re
 import time
 
 import torch
 
 from .. import analysis, passes, serde
+from ..core.errors import DagError
+from .models import load_dag
 
 
 def _rewrite(args: argparse.Namespace, rewrite, what: str, *, preserves: bool = False) -> None:
     """Load, rewrite, check the outputs where the pass keeps the function, save, report."""
     from ..core.compare import compare_outputs
 
-    dag = serde.load(args.path)
+    dag = load_dag(args.path, "the .dag file")
     inputs = dag.example_inputs()
     start = time.perf_counter()
     result = rewrite(dag)
@@ -23,7 +26,7 @@ def _rewrite(args: argparse.Namespace, rewrite, what: str, *, preserves: bool = 
         with torch.no_grad():
             equal, _, reason = compare_outputs(dag(*inputs), result(*inputs), rtol=1e-4)
         if not equal:
-            raise SystemExit(f"{what}: outputs changed, not saving: {reason}")
+            raise DagError(f"{what}: outputs changed, not saving: {reason}")
     before, after = analysis.count_flops(dag, *inputs), analysis.count_flops(result, *inputs)
     serde.save(result, args.output)
     print(
@@ -38,8 +41,13 @@ def cmd_swap_act(args: argparse.Namespace) -> None:
     for item in args.mapping:
         old, sep, new = item.partition("=")
         if not sep:
-            raise SystemExit(f"expected OLD=NEW (e.g. relu=hardswish), got {item!r}")
+            raise DagError(f"expected OLD=NEW (e.g. relu=hardswish), got {item!r}")
         mapping[old] = new
+    if args.names is not None:
+        try:
+            re.compile(args.names)
+        except re.error as e:
+            raise DagError(f"--names {args.names!r} is not a regular expression: {e}") from None
     _rewrite(args, lambda d: passes.swap_activations(d, mapping, names=args.names), "swapped activations")
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +55,13 @@ class FinetuneConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
+        _check_number("epochs", self.epochs, "an integer >= 1 (0 would train nothing)", integer=True, low=1)
+        _check_number("lr", self.lr, "a finite number >= 0", low=0.0)
+        _check_number("weight_decay", self.weight_decay, "a finite number >= 0", low=0.0)
+        _check_number("momentum", self.momentum, "a finite number >= 0", low=0.0)
+        _check_number("temperature", self.temperature, "a finite number > 0", above=0.0)
+        _check_number("feature_weight", self.feature_weight, "a finite number >= 0", low=0.0)
+        _check_number("checkpoint_every", self.checkpoint_every, "an integer >= 0", integer=True, low=0)
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError(
                 f"alpha (the weight of distillation against labels) must be in [0, 1], got {self.alpha}"
@@ -63,3 +71,21 @@ class FinetuneConfig:
             "schedule", self.schedule, choices(Schedule), what="learning-rate schedule", error=ValueError
         )
         object.__setattr__(self, "features", tuple(self.features))
+
+
+def _check_number(
+    name: str,
+    value: Any,
+    expected: str,
+    *,
+    integer: bool = False,
+    low: float | None = None,
+    above: float | None = None,
+) -> None:
+    """Raise ValueError "<name> must be <expected>, got <value>" unless `value` is a finite number (an
+    int when `integer`) >= `low` and > `above`."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    ok = number and math.isfinite(value) and (not integer or isinstance(value, int))
+    ok = ok and (low is None or value >= low) and (above is None or value > above)
+    if not ok:
+        raise ValueError(f"{name} must be {expected}, got {value!r}")

@@ -36,12 +36,12 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from tqdm import tqdm
 
 from ..core.dag import DagModule, Ref, Vertex
 from ..core.errors import DagError
+from ..core.progress import show_progress
 from ..flex.model import FlexDagModule
-from .checkpoint import STATE_FILE, load_checkpoint, save_checkpoint
+from .checkpoint import check_checkpoint_paths, load_checkpoint, resume_from, save_checkpoint
 from .config import FinetuneConfig, FinetuneReport
 from .distributed import average_buffers, default_device, join_process_group, mean_over_ranks, shard
 from .losses import distillation_loss, to_device, unpack
@@ -73,14 +73,17 @@ def finetune(
     (0: at the end of each epoch) and at the end. The student is left in eval mode."""
     config = replace(config, **options) if config is not None else FinetuneConfig(**options)
     _check_run(student, data, config)
+    if config.checkpoint is not None:  # refused before anything changes
+        check_checkpoint_paths(Path(config.checkpoint))
     world, rank, owns_group = join_process_group(config.device)
     run = _setup(student, teacher, data, config, world, rank)
     start_epoch, skip = 0, 0
-    if run.checkpoint is not None and config.resume and (run.checkpoint / STATE_FILE).exists():
-        run.done, start_epoch, skip = load_checkpoint(run.checkpoint, student, run.opt)
+    source = resume_from(run.checkpoint) if run.checkpoint is not None and config.resume else None
+    if source is not None:
+        run.done, start_epoch, skip = load_checkpoint(source, student, run.opt)
     report = FinetuneReport(steps=0, total_steps=run.done, world_size=world, resumed_at=run.done)
     start = time.perf_counter()
-    bar = tqdm(
+    bar = show_progress(
         total=run.total,
         initial=run.done,
         desc="finetune",
@@ -157,6 +160,8 @@ def _setup(
         )  # a level leaves the other levels' norm parameters unused
     opt = _optimizer([p for p in student.parameters() if p.requires_grad], config)
     steps_per_epoch = len(data) // world if isinstance(data, Sized) else None
+    if steps_per_epoch == 0:
+        raise ValueError(_no_steps(data, world))
     total = steps_per_epoch * config.epochs if steps_per_epoch else None
     checkpoint = Path(config.checkpoint) if config.checkpoint is not None else None
     return _Run(student, model, tapped_teacher, opt, config, device, world, rank, flex, total, checkpoint)
@@ -171,7 +176,7 @@ def _optimizer(params: list[torch.nn.Parameter], config: FinetuneConfig) -> torc
 
 
 def _train(
-    run: _Run, data: Iterable[Any], report: FinetuneReport, bar: tqdm, start_epoch: int, skip: int
+    run: _Run, data: Iterable[Any], report: FinetuneReport, bar: Any, start_epoch: int, skip: int
 ) -> None:
     """The epochs from `start_epoch` (its first `skip` steps done before a checkpoint), with checkpoints."""
     config = run.config
@@ -186,13 +191,14 @@ def _train(
 
 
 def _epoch(
-    run: _Run, data: Iterable[Any], report: FinetuneReport, bar: tqdm, epoch: int, skip: int
+    run: _Run, data: Iterable[Any], report: FinetuneReport, bar: Any, epoch: int, skip: int
 ) -> list[float]:
     """One epoch's steps (the first `skip` only replayed); the loss of each."""
     config = run.config
     torch.manual_seed(config.seed + epoch)  # the same data order on every rank, and on resume
     rng = random.Random(config.seed * 7919 + epoch)  # the same sandwich levels on every rank
     losses = []
+    index = -1
     for index, batch in enumerate(shard(iter(data), run.rank, run.world)):
         if index < skip:  # done before the checkpoint
             if run.flex is not None:
@@ -202,13 +208,27 @@ def _epoch(
         run.done += 1
         report.steps += 1
         losses.append(loss)
-        bar.update(1)
         bar.set_postfix(epoch=epoch, loss=f"{loss:.4f}")
+        bar.update(1)
         if run.checkpoint is not None and config.checkpoint_every and run.done % config.checkpoint_every == 0:
             save_checkpoint(
                 run.checkpoint, run.student, run.opt, run.done, epoch, index + 1, run.rank, run.world
             )
+    if index < 0:
+        raise ValueError(f"epoch {epoch}: {_no_steps(data, run.world)}")
     return losses
+
+
+def _no_steps(data: Iterable[Any], world: int) -> str:
+    """Why `data` gives no optimizer step: the refusal's reason (nothing would train; the loss is nan)."""
+    why = f"data gives no batch{f' to each of the {world} processes' if world > 1 else ''}"
+    loader = data if isinstance(data, torch.utils.data.DataLoader) else None
+    if loader is not None and loader.drop_last and isinstance(loader.dataset, Sized):
+        why += (
+            f" (a DataLoader of {len(loader.dataset)} samples in batches of {loader.batch_size}, dropping "
+            "the last incomplete one)"
+        )
+    return f"{why}: finetuning would run zero steps; give more data or smaller batches"
 
 
 def _step(run: _Run, batch: Any, rng: random.Random) -> float:
