@@ -3,6 +3,7 @@
     python benchmarks/factorize_quality.py                 # error vs FLOPs (resnet50, vit_small)
     python benchmarks/factorize_quality.py --latency       # CPU latency, factorized vs original
     python benchmarks/factorize_quality.py --pass-time     # factorize() on vit_base_patch16_224
+    python benchmarks/factorize_quality.py --overfit       # issue 25: ConvNeXt-T, 4 batches of 2
 
 Error vs FLOPs: timm resnet50 and vit_small_patch16_224 (10 classes, 64 x 64 inputs: Fashion-MNIST
 upscaled to 3 channels) trained here for 300 AdamW steps (benchmarks/_fmnist.py, weights cached), so the
@@ -169,6 +170,43 @@ def pass_time(repeats: int, batch: int) -> None:
     )
 
 
+def overfit(size: int) -> None:
+    """Issue 25's case: torchvision ConvNeXt-T (random init), flops_ratio 0.7, calibration 4 batches of 2
+    images: the classifier's reported error, and the model's relative output error on a calibration
+    batch and on fresh inputs, data-aware and SVD."""
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.convnext_tiny(weights=None).eval()
+    x = torch.randn(2, 3, size, size)
+    dag = td.build_from_unstructured_module(model, (x,))
+    batches = [(torch.randn(2, 3, size, size),) for _ in range(4)]
+    fresh = torch.randn(8, 3, size, size)
+    with torch.no_grad():
+        reference, on_batch = dag(fresh), dag(*batches[0])
+    for calibration, protect in ((batches, False), (batches, True), (None, False)):
+        start = time.perf_counter()
+        small, report = td.factorize(
+            dag,
+            0.7,
+            calibration=calibration,
+            example_inputs=(x,),
+            protect_outputs=protect,
+            return_report=True,
+        )
+        seconds = time.perf_counter() - start
+        head = next(layer for layer in report.layers if layer.name.startswith("classifier"))
+        with torch.no_grad():
+            fresh_error = ((small(fresh) - reference).norm() / reference.norm()).item()
+            batch_error = ((small(*batches[0]) - on_batch).norm() / on_batch.norm()).item()
+        print(
+            f"convnext_tiny {size}x{size} {report.method} (protect_outputs={protect}; "
+            f"{report.note or 'no calibration'}): classifier rank {head.rank}/{head.full_rank} "
+            f"reported error {head.error} ({head.reason or head.solution}); relative output error on "
+            f"fresh inputs {fresh_error:.4f}, on calibration batch 0 {batch_error:.4f} ({seconds:.1f} s)"
+        )
+
+
 def _write(path: Path, rows: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="") as f:
@@ -190,12 +228,15 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=100)
     parser.add_argument("--pass-time", action="store_true", help="time factorize() on vit_base_patch16_224")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--overfit", type=int, nargs="?", const=224, help="issue 25's ConvNeXt-T case")
     parser.add_argument(
         "--calibration-batch", type=int, default=1, help="images per calibration batch (pass time)"
     )
     args = parser.parse_args()
     torch.manual_seed(0)
-    if args.pass_time:
+    if args.overfit:
+        overfit(args.overfit)
+    elif args.pass_time:
         pass_time(args.repeats, args.calibration_batch)
     elif args.latency:
         latency(args.models, args.batches, args.runs, RESULTS / "factorize_latency.csv")

@@ -1,54 +1,69 @@
 """`factorize`: replace Linear and Conv2d vertices by low-rank pairs where that cuts multiply-adds.
 
 Each layer's weight W (out x d, with d = in x kh x kw for a conv) becomes M = U_r U_r^T W, where U_r
-holds the top r left singular vectors of W L and L L^T = C is the second moment of the layer's inputs:
+holds the top r left singular vectors of W L and L L^T = C is a second moment of the layer's inputs:
 
 - without data C = I, and M is the truncated SVD of W: the best rank-r approximation of the weight;
-- with calibration batches C = X^T X over the layer's real inputs (a conv's k x k patches), recorded
-  in one pass over the DAG, and M is the exact minimiser of ||W X - M X||_F over rank-r matrices: the
-  least-squares solution in closed form, so no alternating refinement is needed to reach it.
+- with calibration batches, C is fitted on part of them (`prepare.split_calibration`: every 4th batch,
+  or a quarter of one batch, is held out): the mean X^T X of the layer's real inputs (a conv's k x k
+  patches), shrunk towards the identity by d / (d + rows) (both scaled to the same output energy), so
+  that a moment of few rows, exact on them and arbitrary elsewhere, leans on the weights. Unshrunk, M
+  would be the exact minimiser of ||W X - M X||_F over rank-r matrices on the fitting rows.
+
+Every rank's error is then measured on the held-out rows (the energy of W X_held outside span U_r), for
+this solution and for the truncated SVD, and each rank takes the one with less: the errors that drive
+the allocation, and the report's, are held-out errors, and the data-aware result is never worse than the
+SVD on them. A layer with fewer fitting rows than `MIN_ROWS_PER_INPUT` x d gets the SVD, with a warning
+saying how many batches would do. Layers producing the model's outputs are protected by default.
 
 U_r are the top eigenvectors of W C W^T, the second moment of the layer's outputs (bias removed), so
 where out <= d that moment is what calibration records (from the layer's own outputs: no extra
-matmul); where d < out it records C and works on the d x d side (C regularized by 1e-6 of its trace,
-exactly accounted for in the reported errors). The factors are U_r (out x r) and U_r^T W (r x d),
-rebalanced to equal norms. The eigenvalues give every rank's error at once, so a global FLOPs (or
-params) target is met by a Lagrangian allocation: each layer takes the rank minimising error + mu *
-cost, with mu bisected until the target holds (least total error, not one uniform ratio), then any
-slack goes back as rank where it removes the most error. A layer is factorized only below its
-break-even rank, where the pair has fewer multiply-adds than the layer it replaces.
+matmul); where d < out it records C and works on the d x d side through C's Cholesky factor. The factors
+are U_r (out x r) and U_r^T W (r x d), rebalanced to equal norms. The error curves give every rank's
+error at once, so a global FLOPs (or params) target is met by a Lagrangian allocation: each layer takes
+the rank minimising error + mu * cost, with mu bisected until the target holds (least total error, not
+one uniform ratio), then any slack goes back as rank where it removes the most error. A layer is
+factorized only below its break-even rank, where the pair has fewer multiply-adds than the layer it
+replaces.
 """
 
 from __future__ import annotations
 
+import math
 import time
-from collections.abc import Iterable
+import warnings
+from collections.abc import Callable, Iterable
+from functools import partial
 from typing import Literal, cast, overload
 
 import torch
 from torch import nn
-from tqdm import tqdm
+from torch.utils import _pytree as pytree
 
 from ..analysis import FlopReport, count_flops
 from ..analysis.activations import conv_geometry
-from ..core.dag import DagModule
+from ..core.dag import DagModule, evaluating
 from ..core.editor import Editor
 from ..core.errors import DagError
 from ..core.lowrank import LowRankConv2d, LowRankLinear
 from ..core.options import check_option, choices
-from ..core.template import Ref
+from ..core.progress import show_progress
+from ..core.template import Ref, iter_refs
+from ..core.traits import Trait, traits_of
 from .factorize_ranks import at_ratio, error_allocation, uniform_allocation
 from .factorize_report import Allocation, FactorizationReport, LayerReport
 from .factorize_solve import (
+    MIN_ROWS_PER_INPUT,
     Factorizable,
     Layer,
     Moment,
     factorized_module,
+    moment_key,
     record_moments,
     weight_matrix,
     weight_of,
 )
-from .prepare import Prepared, prepare
+from .prepare import HOLD_OUT_EVERY, CalibrationSplit, Prepared, prepare, split_calibration
 
 FACTORIZABLE = frozenset({"Linear", "Conv2d", "LowRankLinear", "LowRankConv2d"})
 TARGETS = ("flops_ratio", "params_ratio", "rank_ratio")
@@ -66,6 +81,7 @@ def factorize(
     example_inputs: tuple | torch.Tensor | None = None,
     allocation: Allocation = "error",
     protected: Iterable[str] = (),
+    protect_outputs: bool = True,
     progress: bool = False,
     return_report: Literal[False] = False,
 ) -> DagModule: ...
@@ -82,6 +98,7 @@ def factorize(
     example_inputs: tuple | torch.Tensor | None = None,
     allocation: Allocation = "error",
     protected: Iterable[str] = (),
+    protect_outputs: bool = True,
     progress: bool = False,
     return_report: Literal[True],
 ) -> tuple[DagModule, FactorizationReport]: ...
@@ -97,6 +114,7 @@ def factorize(
     example_inputs: tuple | torch.Tensor | None = None,
     allocation: Allocation = "error",
     protected: Iterable[str] = (),
+    protect_outputs: bool = True,
     progress: bool = False,
     return_report: bool = False,
 ) -> DagModule | tuple[DagModule, FactorizationReport]:
@@ -104,8 +122,10 @@ def factorize(
 
     Give exactly one target: `flops_ratio` or `params_ratio` (of the whole model, fvcore FLOPs on
     `example_inputs`), or `rank_ratio` (every layer at that fraction of its full rank). `calibration`
-    (an iterable of input tuples or tensors) makes the solution data-aware; without it the weights'
-    truncated SVD is used. `allocation="uniform"` gives every layer the same rank fraction, found to
+    (an iterable of input tuples or tensors) makes the solution data-aware, fitted on part of the batches
+    and judged on the rest (see the module docstring); without it the weights' truncated SVD is used.
+    The layers producing the model's outputs are left whole unless `protect_outputs=False` (as pruning
+    does; their errors reach the outputs unattenuated). `allocation="uniform"` gives every layer the same rank fraction, found to
     meet the target, instead of the least-error allocation. Vertices in `protected`, grouped convs
     and layers with no rank below break-even are left alone, with the reason in the report
     (`return_report=True` returns `(dag, FactorizationReport)`). The input DAG is untouched; a DAG
@@ -124,16 +144,62 @@ def factorize(
         empty_calibration=EMPTY_CALIBRATION,
     )
     before = count_flops(prep.dag, *prep.example_inputs)
-    layers, reports = _find_layers(prep.dag, before.flops, set(protected))
-    moments = (
-        None if prep.calibration is None else record_moments(prep.dag, layers, prep.calibration, progress)
-    )
-    for layer in tqdm(layers, desc="factorize: spectra", unit="layer", disable=not progress):
-        layer.solve(moments[layer.key] if moments else None)
-    ranks, why = _allocate(layers, prep, allocation, before)
-    result = _replace_layers(prep.dag, layers, ranks, why)
-    summary = _summary(prep, allocation, reports, before, result, time.perf_counter() - start)
+    outputs = output_layers(prep.dag) if protect_outputs else {}
+    find = partial(_find_layers, prep.dag, before.flops, set(protected), outputs)
+    result, reports, note = _factorized(prep, find, allocation, before, progress)
+    summary = _summary(prep, allocation, reports, before, result, time.perf_counter() - start, note)
     return (result, summary) if return_report else result
+
+
+def _factorized(
+    prep: Prepared, find: Callable, allocation: Allocation, before: FlopReport, progress: bool
+) -> tuple[DagModule, list[LayerReport], str]:
+    """The factorized DAG, its layers' reports and a note. With calibration, the data-aware result
+    and the data-free one (truncated SVD, ranks by weight error) are both built, and the one with the
+    lesser output error on the held-out batches is kept: errors of single layers on their own inputs
+    do not see what the rest of the model makes of them."""
+    layers, reports = find()
+    for layer in layers if prep.calibration is None else ():
+        layer.solve(None)
+    if prep.calibration is None:
+        return _replace_layers(prep.dag, layers, *_allocate(layers, prep, allocation, before)), reports, ""
+    split = split_calibration(prep.calibration)
+    moments = record_moments(prep.dag, layers, split, progress)
+    for layer in show_progress(layers, desc="factorize: spectra", unit="layer", disable=not progress):
+        layer.solve(moments[layer.key])
+    _warn_short(layers, split, moments)
+    aware = _replace_layers(prep.dag, layers, *_allocate(layers, prep, allocation, before))
+    svd_layers, svd_reports = find()
+    for layer in svd_layers:
+        layer.solve(None)
+    svd = _replace_layers(prep.dag, svd_layers, *_allocate(svd_layers, prep, allocation, before))
+    for layer in svd_layers:  # the SVD's errors on the held-out rows too
+        if layer.report.rank is not None:
+            layer.measure(moments[moment_key(layer)])
+            layer.report.error = layer.error(layer.report.rank)
+    judged = split.held or split.fit  # one sample: the model-level comparison can only use it
+    errors = [_output_error(prep.dag, candidate, judged) for candidate in (aware, svd)]
+    note = f"output error on held-out calibration: data-aware {errors[0]:.4g}, svd {errors[1]:.4g}"
+    if errors[1] < errors[0]:
+        for report in svd_reports:
+            report.solution = report.solution and "svd: less held-out output error than data-aware"
+        return svd, svd_reports, note + " (svd kept)"
+    return aware, reports, note
+
+
+def _output_error(dag: DagModule, candidate: DagModule, batches: tuple[tuple, ...]) -> float:
+    """Relative error of `candidate`'s outputs against `dag`'s over `batches`."""
+    error = signal = 0.0
+    with evaluating(dag), evaluating(candidate), torch.no_grad():
+        for batch in batches:
+            for want, got in zip(_leaves(dag(*batch)), _leaves(candidate(*batch))):
+                error += float((got.double() - want.double()).square().sum())
+                signal += float(want.double().square().sum())
+    return math.sqrt(error / signal) if signal > 0 else math.sqrt(error)
+
+
+def _leaves(output) -> list[torch.Tensor]:
+    return [t for t in pytree.tree_leaves(output) if isinstance(t, torch.Tensor) and t.is_floating_point()]
 
 
 def _allocate(
@@ -160,7 +226,7 @@ def _replace_layers(dag: DagModule, layers: list[Layer], ranks: list[int | None]
         module, error = factorized_module(layer, rank)
         for name in report.vertices:
             editor.set_module(name, module)
-        report.rank, report.error = rank, error
+        report.rank, report.error, report.solution = rank, error, layer.solution(rank)
         report.flops_after = round(layer.per_rank_flops * rank)
     return editor.build()
 
@@ -172,13 +238,14 @@ def _summary(
     before: FlopReport,
     result: DagModule,
     seconds: float,
+    note: str = "",
 ) -> FactorizationReport:
     # the FLOP rules of the low-rank ops are exactly per_rank_flops x rank: no second forward needed
     flops_after = before.total_flops - sum(
         r.flops - r.flops_after for r in reports if r.flops_after is not None
     )
     params_after = sum(p.numel() for p in result.parameters())
-    data_aware = prep.calibration is not None
+    data_aware = prep.calibration is not None and "(svd kept)" not in note
     return FactorizationReport(
         "data-aware" if data_aware else "svd",
         "uniform" if prep.target == "rank_ratio" or allocation == "uniform" else "error",
@@ -188,7 +255,8 @@ def _summary(
         before.total_params,
         params_after,
         seconds,
-        "output" if data_aware else "weight",
+        "held-out" if prep.calibration is not None else "weight",
+        note,
     )
 
 
@@ -212,15 +280,55 @@ def low_rank(module: nn.Module, rank: int, inputs: torch.Tensor | None = None) -
     layer = Layer(module, report, weight, (), 0.0, out + d)
     moment = None
     if inputs is not None:
-        moment = Moment(layer.moment_size)
+        moment = Moment(layer.moment_size, in_sample=True)
         with torch.no_grad():
-            moment.add(layer.rows(inputs, module(inputs)))
+            moment.add(layer.rows(inputs, module(inputs)), "fit")
     layer.solve(moment)
     return factorized_module(layer, rank)
 
 
+def output_layers(dag: DagModule) -> dict[str, str]:
+    """The factorizable vertices whose results reach the DAG's outputs directly or through views,
+    activations, dropouts and element-wise ops of one tensor (a classifier head and what follows it),
+    each with the output it produces."""
+    through = {Trait.VIEW, Trait.IDENTITY, Trait.ACTIVATION, Trait.DROPOUT, Trait.ELEMENTWISE}
+    found: dict[str, str] = {}
+    for ref in iter_refs(dag.output):
+        name = ref.name
+        while name in dag:
+            vertex = dag[name]
+            if vertex.op in FACTORIZABLE:
+                found[name] = ref.name
+                break
+            refs = list(dict.fromkeys(r.name for r in iter_refs((vertex.args, vertex.kwargs))))
+            if len(refs) != 1 or not traits_of(vertex.op) & through:
+                break
+            name = refs[0]
+    return found
+
+
+def _warn_short(layers: list[Layer], split: CalibrationSplit, moments: dict[tuple, Moment]) -> None:
+    """One warning naming the layers given the SVD for want of calibration rows, and what would do."""
+    short = [layer for layer in layers if layer.rows_needed]
+    if not short:
+        return
+    needs = [(split.batches_for(layer.rows_needed, moments[layer.key].rows), layer) for layer in short]
+    needs.sort(key=lambda pair: -pair[0])
+    named = ", ".join(
+        f"{layer.report.name} ({moments[layer.key].fit_rows} fitting rows of {layer.rows_needed})"
+        for _, layer in needs[:3]
+    )
+    warnings.warn(
+        f"factorize: {len(short)} of {len(layers)} layers have fewer fitting calibration rows than "
+        f"{MIN_ROWS_PER_INPUT} x their inputs and use the data-free solution (truncated SVD): {named}"
+        f"{', ...' if len(short) > 3 else ''}; {needs[0][0]} calibration batches like these would be "
+        f"enough for all (every {HOLD_OUT_EVERY}th is held out)",
+        stacklevel=3,
+    )
+
+
 def _find_layers(
-    dag: DagModule, flops: dict[str, int], protected: set[str]
+    dag: DagModule, flops: dict[str, int], protected: set[str], outputs: dict[str, str]
 ) -> tuple[list[Layer], list[LayerReport]]:
     """Factorizable layers (one per module, however many vertices call it) and a report for each."""
     calls: dict[int, list] = {}
@@ -245,7 +353,7 @@ def _find_layers(
             sum(flops.get(n, 0) for n in names),
         )
         reports.append(report)
-        report.reason = _why_not(module, names, protected, report)
+        report.reason = _why_not(module, names, protected, report) or _output_reason(names, outputs)
         if report.reason:
             continue
         geometry = conv_geometry(module)
@@ -256,6 +364,13 @@ def _find_layers(
             )
         )
     return layers, reports
+
+
+def _output_reason(names: list[str], outputs: dict[str, str]) -> str:
+    hit = [n for n in names if n in outputs]
+    if not hit:
+        return ""
+    return f"protected: produces the output {outputs[hit[0]]!r} (factorize(..., protect_outputs=False))"
 
 
 def _why_not(module: Factorizable, names: list[str], protected: set[str], report: LayerReport) -> str:

@@ -20,8 +20,9 @@ class LayerReport:
     flops: int
     rank: int | None = None  # None: left as it is
     flops_after: int | None = None
-    error: float | None = None  # normalized output error on the calibration data (or weight error)
-    reason: str = ""
+    error: float | None = None  # normalized output error on held-out calibration data (or weight error)
+    reason: str = ""  # why the layer was left whole ("" where it was factorized)
+    solution: str = ""  # factorized: "data-aware", or "svd: " and why the truncated SVD was used
 
     @property
     def name(self) -> str:
@@ -30,7 +31,8 @@ class LayerReport:
 
 @dataclass
 class FactorizationReport:
-    """Per-layer ranks, errors and skip reasons of one `factorize` run, and the model's totals."""
+    """Per-layer ranks, errors and skip reasons of one `factorize` run, and the model's totals. With
+    calibration the errors are held-out errors: measured on batches the solutions were not fitted on."""
 
     method: Literal["data-aware", "svd"]
     allocation: Allocation
@@ -40,7 +42,10 @@ class FactorizationReport:
     params_before: int = 0
     params_after: int = 0
     seconds: float = 0.0
-    error_kind: Literal["weight", "output"] = field(default="weight")
+    # "held-out": each layer's normalized output error on the held-out calibration batches (never the
+    # batches its solution was fitted on); "weight": the weight's relative error (no calibration)
+    error_kind: Literal["weight", "held-out"] = field(default="weight")
+    note: str = ""  # with calibration: the held-out output errors of both solutions, and which was kept
 
     @property
     def factorized(self) -> list[LayerReport]:
@@ -57,6 +62,7 @@ class FactorizationReport:
             f"{len(self.layers)} layers factorized in {self.seconds:.2f} s",
             f"FLOPs {self.flops_before / 1e9:.3f} G -> {self.flops_after / 1e9:.3f} G ({ratio:.1%}), "
             f"params {self.params_before / 1e6:.3f} M -> {self.params_after / 1e6:.3f} M",
+            *([self.note] if self.note else []),
             f"  {'vertex':40s} {'op':14s} {'out x d':>11s} {'rank':>11s} {'FLOPs kept':>10s} "
             f"{self.error_kind + ' err':>10s}  note",
         ]
@@ -70,6 +76,6 @@ class FactorizationReport:
             error = f"{layer.error:.4f}" if layer.error is not None else "-"
             lines.append(
                 f"  {layer.name[:40]:40s} {layer.op[:14]:14s} {shape:>11s} {rank:>11s} {kept:>10s} "
-                f"{error:>10s}  {layer.reason}"
+                f"{error:>10s}  {layer.reason or layer.solution}"
             )
         return "\n".join(lines)
