@@ -1,6 +1,7 @@
 """What a module op's config may hold in a file: serde's rule table keyed by parameter and op, checked
 before anything is built. Types come from the constructor's defaults (a `bool` default takes a bool, an
-`int` default an int or a tuple of ints, a `float` default a finite number, a `str` default a string);
+`int` default an int or a tuple of ints, a `float` default a number that is not NaN, a `str` default a
+string);
 ranges come from the small tables below (channels and kernel sizes positive, `p` in [0, 1], `eps` > 0).
 A user's own module op gets the types its defaults imply and the ranges of the parameter names it shares
 with torch's layers."""
@@ -40,7 +41,13 @@ def _ints(value: Any, low: int, none_ok: bool = False) -> bool:
 
 
 def _number(value: Any) -> bool:
+    """A finite int or float (for parameters with a range)."""
     return type(value) in (int, float) and math.isfinite(value)
+
+
+def _float(value: Any) -> bool:
+    """An int or float that is not NaN: infinities are meaningful bounds (`Hardtanh(-inf, 6)`)."""
+    return type(value) in (int, float) and not math.isnan(value)
 
 
 def _positive_ints(value: Any) -> bool:
@@ -191,7 +198,7 @@ def _by_default(default: Any) -> tuple[str, Callable[[Any], bool]]:
     if isinstance(default, int):
         return "an int or ints", lambda v: _ints(v, -(2**62)) and not isinstance(v, bool)
     if isinstance(default, float):
-        return "a finite number", _number
+        return "a number (not NaN)", _float
     if isinstance(default, str):
         return "a string", lambda v: isinstance(v, str)
     if isinstance(default, torch.dtype):
