@@ -56,7 +56,7 @@ def _build_spelling_tables() -> tuple[dict[Any, str], dict[str, str]]:
 
 OP_BY_TARGET, OP_BY_METHOD = _build_spelling_tables()
 
-_IN_PLACE_OPERATORS = {
+IN_PLACE_OPERATORS = {
     getattr(operator, n)
     for n in (
         "iadd",
@@ -80,7 +80,7 @@ def is_in_place(kind: str, target: Any, kwargs: dict[str, Any]) -> bool:
         return True
     if kind == "call_method":
         return (target.endswith("_") and not target.endswith("__")) or target == "__setitem__"
-    if target in _IN_PLACE_OPERATORS or target is operator.setitem:
+    if target in IN_PLACE_OPERATORS or target is operator.setitem:
         return True
     name = getattr(target, "__name__", "")
     return name.endswith("_") and not name.endswith("__")

@@ -29,7 +29,7 @@ from torch.utils import _pytree as pytree
 
 from ..core import functions
 from ..core.errors import ConversionError
-from . import canonical
+from . import canonical, stateful
 from .tracer import _light
 
 # ATen ops whose torch-level spelling takes its arguments in another order or form
@@ -48,6 +48,7 @@ _ADAPTERS: dict[str, Callable[..., tuple[Any, tuple, dict]]] = {
         {},
     ),
 }
+_GRAD_MODE = {torch._C._set_grad_enabled, torch.ops.higher_order.wrap_with_set_grad_enabled}
 _SIZE_MATH = {math.ceil: functions.size_ceil, math.floor: functions.size_floor}
 _DROPPED = {"_assert_tensor_metadata", "sym_constrain_range_for_size"}
 _METHODS = {
@@ -105,10 +106,38 @@ def trace(model: nn.Module, inputs: dict[str, Any]) -> tuple[fx.Graph, list[str]
             f"{type(model).__name__}: torch.export flattened the inputs {names} into "
             f"{len(user_inputs)} tensors; only tensor inputs are mapped"
         )
+    _refuse_writes(model, program, attrs, {n: name for n, name in zip(user_inputs, names)})
     graph = _torch_level_graph(program, attrs, {n: name for n, name in zip(user_inputs, names)})
     graph.eliminate_dead_code()
     _record_values(model, graph, inputs)
     return graph, names
+
+
+def _refuse_writes(
+    model: nn.Module, program: torch.export.ExportedProgram, attrs: dict[str, str], inputs: dict[fx.Node, str]
+) -> None:
+    """Refuse ATen ops that write (by their schema) to a parameter, a buffer or an input, or to a view
+    of one: the exported graph keeps them as in-place calls, and a DAG would drop the update."""
+    holds: dict[fx.Node, str] = {n: f"input '{name}'" for n, name in inputs.items()}
+    for node in program.graph.nodes:
+        if node.op == "placeholder" and node.name in attrs:
+            holds[node] = f"'{attrs[node.name]}'"
+        if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
+            continue
+        schema = node.target._schema
+        named = {**dict(zip([a.name for a in schema.arguments], node.args)), **node.kwargs}
+        for argument in schema.arguments:
+            value = named.get(argument.name)
+            if argument.alias_info is not None and argument.alias_info.is_write and value in holds:
+                what = holds[value]
+                remedy = stateful.REMEDY_INPUT if what.startswith("input") else stateful.REMEDY_STATE
+                line = stateful.user_line(node.meta.get("stack_trace") or "")
+                raise stateful.StatefulForward(
+                    f"{type(model).__name__}.forward updates {what} in place ({schema.name}){line}; {remedy}"
+                )
+        first = node.args[0] if node.args else None
+        if first in holds and schema.returns and schema.returns[0].alias_info is not None:
+            holds[node] = holds[first]  # a view of it
 
 
 def _export(model: nn.Module, inputs: dict[str, Any]) -> torch.export.ExportedProgram:
@@ -148,15 +177,20 @@ def _torch_level_graph(
         elif node.op == "placeholder":
             env[node] = graph.placeholder(input_names[node])
             _check_sizes(graph, env[node], node, program.range_constraints, symbols)
+        elif node.op == "get_attr":  # the body of a higher-order op (a grad-mode region): refused by _call
+            env[node] = None
         elif node.op == "call_function":
+            _refuse_grad_mode(node)
             env[node] = _call(graph, node, env)
         elif node.op == "output":
             outputs = [env[n] if isinstance(n, fx.Node) else n for n in node.args[0]]
             graph.output(pytree.tree_unflatten(outputs, program.call_spec.out_spec))
         else:
             raise ConversionError(f"exported node '{node.name}' (op={node.op}) has no torch-level form")
-        if isinstance(env.get(node), fx.Node) and "nn_module_stack" in node.meta:
-            env[node].meta["nn_module_stack"] = node.meta["nn_module_stack"]
+        if isinstance(env.get(node), fx.Node):
+            for key in ("nn_module_stack", "stack_trace"):
+                if key in node.meta:
+                    env[node].meta[key] = node.meta[key]
     return graph
 
 
@@ -216,6 +250,16 @@ def _finite(bound: Any) -> int | None:
 
 def _assert(graph: fx.Graph, compare: Callable, size: fx.Node, bound: Any, message: str) -> None:
     graph.call_function(torch._assert, (graph.call_function(compare, (size, bound)), message))
+
+
+def _refuse_grad_mode(node: fx.Node) -> None:
+    """torch.export records `torch.no_grad()` regions as grad-mode switches, which are not mapped."""
+    if node.target in _GRAD_MODE:
+        raise ConversionError(
+            f"exported node '{node.name}': the model switches grad mode (torch.no_grad(), enable_grad() or "
+            f"set_grad_enabled()) inside forward{stateful.user_line(node.meta.get('stack_trace') or '')}; "
+            "the torch.export path does not map grad-mode regions: convert with tracer='fx', which keeps them"
+        )
 
 
 def _call(graph: fx.Graph, node: fx.Node, env: dict[fx.Node, Any]) -> Any:

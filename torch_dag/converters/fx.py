@@ -16,6 +16,7 @@ from ..core.errors import ConversionError
 from ..core.ops import custom_op_spec
 from .fx_walk import Canonicalizer
 from .patterns import raise_weight_standardization
+from .stateful import StatefulForward, StateWatch, probe_training, restore_attributes, snapshot_attributes
 from .tracer import ConcreteTracer, vocabulary_spec
 
 
@@ -52,24 +53,41 @@ def build_from_unstructured_module(
     if tracer not in ("auto", "fx", "export"):
         raise ValueError(f"tracer must be 'auto', 'fx' or 'export', got {tracer!r}")
     inputs = _bind_example_inputs(model, example_inputs, example_kwargs)
+    switches = None
+    if inputs is not None:  # both tracers see the model in eval mode: look at its train mode too
+        was_training = model.training
+        try:
+            switches = probe_training(
+                model, _clone(inputs), lambda m: ConcreteTracer(None).is_leaf_module(m, "")
+            )
+        finally:
+            model.train(was_training)
     if tracer == "export":
-        return _from_export(model, inputs)
+        return _from_export(model, inputs, switches)
     try:
-        return _from_fx(model, inputs)
+        return _from_fx(model, inputs, switches)
+    except StatefulForward:
+        raise
     except ConversionError as fx_error:
         if tracer == "fx" or inputs is None:
             raise
         try:
-            return _from_export(model, inputs)
+            return _from_export(model, inputs, switches)
         except ConversionError as export_error:
             raise ConversionError(f"{fx_error}\n(torch.export fallback: {export_error})") from fx_error
 
 
-def _from_export(model: nn.Module, inputs: dict[str, Any] | None) -> DagModule:
+def _from_export(model: nn.Module, inputs: dict[str, Any] | None, grad_switches: int | None) -> DagModule:
     from . import export
 
     if inputs is None:
         raise ConversionError("the torch.export path needs example inputs")
+    if grad_switches:  # torch.export does not record every kind (inference_mode): never trust it to
+        raise StatefulForward(
+            f"{type(model).__name__}.forward switches grad mode (torch.no_grad(), enable_grad(), "
+            "set_grad_enabled() or inference_mode()); the torch.export path does not map grad-mode "
+            "regions: convert with tracer='fx', which keeps them"
+        )
     was_training = model.training
     model.eval()
     try:
@@ -89,38 +107,30 @@ def _from_export(model: nn.Module, inputs: dict[str, Any] | None) -> DagModule:
         model.train(was_training)
 
 
-def _from_fx(model: nn.Module, inputs: dict[str, Any] | None) -> DagModule:
+def _from_fx(model: nn.Module, inputs: dict[str, Any] | None, grad_switches: int | None) -> DagModule:
     if vocabulary_spec(model) is not None:  # fx never treats the root as a leaf: wrap it
         model = _Root(model)
         inputs = {"input": inputs[next(iter(inputs))]} if inputs else None
     was_training = model.training
-    snapshot = {
-        module: [(state, dict(state)) for state in (vars(module), module._buffers, module._parameters)]
-        for module in model.modules()
-    }
+    snapshot = snapshot_attributes(model)
     model.eval()
     try:
         with torch.no_grad():
             graph, tracer = _trace(model, inputs)
+        assert tracer.watch is not None
+        if grad_switches is not None and grad_switches != tracer.watch.grad_switches:
+            raise StatefulForward(
+                f"{type(model).__name__}.forward switches grad mode {grad_switches} times in train mode "
+                f"and {tracer.watch.grad_switches} times in eval mode; a DAG is traced in eval mode and "
+                "would not keep the train-mode regions. Switch grad mode the same way in both modes"
+            )
         dag = raise_weight_standardization(Canonicalizer(model, graph, tracer).run())
         dag = _as_dag_class(dag)
         dag.traced_with = "fx"
         return dag.train(was_training)
     finally:
-        _restore_attributes(snapshot)
+        restore_attributes(snapshot)
         model.train(was_training)
-
-
-def _restore_attributes(snapshot: dict[nn.Module, list[tuple[dict, dict]]]) -> None:
-    """Undo what tracing left on the model: fx's `_tensor_constant` attributes and values a forward
-    caches on itself (`self.rel_indices = ...`, even into buffers), which would hold proxies."""
-    for states in snapshot.values():
-        for state, before in states:
-            for key in [k for k in state if k not in before]:
-                del state[key]
-            for key, value in before.items():
-                if state.get(key, value) is not value:
-                    state[key] = value
 
 
 class _Root(nn.Module):
@@ -174,8 +184,9 @@ def _trace(model: nn.Module, inputs: dict[str, Any] | None) -> tuple[fx.Graph, C
         if (inputs is None or name not in inputs) and param.default is not param.empty:
             concrete_args[name] = param.default
     tracer.concrete_defaults = concrete_args
+    tracer.watch = StateWatch(model, inputs)
     try:
-        with tracer.patch_size_taking(), tracer.trace_through_fx_wraps():
+        with tracer.patch_size_taking(), tracer.trace_through_fx_wraps(), tracer.watch.patched(tracer):
             graph = tracer.trace(model, concrete_args=concrete_args or None)
     except ConversionError:
         raise

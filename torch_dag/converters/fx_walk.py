@@ -21,7 +21,7 @@ from ..core.errors import ConversionError
 from ..core.ops import Constant, FunctionOp, Parameter
 from ..core.template import Ref, is_constant, unique_refs
 from ..core.traits import Trait, has_trait
-from . import canonical
+from . import canonical, stateful
 from .absorb import ABSORBERS, NotAbsorbable
 from .tracer import ConcreteTracer, vocabulary_spec
 
@@ -45,6 +45,7 @@ class Canonicalizer:
         self.used_names: set[str] = set()
         self.baked_nodes: set[fx.Node] = set()  # fx's checks of baked default arguments
         self.transposed: dict[int, nn.Parameter] = {}  # id((in, out) weight) -> its (out, in) copy
+        self.detached: dict[str, Ref] = {}  # vertex computed under no_grad -> its detached value
 
     # --- driver -----------------------------------------------------------------------------------
 
@@ -108,9 +109,13 @@ class Canonicalizer:
         return Ref(name)
 
     def template(self, arg: Any, node: fx.Node) -> Any:
+        reader_grad = node.op == "output" or node.meta.get("td_grad", True)
+
         def ref(n: fx.Node) -> Any:
             if n not in self.ref_of:
                 raise self.error(node, f"reads {n.name}, which was not converted")
+            if reader_grad and n.meta.get("td_grad", True) is False:
+                return self.leave_no_grad(n, node)
             return self.ref_of[n]
 
         result = map_arg(arg, ref)
@@ -255,6 +260,7 @@ class Canonicalizer:
         base afterwards, that cannot be expressed without aliasing, so it is refused.
         """
         base = self.view_base.get(target.name)
+        self.refuse_state_write(node, base or target.name)
         if base is not None:
             base_nodes = [n for n, r in self.ref_of.items() if r == Ref(base)]
             later = [u for n in base_nodes for u in n.users if self.position[u] > self.position[node]]
@@ -264,8 +270,45 @@ class Canonicalizer:
                     f"in-place update of a view of '{base}', which is read again "
                     f"afterwards by '{later[0].name}'; write it out of place",
                 )
-        source_node = next(n for n in node.all_input_nodes if self.ref_of.get(n) == target)
-        self.ref_of[source_node] = result  # every later node that reads the old value reads the new one
+        for source_node in [n for n, ref in self.ref_of.items() if ref == target]:
+            self.ref_of[source_node] = result  # later readers of the old value (and its aliases: the
+            # result of an earlier in-place call on it, `y.mul_(2).add_(1)`) read the new one
+
+    def leave_no_grad(self, n: fx.Node, reader: fx.Node) -> Any:
+        """A value computed under `torch.no_grad()` read where gradients flow: detached, as eager
+        autograd sees it (one `detach` vertex per value)."""
+        ref, value = self.ref_of[n], n.meta.get("td_value", stateful.UNKNOWN)
+        if not isinstance(ref, Ref) or (
+            value is not stateful.UNKNOWN and not stateful.contains_tensor(value)
+        ):
+            return ref
+        if not isinstance(value, torch.Tensor):
+            why = (
+                "its value is not known (pass example inputs)"
+                if value is stateful.UNKNOWN
+                else "not a tensor"
+            )
+            raise self.error(
+                reader,
+                f"reads '{n.name}', computed under torch.no_grad() in forward, where gradients flow; "
+                f"it must be detached there but {why}. Detach it in the model or convert with example inputs",
+            )
+        if ref.name not in self.detached:
+            self.detached[ref.name] = self.add(n, FunctionOp("detach"), (ref,), hint=f"{ref.name}_no_grad")
+        return self.detached[ref.name]
+
+    def refuse_state_write(self, node: fx.Node, base: str) -> None:
+        """An in-place write to an input, a parameter or a buffer (or a view of one) is a change the
+        caller or the next call would see; a DAG cannot make it, so it is refused."""
+        if base in self.inputs:
+            what, remedy = f"input '{base}'", stateful.REMEDY_INPUT
+        elif base in self.attr_of:
+            what, remedy = f"'{self.attr_of[base][0]}'", stateful.REMEDY_STATE
+        else:
+            return
+        line = stateful.user_line(node.meta.get("stack_trace") or "")
+        message = f"{type(self.root).__name__}.forward updates {what} in place{line}; {remedy}"
+        raise stateful.StatefulForward(str(self.error(node, message)))
 
     def absorb_weights(
         self, node: fx.Node, op: str, args: tuple, kwargs: dict

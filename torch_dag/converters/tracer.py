@@ -24,6 +24,7 @@ from torch.fx.node import map_aggregate
 from ..core.functions import FUNCTIONS
 from ..core.ops import MODULE_OPS, ModuleOpSpec, custom_op_spec
 from ..core.traits import Trait, ops_with
+from .stateful import StateWatch
 
 _MISSING = object()
 _GUARD = FUNCTIONS["guard"].fn
@@ -165,6 +166,22 @@ class ConcreteProxy(fx.Proxy):
         return self._td_value.keys()
 
 
+def _in_place_operator(name: str) -> Any:
+    """`x += y` on a proxy: fx's Proxy has no `__iadd__`, so Python would rebind `x` to `x + y` and every
+    other reference to the tensor (an input, a view's base, `y = x`) would miss the update. Recorded as
+    the in-place operator instead, the converter functionalizes it (or refuses it, on an input)."""
+
+    def method(self: ConcreteProxy, other: Any) -> Any:
+        return self.tracer.create_proxy("call_function", getattr(operator, name), (self, other), {})
+
+    method.__name__ = f"__{name}__"
+    return method
+
+
+for _name in ("iadd", "isub", "imul", "itruediv", "ifloordiv", "imod", "ipow", "iand", "ior", "ixor"):
+    setattr(ConcreteProxy, f"__{_name}__", _in_place_operator(_name))
+
+
 class ConcreteAttribute(fx.proxy.Attribute, ConcreteProxy):
     """`proxy.attr`: a getattr node (made lazily) or, when called, a method call."""
 
@@ -194,6 +211,7 @@ class ConcreteTracer(fx.Tracer):
         self._eager = False  # True while running real values: fx's module patches step aside
 
     concrete_defaults: dict[str, Any] = {}
+    watch: StateWatch | None = None  # set while tracing a model: refuses state updates, tracks grad mode
     _names_of: tuple[nn.Module, dict[int, str], dict[int, str]]  # set by `_tensor_names`
 
     def baked_default(self, placeholder: str) -> tuple[bool, Any]:
@@ -245,7 +263,12 @@ class ConcreteTracer(fx.Tracer):
         return ConcreteProxy(node, self)
 
     def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None, proxy_factory_fn=None):
+        watch = None if self._eager else self.watch
+        if watch is not None:
+            watch.before_call(kind, target, args, kwargs)
         proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
+        if watch is not None and isinstance(proxy, fx.Proxy):
+            watch.after_call(proxy.node, kind, target, args, kwargs)
         if self.inputs is not None and isinstance(proxy, ConcreteProxy):
             self._eager = True
             try:
