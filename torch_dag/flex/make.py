@@ -20,13 +20,23 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..analysis.activations import conv_geometry, row_gram
+from ..analysis.activations import conv_geometry, input_rows
 from ..analysis.flops import flops_from_values
 from ..core.compare import compare_outputs
 from ..core.dag import DagModule, Vertex, evaluating
 from ..core.errors import DagError
 from ..core.template import to_json
-from ..passes.prepare import Prepared, as_inputs, check_fraction, prepare
+from ..passes.factorize_solve import MIN_ROWS_PER_INPUT, Moment, shrinkage
+from ..passes.prepare import (
+    HOLD_OUT_EVERY,
+    CalibrationSplit,
+    Part,
+    Prepared,
+    as_inputs,
+    check_fraction,
+    prepare,
+    split_calibration,
+)
 from ..pruning import surgery
 from ..pruning.channels import ChannelGroups, Group
 from ..pruning.compensate import MAX_LSTSQ, RIDGE
@@ -152,19 +162,47 @@ def compensate_levels(flex: FlexDagModule, calibration: Iterable) -> None:
     """Re-solve, in place, the shared weights of every Conv2d / Linear that loses input channels at some
     level: each output's weights become the least-squares best fit, summed over the levels it is part of
     (the top level included), of the layer's full outputs from the inputs that level keeps. Inputs are
-    recorded at the top level on the calibration batches (a conv's k x k patches; one float64 matrix of
-    (inputs + 1)^2 per layer). A ridge pulls towards the layer's own weights, as in pruning's `lstsq`
-    compensation; the narrow levels gain what that gives a separately pruned model, and the top level
-    moves off the input model's outputs by the same trade. Grouped convs, other padding modes and layers
-    with over `MAX_LSTSQ` inputs are left as they are."""
+    recorded at the top level on the calibration batches, split into fitting and held-out ones as
+    `prepare.split_calibration` does (a conv's k x k patches; two float64 matrices of (inputs + 1)^2 per
+    layer). A ridge pulls towards the layer's own weights, as in pruning's `lstsq` compensation (stronger
+    with fewer fitting rows); a layer keeps the re-solved weights only where their held-out error summed
+    over the levels is not worse than its own weights'. The narrow levels gain what that gives a
+    separately pruned model, and the top level moves off the input model's outputs by the same trade.
+    Grouped convs, other padding modes, layers with over `MAX_LSTSQ` inputs and (with one warning)
+    layers with fewer fitting rows than `MIN_ROWS_PER_INPUT` x their inputs are left as they are."""
     layers = {v.name: v.module for v in flex if is_flex(v.module) and _solvable(v.module)}
     if not layers:
         return
-    grams: dict[str, torch.Tensor | float] = dict.fromkeys(layers, 0.0)
+    batches = tuple(as_inputs(b) for b in calibration)
+    if not batches:
+        raise DagError("compensation needs at least one calibration batch (the calibration given is empty)")
+    split = split_calibration(batches)
+    moments = _record_levels(flex, layers, split)
+    short = {n: m for n, m in moments.items() if m.fit_rows < MIN_ROWS_PER_INPUT * _width(layers[n])}
+    for name, module in layers.items():
+        if name not in short:
+            _solve_shared(module, moments[name])
+    if short:
+        _warn_short_levels(layers, short, split)
+
+
+def _width(module: FlexModule) -> int:
+    """The inputs of one output of the layer, and a constant with a bias."""
+    return cast(torch.Tensor, module.weight)[0].numel() + (module.bias is not None)
+
+
+def _record_levels(
+    flex: FlexDagModule, layers: dict[str, FlexModule], split: CalibrationSplit
+) -> dict[str, Moment]:
+    """Each layer's input moments at the top level, on the fitting and the held-out rows."""
+    moments = {name: Moment(_width(module)) for name, module in layers.items()}
+    part: list[Part] = ["fit"]
 
     def recorder(name: str, geometry: tuple | None, bias: bool) -> Callable:
         def record(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-            grams[name] = grams[name] + row_gram(args[0], geometry, constant=bias)
+            rows = input_rows(args[0], geometry).double()
+            rows = torch.cat([rows, rows.new_ones(len(rows), 1)], 1) if bias else rows
+            moments[name].add(rows, part[0])
 
         return record
 
@@ -174,21 +212,37 @@ def compensate_levels(flex: FlexDagModule, calibration: Iterable) -> None:
         m.register_forward_hook(recorder(n, conv_geometry(m.full), m.bias is not None))
         for n, m in layers.items()
     ]
-    batches = 0
     try:
         with evaluating(flex), torch.no_grad():
-            for batch in calibration:
-                flex(*as_inputs(batch))
-                batches += 1
+            for part[0], batch in split.parts():
+                flex(*batch)
     finally:
         for handle in hooks:
             handle.remove()
         if was is not None:
             flex.set_level_use(was)
-    if not batches:
-        raise DagError("compensation needs at least one calibration batch (the calibration given is empty)")
-    for name, module in layers.items():
-        _solve_shared(module, torch.as_tensor(grams[name]) / batches)
+    return moments
+
+
+def _warn_short_levels(
+    layers: dict[str, FlexModule], short: dict[str, Moment], split: CalibrationSplit
+) -> None:
+    """One warning naming the layers left as they are for want of fitting rows, and what would do."""
+    needs = sorted(
+        ((split.batches_for(MIN_ROWS_PER_INPUT * _width(layers[n]), m.rows), n) for n, m in short.items()),
+        reverse=True,
+    )
+    named = ", ".join(
+        f"{n} ({short[n].fit_rows} fitting rows of {MIN_ROWS_PER_INPUT * _width(layers[n])})"
+        for _, n in needs[:5]
+    )
+    warnings.warn(
+        f"make_flexible: {len(short)} of {len(layers)} compensated layers have fewer fitting calibration "
+        f"rows than {MIN_ROWS_PER_INPUT} x their inputs and keep their weights (the data-free choice): "
+        f"{named}{', ...' if len(short) > 5 else ''}; {needs[0][0]} calibration batches like these would "
+        f"be enough for all (every {HOLD_OUT_EVERY}th is held out)",
+        stacklevel=3,
+    )
 
 
 def _solvable(module: FlexModule) -> bool:
@@ -208,27 +262,22 @@ def _solvable(module: FlexModule) -> bool:
     return loses and weight[0].numel() + 1 <= MAX_LSTSQ
 
 
-def _solve_shared(module: FlexModule, gram: torch.Tensor) -> None:
-    """`compensate_levels` for one layer, from the Gram matrix of its full-width input rows."""
+def _solve_shared(module: FlexModule, moment: Moment) -> None:
+    """`compensate_levels` for one layer, from the moments of its full-width input rows: fitted on the
+    fitting rows, kept where the held-out error summed over the levels is not worse."""
     weight, bias = cast(torch.Tensor, module.weight), cast("torch.Tensor | None", module.bias)
     full = weight.detach().double().reshape(len(weight), -1)
     if bias is not None:
         full = torch.cat([full, bias.detach().double()[:, None]], 1)
-    positions = weight[0, 0].numel()
+    gram = moment.fit()
     energy = (
         float(gram.diagonal()[: weight[0].numel()].mean()) or 1.0
     )  # (inputs that are all zero: any scale)
-    ridge = torch.full((len(gram),), RIDGE * energy, dtype=gram.dtype)
+    alpha = shrinkage(moment.fit_rows, len(gram))
+    ridge = torch.full((len(gram),), (RIDGE + alpha / (1 - alpha)) * energy, dtype=gram.dtype)
     if bias is not None:
         ridge[-1] = 0  # the constant is free
-    narrower = []  # per level below the top: which columns it reads, which outputs it has
-    for cuts in module.cuts[:-1]:
-        axes = dict(cuts.get("weight", []))
-        inputs, outputs = np.zeros(weight.shape[1], bool), np.zeros(len(weight), bool)
-        inputs[axes.get(1, slice(None))] = True
-        outputs[axes.get(0, slice(None))] = True
-        columns = np.append(np.repeat(inputs, positions), [True] * (bias is not None))
-        narrower.append((torch.from_numpy(columns).to(gram.dtype), outputs))
+    narrower = _level_reads(module, gram.dtype)
     bands: dict[tuple[bool, ...], list[int]] = {}  # outputs by the levels they are part of
     for row in range(len(weight)):
         bands.setdefault(tuple(bool(outputs[row]) for _, outputs in narrower), []).append(row)
@@ -241,10 +290,47 @@ def _solve_shared(module: FlexModule, gram: torch.Tensor) -> None:
                 lhs = lhs + read[:, None] * gram * read[None, :]
                 rhs = rhs + read[:, None] * (gram @ target)
         solved[rows] = torch.linalg.solve(lhs, rhs).T
+    if not moment.counts[-1]:
+        return  # nothing held out to judge by: the data-free choice
+    held = moment.held()
+    if _level_error(solved, full, held, narrower) > _level_error(full, full, held, narrower):
+        return
     with torch.no_grad():
         weight.copy_(solved[:, : weight[0].numel()].reshape(weight.shape))
         if bias is not None:
             bias.copy_(solved[:, -1])
+
+
+def _level_reads(module: FlexModule, dtype: torch.dtype) -> list[tuple[torch.Tensor, np.ndarray]]:
+    """Per level below the top: which columns (inputs x positions, the constant) it reads, which
+    outputs it has."""
+    weight = cast(torch.Tensor, module.weight)
+    positions, bias = weight[0, 0].numel(), module.bias is not None
+    narrower = []
+    for cuts in module.cuts[:-1]:
+        axes = dict(cuts.get("weight", []))
+        inputs, outputs = np.zeros(weight.shape[1], bool), np.zeros(len(weight), bool)
+        inputs[axes.get(1, slice(None))] = True
+        outputs[axes.get(0, slice(None))] = True
+        columns = np.append(np.repeat(inputs, positions), [True] * bias)
+        narrower.append((torch.from_numpy(columns).to(dtype), outputs))
+    return narrower
+
+
+def _level_error(
+    weights: torch.Tensor,
+    full: torch.Tensor,
+    held: torch.Tensor,
+    narrower: list[tuple[torch.Tensor, np.ndarray]],
+) -> float:
+    """The squared error of `weights`' outputs against `full`'s on the held-out rows (moment `held`),
+    summed over the top level and the levels below it (each reading its columns, for its outputs)."""
+    levels = [(torch.ones(len(held), dtype=held.dtype), np.ones(len(full), bool)), *narrower]
+    total = 0.0
+    for read, outputs in levels:
+        diff = (weights * read - full)[torch.from_numpy(outputs)]
+        total += float(((diff @ held) * diff).sum())
+    return total
 
 
 def _reorder(

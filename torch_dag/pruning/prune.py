@@ -16,7 +16,6 @@ import torch.nn.functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 from torch.utils import _pytree as pytree
-from tqdm import tqdm
 
 from ..analysis import FlopReport, count_flops
 from ..analysis.flops import flops_from_values
@@ -24,6 +23,7 @@ from ..core.dag import DagModule, evaluating
 from ..core.errors import DagError
 from ..core.ops import Parameter
 from ..core.options import check_option, choices
+from ..core.progress import show_progress
 from ..passes.prepare import Prepared, as_inputs, check_fraction, prepare
 from . import surgery
 from .channels import ChannelGroups, Group
@@ -419,7 +419,7 @@ class _Search:
         roundings = [self.config.round_to]
         while roundings[-1] > 1:
             roundings.append(roundings[-1] // 2)
-        bar = tqdm(total=len(roundings), desc="prune", unit="try", disable=not progress)
+        bar = show_progress(total=len(roundings), desc="prune", unit="try", disable=not progress)
         for round_to in roundings:
             found = self.at_rounding(target, round_to)
             bar.update()
