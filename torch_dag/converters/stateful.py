@@ -347,7 +347,7 @@ class _RealStateWrites(TorchFunctionMode):
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
-        if self.tracer._eager or _has_proxy((args, kwargs)):
+        if self.tracer._eager or has_proxy((args, kwargs)):
             return func(*args, **kwargs)
         name = getattr(func, "__name__", "")
         if name and args and isinstance(args[0], torch.Tensor):
@@ -358,7 +358,8 @@ class _RealStateWrites(TorchFunctionMode):
         return result
 
 
-def _has_proxy(value: Any) -> bool:
+def has_proxy(value: Any) -> bool:
+    """Whether `value` (a nested container) holds an fx proxy anywhere."""
     found = False
 
     def visit(v: Any) -> Any:

@@ -24,7 +24,7 @@ from torch.fx.node import map_aggregate
 from ..core.functions import FUNCTIONS
 from ..core.ops import MODULE_OPS, ModuleOpSpec, custom_op_spec
 from ..core.traits import Trait, ops_with
-from .stateful import StateWatch
+from .stateful import StateWatch, has_proxy
 
 _MISSING = object()
 _GUARD = FUNCTIONS["guard"].fn
@@ -71,18 +71,6 @@ def _light(value: Any) -> Any:
         return map_aggregate(value, lambda v: v.to("meta") if isinstance(v, torch.Tensor) else v)
     except Exception:  # exotic containers (return types of torch ops): nothing is kept
         return None
-
-
-def _has_proxy(arg: Any) -> bool:
-    found = False
-
-    def visit(a: Any) -> Any:
-        nonlocal found
-        found = found or isinstance(a, fx.Proxy)
-        return a
-
-    map_aggregate(arg, visit)
-    return found
 
 
 class ConcreteProxy(fx.Proxy):
@@ -316,7 +304,7 @@ class ConcreteTracer(fx.Tracer):
         def wrap(fn):
             @functools.wraps(fn)
             def wrapper(*args, **kwargs):
-                if _has_proxy((args, kwargs)):
+                if has_proxy((args, kwargs)):
                     return self.create_proxy("call_function", fn, args, kwargs)
                 return fn(*args, **kwargs)
 
@@ -325,7 +313,7 @@ class ConcreteTracer(fx.Tracer):
         def wrap_method(name, fn):
             @functools.wraps(fn)
             def wrapper(tensor, *args, **kwargs):
-                if _has_proxy((args, kwargs)):
+                if has_proxy((args, kwargs)):
                     return self.create_proxy("call_method", name, (tensor, *args), kwargs)
                 return fn(tensor, *args, **kwargs)
 
