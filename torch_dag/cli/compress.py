@@ -14,16 +14,16 @@ from .models import calibration_batches, check_runs, load_or_convert, recalibrat
 from .values import increasing_fractions
 
 
+def _width_settings(args: argparse.Namespace) -> dict:
+    """The options prune and flexify share (PruneConfig / FlexConfig fields of the same names)."""
+    names = ("criterion", "round_to", "min_channels", "attention", "compensate")
+    return {name: getattr(args, name) for name in names}
+
+
 def cmd_prune(args: argparse.Namespace) -> None:
     calibration = calibration_batches(args)
     dag, inputs = load_model_and_data(args, calibration)
-    config = pruning.PruneConfig(
-        criterion=args.criterion,
-        round_to=args.round_to,
-        min_channels=args.min_channels,
-        attention=args.attention,
-        compensate=args.compensate,
-    )
+    config = pruning.PruneConfig(**_width_settings(args))
     start = time.perf_counter()
     with warnings.catch_warnings():  # the report says which rounding was used
         warnings.simplefilter("ignore")
@@ -100,13 +100,7 @@ def cmd_flexify(args: argparse.Namespace) -> None:
         )
     calibration = calibration_batches(args)
     dag, inputs = load_model_and_data(args, calibration)
-    config = flex.FlexConfig(
-        criterion=args.criterion,
-        round_to=args.round_to,
-        min_channels=args.min_channels,
-        attention=args.attention,
-        compensate=args.compensate,
-    )
+    config = flex.FlexConfig(**_width_settings(args))
     start = time.perf_counter()
     model = flex.make_flexible(
         dag, args.levels, inputs, flops_ratios=args.flops_ratios, config=config, calibration=calibration

@@ -358,17 +358,22 @@ class _RealStateWrites(TorchFunctionMode):
         return result
 
 
-def has_proxy(value: Any) -> bool:
-    """Whether `value` (a nested container) holds an fx proxy anywhere."""
+def _holds(value: Any, kind: type) -> bool:
+    """Whether `value` (a nested container) holds an instance of `kind` anywhere."""
     found = False
 
     def visit(v: Any) -> Any:
         nonlocal found
-        found = found or isinstance(v, fx.Proxy)
+        found = found or isinstance(v, kind)
         return v
 
     map_aggregate(value, visit)
     return found
+
+
+def has_proxy(value: Any) -> bool:
+    """Whether `value` (a nested container) holds an fx proxy anywhere."""
+    return _holds(value, fx.Proxy)
 
 
 def _vocabulary_kind(module: nn.Module) -> bool:
@@ -425,12 +430,5 @@ def _data_sources(node: fx.Node) -> set[fx.Node]:
 
 
 def contains_tensor(value: Any) -> bool:
-    found = False
-
-    def visit(v: Any) -> Any:
-        nonlocal found
-        found = found or isinstance(v, torch.Tensor)
-        return v
-
-    map_aggregate(value, visit)
-    return found
+    """Whether `value` (a nested container) holds a tensor anywhere."""
+    return _holds(value, torch.Tensor)
