@@ -3,6 +3,7 @@ each vertex must slice (roles), and the result (`ChannelGroups`, `Group`)."""
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import defaultdict
 from collections.abc import Callable, Iterable
@@ -169,6 +170,11 @@ class Analysis:
         self.blocked_ids: dict[int, str] = {}  # resolved to class roots once all unions are made
         self.protected = set(protected)
         self.info: dict[str, Any] = {}  # vertex -> what it carries (Channels, ShapeOf, Count, tuples of them)
+
+    @functools.cached_property
+    def successors(self) -> dict[str, list[str]]:
+        """For each vertex, the vertices that read it (rules that look one step ahead: a channel shuffle)."""
+        return self.dag.successors()
 
     def block(self, info: Any, reason: str) -> None:
         for channels in flat_channels(info):

@@ -11,23 +11,34 @@ from ...core.dag import Vertex
 from ..channels import Analysis, Channels, Rule, call_arg, rank_of, tie_columns
 
 
-def mean_sum(a: Analysis, v: Vertex, inputs: list[Any], out: Any) -> Any:
-    """mean / sum / amax / amin over other axes than the channels: they stay (moved if dims are dropped)."""
-    x = inputs[0]
-    if not isinstance(x, Channels):
-        return None
-    rank = rank_of(a.values[v.args[0].name])
-    dims = v.args[1] if len(v.args) > 1 else None
-    keepdim = v.args[2] if len(v.args) > 2 else False
-    dims = [dims] if isinstance(dims, int) else dims
-    if dims is None or any(not isinstance(d, int) for d in dims):
-        a.block(x, f"{v.name}: {v.op} over all or traced dimensions")
-        return None
-    dims = sorted(d % rank for d in dims)
-    if x.axis in dims:
-        a.block(x, f"{v.name}: {v.op} reduces the channel axis")
-        return None
-    return Channels(x.axis if keepdim else x.axis - sum(d < x.axis for d in dims), x.ids)
+def reduction(dim_index: int = 1) -> Rule:
+    """A reduction over the axes its `dim` names (an int or any tuple / list, given by position or by
+    keyword, with or without keepdim): the channels go on, moved past the dropped axes, unless their
+    own axis is reduced (all axes when `dim` is None or empty), which blocks them. `dim_index`: the
+    position of `dim` in the call (2 for `norm(x, p, dim)`)."""
+
+    def rule(a: Analysis, v: Vertex, inputs: list[Any], out: Any) -> Any:
+        x = inputs[0]
+        if not isinstance(x, Channels):
+            return None
+        rank = rank_of(a.values[v.args[0].name])
+        dims = call_arg(v, dim_index, "dim")
+        dims = [dims] if isinstance(dims, int) else dims
+        if not isinstance(dims, (list, tuple)) or not dims or not all(_is_axis(d) for d in dims):
+            a.block(x, f"{v.name}: {v.op} over all or traced dimensions reduces the channel axis")
+            return None
+        dims = sorted({d % rank for d in dims})
+        if x.axis in dims:
+            a.block(x, f"{v.name}: {v.op} reduces the channel axis")
+            return None
+        keepdim = rank_of(out) == rank  # read from the result: keepdim may sit at any position
+        return Channels(x.axis if keepdim else x.axis - sum(d < x.axis for d in dims), x.ids)
+
+    return rule
+
+
+def _is_axis(dim: Any) -> bool:
+    return isinstance(dim, int) and not isinstance(dim, bool)
 
 
 def across_channels(reason: str, dim_index: int, dim_name: str, default: Any = None) -> Rule:

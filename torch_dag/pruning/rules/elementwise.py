@@ -56,7 +56,7 @@ def untracked_operand(a: Analysis, v: Vertex, arg: Any, result: Channels, out_ra
     position = result.axis - (out_rank - value.dim())
     if position < 0 or value.shape[position] == 1:
         return True
-    source = _held_tensor(a, arg.name, position) if value.shape[position] == len(result.ids) else None
+    source = held_tensor(a, arg.name, position) if value.shape[position] == len(result.ids) else None
     if source is not None:
         role = a.role(a.dag[source[0]])
         role.in_ids, role.axis = result.ids, source[1]
@@ -65,7 +65,7 @@ def untracked_operand(a: Analysis, v: Vertex, arg: Any, result: Channels, out_ra
     return False
 
 
-def _held_tensor(a: Analysis, name: str, position: int) -> tuple[str, int] | None:
+def held_tensor(a: Analysis, name: str, position: int) -> tuple[str, int] | None:
     """The Parameter / Constant vertex behind `name` and the axis of it that lands on `position`,
     looking through ops that move that axis whole: `expand` (a class token broadcast over the batch),
     reshapes with -1 there (ConvNeXt's `gamma.reshape(1, -1, 1, 1)`), permutes, unsqueezes and a

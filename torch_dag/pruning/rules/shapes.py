@@ -88,7 +88,7 @@ def reshape(a: Analysis, v: Vertex, inputs: list[Any], out: Any) -> Any:
             return None
         channels = Channels(axis, x.ids)
     else:
-        result = _split_axis(a, x, before, after) or _merged_axis(x, before, after)
+        result = _split_axis(a, v, x, before, after) or _merged_axis(x, before, after)
         if result is None or 0 in result[2]:  # sizes there would be spelled out for one batch size
             a.block([x, *counts], f"{v.name}: reshape mixes the channel axis with others unevenly")
             return None
@@ -138,12 +138,13 @@ def kept_axis(before: torch.Size, after: torch.Size, axis: int) -> int | None:
 
 
 def _split_axis(
-    a: Analysis, x: Channels, before: torch.Size, after: torch.Size
+    a: Analysis, v: Vertex, x: Channels, before: torch.Size, after: torch.Size
 ) -> tuple[Channels, dict[int, np.ndarray], range] | None:
     """The channel axis split into consecutive axes `after[first:last]`: the one before the last part
-    carries the channels (heads), whose entries are tied whole; with `attention="head_dim"` the last
-    part does (a position of the head dim, tied over every head). Returns the channels, for that
-    axis the ids whose kept count is its new size, and the axes of `after` the channels span."""
+    carries the channels (heads), whose entries are tied whole; with `attention="head_dim"`, or in a
+    grouped channel shuffle, the last part does (a position of the head dim or of a group, tied over
+    every head or group). Returns the channels, for that axis the ids whose kept count is its new
+    size, and the axes of `after` the channels span."""
     leading = math.prod(before[: x.axis])
     for first in range(len(after)):
         if math.prod(after[:first]) != leading:
@@ -154,11 +155,43 @@ def _split_axis(
             last += 1
         if size != before[x.axis] or last - first < 2:
             return None
-        head = last - 2 if a.attention == "heads" else last - 1  # or the same positions of every head
+        positions = a.attention == "head_dim" or (last - first == 2 and _shuffled(a, v.name, first, before))
+        head = last - 1 if positions else last - 2  # the same positions of every head, or whole heads
         table = np.moveaxis(x.ids.reshape(after[first:last]), head - first, 0).reshape(after[head], -1)
         a.uf.union(np.repeat(table[:, 0], table.shape[1] - 1), table[:, 1:].reshape(-1))
         return Channels(head, table[:, 0]), {head: table[:, 0]}, range(first, last)
     return None
+
+
+def _shuffled(a: Analysis, name: str, first: int, before: torch.Size) -> bool:
+    """Whether the split into (groups, channels per group) at axis `first` of vertex `name` is a
+    grouped channel shuffle: its parts swapped (transpose / permute), then reshaped back to `before`
+    (`x.view(b, g, c // g, h, w).transpose(1, 2).reshape(b, c, h, w)`, torchvision's channel_shuffle).
+    Copies (contiguous, clone) may come between; each step must be the only reader."""
+    swapped = False
+    while True:
+        users = a.successors.get(name, [])
+        if len(users) != 1 or users[0] not in a.dag:
+            return False
+        user = a.dag[users[0]]
+        value = a.values.get(user.name)
+        if user.op in ("contiguous", "clone"):
+            name = user.name
+        elif not swapped and user.op in ("transpose", "permute"):
+            rank = value.dim() if isinstance(value, torch.Tensor) else 0
+            order = list(range(rank))
+            order[first : first + 2] = [first + 1, first]
+            dims = (
+                [d % rank for d in user.args[1]]
+                if user.op == "permute"
+                else sorted(d % rank for d in user.args[1:3])
+            )
+            if dims != (order if user.op == "permute" else [first, first + 1]):
+                return False
+            swapped, name = True, user.name
+        else:
+            merged = user.op in ("reshape", "view_as", "flatten")
+            return swapped and merged and isinstance(value, torch.Tensor) and value.shape == before
 
 
 def _merged_axis(

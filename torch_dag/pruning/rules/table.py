@@ -6,6 +6,7 @@ from __future__ import annotations
 from ...core.traits import Trait, has_trait, traits_of
 from ..channels import Rule
 from . import axes, contraction, layers, parts, shapes
+from .einsum import einsum
 from .elementwise import elementwise, pass_through
 
 _NORMALIZES = "normalizes over the channels"
@@ -37,10 +38,15 @@ RULES: dict[str, Rule] = {
     "unbind": parts.split,
     "cat": parts.cat,
     "stack": parts.stack,
-    "mean": axes.mean_sum,
-    "sum": axes.mean_sum,
-    "amax": axes.mean_sum,
-    "amin": axes.mean_sum,
+    "mean": axes.reduction(),
+    "sum": axes.reduction(),
+    "amax": axes.reduction(),
+    "amin": axes.reduction(),
+    "prod": axes.reduction(),
+    "var": axes.reduction(),
+    "std": axes.reduction(),
+    "logsumexp": axes.reduction(),
+    "norm": axes.reduction(dim_index=2),
     "softmax": axes.across_channels(_NORMALIZES, 1, "dim"),
     "log_softmax": axes.across_channels(_NORMALIZES, 1, "dim"),
     "Softmax": axes.softmax_module,
@@ -57,6 +63,7 @@ RULES: dict[str, Rule] = {
     "PixelUnshuffle": axes.pixel_shuffle,
     "scaled_dot_product_attention": contraction.attention,
     "matmul": contraction.matmul,
+    "einsum": einsum,
     # keep the values per channel, but their traits say only that they may alias the input
     "to": pass_through,
     "type_as": pass_through,
