@@ -11,6 +11,7 @@ Writing a pass: open an `Editor` on the DAG, find vertices with a `pattern.op(..
 """
 
 from ..core.editor import Editor, transform
+from .decompose_attention import decompose_attention
 from .factorize import FactorizationReport, LayerReport, factorize, low_rank
 from .fold_batchnorm import fold_batchnorm
 from .hierarchy import flatten, nest, nest_by_module
@@ -47,6 +48,7 @@ __all__ = [
     "Match",
     "OpSet",
     "Pattern",
+    "decompose_attention",
     "dedupe_constants",
     "factorize",
     "find",

@@ -1,6 +1,7 @@
 """The setup shared by the passes that take a target, example inputs and calibration batches (`prune`,
 `factorize`, `make_flexible`): one target checked, example inputs defaulted, nested DAGs flattened,
-calibration batches listed (each is read more than once) and split into fitting and held-out parts.
+calibration batches listed (each is read more than once) and split into fitting and held-out parts;
+nn.MultiheadAttention vertices decomposed into atomic ones (`decompose_attention`), whose heads prune.
 
 Data-aware solutions never judge themselves on the data they were fitted to: `split_calibration` holds
 out every `HOLD_OUT_EVERY`-th batch (the last one with 2 or 3 batches); a single batch of several samples
@@ -17,6 +18,7 @@ import torch
 from ..core.dag import DagModule
 from ..core.errors import DagError
 from ..core.ops import is_dag_module
+from .decompose_attention import decompose_attention
 from .hierarchy import flatten
 
 
@@ -51,7 +53,8 @@ def prepare(
     """Check that exactly one of `targets` is given (those named in `fractions` must lie in (0, 1]);
     default `example_inputs` to random inputs of the converted shapes, or with `inputs_from_calibration`
     to the first calibration batch; list the calibration batches (`empty_calibration`: the error to
-    raise if there is none); flatten a DAG with nested DagModules."""
+    raise if there is none); flatten a DAG with nested DagModules; decompose its nn.MultiheadAttention
+    vertices (`decompose_attention`), leaving those it cannot decompose as they are."""
     target, value = _one_target(targets, fractions) if targets is not None else (None, None)
     if example_inputs is None and not inputs_from_calibration:
         example_inputs = dag.example_inputs()
@@ -62,6 +65,7 @@ def prepare(
         example_inputs = batches[0] if batches else dag.example_inputs()
     if any(is_dag_module(v.module) for v in dag):
         dag = flatten(dag)
+    dag = decompose_attention(dag, as_inputs(example_inputs), strict=False)  # heads become prunable
     return Prepared(dag, as_inputs(example_inputs), batches, target, value)
 
 
