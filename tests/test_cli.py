@@ -206,3 +206,93 @@ def test_bad_spec_in_a_subprocess_exits_non_zero(tmp_path):
     assert "must be 'timm:NAME' or 'package.module:factory'" in result.stderr
     assert result.stderr.count("\n") == 1
     assert "Traceback" not in result.stderr
+
+
+@pytest.fixture
+def convs_dag(tmp_path) -> tuple[Path, td.DagModule]:
+    """Three convs saved as a .dag: two prunable groups and the output's group, fixed."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 16, 3),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(16, 16, 3),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(16, 4, 1),
+    )
+    dag = td.build_from_unstructured_module(model.eval(), (torch.randn(1, 3, 16, 16),))
+    return td.save(dag, tmp_path / "convs.dag"), dag
+
+
+def test_prune_report_prints_every_group_and_layer(convs_dag, tmp_path, capsys):
+    path, dag = convs_dag
+    out = tmp_path / "half.dag"
+    main(["prune", str(path), "--flops-ratio", "0.5", "--report", "-q", "-o", str(out)])
+    printed = capsys.readouterr().out
+    (x,) = dag.example_inputs()
+    pruned, report = td.prune(dag, 0.5, (x,), return_report=True)  # the oracle: the API's own report
+    assert td.pruning.group_table(report.group_rows, "FLOPs") in printed
+    assert td.pruning.layer_table(report.layer_rows) in printed
+    assert "fixed: a DAG output keeps its shape" in printed
+    assert [row.vertex for row in report.layer_rows] == ["_0", "_2", "_4"]
+    assert td.load(out).state_dict().keys() == pruned.state_dict().keys()
+    main(["prune", str(path), "--flops-ratio", "0.5", "-q", "-o", str(out)])
+    assert "layers: channels (in, out)" not in capsys.readouterr().out  # the tables only with --report
+
+
+def test_prune_says_why_a_target_was_missed(convs_dag, tmp_path, capsys):
+    path, _ = convs_dag
+    small = tmp_path / "small.dag"  # 8 of 16 channels at least: about 0.3 of the params at most
+    main(["prune", str(path), "--params-ratio", "0.1", "--min-channels", "8", "-q", "-o", str(small)])
+    printed = capsys.readouterr().out
+    assert "  target missed: the params ratio reached is " in printed
+    assert "_4 (4 channels" in printed and "a DAG output keeps its shape" in printed
+
+
+def test_prune_protect_of_an_unknown_vertex_is_an_error(convs_dag, tmp_path, capsys):
+    path, _ = convs_dag
+    with pytest.raises(SystemExit) as info:
+        main(
+            [
+                "prune",
+                str(path),
+                "--flops-ratio",
+                "0.5",
+                "--protect",
+                "_3x",
+                "-q",
+                "-o",
+                str(tmp_path / "p.dag"),
+            ]
+        )
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert (
+        err.startswith("torch-dag prune: error: protected: no vertex named '_3x'") and "closest '_3'" in err
+    )
+    assert not (tmp_path / "p.dag").exists()
+
+
+def test_info_groups_lists_the_groups_and_why_fixed_ones_are(convs_dag, capsys):
+    path, dag = convs_dag
+    main(["info", str(path), "--groups"])
+    printed = capsys.readouterr().out
+    inputs = dag.example_inputs()
+    groups = td.pruning.channel_groups(dag, inputs)
+    expected = td.pruning.group_table(td.pruning.group_rows(groups, td.count_flops(dag, *inputs)))
+    assert expected in printed
+    assert "fixed: a DAG output keeps its shape" in printed and "prunable" in printed
+    main(["info", str(path)])
+    assert "channel groups" not in capsys.readouterr().out
+
+
+def test_info_prints_the_recorded_inputs_and_marks_inferred_ones(convs_dag, tmp_path, capsys):
+    path, dag = convs_dag
+    main(["info", str(path)])
+    printed = capsys.readouterr().out
+    assert "  input input: 1x3x16x16 float32\n" in printed and "inferred" not in printed
+    dag.input_meta["input"] = {**dag.input_meta["input"], "inferred": True}
+    inferred = td.save(dag, tmp_path / "inferred.dag")
+    main(["info", str(inferred)])
+    assert (
+        "  input input: 1x3x16x16 float32 [inferred from the model's first layer: " in capsys.readouterr().out
+    )

@@ -25,7 +25,7 @@ def cmd_prune(args: argparse.Namespace) -> None:
     dag, inputs = load_model_and_data(args, calibration)
     config = pruning.PruneConfig(**_width_settings(args))
     start = time.perf_counter()
-    with warnings.catch_warnings():  # the report says which rounding was used
+    with warnings.catch_warnings():  # the report says which rounding was used, and why a target was missed
         warnings.simplefilter("ignore")
         pruned, report = pruning.prune(
             dag,
@@ -35,6 +35,7 @@ def cmd_prune(args: argparse.Namespace) -> None:
             kmapp=args.kmapp,
             config=config,
             calibration=calibration,
+            protected=args.protect,
             progress=not args.quiet,
             return_report=True,
         )
@@ -59,6 +60,11 @@ def cmd_prune(args: argparse.Namespace) -> None:
     for label, old, new in rows:
         print(f"  {label:12s} {old:10.3f} {new:10.3f} {new / old if old else 0:7.3f}")
     print(f"  channel groups: {report.groups}, prunable {report.prunable}, narrowed {report.narrowed}")
+    if report.missed:
+        print(f"  target missed: {report.why()}")
+    if args.report:
+        print(pruning.group_table(report.group_rows, report.measure))
+        print(pruning.layer_table(report.layer_rows))
     if recalibrated is not None:
         print(f"  batchnorm statistics re-estimated on {args.calibration}: {recalibrated} layers")
 

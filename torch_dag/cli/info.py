@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from .. import analysis, flex, viz
+from .. import analysis, flex, pruning, viz
+from ..core.dag import DagModule
 from .models import load_dag, sized_inputs
 
 
@@ -14,10 +15,30 @@ def cmd_info(args: argparse.Namespace) -> None:
     report = analysis.count_flops(dag, *inputs)
     shapes = ", ".join(f"{n}: {'x'.join(map(str, t.shape))}" for n, t in zip(dag.input_names, inputs))
     print(f"{args.path}  (inputs {shapes})")
+    print_recorded_inputs(dag)
     print(report.table(top=args.top))
     if isinstance(dag, flex.FlexDagModule):
         print(f"flexible: {dag.num_levels} levels (the figures above are of level {dag.current_level()})")
         print_levels(dag, inputs, report)
+    if args.groups:
+        groups = pruning.channel_groups(dag, inputs)
+        print(pruning.group_table(pruning.group_rows(groups, report)))
+
+
+def print_recorded_inputs(dag: DagModule) -> None:
+    """The inputs the DAG was converted with (`input_meta`), marked where they were inferred, not given."""
+    for name in dag.input_names:
+        meta = dag.input_meta.get(name, {})
+        shape = meta.get("shape")
+        described = "x".join(map(str, shape)) if isinstance(shape, list) else "shape not recorded"
+        line = f"  input {name}: {described} {meta.get('dtype', '')}".rstrip()
+        if meta.get("inferred"):
+            how = meta["inferred"] if isinstance(meta["inferred"], str) else "from the model's first layer"
+            line += (
+                f" [inferred {how}: converted without example inputs; convert with --input-size or "
+                "example inputs to choose them]"
+            )
+        print(line)
 
 
 def print_levels(model: flex.FlexDagModule, inputs: tuple, full: analysis.FlopReport) -> None:

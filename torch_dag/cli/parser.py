@@ -23,12 +23,12 @@ USAGE = """`torch-dag`: a thin command line over the public API.
 
 torch-dag convert timm:resnet50 -o resnet50.dag
 torch-dag convert mypkg.models:make_net --input-size 3x64x64 -o net.dag
-torch-dag info resnet50.dag
+torch-dag info resnet50.dag                      (--groups: the channel groups, why fixed ones are)
 torch-dag viz resnet50.dag -o resnet50.svg        (--html for one offline page)
 torch-dag swap-act resnet50.dag relu=hardswish -o r50_hswish.dag
 torch-dag fold-bn resnet50.dag -o r50_folded.dag
 torch-dag export-onnx resnet50.dag -o resnet50.onnx
-torch-dag prune timm:resnet50 --flops-ratio 0.5 -o resnet50_half.dag
+torch-dag prune timm:resnet50 --flops-ratio 0.5 -o resnet50_half.dag    (--report: every group and layer)
 torch-dag factorize resnet50.dag --flops-ratio 0.7 --calibration images.npy -o resnet50_lr.dag
 torch-dag flexify timm:resnet50 --levels 0.25 0.5 1.0 -o resnet50_flex.dag --delta-file r50.delta
 torch-dag finetune resnet50_half.dag --teacher resnet50.dag --data images.npy -o resnet50_half_ft.dag
@@ -82,6 +82,11 @@ def _info_parser(sub: argparse._SubParsersAction) -> None:
     info.add_argument("path", type=Path)
     info.add_argument("--input-size", type=parse_size, help="CxHxW to count at (default: as converted)")
     info.add_argument("--top", type=integer(0), default=15, help="heaviest vertices listed")
+    info.add_argument(
+        "--groups",
+        action="store_true",
+        help="also list the channel groups pruning sees, and why each fixed one cannot be pruned",
+    )
     info.set_defaults(run=cmd_info)
 
 
@@ -145,6 +150,15 @@ def _prune_parser(sub: argparse._SubParsersAction) -> None:
         default="lstsq",
         help="with --calibration: re-solve the layers that lost inputs (lstsq), or restore "
         "the removed channels' mean contribution in their biases (mean)",
+    )
+    shrink.add_argument(
+        "--protect", nargs="*", default=[], metavar="VERTEX", help="vertices whose channels stay"
+    )
+    shrink.add_argument(
+        "--report",
+        action="store_true",
+        help="also list every channel group (width before -> after, or why it is fixed) and every "
+        "layer's widths",
     )
     shrink.set_defaults(run=cmd_prune)
 

@@ -11,12 +11,14 @@ a model whose shapes do not fit.
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Iterable
 from typing import Any, Literal
 
 import torch
 
 from ..core.dag import DagModule, Vertex
+from ..core.errors import DagError
 from ..core.ops import Constant, Parameter
 from ..core.options import check_option, choices
 from ..core.template import iter_refs, map_refs
@@ -32,7 +34,7 @@ from .rules import (
     shape_query,
 )
 
-__all__ = ["AttentionMode", "ChannelGroups", "Channels", "Group", "channel_groups"]
+__all__ = ["AttentionMode", "ChannelGroups", "Channels", "Group", "channel_groups", "check_protected"]
 
 AttentionMode = Literal["heads", "head_dim"]  # remove whole heads, or the same positions of every head
 
@@ -52,7 +54,7 @@ def channel_groups(
     if values is None:
         with torch.no_grad():
             values = dag.run_collecting(*example_inputs)
-    analysis = Analysis(dag, values, protected, attention)
+    analysis = Analysis(dag, values, check_protected(dag, protected), attention)
     for vertex in dag:
         analysis.info[vertex.name] = _visit(analysis, vertex)
     for ref in iter_refs(dag.output):
@@ -95,3 +97,31 @@ def _visit(a: Analysis, vertex: Vertex) -> Any:
     if vertex.name in a.protected:
         a.block(out, f"{vertex.name}: protected")
     return out
+
+
+def check_protected(dag: DagModule, protected: Iterable[str], what: str = "protected") -> list[str]:
+    """`protected` as a list of vertex names of `dag`: a vertex that a pass replaced by several (an
+    attention layer split into its projections, `meta["decomposed_from"]`) stands for all of them; an
+    unknown name raises, naming the closest vertex names (a misspelt name would otherwise protect nothing,
+    silently)."""
+    if isinstance(protected, str):
+        raise DagError(f"{what}: give a list of vertex names, not the string {protected!r}")
+    names = list(protected)
+    parts: dict[str, list[str]] = {}
+    for vertex in dag:
+        if "decomposed_from" in vertex.meta:
+            parts.setdefault(vertex.meta["decomposed_from"], []).append(vertex.name)
+    known = [*dag.input_names, *(v.name for v in dag)]
+    missing = [n for n in dict.fromkeys(names) if n not in known and n not in parts]
+    if missing:
+        hints = "; ".join(f"{n!r}: {_closest(n, known)}" for n in missing)
+        raise DagError(
+            f"{what}: no vertex named {', '.join(map(repr, missing))} in the DAG ({hints}); give vertex "
+            "names as `torch-dag info` or [v.name for v in dag] lists them"
+        )
+    return [part for n in names for part in parts.get(n, [n])]
+
+
+def _closest(name: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(name, known, n=3, cutoff=0.4)
+    return f"closest {', '.join(map(repr, close))}" if close else "nothing close"

@@ -29,11 +29,11 @@ from . import surgery
 from .channels import ChannelGroups, Group
 from .compensate import compensate
 from .flop_model import FlopModel
-from .groups import AttentionMode, channel_groups
+from .groups import AttentionMode, channel_groups, check_protected
+from .report import Measure, PruneReport, group_rows, layer_rows
 
 Criterion = Literal["l1", "l2", "bn_scale", "taylor", "random"]
 Compensation = Literal["lstsq", "mean", "none"]
-Measure = Literal["FLOPs", "params"]
 TARGETS = ("flops_ratio", "params_ratio", "kmapp")
 
 
@@ -58,26 +58,6 @@ class PruneConfig:
             raise DagError(
                 f"max_removed is a fraction of a group's channels in (0, 1], got {self.max_removed}"
             )
-
-
-@dataclass(frozen=True)
-class PruneReport:
-    """What a pruning run chose and reached (`prune(..., return_report=True)`)."""
-
-    measure: Measure
-    target: float
-    reached: float
-    round_to: int  # the rounding of widths used: the one asked for, or a finer one when that could not reach the target
-    groups: int
-    prunable: int
-    narrowed: int  # prunable groups that lost channels
-
-    def __str__(self) -> str:
-        return (
-            f"{self.measure} ratio {self.reached:.3f} (target {self.target:.3f}); widths rounded to multiples "
-            f"of {self.round_to} where a group is that wide; {self.groups} channel groups, {self.prunable} "
-            f"prunable, {self.narrowed} narrowed"
-        )
 
 
 def channel_scores(
@@ -319,7 +299,10 @@ def prune(
     `passes.nest`) is flattened first, and the result is flat. `example_inputs` default to random
     inputs of the shapes the DAG was converted with; `calibration` batches feed the taylor criterion and
     then make up for what the pruned layers lost (`config.compensate`: least squares by default).
-    With `return_report`, returns `(pruned, PruneReport)`: the ratio reached and the rounding used.
+    With `return_report`, returns `(pruned, PruneReport)`: the ratio reached, the rounding used, every
+    channel group's width before and after (or why it is fixed) and every layer's widths (`.table()`).
+    `protected` vertices keep their channels; a name that is no vertex raises. A missed target warns,
+    naming the fixed groups that held the ratio up and their reasons.
     """
     # channels cross block boundaries: a nested DAG is pruned flat; calibration is read twice (taylor,
     # then compensation), so it is listed
@@ -328,6 +311,7 @@ def prune(
         dag, example_inputs, calibration, targets=targets, fractions=("flops_ratio", "params_ratio")
     )
     dag, inputs = prep.dag, prep.example_inputs
+    protected = check_protected(dag, protected)
     with torch.no_grad():
         values = dag.run_collecting(*inputs)  # one forward serves the FLOP count and the groups
     counted = flops_from_values(dag, values, inputs)
@@ -347,8 +331,9 @@ def prune(
             config.compensate,
             progress,
         )
-    _warn_if_off(found, target, config, search.measure)
-    return (found.pruned, search.report(found, target)) if return_report else found.pruned
+    report = search.report(found, target)
+    _warn_if_off(report, config)
+    return (found.pruned, report) if return_report else found.pruned
 
 
 def _target_ratio(prep: Prepared, counted: FlopReport) -> float:
@@ -363,19 +348,16 @@ def _target_ratio(prep: Prepared, counted: FlopReport) -> float:
     return ratio
 
 
-def _warn_if_off(found: _Found, target: float, config: PruneConfig, measure: Measure) -> None:
-    """Say when the target was missed, or met only at a finer rounding of widths (at prune's caller)."""
-    if abs(found.ratio - target) > config.tolerance:  # removing channels in order of importance skips it
+def _warn_if_off(report: PruneReport, config: PruneConfig) -> None:
+    """Say when the target was missed, and why (the fixed groups that held the ratio up), or met only at
+    a finer rounding of widths (at prune's caller)."""
+    if report.missed:
+        warnings.warn(f"prune: {report.why()}", stacklevel=3)
+    elif report.round_to != config.round_to:
         warnings.warn(
-            f"prune: the {measure} ratio reached is {found.ratio:.3f}, outside {target:.3f} +- "
-            f"{config.tolerance:.3f}: removing channels in order of importance has no step closer "
-            "(few, wide channels); try another criterion or target",
-            stacklevel=3,
-        )
-    elif found.round_to != config.round_to:
-        warnings.warn(
-            f"prune: widths rounded to multiples of {found.round_to} instead of {config.round_to}, the "
-            f"{measure} target {target:.3f} being out of reach otherwise (reached {found.ratio:.3f})",
+            f"prune: widths rounded to multiples of {report.round_to} instead of {config.round_to}, the "
+            f"{report.measure} target {report.target:.3f} being out of reach otherwise (reached "
+            f"{report.reached:.3f})",
             stacklevel=3,
         )
 
@@ -470,6 +452,10 @@ class _Search:
             len(self.groups.groups()),
             len(self.prunable),
             narrowed,
+            group_rows(self.groups, self.counted, found.removed),
+            layer_rows(self.dag, found.pruned),
+            self.config.tolerance,
+            self.model.ratio(self.removed(self.order, len(self.order), 1)),
         )
 
 
