@@ -11,7 +11,11 @@ example inputs before it is returned.
 
 Every size of a tensor input is exported as dynamic (`Dim.AUTO`): sizes the model fixes stay fixed,
 the others become size reads, so the DAG runs at other batch sizes and sequence lengths. What export
-assumed about the sizes (its range constraints) becomes assert vertices on the inputs.
+assumed about the sizes (its range constraints) becomes assert vertices on the inputs. With
+`dynamic_batch`, sizes of 1 are not specialized either (torch's `backed_size_oblivious`), so a DAG
+traced at batch 1 also runs at batch 4 and one traced at batch 4 at batch 1; that reasoning assumes a
+size is never 1 on a branch, so the caller checks the DAG at another batch and exports without it
+when they differ (the DAG then asserts the traced batch).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from collections.abc import Callable
 from typing import Any, cast
 
 import torch
+import torch.fx.experimental._config as fx_config
 import torch.nn.functional as F
 from torch import fx, nn
 from torch.utils import _pytree as pytree
@@ -83,11 +88,14 @@ def _index(node: fx.Node, args: tuple) -> tuple:
     return x, (*leading, slice(start, end, step))
 
 
-def trace(model: nn.Module, inputs: dict[str, Any]) -> tuple[fx.Graph, list[str]]:
+def trace(
+    model: nn.Module, inputs: dict[str, Any], dynamic_batch: bool = False
+) -> tuple[fx.Graph, list[str]]:
     """A torch-level fx graph of `model` (get_attr nodes name its own parameters and buffers), made with
-    torch.export on the example `inputs` (keyword arguments of forward), with each node's value kept in
-    `meta["td_value"]` as the fx path keeps it; and the names of the inputs."""
-    program = _export(model, inputs)
+    torch.export on the example `inputs` (keyword arguments of forward; Python constants among them are
+    baked in), with each node's value kept in `meta["td_value"]` as the fx path keeps it; and the names
+    of the inputs."""
+    program = _export(model, inputs, dynamic_batch)
     signature = program.graph_signature
     attrs = {**signature.inputs_to_parameters, **signature.inputs_to_buffers}
     if (
@@ -100,14 +108,18 @@ def trace(model: nn.Module, inputs: dict[str, Any]) -> tuple[fx.Graph, list[str]
             "buffers or inputs, which the torch.export path does not map yet"
         )
     user_inputs = [n for n in program.graph.nodes if n.op == "placeholder" and n.name not in attrs]
-    names = list(inputs)
+    constant = {n for n, v in inputs.items() if v is None or isinstance(v, (bool, int, float, str))}
+    names = [n for n in inputs if n not in constant]
+    if len(user_inputs) == len(inputs):  # export keeps a placeholder for a constant input too
+        user_inputs = [node for node, name in zip(user_inputs, inputs) if name not in constant]
     if len(user_inputs) != len(names):
         raise ConversionError(
             f"{type(model).__name__}: torch.export flattened the inputs {names} into "
             f"{len(user_inputs)} tensors; only tensor inputs are mapped"
         )
-    _refuse_writes(model, program, attrs, {n: name for n, name in zip(user_inputs, names)})
-    graph = _torch_level_graph(program, attrs, {n: name for n, name in zip(user_inputs, names)})
+    by_node = dict(zip(user_inputs, names))
+    _refuse_writes(model, program, attrs, by_node)
+    graph = _torch_level_graph(program, attrs, by_node)
     graph.eliminate_dead_code()
     _record_values(model, graph, inputs)
     return graph, names
@@ -140,10 +152,10 @@ def _refuse_writes(
             holds[node] = holds[first]  # a view of it
 
 
-def _export(model: nn.Module, inputs: dict[str, Any]) -> torch.export.ExportedProgram:
+def _export(model: nn.Module, inputs: dict[str, Any], dynamic_batch: bool) -> torch.export.ExportedProgram:
     """torch.export of `model` with every size of a tensor input free to vary (export keeps the ones the
     model fixes, and checks its assumptions on the others); a model that cannot be exported so is
-    exported at the example's sizes."""
+    exported at the example's sizes (not with `dynamic_batch`: the caller then exports without it)."""
     dynamic = {
         name: (
             {d: torch.export.Dim.AUTO for d in range(value.dim())}
@@ -153,6 +165,11 @@ def _export(model: nn.Module, inputs: dict[str, Any]) -> torch.export.ExportedPr
         for name, value in inputs.items()
     }
     try:
+        if dynamic_batch:
+            with fx_config.patch(  # type: ignore[attr-defined]  # installed by install_config_module
+                backed_size_oblivious=True
+            ):
+                return torch.export.export(model, (), dict(inputs), dynamic_shapes=dynamic, strict=False)
         try:
             return torch.export.export(model, (), dict(inputs), dynamic_shapes=dynamic, strict=False)
         except Exception:
@@ -174,6 +191,8 @@ def _torch_level_graph(
     for node in program.graph.nodes:
         if node.op == "placeholder" and node.name in attrs:
             env[node] = graph.get_attr(attrs[node.name])
+        elif node.op == "placeholder" and node not in input_names:  # a constant input, baked in
+            env[node] = node.meta.get("val")
         elif node.op == "placeholder":
             env[node] = graph.placeholder(input_names[node])
             _check_sizes(graph, env[node], node, program.range_constraints, symbols)

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import keyword
 import math
 import operator
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, cast
 
 import torch
@@ -21,6 +22,7 @@ import torch.fx as fx
 from torch import nn
 from torch.fx.node import map_aggregate
 
+from ..core.errors import ConversionError
 from ..core.functions import FUNCTIONS
 from ..core.ops import MODULE_OPS, ModuleOpSpec, custom_op_spec
 from ..core.traits import Trait, ops_with
@@ -59,6 +61,39 @@ def vocabulary_spec(module: nn.Module) -> ModuleOpSpec | None:
         if spec is not None:
             return spec if type(module).forward is spec.cls.forward else None
     return None
+
+
+def named_forward(forward: Callable[..., Any], names: list[str], positional: int) -> Callable[..., Any]:
+    """`forward(self, x, *args, **kwargs)` as a function of exactly the inputs `names` (the first
+    `positional` passed by position, the rest by keyword): fx makes one placeholder per parameter of
+    the function it traces, and would make single `*args` / `**kwargs` placeholders of a variadic one."""
+    for name in names:
+        if not name.isidentifier() or keyword.iskeyword(name) or name in ("self", "_td_forward"):
+            raise ConversionError(
+                f"input name {name!r} of {forward.__qualname__} is not a Python identifier a DAG input "
+                "can take: give the input another name"
+            )
+    call = ", ".join([*names[:positional], *(f"{n}={n}" for n in names[positional:])])
+    source = f"def forward(self, {', '.join(names)}):\n    return _td_forward(self, {call})\n"
+    namespace: dict[str, Any] = {"_td_forward": forward}
+    exec(compile(source, f"<inputs of {forward.__qualname__}>", "exec"), namespace)
+    return namespace["forward"]
+
+
+def without_caches(output: Any) -> Any:
+    """`output` with its cache objects (an instance of a class named `...Cache`, such as a Hugging Face
+    model's key/value cache) replaced by None: a DAG computes outputs, it keeps no state between calls.
+    Dicts (a `ModelOutput`) are updated in place; any other object is left for the converter to refuse."""
+    if type(output).__name__.endswith("Cache") and not isinstance(output, (torch.Tensor, fx.Proxy)):
+        return None
+    if type(output) in (tuple, list):
+        return type(output)(without_caches(v) for v in output)
+    if isinstance(output, dict):
+        for key, value in list(output.items()):
+            kept = without_caches(value)
+            if kept is not value:
+                output[key] = kept
+    return output
 
 
 def _value(arg: Any) -> Any:
@@ -199,6 +234,7 @@ class ConcreteTracer(fx.Tracer):
         self._eager = False  # True while running real values: fx's module patches step aside
 
     concrete_defaults: dict[str, Any] = {}
+    named_inputs: tuple[list[str], int] | None = None  # a variadic forward's inputs: see `named_forward`
     watch: StateWatch | None = None  # set while tracing a model: refuses state updates, tracks grad mode
     _names_of: tuple[nn.Module, dict[int, str], dict[int, str]]  # set by `_tensor_names`
 
@@ -209,8 +245,14 @@ class ConcreteTracer(fx.Tracer):
             return True, self.concrete_defaults[base]
         return False, None
 
+    def create_args_for_root(self, root_fn: Any, is_module: bool, concrete_args: Any = None) -> Any:
+        if self.named_inputs is not None:
+            root_fn = named_forward(root_fn, *self.named_inputs)
+        fn, args = super().create_args_for_root(root_fn, is_module, concrete_args)
+        return (lambda *a: without_caches(fn(*a))), args
+
     def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict[str, Any]) -> Any:
-        if self._eager:
+        if self._eager or isinstance(attr_val, fx.Proxy):  # a value the trace stored on the module
             return attr_val
         if isinstance(attr_val, torch.Tensor):  # fx searches every parameter on each access: use an index
             params, buffers = self._tensor_names()
@@ -242,7 +284,16 @@ class ConcreteTracer(fx.Tracer):
     def call_module(self, m: nn.Module, forward: Any, args: tuple, kwargs: dict) -> Any:
         if self._eager:
             return forward(*args, **kwargs)
+        if not self.is_leaf_module(m, "") and not self._installed(m):
+            return forward(*args, **kwargs)  # a module made on the fly (a kernel hub's layer): inline it
         return super().call_module(m, forward, args, kwargs)
+
+    def _installed(self, m: nn.Module) -> bool:
+        try:
+            self.path_of_module(m)
+            return True
+        except NameError:
+            return False
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return vocabulary_spec(m) is not None or custom_op_spec(m) is not None
@@ -297,7 +348,8 @@ class ConcreteTracer(fx.Tracer):
 
     @contextlib.contextmanager
     def patch_size_taking(self) -> Iterator[None]:
-        """Make `torch.zeros(B, C)` with a traced `B` a graph node instead of a TypeError or a constant."""
+        """Make `torch.zeros(B, C)` and `buffer[:, :n]` with a traced `B` / `n` graph nodes instead of a
+        TypeError or a constant."""
         functions, method_names = _size_taking()
         originals = {(namespace, name): getattr(namespace, name) for namespace, name in functions}
 
@@ -319,15 +371,23 @@ class ConcreteTracer(fx.Tracer):
 
             return wrapper
 
+        def getitem(tensor, index):  # `self.pos[:, :n]` on a buffer with a traced `n`
+            if has_proxy(index):
+                return self.create_proxy("call_function", operator.getitem, (tensor, index), {})
+            return original_getitem(tensor, index)
+
+        original_getitem = torch.Tensor.__getitem__
         methods = {name: getattr(torch.Tensor, name) for name in method_names}
         try:
             for (namespace, name), fn in originals.items():
                 setattr(namespace, name, wrap(fn))
             for name, fn in methods.items():
                 setattr(torch.Tensor, name, wrap_method(name, fn))
+            torch.Tensor.__getitem__ = functools.wraps(original_getitem)(getitem)  # type: ignore[method-assign]
             yield
         finally:
             for (namespace, name), fn in originals.items():
                 setattr(namespace, name, fn)
             for name, fn in methods.items():
                 setattr(torch.Tensor, name, fn)
+            torch.Tensor.__getitem__ = original_getitem  # type: ignore[method-assign]
