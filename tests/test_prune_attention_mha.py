@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import torch_dag as td
@@ -269,3 +270,53 @@ def test_protecting_an_attention_layer_by_its_name_keeps_its_heads():
     assert any(w < 32 for n, w in widths.items() if not n.startswith(f"{first}_")), widths
     with pytest.raises(td.DagError, match="no vertex named 'attention_9'"):
         prune(dag, 0.6, inputs, protected=["attention_9"])
+
+
+class Functional(nn.Module):
+    """`F.multi_head_attention_forward` on the module's own packed weights (sequence first), or on
+    weights it computes (`scaled`: then no layer holds them and the call stays a function vertex)."""
+
+    def __init__(self, scaled: bool = False):
+        super().__init__()
+        self.scaled = scaled
+        self.embed = nn.Linear(6, 32)
+        self.in_proj_weight = nn.Parameter(torch.randn(96, 32) / 32**0.5)
+        self.in_proj_bias = nn.Parameter(torch.randn(96))
+        self.out = nn.Linear(32, 32)
+        self.head = nn.Linear(32, 5)
+
+    def forward(self, x):
+        h = self.embed(x)
+        weight = self.in_proj_weight * 0.5 if self.scaled else self.in_proj_weight
+        a, _ = F.multi_head_attention_forward(
+            h, h, h, 32, 4, weight, self.in_proj_bias, None, None, False, 0.0,
+            self.out.weight, self.out.bias, training=self.training, need_weights=False,
+        )  # fmt: skip
+        return self.head((h + a).mean(0))
+
+
+def test_functional_attention_on_own_weights_becomes_a_layer_whose_heads_prune():
+    torch.manual_seed(0)
+    model, x = Functional().eval(), torch.randn(7, 2, 6)
+    dag = td.build_from_unstructured_module(model, x)
+    assert [v.op for v in dag].count("MultiheadAttention") == 1
+    assert compare_outputs(model(x), dag(x))[0]
+    flops = td.count_flops(dag, x).total_flops
+    pruned = prune(dag, 0.5, x, config=PruneConfig(round_to=8))
+    assert abs(td.count_flops(pruned, x).total_flops / flops - 0.5) <= 0.02
+    (width,) = [v.module.out_features for v in pruned if v.name.endswith("_q")]
+    assert width < 32 and width % 8 == 0  # whole heads of 8
+
+
+def test_functional_attention_on_computed_weights_stays_a_function_and_is_counted():
+    torch.manual_seed(0)
+    model, x = Functional(scaled=True).eval(), torch.randn(7, 2, 6)
+    dag = td.build_from_unstructured_module(model, x)
+    (call,) = [v for v in dag if v.op == "multi_head_attention_forward"]
+    assert compare_outputs(model(x), dag(x))[0]
+    layer = td.build_from_unstructured_module(Functional().eval(), x)  # same sizes, as one layer
+    counted = td.count_flops(dag, x).flops[call.name]
+    (mha,) = [v.name for v in layer if v.op == "MultiheadAttention"]
+    assert counted == td.count_flops(layer, x).flops[mha]
+    groups = channel_groups(dag, (x,))
+    assert any("multi_head_attention_forward" in r for g in groups.groups() for r in g.reasons)

@@ -305,6 +305,22 @@ SAMPLES: dict[str, list[Call]] = {
     "scaled_dot_product_attention": [
         lambda: call(torch.randn(2, 4, 5), torch.randn(2, 4, 5), torch.randn(2, 4, 5))
     ],
+    "multi_head_attention_forward": [
+        lambda: call(
+            *(torch.randn(5, 2, 8),) * 3,
+            8,
+            2,
+            torch.randn(24, 8),
+            torch.randn(24),
+            None,
+            None,
+            False,
+            0.0,
+            torch.randn(8, 8),
+            torch.randn(8),
+            training=False,
+        )
+    ],
     "scatter": [lambda: call(X(), 1, _long(2, 4, 6, 6), X())],
     "stack": [lambda: call([X(), X()])],
     "sum": [lambda: call(X()), lambda: call(X(), ())],

@@ -160,6 +160,16 @@ def _multihead_attention(vertex: Vertex, args: tuple, kwargs: dict, out: Any) ->
     return projections + batch * length * embed * embed + 2 * batch * length * source * embed
 
 
+def _multi_head_attention_forward(vertex: Vertex, args: tuple, kwargs: dict, out: Any) -> int:
+    """`F.multi_head_attention_forward` (sequence first): as `_multihead_attention`, widths from its weights."""
+    query, key = args[0], args[1]
+    embed = query.shape[-1]
+    batch = query.shape[1] if query.dim() == 3 else 1
+    length, source = query.shape[0], key.shape[0]
+    projections = batch * (2 * length * embed * embed + source * (key.shape[-1] + args[2].shape[-1]) * embed)
+    return projections + 2 * batch * length * source * embed
+
+
 def _ws_conv2d(vertex: Vertex, args: tuple, kwargs: dict, out: Any) -> int:
     """The conv, and the batch_norm that standardizes its weight (as counted where written functionally)."""
     weight = vertex.module.weight
@@ -220,6 +230,7 @@ FLOP_RULES: dict[str, FlopRule] = {
     "interpolate": _interpolate,
     "grid_sample": _output_numel(4),
     "scaled_dot_product_attention": _sdpa,
+    "multi_head_attention_forward": _multi_head_attention_forward,
     "MultiheadAttention": _multihead_attention,
     "LowRankLinear": _low_rank_linear,
     "LowRankConv2d": _low_rank_conv2d,

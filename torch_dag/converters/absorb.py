@@ -211,6 +211,33 @@ def _absorb_embedding(c: Canonicalizer, args: tuple, node: fx.Node) -> tuple[nn.
     return _share(module, weight=weight), (ids,)
 
 
+def _absorb_multi_head_attention(c: Canonicalizer, args: tuple, node: fx.Node) -> tuple[nn.Module, tuple]:
+    """`F.multi_head_attention_forward` on the model's own projection weights (packed q, k, v) ->
+    a `MultiheadAttention` vertex (sequence first, as the function is) sharing them."""
+    (query, key, value, embed_dim, num_heads, in_weight, in_bias, bias_k, bias_v, add_zero_attn, dropout) = (
+        args[:11]
+    )
+    out_weight, out_bias, _training, key_padding_mask, need_weights, attn_mask, separate = args[11:18]
+    *_separate_weights, static_k, static_v, average, is_causal = args[18:]
+    _constants(embed_dim, num_heads, add_zero_attn, dropout, need_weights, separate, average, is_causal)
+    if add_zero_attn or separate or any(a is not None for a in (bias_k, bias_v, static_k, static_v)):
+        raise NotAbsorbable
+    in_weight, in_bias = _attr(c, in_weight), _attr(c, in_bias)
+    out_weight, out_bias = _attr(c, out_weight), _attr(c, out_bias)
+    if in_weight is None or out_weight is None or (in_bias is None) != (out_bias is None):
+        raise NotAbsorbable
+    module = _meta_module(
+        nn.MultiheadAttention,
+        embed_dim=embed_dim,
+        num_heads=num_heads,
+        dropout=dropout,
+        bias=in_bias is not None,
+    )
+    _share(module, in_proj_weight=in_weight, in_proj_bias=in_bias)
+    _share(module.out_proj, weight=out_weight, bias=out_bias)
+    return module, (query, key, value, key_padding_mask, need_weights, attn_mask, average, is_causal)
+
+
 ABSORBERS: dict[str, Absorber] = {
     "embedding": _absorb_embedding,
     "linear": _absorb_linear,
@@ -222,4 +249,5 @@ ABSORBERS: dict[str, Absorber] = {
     "layer_norm": _absorb_layer_norm,
     "group_norm": _absorb_group_norm,
     "rms_norm": _absorb_rms_norm,
+    "multi_head_attention_forward": _absorb_multi_head_attention,
 }

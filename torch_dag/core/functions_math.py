@@ -217,7 +217,7 @@ _FUNCTIONAL: dict[tuple[Trait, ...], tuple[str, ...]] = {
         "lp_pool2d",
         "interpolate",
     ),
-    (CONTRACTION,): ("scaled_dot_product_attention",),
+    (CONTRACTION,): ("scaled_dot_product_attention", "multi_head_attention_forward"),
     (): (
         "conv_transpose1d",
         "conv_transpose2d",
@@ -256,6 +256,7 @@ _GUARD_CONVERSIONS = {
     "floor": math.floor,
     "round": round,
     "trunc": math.trunc,
+    "dtype": lambda dtype: dtype,  # torch.finfo(x.dtype): the dtype stays what it was
 }
 
 
@@ -274,5 +275,5 @@ def guard(value, how, expected, what):
     if isinstance(actual, torch.Tensor) or actual != expected:
         raise RuntimeError(
             f"torch_dag guard failed: {what} was {expected!r} when the model was converted and is "
-            f"{actual!r} now; the source model branches on it, so convert with example inputs of this shape"
+            f"{actual!r} now; the source model branches on it, so convert with example inputs like these (shape and dtype)"
         )

@@ -136,6 +136,8 @@ _WITHOUT_RULE: dict[str, tuple[str, ...]] = {
         "size_min",
     ),
     "a nested DAG: `prune` flattens nested DAGs before the analysis": ("DagModule",),
+    "attention on tensors that are not the model's own parameters (on its own parameters the converter "
+    "makes it a MultiheadAttention vertex, whose heads prune)": ("multi_head_attention_forward",),
     "a flexible layer (flex, above pruning): its widths are chosen at run time, not pruned": ("Flex",),
 }
 NO_CHANNEL_RULE: dict[str, str] = {op: why for why, ops in _WITHOUT_RULE.items() for op in ops}
