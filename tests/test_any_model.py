@@ -437,3 +437,27 @@ def test_hugging_face_default_configs_convert_and_run_at_batch_1_and_4(name, giv
             assert {k for k, v in out.items() if v is not None} == set(reference)
             equal, worst, why = compare_outputs(reference, {k: out[k] for k in reference})
             assert equal, (batch, worst, why)
+
+
+class MaskFill(nn.Module):
+    """A mask filled with the dtype's lowest value (`torch.finfo(x.dtype).min`), as transformers do."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(8, 8)
+
+    def forward(self, x, mask):
+        h = self.proj(x)
+        scores = (h @ h.transpose(-1, -2)).masked_fill(mask[:, None, :] == 0, torch.finfo(h.dtype).min)
+        return scores.softmax(-1)
+
+
+def test_dtype_limits_are_constants_guarded_by_the_dtype(tmp_path):
+    torch.manual_seed(0)
+    x, mask = torch.randn(2, 5, 8), torch.ones(2, 5, dtype=torch.long)
+    mask[0, -1] = 0
+    model = MaskFill().eval()
+    dag = td.load(td.save(td.build_from_unstructured_module(model, (x, mask)), tmp_path / "m.dag"))
+    assert compare_outputs(run(model, x, mask), run(dag, x, mask))[0]
+    with pytest.raises(RuntimeError, match=r"dtype .* was torch.float32 .* is torch.float64"):
+        run(dag.double(), x.double(), mask)

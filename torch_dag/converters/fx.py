@@ -357,7 +357,12 @@ def _trace(model: nn.Module, inputs: dict[str, Any] | None) -> tuple[fx.Graph, C
     tracer.concrete_defaults = concrete_args
     tracer.watch = StateWatch(model, inputs)
     try:
-        with tracer.patch_size_taking(), tracer.trace_through_fx_wraps(), tracer.watch.patched(tracer):
+        with (
+            tracer.patch_size_taking(),
+            tracer.patch_dtype_info(),
+            tracer.trace_through_fx_wraps(),
+            tracer.watch.patched(tracer),
+        ):
             graph = tracer.trace(model, concrete_args=concrete_args or None)
     except ConversionError:
         raise

@@ -347,6 +347,28 @@ class ConcreteTracer(fx.Tracer):
             symbolic_trace._wrapped_fns_to_patch = wrapped
 
     @contextlib.contextmanager
+    def patch_dtype_info(self) -> Iterator[None]:
+        """`torch.finfo(x.dtype).min` (a mask's fill value): with a known dtype the limits are constants,
+        and a guard checks at run time that the dtype is still the one converted with."""
+        originals = {name: getattr(torch, name) for name in ("finfo", "iinfo")}
+
+        def wrap(info):
+            def wrapper(dtype=None):
+                if isinstance(dtype, ConcreteProxy) and dtype._known:
+                    dtype = dtype._specialize(dtype._td_value, "dtype", f"the dtype {dtype.node.name}")
+                return info() if dtype is None else info(dtype)
+
+            return wrapper
+
+        try:
+            for name, info in originals.items():
+                setattr(torch, name, wrap(info))
+            yield
+        finally:
+            for name, info in originals.items():
+                setattr(torch, name, info)
+
+    @contextlib.contextmanager
     def patch_size_taking(self) -> Iterator[None]:
         """Make `torch.zeros(B, C)` and `buffer[:, :n]` with a traced `B` / `n` graph nodes instead of a
         TypeError or a constant."""
