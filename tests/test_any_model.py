@@ -461,3 +461,31 @@ def test_dtype_limits_are_constants_guarded_by_the_dtype(tmp_path):
     assert compare_outputs(run(model, x, mask), run(dag, x, mask))[0]
     with pytest.raises(RuntimeError, match=r"dtype .* was torch.float32 .* is torch.float64"):
         run(dag.double(), x.double(), mask)
+
+
+class SplicedShape(nn.Module):
+    """GPT-2's Conv1D: the output shape spliced from the input's sizes and a number."""
+
+    def __init__(self):
+        super().__init__()
+        self.nf = 32
+        self.weight = nn.Parameter(torch.randn(16, 32) / 4)
+        self.bias = nn.Parameter(torch.zeros(32))
+        self.out = nn.Linear(32, 16)
+
+    def forward(self, x):
+        size_out = x.size()[:-1] + (self.nf,)
+        h = torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight).view(size_out)
+        return self.out(torch.relu(h))
+
+
+def test_a_shape_spliced_from_sizes_and_a_number_reshapes_and_prunes():
+    torch.manual_seed(0)
+    model, x = SplicedShape().eval(), torch.randn(2, 5, 16)
+    dag = td.build_from_unstructured_module(model, x)
+    for inputs in (x, torch.randn(3, 7, 16)):
+        assert compare_outputs(run(model, inputs), run(dag, inputs))[0]
+    pruned = td.prune(dag, 0.6, x)
+    (linear,) = [v for v in pruned if v.op == "Linear" and v.module.out_features == 16]
+    assert linear.module.in_features < 32  # the hidden width pruned through the spliced view
+    assert run(pruned, torch.randn(3, 7, 16)).shape == (3, 7, 16)

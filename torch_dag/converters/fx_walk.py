@@ -198,7 +198,26 @@ class Canonicalizer:
                 "(see torch_dag.known_ops()); if it is a helper of the model, make sure "
                 "torch.fx traces through it",
             )
+        if op == "add" and (spliced := self.spliced_sizes(node)) is not None:
+            return spliced
         return self.on_call(node, op, self.template(node.args, node), self.template(node.kwargs, node))
+
+    def spliced_sizes(self, node: fx.Node) -> list | None:
+        """`x.size()[:-1] + (n,)`: a tuple of sizes spliced from parts stays a list of its entries (a
+        size read from a tensor, a number), so a reshape to it sees each size, as if spelled out."""
+        if len(node.args) != 2 or node.kwargs:
+            return None
+        values = [fx.node.map_arg(a, lambda n: n.meta.get("td_value")) for a in node.args]
+        sizes = [v for v in values if isinstance(v, tuple) and all(type(i) is int for i in v)]
+        if len(sizes) != 2:
+            return None
+        entries: list = []
+        for arg, value in zip(node.args, sizes):
+            part = self.template(arg, node)
+            if isinstance(part, Ref):
+                part = [self.add(node, FunctionOp("getitem"), (part, i)) for i in range(len(value))]
+            entries.extend(part)
+        return entries
 
     def on_call_method(self, node: fx.Node) -> Any:
         method = cast(str, node.target)
