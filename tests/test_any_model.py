@@ -489,3 +489,31 @@ def test_a_shape_spliced_from_sizes_and_a_number_reshapes_and_prunes():
     (linear,) = [v for v in pruned if v.op == "Linear" and v.module.out_features == 16]
     assert linear.module.in_features < 32  # the hidden width pruned through the spliced view
     assert run(pruned, torch.randn(3, 7, 16)).shape == (3, 7, 16)
+
+
+class ZeroedSlice(nn.Module):
+    """torchvision's Swin V2: a slice of a cloned bias zeroed in place, the bias read afterwards."""
+
+    def __init__(self, read_other_view: bool = False):
+        super().__init__()
+        self.qkv = nn.Linear(8, 24)
+        self.read_other_view = read_other_view
+
+    def forward(self, x):
+        bias = self.qkv.bias.clone()
+        length = bias.numel() // 3
+        first = bias[:length]
+        bias[length : 2 * length].zero_()
+        out = torch.nn.functional.linear(x, self.qkv.weight, bias)
+        out[:, 0].fill_(2.0)
+        return out + first.sum() if self.read_other_view else out
+
+
+def test_an_in_place_write_to_a_slice_is_written_back_into_its_base():
+    torch.manual_seed(0)
+    model, x = ZeroedSlice().eval(), torch.randn(2, 8)
+    dag = td.build_from_unstructured_module(model, x)
+    assert compare_outputs(run(model, x), run(dag, x))[0]
+    assert [v.op for v in dag].count("index_put") == 2
+    with pytest.raises(td.ConversionError, match="in-place update of a view of 'clone'"):
+        td.build_from_unstructured_module(ZeroedSlice(read_other_view=True).eval(), x, tracer="fx")

@@ -284,14 +284,34 @@ class Canonicalizer:
             base_nodes = [n for n, r in self.ref_of.items() if r == Ref(base)]
             later = [u for n in base_nodes for u in n.users if self.position[u] > self.position[node]]
             if later:
-                raise self.error(
-                    node,
-                    f"in-place update of a view of '{base}', which is read again "
-                    f"afterwards by '{later[0].name}'; write it out of place",
-                )
+                written = self.write_back(node, target, Ref(base), result)
+                if written is None:
+                    raise self.error(
+                        node,
+                        f"in-place update of a view of '{base}', which is read again "
+                        f"afterwards by '{later[0].name}'; write it out of place",
+                    )
+                for base_node in base_nodes:
+                    self.ref_of[base_node] = written
         for source_node in [n for n, ref in self.ref_of.items() if ref == target]:
             self.ref_of[source_node] = result  # later readers of the old value (and its aliases: the
             # result of an earlier in-place call on it, `y.mul_(2).add_(1)`) read the new one
+
+    def write_back(self, node: fx.Node, view: Ref, base: Ref, result: Ref) -> Ref | None:
+        """`b[i:j].zero_()` with `b` read afterwards: `b` becomes `index_put(b, index, result)` when the
+        view is one indexing of the base and no other view of it is read later (it would see the
+        write too); otherwise None."""
+        vertex = self.vertices.get(view.name)
+        if vertex is None or vertex.op != "getitem" or vertex.args[0] != base:
+            return None
+        others = [n for n, v in self.view_base.items() if v == base.name and n != view.name]
+        for other in others:
+            nodes = [n for n, r in self.ref_of.items() if r == Ref(other)]
+            if any(self.position[u] > self.position[node] for n in nodes for u in n.users):
+                return None
+        return self.add(
+            node, FunctionOp("index_put"), (base, vertex.args[1], result), hint=f"{base.name}_written"
+        )
 
     def leave_no_grad(self, n: fx.Node, reader: fx.Node) -> Any:
         """A value computed under `torch.no_grad()` read where gradients flow: detached, as eager

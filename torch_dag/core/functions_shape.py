@@ -224,8 +224,14 @@ for _name in _FACTORIES:  # `torch.as_tensor(t)` is `t` itself
         Spellings(torch=(_name,)),
         [FACTORY, ALIASES] if _name == "as_tensor" else [FACTORY],
     )
+_IN_PLACE_FILLS = {"zeros_like": ("zero_",), "full_like": ("fill_",)}  # `x.zero_()`: x becomes zeros_like(x)
 for _name in ("zeros_like", "ones_like", "full_like", "empty_like", "rand_like", "randn_like"):
-    register_function(_name, getattr(torch, _name), Spellings(torch=(_name,)), [FACTORY])
+    register_function(
+        _name,
+        getattr(torch, _name),
+        Spellings(torch=(_name,), methods=_IN_PLACE_FILLS.get(_name, ())),
+        [FACTORY],
+    )
 for _name in ("new_zeros", "new_ones", "new_full", "new_empty", "new_tensor"):
     register_function(_name, getattr(torch.Tensor, _name), Spellings(methods=(_name,)), [FACTORY])
 
