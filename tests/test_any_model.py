@@ -517,3 +517,39 @@ def test_an_in_place_write_to_a_slice_is_written_back_into_its_base():
     assert [v.op for v in dag].count("index_put") == 2
     with pytest.raises(td.ConversionError, match="in-place update of a view of 'clone'"):
         td.build_from_unstructured_module(ZeroedSlice(read_other_view=True).eval(), x, tracer="fx")
+
+
+class EncoderDecoder(nn.Module):
+    """An encoder-decoder whose forward takes both streams as optional keywords and needs both."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(40, 16)
+        self.mix = nn.Linear(16, 16)
+
+    def forward(self, input_ids=None, decoder_input_ids=None):
+        if input_ids is None or decoder_input_ids is None:
+            raise ValueError("give both input_ids and decoder_input_ids")
+        memory = self.embed(input_ids).mean(1, keepdim=True)
+        return self.mix(self.embed(decoder_input_ids) + memory)
+
+
+def test_an_encoder_decoder_gets_its_decoder_stream_inferred_too():
+    torch.manual_seed(0)
+    dag = assert_equal_without_inputs(EncoderDecoder(), high=40)
+    assert dag.input_names == ["input_ids", "decoder_input_ids"]
+
+
+def test_the_example_call_for_token_ids_uses_ids():
+    class OddLengths(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(40, 8)
+
+        def forward(self, ids):
+            if ids.shape[1] % 2 == 0:
+                raise ValueError("odd lengths only")
+            return self.embed(ids)
+
+    with pytest.raises(td.ConversionError, match=r"torch\.randint\(0, 40, \(1, 16\)\)"):
+        td.build_from_unstructured_module(OddLengths())

@@ -258,7 +258,7 @@ _UNCOUNTED = {
         "adaptive_max_pool1d adaptive_max_pool2d lp_pool2d"
     ),
     "fvcore counts no reductions, scans or softmax": (
-        "all any amax amin argmax argmin count_nonzero logsumexp max min mean median norm prod std std_mean "
+        "all any amax amin argmax argmin count_nonzero logsumexp max min mean median norm vector_norm prod std std_mean "
         "sum var var_mean cumsum cumprod trace Softmax LogSoftmax Softmax2d softmax log_softmax"
     ),
     "fvcore counts only batch, group, layer and instance norms": (

@@ -13,7 +13,9 @@ shape tells what to feed:
 | `Embedding(N, ...)` | `1 x 16` int64 ids below N |
 
 The first forward parameter and every required one get such an input (optical flow's `image2` the
-same kind as `image1`); a guess counts only if the model runs on it eagerly. A model declares its image
+same kind as `image1`); a guess counts only if the model runs on it eagerly. When none runs, optional
+parameters named like a given input with a prefix (an encoder-decoder's `decoder_input_ids` beside
+`input_ids`) get the same kind of input too, and the guesses are tried again. A model declares its image
 size by an attribute `image_size`, `img_size` or `input_size` (an int, `(H, W)` or `(C, H, W)`) on itself
 or on its `config` (the Hugging Face convention).
 """
@@ -163,9 +165,18 @@ def _wanted(model: nn.Module) -> list[str]:
     return [p.name for i, p in enumerate(parameters) if i == 0 or p.default is p.empty]
 
 
-def _example_call(wanted: list[str], shape: tuple[int, ...] | None) -> str:
+def _siblings(model: nn.Module, wanted: list[str]) -> list[str]:
+    """Optional parameters named like a wanted input with a prefix (`decoder_input_ids` beside
+    `input_ids`): an encoder-decoder's second stream, tried when the wanted inputs alone do not run."""
+    names = inspect.signature(model.forward).parameters
+    return [n for n in names if n not in wanted and any(n.endswith(f"_{w}") for w in wanted)]
+
+
+def _example_call(wanted: list[str], shape: tuple[int, ...] | None, layer: nn.Module | None = None) -> str:
     shape = shape or (1, 3, 224, 224)
     tensor = f"torch.randn({', '.join(map(str, shape))})"
+    if isinstance(layer, nn.Embedding):
+        tensor = f"torch.randint(0, {layer.num_embeddings}, {tuple(shape)})"
     given = tensor if len(wanted) <= 1 else f"({', '.join([tensor] * len(wanted))})"
     return f"td.build_from_unstructured_module(model, {given})"
 
@@ -189,9 +200,27 @@ def infer_example_inputs(model: nn.Module) -> tuple[dict[str, torch.Tensor], dic
             "Embedding reads its input, so nothing tells their shape. Give them, e.g. "
             f"{_example_call(wanted, None)}"
         )
-    chosen = {name: readers.get(name, default) for name in wanted}
-    guesses = {name: _guesses(layer, declared_image_sizes(model)) for name, (_, layer) in chosen.items()}
     tried: list[str] = []
+    for names in (wanted, wanted + _siblings(model, wanted)):
+        if tried and names == wanted:
+            continue
+        found = _first_guess_that_runs(model, {n: readers.get(n, default) for n in names}, tried)
+        if found is not None:
+            return found
+    shape = _guesses(default[1], declared_image_sizes(model))[0]
+    raise ConversionError(
+        f"cannot infer example inputs for {type(model).__name__}: the model does not run on the "
+        f"guessed inputs; tried {'; '.join(tried)}. Give them, e.g. "
+        f"{_example_call(wanted, shape, default[1])}"
+    )
+
+
+def _first_guess_that_runs(
+    model: nn.Module, chosen: dict[str, tuple[str, nn.Module]], tried: list[str]
+) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:
+    """The first of the guesses for the `chosen` inputs (name: (path, reader)) the model runs on, with
+    what each was read from; None (each failure added to `tried`) when it runs on none."""
+    guesses = {name: _guesses(layer, declared_image_sizes(model)) for name, (_, layer) in chosen.items()}
     for attempt in range(max(map(len, guesses.values()))):
         inputs, sources = {}, {}
         for seed, (name, (path, layer)) in enumerate(chosen.items()):
@@ -203,12 +232,7 @@ def infer_example_inputs(model: nn.Module) -> tuple[dict[str, torch.Tensor], dic
             return inputs, sources
         shapes = ", ".join(f"{n}: {tuple(v.shape)}" for n, v in inputs.items())
         tried.append(f"{shapes} (read from {', '.join(sorted(set(sources.values())))}): {failure}")
-    first_shape = guesses[wanted[0]][0]
-    raise ConversionError(
-        f"cannot infer example inputs for {type(model).__name__}: the model does not run on the "
-        f"guessed inputs; tried {'; '.join(tried)}. Give them, e.g. "
-        f"{_example_call(wanted, first_shape)}"
-    )
+    return None
 
 
 def _eager_failure(model: nn.Module, inputs: dict[str, torch.Tensor]) -> str | None:

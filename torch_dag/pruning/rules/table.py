@@ -47,6 +47,7 @@ RULES: dict[str, Rule] = {
     "std": axes.reduction(),
     "logsumexp": axes.reduction(),
     "norm": axes.reduction(dim_index=2),
+    "vector_norm": axes.reduction(dim_index=2),
     "softmax": axes.across_channels(_NORMALIZES, 1, "dim"),
     "log_softmax": axes.across_channels(_NORMALIZES, 1, "dim"),
     "Softmax": axes.softmax_module,
