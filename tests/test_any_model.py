@@ -553,3 +553,34 @@ def test_the_example_call_for_token_ids_uses_ids():
 
     with pytest.raises(td.ConversionError, match=r"torch\.randint\(0, 40, \(1, 16\)\)"):
         td.build_from_unstructured_module(OddLengths())
+
+
+class WeightNormed(nn.Module):
+    """A weight-norm parametrized grouped conv (speech models' positional conv) and a tensor_split."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(4, 8, 3, padding=1)
+        self.positional = nn.utils.parametrizations.weight_norm(
+            nn.Conv1d(8, 8, 5, padding=2, groups=2), dim=2
+        )
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = self.conv(x)
+        h = h + self.positional(h)
+        first, second = h.tensor_split(2, dim=1)
+        return self.head((first * second).mean(-1))
+
+
+def test_a_parametrized_layer_is_traced_through_and_keeps_its_parameters(tmp_path):
+    torch.manual_seed(0)
+    model = WeightNormed().eval()
+    dag = assert_equal_without_inputs(model)
+    assert {"weight_norm", "tensor_split"} <= {v.op for v in dag}
+    shared = {id(p) for p in dag.parameters()}
+    assert all(id(p) in shared for p in model.positional.parametrizations.weight.parameters())
+    x = torch.randn(2, 4, 30)
+    assert compare_outputs(run(model, x), run(td.load(td.save(dag, tmp_path / "w.dag")), x))[0]
+    pruned = td.prune(dag, 0.7, x)
+    assert run(pruned, x).shape == (2, 3)

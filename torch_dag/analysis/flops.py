@@ -262,7 +262,7 @@ _UNCOUNTED = {
         "sum var var_mean cumsum cumprod trace Softmax LogSoftmax Softmax2d softmax log_softmax"
     ),
     "fvcore counts only batch, group, layer and instance norms": (
-        "LocalResponseNorm RMSNorm local_response_norm normalize rms_norm"
+        "LocalResponseNorm RMSNorm local_response_norm normalize rms_norm weight_norm"
     ),
     "fvcore counts only matmul, mm, bmm, addmm, einsum, linear and convolutions": (
         "addbmm baddbmm kron outer Bilinear bilinear cdist dist pairwise_distance cosine_similarity cross "

@@ -55,7 +55,11 @@ def _size_taking() -> tuple[list[tuple[Any, str]], list[str]]:
 
 
 def vocabulary_spec(module: nn.Module) -> ModuleOpSpec | None:
-    """The vocabulary entry a module *is*: its class, or a subclass that keeps the base's forward."""
+    """The vocabulary entry a module *is*: its class, or a subclass that keeps the base's forward. A
+    parametrized layer (`nn.utils.parametrizations.weight_norm`) is none: its weight is computed on
+    each call, so it is traced through and the parametrization becomes ops on the stored tensors."""
+    if torch.nn.utils.parametrize.is_parametrized(module):
+        return None
     for cls in type(module).__mro__:
         spec = MODULE_OPS.get(cls)
         if spec is not None:

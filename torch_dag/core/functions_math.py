@@ -109,6 +109,7 @@ _REDUCTIONS = (
 for _name in _REDUCTIONS:
     register_torch_op(_name, [REDUCTION], in_place=False)
 register_function("vector_norm", torch.linalg.vector_norm, Spellings(), [REDUCTION])  # ConvNeXt V2's GRN
+register_function("weight_norm", torch._weight_norm, Spellings(torch=("_weight_norm",)))  # v * g / |v|
 register_torch_op("where", [ELEMENTWISE], in_place=False)
 register_torch_op("diagonal", [VIEW], in_place=False)
 register_torch_op("einsum", [CONTRACTION, ALIASES], in_place=False)  # `einsum("ij->ji", x)` is a view

@@ -170,6 +170,11 @@ def chunk(input, chunks, dim=0):
     return torch.chunk(input, chunks, dim)
 
 
+@function_op("tensor_split", torch=["tensor_split"], methods=["tensor_split"], traits=[VIEW])
+def tensor_split(input, indices_or_sections, dim=0):
+    return torch.tensor_split(input, indices_or_sections, dim)
+
+
 @function_op("unbind", torch=["unbind"], methods=["unbind"], traits=[VIEW])
 def unbind(input, dim=0):
     return torch.unbind(input, dim)

@@ -136,6 +136,8 @@ _WITHOUT_RULE: dict[str, tuple[str, ...]] = {
         "size_min",
     ),
     "a nested DAG: `prune` flattens nested DAGs before the analysis": ("DagModule",),
+    "computes a layer's weight from stored tensors (a weight-norm parametrization); the layer that "
+    "reads it is a function vertex, not a prunable layer": ("weight_norm",),
     "attention on tensors that are not the model's own parameters (on its own parameters the converter "
     "makes it a MultiheadAttention vertex, whose heads prune)": ("multi_head_attention_forward",),
     "a flexible layer (flex, above pruning): its widths are chosen at run time, not pruned": ("Flex",),

@@ -92,15 +92,17 @@ def _is_int(a: Analysis, ref: Ref) -> bool:
 
 
 def split(a: Analysis, v: Vertex, inputs: list[Any], out: Any) -> Any:
-    """split / chunk / unbind along another axis than the channels: every part keeps them (unbind
-    drops its axis). Along the channel axis, equal parts tie their channels position by position (a
-    GLU's gate and value, SwiGLU) so they stay equal; `split` into given sizes (MixNet's kernel
-    groups) gives each part its own channels and the sizes are rewritten to the kept counts."""
+    """split / chunk / tensor_split / unbind along another axis than the channels: every part keeps
+    them (unbind drops its axis). Along the channel axis, equal parts tie their channels position by
+    position (a GLU's gate and value, SwiGLU) so they stay equal; `split` into given sizes (MixNet's
+    kernel groups) gives each part its own channels and the sizes are rewritten to the kept counts;
+    `tensor_split` into a number of sections is a chunk (at given indices it is blocked)."""
     x = inputs[0]
     if not isinstance(x, Channels):
         return None
     rank = rank_of(a.values[v.args[0].name])
-    dim = call_arg(v, 2, "dim", 0) if v.op in ("split", "chunk") else call_arg(v, 1, "dim", 0)
+    chunks = v.op in ("chunk", "tensor_split")  # a number of parts, not their sizes
+    dim = call_arg(v, 1, "dim", 0) if v.op == "unbind" else call_arg(v, 2, "dim", 0)
     if not isinstance(dim, int):
         a.block(x, f"{v.name}: {v.op} along a traced dimension")
         return None
@@ -112,14 +114,17 @@ def split(a: Analysis, v: Vertex, inputs: list[Any], out: Any) -> Any:
         a.block(x, f"{v.name}: unbind along the channel axis")
         return None
     sizes = [part.shape[dim] for part in out]
-    if v.op == "chunk" and len(set(sizes)) > 1:
-        a.block(x, f"{v.name}: chunk along the channel axis into unequal parts")
+    if chunks and len(set(sizes)) > 1:
+        a.block(x, f"{v.name}: {v.op} along the channel axis into unequal parts")
         return None
     if len(v.args) < 2:
         a.block(x, f"{v.name}: {v.op} along the channel axis with its sizes given by keyword")
         return None
     size = v.args[1]
-    if v.op == "chunk" or isinstance(size, int):
+    if v.op == "tensor_split" and not isinstance(size, int):
+        a.block(x, f"{v.name}: tensor_split along the channel axis at given indices")
+        return None
+    if chunks or isinstance(size, int):
         if len(set(sizes)) > 1:
             a.block(x, f"{v.name}: split along the channel axis leaves a shorter last part")
             return None

@@ -35,6 +35,7 @@ RULES: dict[str, Rule] = {
     "getitem": parts.getitem,
     "split": parts.split,
     "chunk": parts.split,
+    "tensor_split": parts.split,
     "unbind": parts.split,
     "cat": parts.cat,
     "stack": parts.stack,
