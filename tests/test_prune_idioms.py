@@ -217,3 +217,20 @@ def test_reducing_or_contracting_the_channels_blindly_fixes_them_with_a_reason()
     assert groups["a"].reasons == ["sum_1: sum reduces the channel axis"], groups["a"].reasons
     (reason,) = groups["b"].reasons
     assert reason.startswith("einsum: einsum 'bchw,bchw->bhw' spans the channels of 'c'"), reason
+
+
+def test_a_layer_norm_without_weights_follows_its_channels(tmp_path):
+    """`nn.LayerNorm(..., elementwise_affine=False)` (speech models' positional conv) holds no tensor,
+    yet its normalized_shape is a channel count: it narrows with the group."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(8, 32), nn.LayerNorm(32, elementwise_affine=False), nn.ReLU(), nn.Linear(32, 4)
+    )
+    x = torch.randn(3, 8)
+    dag = td.build_from_unstructured_module(model.eval(), x)
+    pruned = td.prune(dag, 0.5, x)
+    (norm,) = [v.module for v in pruned if v.op == "LayerNorm"]
+    (first,) = [v.module for v in pruned if v.op == "Linear" and v.module.in_features == 8]
+    assert norm.normalized_shape == (first.out_features,) and first.out_features < 32
+    loaded = td.load(td.save(pruned, tmp_path / "p.dag"))
+    assert torch.equal(loaded(x), pruned(x))

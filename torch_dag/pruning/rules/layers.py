@@ -92,7 +92,8 @@ def per_channel_module(axis_from_end: int | None):
         if x.axis != expected:
             a.block(x, f"{v.name}: {v.op} normalizes another axis than the channels")
             return None
-        if any(True for _ in v.module.parameters()) or any(True for _ in v.module.buffers()):
+        holds = any(True for _ in v.module.parameters()) or any(True for _ in v.module.buffers())
+        if holds or isinstance(v.module, nn.LayerNorm):  # its normalized_shape follows, weights or not
             a.role(v).in_ids = x.ids
         return x
 
