@@ -584,3 +584,33 @@ def test_a_parametrized_layer_is_traced_through_and_keeps_its_parameters(tmp_pat
     assert compare_outputs(run(model, x), run(td.load(td.save(dag, tmp_path / "w.dag")), x))[0]
     pruned = td.prune(dag, 0.7, x)
     assert run(pruned, x).shape == (2, 3)
+
+
+class CachesInADict(nn.Module):
+    """Caches a value per device in a dict on itself in eval mode (LeViT's attention bias cache)."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(6, 6)
+        self.bias = nn.Parameter(torch.randn(6))
+        self.cache: dict = {}
+
+    def forward(self, x):
+        if self.training:
+            return self.proj(x) + self.bias
+        key = str(x.device)
+        if key not in self.cache:
+            self.cache[key] = self.bias * 2
+        return self.proj(x) + self.cache[key]
+
+
+def test_a_dict_cache_on_the_model_is_left_as_it_was():
+    torch.manual_seed(0)
+    model = CachesInADict().eval()
+    for tracer in ("fx", "auto", "fx"):  # a conversion must not leave its trace for the next one
+        before = dict(model.cache)
+        dag = td.build_from_unstructured_module(model, tracer=tracer)
+        assert model.cache.keys() == before.keys(), tracer
+        assert all(model.cache[k] is v for k, v in before.items()), tracer
+        x = torch.randn(3, 6)
+        assert compare_outputs(run(model, x), run(dag, x))[0], tracer  # fills the cache, as eager does

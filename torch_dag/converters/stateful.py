@@ -320,11 +320,14 @@ Snapshot = dict[nn.Module, list[tuple[dict, dict]]]
 def snapshot_attributes(model: nn.Module) -> Snapshot:
     """What each module holds (attributes, buffers, parameters), to undo what a traced or probed
     forward leaves on the model: fx's `_tensor_constant` attributes and values a forward caches on
-    itself (`self.rel_indices = ...`, even into buffers)."""
-    return {
-        module: [(state, dict(state)) for state in (vars(module), module._buffers, module._parameters)]
-        for module in model.modules()
-    }
+    itself (`self.rel_indices = ...`, even into buffers, or into a dict it keeps: LeViT's
+    `attention_bias_cache[device] = ...`, which would otherwise keep a traced value)."""
+    snapshot = {}
+    for module in model.modules():
+        caches = [v for k, v in vars(module).items() if not k.startswith("_") and type(v) is dict]
+        states = (vars(module), module._buffers, module._parameters, *caches)
+        snapshot[module] = [(state, dict(state)) for state in states]
+    return snapshot
 
 
 def restore_attributes(snapshot: Snapshot) -> None:
