@@ -101,7 +101,7 @@ def unsqueeze(input, dim):
     return input.unsqueeze(dim)
 
 
-@function_op("expand", methods=["expand"], traits=[VIEW])
+@function_op("expand", torch=["broadcast_to"], methods=["expand", "broadcast_to"], traits=[VIEW])
 def expand(input, size):
     return input.expand(size)
 
