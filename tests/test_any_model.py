@@ -614,3 +614,22 @@ def test_a_dict_cache_on_the_model_is_left_as_it_was():
         assert all(model.cache[k] is v for k, v in before.items()), tracer
         x = torch.randn(3, 6)
         assert compare_outputs(run(model, x), run(dag, x))[0], tracer  # fills the cache, as eager does
+
+
+class OwnLinear(nn.Linear):
+    """A Linear subclass with its own forward (Falcon's): `x @ self.weight.T + self.bias`."""
+
+    def forward(self, x):
+        return x @ self.weight.T + self.bias
+
+
+def test_a_matrix_product_with_a_transposed_weight_becomes_a_linear_that_prunes():
+    torch.manual_seed(0)
+    model = nn.Sequential(OwnLinear(8, 32), nn.ReLU(), OwnLinear(32, 4)).eval()
+    x = torch.randn(3, 8)
+    dag = td.build_from_unstructured_module(model, x)
+    assert [v.op for v in dag].count("Linear") == 2
+    assert compare_outputs(run(model, x), run(dag, x))[0]
+    pruned = td.prune(dag, 0.5, x)
+    assert next(v.module.out_features for v in pruned if v.op == "Linear") < 32
+    assert run(pruned, x).shape == (3, 4)

@@ -81,6 +81,34 @@ def _absorb_addmm(c: Canonicalizer, args: tuple, node: fx.Node) -> tuple[nn.Modu
     return _share(module, weight=c.transposed[id(weight)], bias=bias), (x,)
 
 
+def _transposed_weight(c: Canonicalizer, arg: Any) -> torch.Tensor:
+    """The model's own 2-d parameter that `arg` reads transposed (`self.weight.T`, `.t()`,
+    `.transpose(0, 1)`); anything else is not absorbable."""
+    vertex = c.vertices.get(arg.name) if isinstance(arg, Ref) else None
+    if vertex is None or not vertex.args:
+        raise NotAbsorbable
+    swaps: dict[str, list[tuple]] = {
+        "t": [()],
+        "permute": [((1, 0),)],
+        "transpose": [(0, 1), (1, 0), (-1, -2), (-2, -1)],
+    }
+    if vertex.op not in swaps or tuple(vertex.args[1:]) not in swaps[vertex.op] or vertex.kwargs:
+        raise NotAbsorbable
+    weight = _attr(c, vertex.args[0])
+    if weight is None or weight.dim() != 2:
+        raise NotAbsorbable
+    return weight
+
+
+def _absorb_matmul(c: Canonicalizer, args: tuple, node: fx.Node) -> tuple[nn.Module, tuple]:
+    """`x @ self.weight.T` (a Linear subclass with its own forward, Falcon's): a `Linear` vertex
+    without bias sharing the weight (a bias added after it stays an `add`, sliced with the channels)."""
+    x, other = args
+    weight = _transposed_weight(c, other)
+    module = _meta_module(nn.Linear, in_features=weight.shape[1], out_features=weight.shape[0], bias=False)
+    return _share(module, weight=weight), (x,)
+
+
 def _absorb_conv(cls: type[nn.Module]) -> Absorber:
     def absorb(c: Canonicalizer, args: tuple, node: fx.Node) -> tuple[nn.Module, tuple]:
         x, weight, bias, stride, padding, dilation, groups = args
@@ -242,6 +270,7 @@ ABSORBERS: dict[str, Absorber] = {
     "embedding": _absorb_embedding,
     "linear": _absorb_linear,
     "addmm": _absorb_addmm,
+    "matmul": _absorb_matmul,
     "conv1d": _absorb_conv(nn.Conv1d),
     "conv2d": _absorb_conv(nn.Conv2d),
     "conv3d": _absorb_conv(nn.Conv3d),
