@@ -150,9 +150,18 @@ def test_bad_model_spec_exits_with_a_message(mypkg, spec, message, capsys):
     assert not (mypkg / "x.dag").exists()
 
 
-def test_factory_model_without_input_size_asks_for_one(mypkg, capsys):
+def test_factory_model_without_input_size_gets_inferred_inputs(mypkg, capsys):
+    main(["convert", "mypkg:factory", "-o", str(mypkg / "x.dag"), "-q"])
+    dag = td.load(mypkg / "x.dag")
+    assert dag.input_meta["x"]["shape"] == [1, 3, 224, 224] and dag.input_meta["x"]["inferred"] is True
+    capsys.readouterr()
+    main(["info", str(mypkg / "x.dag")])
+    assert "inferred" in capsys.readouterr().out
+
+
+def test_a_model_that_does_not_tell_its_input_size_asks_for_one(tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
-        main(["convert", "mypkg:factory", "-o", str(mypkg / "x.dag"), "-q"])
+        main(["convert", "torch.nn:Identity", "-o", str(tmp_path / "x.dag"), "-q"])
     assert info.value.code == 2
     assert "pass --input-size, e.g. 3x224x224" in capsys.readouterr().err
 

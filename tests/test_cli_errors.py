@@ -176,7 +176,7 @@ BAD = [
     ("info {dag} --input-size 8x8", "--input-size 8x8 (8x8 per sample): the model cannot run on it"),
     (PRUNE + " --input-size 7x8x8", "--input-size 7x8x8 (7x8x8 per sample): the model cannot run"),
     (CONVERT.replace("3x8x8", "3x8"), "--input-size 3x8 (3x8 per sample): the model cannot run on it"),
-    ("convert {model} -o {root}/o.dag", "cannot tell the model's input size: pass --input-size"),
+    ("convert torch.nn:Identity -o {root}/o.dag", "tell the size of its input; pass --input-size"),
     ("convert cli_errors_net:nope --input-size 3x8x8 -o {root}/o.dag", "has no attribute 'nope'"),
     ("convert resnet18 -o {root}/o.dag", "must be 'timm:NAME' or 'package.module:factory'"),
     ("swap-act {dag} relu -o {root}/o.dag", "expected OLD=NEW (e.g. relu=hardswish), got 'relu'"),

@@ -7,29 +7,27 @@ import time
 
 import torch
 
-from .. import converters, serde
+from .. import serde
 from ..core.errors import DagError
 from ..core.progress import show_progress
-from .models import check_runs, example_input, load_dag, load_model, sized_inputs
+from .models import convert_model, load_dag, load_model, sized_inputs
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
     steps = show_progress(total=4, desc="convert", unit="step", disable=args.quiet)
     steps.set_postfix_str("building model")
     model = load_model(args.model).eval()
-    x = example_input(model, args.input_size, args.batch)
-    check_runs(model, (x,), f"--input-size {'x'.join(map(str, x.shape[1:]))}")
-    steps.update()
     steps.set_postfix_str("tracing")
     start = time.perf_counter()
-    dag = converters.build_from_unstructured_module(model, (x,))
+    dag, inputs = convert_model(model, args.input_size, args.batch)
     seconds = time.perf_counter() - start
-    steps.update()
+    steps.update(2)
     steps.set_postfix_str("checking outputs")
     from ..core.compare import compare_outputs
 
+    named = dict(zip(dag.input_names, inputs))
     with torch.no_grad():
-        equal, diff, reason = compare_outputs(model(x), dag(x))
+        equal, diff, reason = compare_outputs(model(**named), dag(**named))
     steps.update()
     if not equal:
         raise DagError(f"converted DAG's outputs differ from the model's, not saving: {reason}")

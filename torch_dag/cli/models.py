@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from .. import converters, finetuning, serde
+from ..converters.inputs import InputsNotInferred
 from ..core.dag import DagModule
 from ..core.errors import DagError
 from .values import load_array
@@ -44,7 +45,8 @@ def load_model(spec: str) -> nn.Module:
 
 
 def example_input(model: nn.Module, input_size: tuple[int, ...] | None, batch: int) -> torch.Tensor:
-    """A random batch of `input_size` (default: the model's timm `pretrained_cfg`)."""
+    """A random batch of `input_size` (default: the model's timm `pretrained_cfg`; `convert_model`
+    infers inputs for a model that has neither)."""
     if input_size is None:
         cfg = getattr(model, "pretrained_cfg", None) or {}
         if "input_size" not in cfg:
@@ -84,15 +86,33 @@ def sized_inputs(dag: DagModule, input_size: tuple[int, ...] | None) -> tuple:
     return inputs
 
 
+def convert_model(model: nn.Module, input_size: tuple[int, ...] | None, batch: int = 1) -> tuple:
+    """`model` converted, with the inputs it was converted on: of `--input-size` (or the timm
+    `pretrained_cfg` size), else inferred by the converter from the layer that first reads them."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    if input_size is None and "input_size" not in cfg:
+        try:
+            dag = converters.build_from_unstructured_module(model)
+        except InputsNotInferred as e:
+            reason = str(e).split(". Give them")[0]
+            raise DagError(f"{reason}: pass --input-size, e.g. 3x224x224") from None
+        try:  # traced symbolically: no shapes recorded
+            return dag, dag.example_inputs()
+        except DagError:
+            raise DagError(
+                f"{type(model).__name__} does not tell the size of its input; pass --input-size, e.g. 3x224x224"
+            ) from None
+    x = example_input(model, input_size, batch)
+    check_runs(model, (x,), f"--input-size {'x'.join(map(str, x.shape[1:]))}")
+    return converters.build_from_unstructured_module(model, (x,)), (x,)
+
+
 def load_or_convert(source: str, input_size: tuple[int, ...] | None, option: str = "the source") -> tuple:
     """A .dag file, or a model spec converted on the spot; with example inputs for analysis."""
     if Path(source).is_file() or source.endswith(".dag"):
         dag = load_dag(source, option)
         return dag, sized_inputs(dag, input_size)
-    model = load_model(source).eval()
-    x = example_input(model, input_size, 1)
-    check_runs(model, (x,), f"--input-size {'x'.join(map(str, x.shape[1:]))}")
-    return converters.build_from_unstructured_module(model, (x,)), (x,)
+    return convert_model(load_model(source).eval(), input_size)
 
 
 _NEEDS_CALIBRATION = "--recalibrate-bn re-estimates statistics on --calibration data: give --calibration"

@@ -72,7 +72,7 @@ def build_from_unstructured_module(
         hint = _parts_hint(model)
         if not hint:
             raise
-        raise ConversionError(f"{e}\n{hint}") from e
+        raise type(e)(f"{e}\n{hint}") from e  # the same kind of error (InputsNotInferred stays one)
 
 
 def _parts_hint(model: nn.Module, share: float = 0.1) -> str:

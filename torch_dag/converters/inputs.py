@@ -35,6 +35,12 @@ from .stateful import restore_attributes, snapshot_attributes
 from .tracer import named_forward
 
 _READERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.Embedding)
+
+
+class InputsNotInferred(ConversionError):
+    """The model does not tell its inputs (no reading layer, or no guess it runs on): give them."""
+
+
 _SEQUENCE = 16  # tokens of a guessed sequence
 
 
@@ -187,7 +193,7 @@ def infer_example_inputs(model: nn.Module) -> tuple[dict[str, torch.Tensor], dic
     from. Raises `ConversionError` showing the call with example inputs when no guess runs."""
     wanted = _wanted(model)
     if not wanted:
-        raise ConversionError(
+        raise InputsNotInferred(
             f"{type(model).__name__}.forward takes no named input to infer; give example inputs "
             "by name: td.build_from_unstructured_module(model, example_kwargs={...})"
         )
@@ -195,7 +201,7 @@ def infer_example_inputs(model: nn.Module) -> tuple[dict[str, torch.Tensor], dic
     fallback = next(((n, m) for n, m in model.named_modules() if isinstance(m, _READERS)), None)
     default = readers.get(wanted[0]) or fallback
     if default is None:
-        raise ConversionError(
+        raise InputsNotInferred(
             f"cannot infer example inputs for {type(model).__name__}: no Conv1d/2d/3d, Linear or "
             "Embedding reads its input, so nothing tells their shape. Give them, e.g. "
             f"{_example_call(wanted, None)}"
@@ -208,7 +214,7 @@ def infer_example_inputs(model: nn.Module) -> tuple[dict[str, torch.Tensor], dic
         if found is not None:
             return found
     shape = _guesses(default[1], declared_image_sizes(model))[0]
-    raise ConversionError(
+    raise InputsNotInferred(
         f"cannot infer example inputs for {type(model).__name__}: the model does not run on the "
         f"guessed inputs; tried {'; '.join(tried)}. Give them, e.g. "
         f"{_example_call(wanted, shape, default[1])}"
@@ -255,4 +261,4 @@ def _eager_failure(model: nn.Module, inputs: dict[str, torch.Tensor]) -> str | N
                 buffer.copy_(value)
 
 
-__all__ = ["infer_example_inputs"]
+__all__ = ["InputsNotInferred", "infer_example_inputs"]
