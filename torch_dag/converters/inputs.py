@@ -245,8 +245,7 @@ def _eager_failure(model: nn.Module, inputs: dict[str, torch.Tensor]) -> str | N
     """Why `model` (in eval mode, buffers untouched) does not run on `inputs`, or None when it does."""
     was_training = model.training
     saved = [(b, b.clone()) for b in model.buffers()]
-    snapshot = snapshot_attributes(model)  # what the forward caches on itself
-    model.eval()
+    model.eval()  # a run as the user's own would be: what it caches on the model stays
     try:
         with torch.no_grad():
             model(**{n: v.clone() for n, v in inputs.items()})
@@ -255,7 +254,6 @@ def _eager_failure(model: nn.Module, inputs: dict[str, torch.Tensor]) -> str | N
         return f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
     finally:
         model.train(was_training)
-        restore_attributes(snapshot)
         with torch.no_grad():
             for buffer, value in saved:
                 buffer.copy_(value)
