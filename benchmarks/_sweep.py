@@ -26,21 +26,62 @@ def read_rows(path: Path) -> dict[str, dict[str, str]]:
         return {row["model"]: row for row in csv.DictReader(f)}
 
 
-def _child(fn: Callable[[str, Any], dict], name: str, stage: Any, conn: Any, threads: int) -> None:
+class Stage:
+    """What a child tells its parent while it runs: `value` (an index into the sweep's stages, so a
+    timeout says where it hung) and `report(**fields)` (partial results, kept when the child later
+    times out or dies)."""
+
+    def __init__(self, value: Any, conn: Any):
+        self._value, self._conn = value, conn
+
+    @property
+    def value(self) -> int:
+        return self._value.value
+
+    @value.setter
+    def value(self, index: int) -> None:
+        self._value.value = index
+
+    def report(self, **fields: Any) -> None:
+        self._conn.send(("partial", fields))
+
+
+def _child(
+    fn: Callable[[str, Any], dict], name: str, stage: Any, conn: Any, threads: int, quiet: bool
+) -> None:
     os.environ["OMP_NUM_THREADS"] = str(threads)
+    if (
+        quiet
+    ):  # what the model's libraries print (torch.export dumps whole graphs) would bury the progress bar
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 1)
+        os.dup2(devnull, 2)
     import torch
 
     torch.set_num_threads(threads)
     try:
-        row = fn(name, stage)
+        row = fn(name, Stage(stage, conn))
     except BaseException as e:  # the parent records whatever killed the model
         row = {
             "status": "error",
             "error_class": type(e).__name__,
             "error": (str(e) or traceback.format_exc())[:300].replace("\n", " "),
         }
-    conn.send(row)
+    conn.send(("row", row))
     conn.close()
+
+
+def _receive(conn: Any, partial: dict) -> dict | None:
+    """Drain the child's messages: partial fields go into `partial`; the final row, once sent."""
+    while conn.poll():
+        try:
+            kind, fields = conn.recv()
+        except EOFError:
+            return None
+        if kind == "row":
+            return fields
+        partial.update(fields)
+    return None
 
 
 def sweep(
@@ -54,11 +95,15 @@ def sweep(
     retry: Callable[[dict], bool] | None = None,
     stages: list[str] | None = None,
     exclusive: Callable[[str], bool] = lambda name: False,
+    quiet: bool = False,
 ) -> dict[str, dict[str, str]]:
     """Run `fn(name, stage)` for every name not yet in `out` (or whose row `retry` accepts).
 
-    `fn` sets `stage.value` to an index into `stages` as it goes, so a timeout says where it hung.
-    Names for which `exclusive(name)` holds (very large models) run alone, to bound memory.
+    `fn` sets `stage.value` to an index into `stages` as it goes, so a timeout says where it hung, and
+    may call `stage.report(**fields)`: fields already measured stay in the row of a model that then
+    times out or crashes.
+    Names for which `exclusive(name)` holds (very large models) run alone, to bound memory. With
+    `quiet`, what a child prints goes nowhere (its error still reaches the row).
     """
     done = read_rows(out)
     if done and list(next(iter(done.values()))) != fields:  # columns added since: rewrite with them (empty)
@@ -68,7 +113,7 @@ def sweep(
         kept = [r for n, r in done.items() if n not in set(todo)]
         _write(out, fields, kept)
     ctx = mp.get_context("fork")
-    running: list[tuple[str, Any, Any, Any, float]] = []
+    running: list[tuple[str, Any, Any, Any, float, dict]] = []
     queue = list(todo)
     bar = tqdm(total=len(todo), desc=out.stem, unit="model", dynamic_ncols=True)
     while queue or running:
@@ -79,47 +124,51 @@ def sweep(
             stage = ctx.Value("i", 0)
             parent, child = ctx.Pipe(duplex=False)
             threads = workers if exclusive(name) else 1  # a model running alone gets every worker's core
-            proc = ctx.Process(target=_child, args=(fn, name, stage, child, threads), daemon=True)
+            proc = ctx.Process(target=_child, args=(fn, name, stage, child, threads, quiet), daemon=True)
             proc.start()
             child.close()
-            running.append((name, proc, parent, stage, time.monotonic()))
+            running.append((name, proc, parent, stage, time.monotonic(), {}))
         time.sleep(0.05)
         for entry in list(running):
-            name, proc, conn, stage, started = entry
-            elapsed = time.monotonic() - started
-            row = None
-            if conn.poll():
-                try:
-                    row = conn.recv()
-                except EOFError:
-                    row = None
-            if row is None and proc.is_alive() and elapsed < timeout:
-                continue
+            row = _outcome(entry, timeout, stages)
             if row is None:
-                where = stages[stage.value] if stages else str(stage.value)
-                if proc.is_alive():
-                    proc.kill()
-                    row = {
-                        "status": "timeout",
-                        "error_class": "Timeout",
-                        "error": f"over {timeout:.0f}s in stage {where}",
-                    }
-                else:
-                    row = {
-                        "status": "crashed",
-                        "error_class": f"exit {proc.exitcode}",
-                        "error": f"process died in stage {where} (likely out of memory)",
-                    }
-                row["stage"] = where
-            proc.join(timeout=5)
+                continue
             running.remove(entry)
-            row = {"model": name, **row}
             _append(out, fields, row)
-            done[name] = {k: str(v) for k, v in row.items()}
-            bar.set_postfix_str(f"{name}: {row['status']}", refresh=False)
+            done[row["model"]] = {k: str(v) for k, v in row.items()}
+            bar.set_postfix_str(f"{row['model']}: {row['status']}", refresh=False)
             bar.update(1)
     bar.close()
     return done
+
+
+def _outcome(entry: tuple, timeout: float, stages: list[str] | None) -> dict | None:
+    """The row of a model once it has finished, run past `timeout` (then killed) or died; None while it
+    still runs. Partial fields it reported stay in the row."""
+    name, proc, conn, stage, started, partial = entry
+    row = _receive(conn, partial)
+    if row is None and proc.is_alive() and time.monotonic() - started < timeout:
+        return None
+    if row is None and not proc.is_alive():  # it may have sent its row just before exiting
+        row = _receive(conn, partial)
+    if row is None:
+        where = stages[stage.value] if stages else str(stage.value)
+        if proc.is_alive():
+            proc.kill()
+            row = {
+                "status": "timeout",
+                "error_class": "Timeout",
+                "error": f"over {timeout:.0f}s in stage {where}",
+            }
+        else:
+            row = {
+                "status": "crashed",
+                "error_class": f"exit {proc.exitcode}",
+                "error": f"process died in stage {where} (likely out of memory)",
+            }
+        row["stage"] = where
+    proc.join(timeout=5)
+    return {"model": name, **partial, **row}
 
 
 def _append(path: Path, fields: list[str], row: dict) -> None:

@@ -79,15 +79,13 @@ def _parts_hint(model: nn.Module, share: float = 0.1) -> str:
     """What to do when a model does not convert whole (a detector's data-dependent post-processing, a
     forward that takes images as a list): name its largest parts, which may convert on their own."""
     total = sum(p.numel() for p in model.parameters())
-    parts = (
-        [
-            (sum(p.numel() for p in child.parameters()) / total, name, type(child).__name__)
-            for name, child in model.named_children()
-        ]
-        if total
-        else []
-    )
-    parts = sorted((p for p in parts if p[0] >= share), reverse=True)
+    if not total:
+        return ""
+    children = [
+        (sum(p.numel() for p in child.parameters()) / total, name, type(child).__name__)
+        for name, child in model.named_children()
+    ]
+    parts = sorted((part for part in children if part[0] >= share), reverse=True)
     if len(parts) < 2:
         return ""
     listed = ", ".join(f"model.{name} ({cls}, {100 * f:.0f} % of the parameters)" for f, name, cls in parts)
