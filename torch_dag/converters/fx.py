@@ -142,19 +142,12 @@ def _convert(model: nn.Module, inputs: dict[str, Any] | None, tracer: str) -> Da
             return _from_export(model, inputs, switches)
         except ConversionError as export_error:
             raise ConversionError(f"{fx_error}\n(torch.export fallback: {export_error})") from fx_error
-    if tracer == "auto" and inputs is not None and _same_at_other_batch(model, dag, inputs) is False:
-        try:  # the model branches on its batch size: torch.export may keep the batch free
-            return _from_export(model, inputs, switches, dynamic_only=True)
-        except ConversionError:
-            pass  # the fx DAG's guards refuse the other batch sizes with a clear error
-    return dag
+    return dag  # where the model branches on its batch size, the DAG's guards refuse other sizes
 
 
-def _from_export(
-    model: nn.Module, inputs: dict[str, Any] | None, grad_switches: int | None, dynamic_only: bool = False
-) -> DagModule:
+def _from_export(model: nn.Module, inputs: dict[str, Any] | None, grad_switches: int | None) -> DagModule:
     """The DAG made through torch.export with a free batch size where it matches the model at another
-    batch, else (not with `dynamic_only`) at the example's batch."""
+    batch, else at the example's batch (asserted when it runs)."""
     if inputs is None:
         raise ConversionError("the torch.export path needs example inputs")
     if grad_switches:  # torch.export does not record every kind (inference_mode): never trust it to
@@ -171,8 +164,6 @@ def _from_export(
         except ConversionError:
             dag = None
         if dag is None or _same_at_other_batch(model, dag, inputs) is not True:
-            if dynamic_only:
-                raise ConversionError("torch.export does not keep the batch size free either")
             dag = _exported(model, inputs, dynamic_batch=False)
         assert dag is not None
         dag.traced_with = "export"
