@@ -570,7 +570,8 @@ class WeightNormed(nn.Module):
         h = self.conv(x)
         h = h + self.positional(h)
         first, second = h.tensor_split(2, dim=1)
-        return self.head((first * second).mean(-1))
+        token, rest = torch.tensor_split(h, indices=(1,), dim=2)  # torchvision's MViT spelling
+        return self.head((first * second).mean(-1)) + token.mean() + rest.mean()
 
 
 def test_a_parametrized_layer_is_traced_through_and_keeps_its_parameters(tmp_path):

@@ -171,8 +171,12 @@ def chunk(input, chunks, dim=0):
 
 
 @function_op("tensor_split", torch=["tensor_split"], methods=["tensor_split"], traits=[VIEW])
-def tensor_split(input, indices_or_sections, dim=0):
-    return torch.tensor_split(input, indices_or_sections, dim)
+def tensor_split(input, indices_or_sections=None, dim=0, *, indices=None, sections=None):
+    """`torch.tensor_split` under any of its spellings (`indices=`, `sections=` by keyword)."""
+    given = [v for v in (indices_or_sections, indices, sections) if v is not None]
+    if len(given) != 1:
+        raise TypeError("tensor_split takes one of indices_or_sections, indices or sections")
+    return torch.tensor_split(input, given[0], dim)
 
 
 @function_op("unbind", torch=["unbind"], methods=["unbind"], traits=[VIEW])
