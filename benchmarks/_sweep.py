@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import multiprocessing as mp
 import os
+import re
 import time
 import traceback
 from collections.abc import Callable, Iterable
@@ -187,3 +188,30 @@ def _write(path: Path, fields: list[str], rows: list[dict]) -> None:
         writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
+
+
+def attempt(row: dict, part: str, fn: Any) -> Any:
+    """Run one stage of a model's row; on failure record `<part>_status` error, its class and message."""
+    try:
+        return fn()
+    except Exception as e:
+        message = " ".join(str(e).split())[:500]
+        row.update(
+            {f"{part}_status": "error", f"{part}_error_class": type(e).__name__, f"{part}_error": message}
+        )
+        return None
+
+
+def cause(row: dict, part: str) -> str:
+    """A stage's failure cause for grouping: the error class and the message with names and numbers
+    blanked, an off-target ratio, or the checks that came out False."""
+    status = row.get(f"{part}_status") or f"not run ({row.get('status')}: {row.get('error_class')})"
+    if status == "error":
+        message = re.sub(r"'[^']*'|\d+", "_", row.get(f"{part}_error", ""))[:90]
+        return f"{row.get(f'{part}_error_class', '')}: {message}"
+    if status == "off_target":
+        return f"off target (flops ratio {row.get('flops_ratio')})"
+    if status == "mismatch":
+        checks = [k for k in row if k.startswith(f"{part}_") and row[k] in ("False", False)]
+        return f"mismatch ({', '.join(checks)})"
+    return status

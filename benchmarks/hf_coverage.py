@@ -35,11 +35,10 @@ from __future__ import annotations
 
 import argparse
 import collections
-import re
 from pathlib import Path
 from typing import Any
 
-from _sweep import read_rows, sweep  # benchmarks/ is on sys.path when a script here runs
+from _sweep import attempt, cause, read_rows, sweep  # benchmarks/ is on sys.path when a script here runs
 
 OUT = Path(__file__).resolve().parent / "results" / "hf_default_configs.csv"
 PARTS = ("noinput", "dict", "prune")
@@ -249,18 +248,6 @@ def roundtrip(dag: Any, inputs: dict) -> bool:
         return bitwise_equal(dag(**inputs), loaded(**inputs))
 
 
-def attempt(row: dict, part: str, fn: Any) -> Any:
-    """Run one stage; record `<part>_status` and, on failure, its error class and message."""
-    try:
-        return fn()
-    except Exception as e:
-        message = " ".join(str(e).split())[:500]
-        row.update(
-            {f"{part}_status": "error", f"{part}_error_class": type(e).__name__, f"{part}_error": message}
-        )
-        return None
-
-
 def convert(row: dict, part: str, model: Any, example: dict | None) -> Any:
     """Stage 1 (`example` None) or 2: convert, compare at batch 1 and 4 on fresh inputs, round trip."""
     import torch_dag as td
@@ -354,20 +341,6 @@ def overall(row: dict) -> dict:
         "error_class": row.get(f"{part}_error_class") or row.get(f"{part}_status", ""),
         "error": row.get(f"{part}_error", ""),
     }
-
-
-def cause(row: dict, part: str) -> str:
-    """A failure's cause for grouping: the error class and the message with names and numbers blanked."""
-    status = row.get(f"{part}_status") or f"not run ({row.get('status')}: {row.get('error_class')})"
-    if status == "error":
-        message = re.sub(r"'[^']*'|\d+", "_", row.get(f"{part}_error", ""))[:90]
-        return f"{row.get(f'{part}_error_class', '')}: {message}"
-    if status == "off_target":
-        return f"off target (flops ratio {row.get('flops_ratio')})"
-    if status == "mismatch":
-        checks = [k for k in row if k.startswith(f"{part}_") and row[k] in ("False", False)]
-        return f"mismatch ({', '.join(checks)})"
-    return status
 
 
 def percent(count: int, total: int) -> str:

@@ -38,11 +38,10 @@ from __future__ import annotations
 import argparse
 import collections
 import functools
-import re
 from pathlib import Path
 from typing import Any
 
-from _sweep import read_rows, sweep  # benchmarks/ is on sys.path when a script here runs
+from _sweep import attempt, cause, read_rows, sweep  # benchmarks/ is on sys.path when a script here runs
 
 RESULTS = Path(__file__).resolve().parent / "results"
 OUT = RESULTS / "torchvision_coverage.csv"
@@ -173,19 +172,6 @@ def fresh_inputs(dag: Any, name: str, family: str) -> tuple:
     return tuple(made)
 
 
-def attempt(row: dict, part: str, fn: Any) -> Any:
-    """Run one stage; record `<part>_status` and, on failure, its error class and message."""
-    try:
-        result = fn()
-    except Exception as e:
-        message = " ".join(str(e).split())[:500]
-        row.update(
-            {f"{part}_status": "error", f"{part}_error_class": type(e).__name__, f"{part}_error": message}
-        )
-        return None
-    return result
-
-
 def check_dag(model: Any, dag: Any, inputs: tuple) -> tuple[bool, bool]:
     """Outputs equal to eager on `inputs`, and equal bitwise after a save / load round trip."""
     import tempfile
@@ -309,17 +295,6 @@ def overall(row: dict) -> dict:
         "error_class": row.get(f"{part}_error_class") or row.get(f"{part}_status", ""),
         "error": row.get(f"{part}_error", ""),
     }
-
-
-def cause(row: dict, part: str) -> str:
-    """A failure's cause for grouping: the error class and the message with names and numbers blanked."""
-    status = row.get(f"{part}_status") or f"not run ({row.get('status')}: {row.get('error_class')})"
-    if status == "error":
-        message = re.sub(r"'[^']*'|\d+", "_", row.get(f"{part}_error", ""))[:90]
-        return f"{row.get(f'{part}_error_class', '')}: {message}"
-    if status == "off_target":
-        return f"off target (flops ratio {row.get('flops_ratio')})"
-    return status
 
 
 def stopped(row: dict) -> None:
