@@ -18,6 +18,9 @@ PUBLIC_API = [
     "FinetuneConfig",
     "FinetuneReport",
     "FlopReport",
+    "Latency",
+    "LatencyComparison",
+    "LatencyTable",
     "LoadError",
     "OnnxExportError",
     "Ref",
@@ -25,14 +28,18 @@ PUBLIC_API = [
     "VerifyError",
     "Vertex",
     "build_from_unstructured_module",
+    "compare_latency",
     "count_flops",
     "export_onnx",
     "factorize",
     "finetune",
     "flex",
     "known_ops",
+    "latency",
+    "latency_table",
     "load",
     "make_flexible",
+    "measure_latency",
     "passes",
     "prune",
     "pruning",
@@ -46,7 +53,19 @@ PACKAGE = Path(td.__file__).parent
 # the layers, bottom up: each may import itself and the layers below it (docs/ARCHITECTURE.md, "imports
 # flow downward only"); anything else, the package top included, is a violation. A layer is a package
 # (a folder) or a module (a file); only the package top, torch_dag/__init__.py, may import every layer.
-LAYERS = ["core", "serde", "converters", "analysis", "passes", "pruning", "flex", "finetuning", "viz", "cli"]
+LAYERS = [
+    "core",
+    "serde",
+    "converters",
+    "analysis",
+    "passes",
+    "pruning",
+    "latency",
+    "flex",
+    "finetuning",
+    "viz",
+    "cli",
+]
 ALLOWED = {layer: set(LAYERS[: i + 1]) for i, layer in enumerate(LAYERS)}
 
 

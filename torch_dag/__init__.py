@@ -5,8 +5,9 @@ dag = td.build_from_unstructured_module(model)
 td.save(dag, "model.dag"); dag = td.load("model.dag")
 """
 
-from . import flex, passes, pruning
+from . import flex, latency, passes, pruning
 from .analysis import FlopReport, count_flops
+from .analysis.latency import Latency, LatencyComparison, compare_latency, measure_latency
 from .converters import build_from_unstructured_module
 from .converters.onnx import OnnxExportError, export_onnx
 from .core import (
@@ -24,6 +25,7 @@ from .core import (
 )
 from .finetuning import FinetuneConfig, FinetuneReport, finetune, recalibrate_batchnorm
 from .flex import make_flexible
+from .latency import LatencyTable, latency_table
 from .passes import factorize
 from .pruning import prune
 from .serde import SCHEMA_VERSION, load, save
@@ -38,6 +40,9 @@ __all__ = [
     "FinetuneConfig",
     "FinetuneReport",
     "FlopReport",
+    "Latency",
+    "LatencyComparison",
+    "LatencyTable",
     "LoadError",
     "OnnxExportError",
     "Ref",
@@ -45,14 +50,18 @@ __all__ = [
     "VerifyError",
     "Vertex",
     "build_from_unstructured_module",
+    "compare_latency",
     "count_flops",
     "export_onnx",
     "factorize",
     "finetune",
     "flex",
     "known_ops",
+    "latency",
+    "latency_table",
     "load",
     "make_flexible",
+    "measure_latency",
     "passes",
     "prune",
     "pruning",

@@ -76,6 +76,9 @@ class ChannelGroups:
     producers: dict[str, np.ndarray]  # vertex -> ids of the channels it creates
     blocked: dict[int, str] = field(default_factory=dict)  # class root -> why it cannot be pruned
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    # vertex -> the ids of the channels its output carries (all parts of a tuple end to end): what
+    # cost models read to say how much of a vertex's work a removal of channels takes away
+    carried: dict[str, np.ndarray] = field(default_factory=dict)
 
     def __post_init__(self) -> None:  # the analysis is done: every id's class root, once, as an array
         self._roots = np.fromiter(

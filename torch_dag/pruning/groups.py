@@ -15,6 +15,7 @@ import difflib
 from collections.abc import Iterable
 from typing import Any, Literal
 
+import numpy as np
 import torch
 
 from ..core.dag import DagModule, Vertex
@@ -63,7 +64,19 @@ def channel_groups(
     blocked: dict[int, str] = {}
     for i, reason in analysis.blocked_ids.items():
         blocked.setdefault(analysis.uf.find(i), reason)
-    return ChannelGroups(analysis.uf, analysis.roles, analysis.producers, blocked, shapes)
+    carried = {name: _ids_of(info) for name, info in analysis.info.items()}
+    carried = {name: ids for name, ids in carried.items() if len(ids)}
+    return ChannelGroups(analysis.uf, analysis.roles, analysis.producers, blocked, shapes, carried)
+
+
+def _ids_of(info: Any) -> np.ndarray:
+    """The channel ids of a tensor's info (a tuple's parts end to end); shapes and counts carry none."""
+    if isinstance(info, Channels):
+        return info.ids
+    if isinstance(info, (list, tuple)):
+        parts = [_ids_of(item) for item in info]
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+    return np.zeros(0, dtype=np.int64)
 
 
 def _visit(a: Analysis, vertex: Vertex) -> Any:

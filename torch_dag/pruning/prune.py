@@ -30,11 +30,13 @@ from .channels import ChannelGroups, Group
 from .compensate import compensate
 from .flop_model import FlopModel
 from .groups import AttentionMode, channel_groups, check_protected
+from .measured import CostModel, CostTable, Measured, meet_measured
 from .report import Measure, PruneReport, group_rows, layer_rows
 
 Criterion = Literal["l1", "l2", "bn_scale", "taylor", "random"]
 Compensation = Literal["lstsq", "mean", "none"]
-TARGETS = ("flops_ratio", "params_ratio", "kmapp")
+TARGETS = ("flops_ratio", "params_ratio", "kmapp", "latency_ratio")
+DEFAULT_ROUND_TO = 8  # without a latency table to say what the device prefers
 
 
 @dataclass(frozen=True)
@@ -42,7 +44,9 @@ class PruneConfig:
     """Settings of one pruning run."""
 
     criterion: Criterion = "l2"  # taylor needs calibration batches
-    round_to: int = 8  # kept widths are multiples of this (where the group is wide enough): fast kernels
+    # kept widths are multiples of this where a group is wide enough (fast kernels); None: the latency
+    # table's choice for its device with a latency target, else DEFAULT_ROUND_TO
+    round_to: int | None = None
     min_channels: int = 1  # never keep fewer channels in a group
     tolerance: float = 0.02  # |achieved ratio - target| allowed
     attention: AttentionMode = "heads"
@@ -235,7 +239,8 @@ def _removed_roots(
         )
         # a class of several channels side by side (an attention head): round the classes so that the
         # layers' widths are multiples of round_to; strided ones (grouped convs) round the classes themselves
-        step = config.round_to // math.gcd(config.round_to, group.unit)
+        round_to = config.round_to or DEFAULT_ROUND_TO
+        step = round_to // math.gcd(round_to, group.unit)
         if step > 1 and size >= step:
             keep = min(size, max(step, math.ceil(keep / step) * step))
         removed.update(candidates[index][: size - keep])
@@ -253,6 +258,8 @@ def prune(
     *,
     params_ratio: float | None = ...,
     kmapp: float | None = ...,
+    latency_ratio: float | None = ...,
+    latency_table: CostTable | None = ...,
     config: PruneConfig = ...,
     calibration: Iterable | None = ...,
     protected: Iterable[str] = ...,
@@ -269,6 +276,8 @@ def prune(
     *,
     params_ratio: float | None = ...,
     kmapp: float | None = ...,
+    latency_ratio: float | None = ...,
+    latency_table: CostTable | None = ...,
     config: PruneConfig = ...,
     calibration: Iterable | None = ...,
     protected: Iterable[str] = ...,
@@ -284,6 +293,8 @@ def prune(
     *,
     params_ratio: float | None = None,
     kmapp: float | None = None,
+    latency_ratio: float | None = None,
+    latency_table: CostTable | None = None,
     config: PruneConfig = PruneConfig(),
     calibration: Iterable | None = None,
     protected: Iterable[str] = (),
@@ -292,7 +303,12 @@ def prune(
 ) -> DagModule | tuple[DagModule, PruneReport]:
     """A smaller DagModule with about `flops_ratio` of the FLOPs (fvcore convention), or `params_ratio`
     of the parameters, or a `kmapp` (FLOPs per input pixel / 1000) of its own, channels removed by
-    importance across every prunable channel group; the input DAG is left untouched.
+    importance across every prunable channel group; the input DAG is left untouched. With
+    `latency_ratio` and a `latency_table` (`td.latency_table`, built on this DAG for the device, dtype
+    and batch that matter) widths are chosen on the table's predicted latency, then the result is
+    measured against the original there and the choice corrected (up to `MEASURED_ROUNDS` times); the
+    report's `reached` is the measured ratio and `predicted` the table's, and widths are rounded as the
+    table prefers unless `config.round_to` says otherwise.
 
     The least important channels (scores normalized within each group) go first; the number removed
     is bisected until the target is met within `config.tolerance`. A DAG with nested DagModules (from
@@ -306,10 +322,15 @@ def prune(
     """
     # channels cross block boundaries: a nested DAG is pruned flat; calibration is read twice (taylor,
     # then compensation), so it is listed
-    targets = dict(zip(TARGETS, (flops_ratio, params_ratio, kmapp)))
+    targets = dict(zip(TARGETS, (flops_ratio, params_ratio, kmapp, latency_ratio)))
     prep = prepare(
-        dag, example_inputs, calibration, targets=targets, fractions=("flops_ratio", "params_ratio")
+        dag,
+        example_inputs,
+        calibration,
+        targets=targets,
+        fractions=("flops_ratio", "params_ratio", "latency_ratio"),
     )
+    config = _with_rounding(config, prep.target, latency_table)
     dag, inputs = prep.dag, prep.example_inputs
     protected = check_protected(dag, protected)
     with torch.no_grad():
@@ -319,8 +340,12 @@ def prune(
     groups = channel_groups(dag, inputs, protected, values=values, attention=config.attention)
     del values
     scores = channel_scores(dag, groups, config.criterion, config.seed, prep.calibration)
-    search = _Search(dag, groups, inputs, config, counted, prep.target == "params_ratio", scores)
+    cost = latency_table.cost_model(groups) if latency_table is not None else None
+    search = _Search(dag, groups, inputs, config, counted, prep.target or "flops_ratio", scores, cost)
     found = search.run(target, progress)
+    measured = None
+    if latency_table is not None:
+        found, measured = meet_measured(search, found, target, latency_table, progress)
     if config.compensate != "none" and prep.calibration is not None:
         compensate(
             dag,
@@ -331,9 +356,27 @@ def prune(
             config.compensate,
             progress,
         )
-    report = search.report(found, target)
+    report = search.report(found, target, measured)
     _warn_if_off(report, config)
     return (found.pruned, report) if return_report else found.pruned
+
+
+def _with_rounding(config: PruneConfig, target: str | None, table: CostTable | None) -> PruneConfig:
+    """`config` with its rounding settled: the table's with a latency target, else the default; a table
+    without a latency target, or a latency target without a table, is an error."""
+    if (target == "latency_ratio") != (table is not None):
+        raise DagError(
+            "a latency target needs a latency table and a latency table a latency target: "
+            "prune(dag, latency_ratio=0.5, latency_table=td.latency_table(dag, inputs, batch_size=...))"
+        )
+    if table is not None and table.attention != config.attention:
+        raise DagError(
+            f"the latency table was built with attention={table.attention!r}, the config asks for "
+            f"{config.attention!r}: build the table with the same attention mode"
+        )
+    if config.round_to is not None:
+        return config
+    return replace(config, round_to=table.round_to if table is not None else DEFAULT_ROUND_TO)
 
 
 def _target_ratio(prep: Prepared, counted: FlopReport) -> float:
@@ -353,7 +396,7 @@ def _warn_if_off(report: PruneReport, config: PruneConfig) -> None:
     a finer rounding of widths (at prune's caller)."""
     if report.missed:
         warnings.warn(f"prune: {report.why()}", stacklevel=3)
-    elif report.round_to != config.round_to:
+    elif config.round_to is not None and report.round_to != config.round_to:
         warnings.warn(
             f"prune: widths rounded to multiples of {report.round_to} instead of {config.round_to}, the "
             f"{report.measure} target {report.target:.3f} being out of reach otherwise (reached "
@@ -384,21 +427,22 @@ class _Search:
         inputs: tuple,
         config: PruneConfig,
         counted: FlopReport,
-        by_params: bool,
+        target: str,
         scores: dict[int, float],
+        cost: CostModel | None = None,
     ):
         self.dag, self.groups, self.inputs, self.config, self.counted = dag, groups, inputs, config, counted
-        self.by_params, self.scores = by_params, scores
-        self.measure: Measure = "params" if by_params else "FLOPs"
+        self.by_params, self.scores = target == "params_ratio", scores
+        self.measure: Measure = "params" if self.by_params else "latency" if cost is not None else "FLOPs"
         self.prunable = [g for g in groups.groups() if g.prunable]
         self.order = _removal_order(self.prunable, scores)
-        self.model = FlopModel(groups, counted.params if by_params else counted.flops)
+        self.model = cost or FlopModel(groups, counted.params if self.by_params else counted.flops)
         self.owners = must_keep(groups)
 
     def run(self, target: float, progress: bool) -> _Found:
         """The best candidate at the configured rounding; when the target is out of reach there, the
         rounding is halved (8 -> 4 -> 2 -> 1): rounding widths makes the reachable ratios coarse."""
-        roundings = [self.config.round_to]
+        roundings = [self.config.round_to or DEFAULT_ROUND_TO]
         while roundings[-1] > 1:
             roundings.append(roundings[-1] // 2)
         bar = show_progress(total=len(roundings), desc="prune", unit="try", disable=not progress)
@@ -417,7 +461,9 @@ class _Search:
             self.order, lambda o, k: self.model.ratio(self.removed(o, k, round_to)), target, tolerance
         )
         found = self.build(order, remove, round_to)
-        if abs(found.ratio - target) > tolerance:  # ops outside the model moved it: measure
+        if (
+            abs(found.ratio - target) > tolerance and self.measure != "latency"
+        ):  # ops outside the model moved it
             remove = _bisect(len(order), lambda k: self.build(order, k, round_to).ratio, target)
             found = self.build(order, remove, round_to)
         return found
@@ -435,19 +481,21 @@ class _Search:
     def build(self, order: list[tuple[int, int]], remove: int, round_to: int) -> _Found:
         removed = self.removed(order, remove, round_to)
         pruned = surgery.apply(self.dag, self.groups, self.keep(removed))
-        if self.by_params:
+        if self.measure == "latency":  # predicted here; measured once chosen (`meet_measured`)
+            ratio = self.model.ratio(removed)
+        elif self.by_params:
             ratio = sum(p.numel() for p in pruned.parameters()) / self.counted.total_params
         else:
             ratio = count_flops(pruned, *self.inputs).total_flops / self.counted.total_flops
         return _Found(pruned, ratio, removed, round_to)
 
-    def report(self, found: _Found, target: float) -> PruneReport:
+    def report(self, found: _Found, target: float, measured: Measured | None = None) -> PruneReport:
         kept, full = _out_widths(found.pruned), _out_widths(self.dag)
         narrowed = sum(1 for g in self.prunable if any(p in kept and kept[p] != full[p] for p in g.producers))
         return PruneReport(
             self.measure,
             target,
-            found.ratio,
+            found.ratio if measured is None else measured.ratio,
             found.round_to,
             len(self.groups.groups()),
             len(self.prunable),
@@ -456,6 +504,7 @@ class _Search:
             layer_rows(self.dag, found.pruned),
             self.config.tolerance,
             self.model.ratio(self.removed(self.order, len(self.order), 1)),
+            *(() if measured is None else (found.ratio, measured.ms)),
         )
 
 

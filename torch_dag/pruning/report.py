@@ -16,7 +16,7 @@ from ..core.dag import DagModule
 from . import surgery
 from .channels import ChannelGroups
 
-Measure = Literal["FLOPs", "params"]
+Measure = Literal["FLOPs", "params", "latency"]
 SHOWN_REASONS = 3  # reasons of one fixed group shown in a table row (GroupRow.reasons holds them all)
 SHOWN_FIXED = 3  # fixed groups named in the warning of a missed target
 
@@ -81,10 +81,16 @@ class PruneReport:
     layer_rows: tuple[LayerRow, ...] = ()  # every Conv / Linear / norm layer, in DAG order
     tolerance: float = 0.02
     floor: float | None = None  # the ratio the FLOP model predicts with every prunable group at its narrowest
+    predicted: float | None = (
+        None  # a latency target: the latency table's ratio for the result (reached: measured)
+    )
+    measured_ms: tuple[float, float] | None = None  # ... and the medians measured, unpruned and pruned
 
     def __str__(self) -> str:
+        predicted = "" if self.predicted is None else f", predicted {self.predicted:.3f}"
         return (
-            f"{self.measure} ratio {self.reached:.3f} (target {self.target:.3f}); widths rounded to multiples "
+            f"{self.measure} ratio {self.reached:.3f}{' measured' if predicted else ''}{predicted} (target "
+            f"{self.target:.3f}); widths rounded to multiples "
             f"of {self.round_to} where a group is that wide; {self.groups} channel groups, {self.prunable} "
             f"prunable, {self.narrowed} narrowed"
         )
@@ -122,7 +128,8 @@ def fixed_groups_text(fixed: list[GroupRow], measure: Measure, total: int, floor
     """The fixed groups, widest first, with their shares and reasons, and what to do about them."""
     widest = sorted(fixed, key=lambda r: (-r.width * r.unit, -r.flops_share))
     named = "; ".join(
-        f"{row.name} ({row.width * row.unit} channels, {_share(row, measure):.0%} of the {measure}): "
+        f"{row.name} ({row.width * row.unit} channels, {_share(row, measure):.0%} of the "
+        f"{'params' if measure == 'params' else 'FLOPs'}): "
         f"{row.reasons[0]}" + (f" (+{len(row.reasons) - 1} more reasons)" if len(row.reasons) > 1 else "")
         for row in widest[:SHOWN_FIXED]
     )
@@ -142,7 +149,7 @@ def fixed_groups_text(fixed: list[GroupRow], measure: Measure, total: int, floor
 
 
 def _share(row: GroupRow, measure: Measure) -> float:
-    return row.flops_share if measure == "FLOPs" else row.params_share
+    return row.params_share if measure == "params" else row.flops_share
 
 
 def group_rows(

@@ -1,0 +1,288 @@
+"""`measure_latency` / `compare_latency`: the one way the project times a model.
+
+Each model runs in eval mode under `torch.inference_mode()` on its own copy when a device or dtype is
+asked for (the caller's model is never moved), after warm-up calls; CUDA is synchronised around every
+timed call; the garbage collector is paused while timing (as `timeit` does). Several models are timed
+in interleaved rounds (A B C, then C B A, ...) so that drift of the machine hits all alike, and a ratio
+is the median of the per-round ratios. Every figure states the batch, dtype, device and threads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import gc
+import platform
+import statistics
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from functools import cache
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils import _pytree as pytree
+
+from ..core.errors import DagError
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DEFAULT_SECONDS = 1.0  # timed seconds per model when `runs` is not given
+MIN_RUNS, MAX_RUNS = 5, 200
+
+
+@dataclass(frozen=True)
+class Latency:
+    """Milliseconds per call of one model: median and quartiles over `runs` timed calls."""
+
+    median_ms: float
+    p25_ms: float
+    p75_ms: float
+    runs: int
+    batch_size: int | None
+    dtype: str
+    device: str
+    threads: int
+    times_ms: tuple[float, ...] = field(repr=False, default=())
+
+    @property
+    def spread(self) -> float:
+        """The interquartile range over the median: 0.02 means the middle half of the runs lie in 2 %."""
+        return (self.p75_ms - self.p25_ms) / self.median_ms if self.median_ms else 0.0
+
+    def __str__(self) -> str:
+        batch = "" if self.batch_size is None else f"batch {self.batch_size}, "
+        return (
+            f"{self.median_ms:.3f} ms (quartiles {self.p25_ms:.3f}-{self.p75_ms:.3f}, {self.runs} runs, "
+            f"{batch}{self.dtype}, {self.device}, {self.threads} threads)"
+        )
+
+
+@dataclass(frozen=True)
+class LatencyComparison:
+    """Several models timed in the same interleaved rounds."""
+
+    latencies: dict[str, Latency]
+
+    def ratio(self, model: str, reference: str) -> float:
+        """Median over rounds of `model`'s time over `reference`'s (the pairs ran side by side)."""
+        pairs = zip(self.latencies[model].times_ms, self.latencies[reference].times_ms)
+        return statistics.median(a / b for a, b in pairs)
+
+    def table(self, reference: str | None = None) -> str:
+        """One line per model; with `reference`, each model's ratio to it."""
+        lines = []
+        for name, latency in self.latencies.items():
+            ratio = f"  x{self.ratio(name, reference):.3f}" if reference and name != reference else ""
+            lines.append(f"{name:>24s}  {latency}{ratio}")
+        return "\n".join(lines)
+
+
+def measure_latency(
+    model: nn.Module | Callable,
+    example_inputs: tuple | torch.Tensor | None = None,
+    *,
+    device: str | torch.device = "cpu",
+    batch_size: int | None = None,
+    dtype: str | torch.dtype | None = None,
+    runs: int | None = None,
+    warmup: int = 3,
+    threads: int | None = None,
+) -> Latency:
+    """Time `model` on `example_inputs` (a DAG's own recorded input shapes when omitted): warm-up calls,
+    then `runs` timed calls (by default as many as fill about a second, 5 to 200); median and quartiles.
+    `batch_size` repeats the inputs' examples along dim 0 to that batch; `dtype` casts the model's
+    floating-point weights and inputs (a copy: the model given is never changed); `threads` sets torch's
+    CPU threads while timing (the count is stated in the result either way)."""
+    return compare_latency(
+        {"model": model},
+        example_inputs,
+        device=device,
+        batch_size=batch_size,
+        dtype=dtype,
+        runs=runs,
+        warmup=warmup,
+        threads=threads,
+    ).latencies["model"]
+
+
+def compare_latency(
+    models: Mapping[str, nn.Module | Callable],
+    example_inputs: tuple | torch.Tensor | None = None,
+    *,
+    device: str | torch.device = "cpu",
+    batch_size: int | None = None,
+    dtype: str | torch.dtype | None = None,
+    runs: int | None = None,
+    warmup: int = 3,
+    threads: int | None = None,
+) -> LatencyComparison:
+    """Time several models in interleaved rounds on the same inputs (see `measure_latency`);
+    `.ratio(a, b)` is the median of the per-round ratios, `.table(reference)` prints them."""
+    if not models:
+        raise DagError("compare_latency needs at least one model")
+    device = torch.device(device)
+    cast_to = as_dtype(dtype)
+    inputs = prepared_inputs(next(iter(models.values())), example_inputs, batch_size, device, cast_to)
+    with _threads(threads), contextlib.ExitStack() as stack:
+        calls = {name: _ready(m, device, cast_to, stack) for name, m in models.items()}
+        sync = synchronizer(device)
+        for call in calls.values():
+            _warm(call, inputs, sync, warmup)
+        count = runs or _runs_to_fill(calls, inputs, sync)
+        times = _interleaved(calls, inputs, sync, count)
+        context = dict(
+            batch_size=batch_size,
+            dtype=str(cast_to or _model_dtype(next(iter(models.values())))).removeprefix("torch."),
+            device=device_name(device),
+            threads=torch.get_num_threads(),
+        )
+    return LatencyComparison({name: _summary(ns, **context) for name, ns in times.items()})
+
+
+def as_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise DagError(f"unknown dtype {dtype!r}: give one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+@cache
+def device_name(device: torch.device) -> str:
+    """A readable name of the device: the GPU's, or the CPU's model name."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    if device.type == "cpu":
+        with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return "cpu: " + line.split(":", 1)[1].strip()
+        return "cpu: " + (platform.processor() or platform.machine())
+    return str(device)
+
+
+def resized(inputs: tuple, batch_size: int | None) -> tuple:
+    """`inputs` with every tensor's examples (dim 0) repeated cyclically to `batch_size`."""
+    if batch_size is None:
+        return inputs
+    if batch_size < 1:
+        raise DagError(f"batch_size must be at least 1, got {batch_size}")
+
+    def resize(x: Any) -> Any:
+        if not isinstance(x, torch.Tensor) or x.dim() == 0:
+            return x
+        return x[torch.arange(batch_size) % x.shape[0]]
+
+    return pytree.tree_map(resize, inputs)
+
+
+def prepared_inputs(
+    model: Any, example_inputs: Any, batch_size: int | None, device: torch.device, dtype: torch.dtype | None
+) -> tuple:
+    """The inputs a timing runs on: `example_inputs` (or a DAG's own) at `batch_size`, on `device`, floats
+    in `dtype`."""
+    if example_inputs is None:
+        if not hasattr(model, "example_inputs"):
+            raise DagError("give example_inputs: only a DagModule knows its own input shapes")
+        example_inputs = model.example_inputs()
+    inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+
+    def move(x: Any) -> Any:
+        if not isinstance(x, torch.Tensor):
+            return x
+        return x.to(device, dtype if dtype is not None and x.is_floating_point() else None)
+
+    return pytree.tree_map(move, resized(inputs, batch_size))
+
+
+def _ready(
+    model: Any, device: torch.device, dtype: torch.dtype | None, stack: contextlib.ExitStack
+) -> Callable:
+    """The model as it will be timed: on `device` in `dtype` (a copy when either differs), in eval mode
+    (restored afterwards)."""
+    if not isinstance(model, nn.Module):
+        return model
+    tensors = [*model.parameters(), *model.buffers()]
+    moved = any(t.device != device for t in tensors) or (
+        dtype is not None and any(t.is_floating_point() and t.dtype != dtype for t in tensors)
+    )
+    if moved:
+        model = copy.deepcopy(model).to(device=device, dtype=dtype)
+    if model.training:
+        model.eval()
+        stack.callback(model.train)
+    return model
+
+
+def _model_dtype(model: Any) -> torch.dtype:
+    floats = (
+        [p.dtype for p in model.parameters() if p.is_floating_point()] if isinstance(model, nn.Module) else []
+    )
+    return floats[0] if floats else torch.get_default_dtype()
+
+
+def synchronizer(device: torch.device) -> Callable[[], None]:
+    """What waits for the device's queued work (nothing on the CPU)."""
+    if device.type == "cuda":
+        return lambda: torch.cuda.synchronize(device)
+    if device.type == "mps":
+        return torch.mps.synchronize
+    return lambda: None
+
+
+def _call(model: Callable, inputs: tuple, sync: Callable[[], None]) -> int:
+    """Nanoseconds of one call, the device synchronised before and after."""
+    sync()
+    start = time.perf_counter_ns()
+    model(*inputs)
+    sync()
+    return time.perf_counter_ns() - start
+
+
+def _warm(model: Callable, inputs: tuple, sync: Callable[[], None], warmup: int) -> None:
+    with torch.inference_mode():
+        for _ in range(max(1, warmup)):
+            _call(model, inputs, sync)
+
+
+def _runs_to_fill(calls: dict[str, Callable], inputs: tuple, sync: Callable[[], None]) -> int:
+    """Enough rounds that each model is timed for about `DEFAULT_SECONDS`."""
+    with torch.inference_mode():
+        slowest = max(_call(call, inputs, sync) for call in calls.values()) / 1e9
+    return max(MIN_RUNS, min(MAX_RUNS, round(DEFAULT_SECONDS / max(slowest, 1e-6))))
+
+
+def _interleaved(
+    calls: dict[str, Callable], inputs: tuple, sync: Callable[[], None], runs: int
+) -> dict[str, list[int]]:
+    names, times = list(calls), {name: list[int]() for name in calls}
+    gc.collect()
+    gc.disable()
+    try:
+        with torch.inference_mode():
+            for r in range(runs):
+                for name in names if r % 2 == 0 else reversed(names):
+                    times[name].append(_call(calls[name], inputs, sync))
+    finally:
+        gc.enable()
+    return times
+
+
+def _summary(ns: list[int], **context: Any) -> Latency:
+    ms = [t / 1e6 for t in ns]
+    quartiles = statistics.quantiles(ms, n=4) if len(ms) > 1 else [ms[0]] * 3
+    return Latency(statistics.median(ms), quartiles[0], quartiles[2], len(ms), times_ms=tuple(ms), **context)
+
+
+@contextlib.contextmanager
+def _threads(threads: int | None) -> Iterator[None]:
+    if threads is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

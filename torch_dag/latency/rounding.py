@@ -1,0 +1,56 @@
+"""Which multiples of channels a device runs at full speed: the rounding of widths a latency table picks.
+
+The DAG is cut to one draw of widths (every prunable group at a fraction drawn once), rounded up to
+multiples of 1, 2, 4, ... 32 in turn, and each cut is timed whole, interleaved with the others. Its cost
+per FLOP says what the rounding buys: odd widths can cost several times more per FLOP where kernels want
+vector blocks (reorders, reference paths), and the rounding is the smallest whose cost per FLOP is within
+`WITHIN` of the best. Roundings above a quarter of the median prunable group's width are not tried: they
+would leave most groups no width to choose. Whole models are timed, not single layers, because a width slows its readers as
+much as its producer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from ..analysis import count_flops
+from ..analysis.latency import compare_latency
+from ..core.dag import DagModule
+
+CANDIDATES = (1, 2, 4, 8, 16, 32)
+WITHIN = 0.05
+RUNS = 5
+
+
+def candidates(widths: list[int]) -> list[int]:
+    """The roundings worth trying for groups of these widths (in channels)."""
+    limit = max(1, int(np.median(widths)) // 4) if widths else 1
+    return [r for r in CANDIDATES if r <= limit]
+
+
+def preferred_rounding(
+    cut: Callable[[int], DagModule],
+    roundings: list[int],
+    inputs: tuple,
+    timed_inputs: tuple,
+    device: torch.device,
+) -> tuple[int, dict]:
+    """The rounding of widths, and the evidence (each rounding's FLOPs and milliseconds per GFLOP).
+    `cut(r)` is the DAG at the drawn widths rounded to multiples of r, on the device in the dtype."""
+    if len(roundings) == 1:
+        return roundings[0], {"reason": "the channel groups are too narrow to round"}
+    cuts = {str(r): cut(r) for r in roundings}
+    flops = {r: count_flops(dag, *inputs).total_flops for r, dag in cuts.items()}
+    times = compare_latency(cuts, timed_inputs, device=device, runs=RUNS, warmup=1).latencies
+    cost = {r: times[r].median_ms / max(flops[r], 1) * 1e9 for r in cuts}
+    best = min(cost.values())
+    chosen = next(r for r in roundings if cost[str(r)] <= (1 + WITHIN) * best)
+    evidence = {
+        "ms_per_gflop": {r: round(c, 4) for r, c in cost.items()},
+        "flops": flops,
+        "median_ms": {r: round(t.median_ms, 3) for r, t in times.items()},
+    }
+    return chosen, evidence
