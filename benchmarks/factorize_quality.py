@@ -2,6 +2,7 @@
 
     python benchmarks/factorize_quality.py                 # error vs FLOPs (resnet50, vit_small)
     python benchmarks/factorize_quality.py --latency       # CPU latency, factorized vs original
+    python benchmarks/factorize_quality.py --latency --latency-aware --models resnet50 --batches 32
     python benchmarks/factorize_quality.py --pass-time     # factorize() on vit_base_patch16_224
     python benchmarks/factorize_quality.py --overfit       # issue 25: ConvNeXt-T, 4 batches of 2
 
@@ -15,7 +16,8 @@ benchmarks/results/factorize_quality.csv.
 
 Latency: the default-size (224 x 224) models, random weights (speed depends on shapes only), the
 original DAG against the one factorized to 70% of the FLOPs (SVD, error allocation), interleaved
-calls, median over runs, batch 1 and 32. Pass time: factorize(flops_ratio=0.7) on vit_base_patch16_224
+calls (`td.compare_latency`), median over runs, batch 1 and 32; `--latency-aware` adds the model
+factorized with `latency=True` at each batch (layers whose pair measures no faster left whole). Pass time: factorize(flops_ratio=0.7) on vit_base_patch16_224
 with 8 calibration batches of 1 image (224 x 224 Fashion-MNIST; --calibration-batch to change).
 """
 
@@ -29,7 +31,6 @@ from pathlib import Path
 
 import _fmnist  # benchmarks/ is on sys.path when a script here runs
 import torch
-from timing import interleaved
 
 import torch_dag as td
 
@@ -116,7 +117,10 @@ def print_ratios(rows: list[dict]) -> None:
             print(f"  {model:24s} {ratio:.2f}  {row['test_error'] / base:.3f}")
 
 
-def latency(models: list[str], batches: list[int], runs: int, out: Path) -> None:
+def latency(models: list[str], batches: list[int], runs: int, aware: bool, out: Path) -> None:
+    """The original and the model factorized to 70 % of the FLOPs timed side by side (`compare_latency`);
+    with `aware`, also `factorize(..., latency=True)` at each batch (pairs that measure no faster there
+    stay whole)."""
     import timm
 
     rows = []
@@ -127,26 +131,26 @@ def latency(models: list[str], batches: list[int], runs: int, out: Path) -> None
         small = td.factorize(dag, 0.7, example_inputs=(torch.randn(1, *size),))
         for batch in batches:
             x = torch.randn(batch, *size)
-            with torch.inference_mode():
-                times = interleaved(
-                    {"original": dag, "factorized": small}, x, runs if batch == 1 else runs // 4, 5
+            candidates = {"original": dag, "factorized": small}
+            if aware:
+                start = time.perf_counter()
+                candidates["latency-aware"], report = td.factorize(
+                    dag, 0.7, example_inputs=(x,), latency=True, return_report=True
                 )
-            medians = {k: statistics.median(v) / 1e6 for k, v in times.items()}
-            row = {
-                "model": name,
-                "batch": batch,
-                "original_ms": round(medians["original"], 3),
-                "factorized_ms": round(medians["factorized"], 3),
-                "speedup": round(medians["original"] / medians["factorized"], 3),
-                "runs": len(times["original"]),
-                "threads": torch.get_num_threads(),
-            }
+                seconds = time.perf_counter() - start
+                print(f"  {name} batch {batch}: factorize(latency=True) {seconds:.1f} s; {report.note}")
+            measured = td.compare_latency(candidates, (x,), runs=runs if batch == 1 else max(5, runs // 4))
+            row = {"model": name, "batch": batch}
+            for key, latency in measured.latencies.items():
+                row[f"{key}_ms"] = round(latency.median_ms, 3)
+                if key != "original":
+                    row[f"{key}_ratio"] = round(measured.ratio(key, "original"), 3)
+            if aware:
+                row["aware_factorized_layers"] = f"{len(report.factorized)}/{len(report.layers)}"
+                row["aware_flops_ratio"] = round(report.flops_after / report.flops_before, 3)
+            row |= {"runs": measured.latencies["original"].runs, "threads": torch.get_num_threads()}
             rows.append(row)
-            print(
-                f"  {name:24s} batch {batch:3d}: original {row['original_ms']:9.2f} ms, factorized (70% FLOPs) "
-                f"{row['factorized_ms']:9.2f} ms, speedup {row['speedup']:.3f}x",
-                flush=True,
-            )
+            print(f"  {name:24s} batch {batch:3d} (70% FLOPs):\n{measured.table('original')}", flush=True)
     _write(out, rows)
 
 
@@ -224,6 +228,9 @@ def main() -> None:
     parser.add_argument("--ratios", nargs="+", type=float, default=[0.9, 0.8, 0.7, 0.6, 0.5])
     parser.add_argument("--size", type=int, default=64, help="input size the models are trained at")
     parser.add_argument("--latency", action="store_true", help="measure CPU latency instead")
+    parser.add_argument(
+        "--latency-aware", action="store_true", help="with --latency: also factorize(..., latency=True)"
+    )
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 32])
     parser.add_argument("--runs", type=int, default=100)
     parser.add_argument("--pass-time", action="store_true", help="time factorize() on vit_base_patch16_224")
@@ -239,7 +246,8 @@ def main() -> None:
     elif args.pass_time:
         pass_time(args.repeats, args.calibration_batch)
     elif args.latency:
-        latency(args.models, args.batches, args.runs, RESULTS / "factorize_latency.csv")
+        csv_name = "factorize_latency_aware.csv" if args.latency_aware else "factorize_latency.csv"
+        latency(args.models, args.batches, args.runs, args.latency_aware, RESULTS / csv_name)
     else:
         quality(args.models, args.ratios, args.size, RESULTS / "factorize_quality.csv")
 

@@ -25,6 +25,12 @@ the rank minimising error + mu * cost, with mu bisected until the target holds (
 one uniform ratio), then any slack goes back as rank where it removes the most error. A layer is
 factorized only below its break-even rank, where the pair has fewer multiply-adds than the layer it
 replaces.
+
+Fewer multiply-adds need not mean less time (two kernels and the memory between them cost too: on a CPU
+a k x k conv's pair often runs no faster). With `latency=`, each layer and its pair are timed alone on
+the layer's real input shape (`LatencyCheck`): layers whose pair at half their multiply-adds is not
+faster are left out of the allocation, and an allocated rank whose pair is not faster is undone, the
+report saying that the target is missed.
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterable
 from functools import partial
-from typing import Literal, cast, overload
+from typing import Any, Literal, cast, overload
 
 import torch
 from torch import nn
@@ -42,6 +48,7 @@ from torch.utils import _pytree as pytree
 
 from ..analysis import FlopReport, count_flops
 from ..analysis.activations import conv_geometry
+from ..analysis.latency import as_dtype
 from ..core.dag import DagModule, evaluating
 from ..core.editor import Editor
 from ..core.errors import DagError
@@ -50,7 +57,7 @@ from ..core.options import check_option, choices
 from ..core.progress import show_progress
 from ..core.template import Ref, iter_refs
 from ..core.traits import Trait, traits_of
-from .factorize_ranks import at_ratio, error_allocation, uniform_allocation
+from .factorize_ranks import LatencyCheck, at_ratio, error_allocation, uniform_allocation
 from .factorize_report import Allocation, FactorizationReport, LayerReport
 from .factorize_solve import (
     MIN_ROWS_PER_INPUT,
@@ -83,6 +90,7 @@ def factorize(
     protected: Iterable[str] = (),
     protect_outputs: bool = True,
     progress: bool = False,
+    latency: bool | object = False,
     return_report: Literal[False] = False,
 ) -> DagModule: ...
 
@@ -100,6 +108,7 @@ def factorize(
     protected: Iterable[str] = (),
     protect_outputs: bool = True,
     progress: bool = False,
+    latency: bool | object = False,
     return_report: Literal[True],
 ) -> tuple[DagModule, FactorizationReport]: ...
 
@@ -116,6 +125,7 @@ def factorize(
     protected: Iterable[str] = (),
     protect_outputs: bool = True,
     progress: bool = False,
+    latency: bool | object = False,
     return_report: bool = False,
 ) -> DagModule | tuple[DagModule, FactorizationReport]:
     """A DAG whose Linear / Conv2d vertices (and earlier low-rank ones) are low-rank pairs.
@@ -130,6 +140,13 @@ def factorize(
     and layers with no rank below break-even are left alone, with the reason in the report
     (`return_report=True` returns `(dag, FactorizationReport)`). The input DAG is untouched; a DAG
     with nested DagModules is flattened first.
+
+    `latency=True` keeps only factorizations that pay in measured time on the CPU at the example inputs'
+    batch; a `LatencyTable` (or any object with `device_type`, `dtype` and `batch_size`) on its device,
+    dtype and batch. Each layer is timed alone against its low-rank pair at half its multiply-adds; one
+    not faster is left whole and the target is allocated over the rest; each allocated rank is then
+    timed too, and one not faster is left whole, the report's note saying the target is missed. The
+    timings are in each layer's report.
     """
     start = time.perf_counter()
     targets = dict(zip(TARGETS, (flops_ratio, params_ratio, rank_ratio)))
@@ -146,13 +163,55 @@ def factorize(
     before = count_flops(prep.dag, *prep.example_inputs)
     outputs = output_layers(prep.dag) if protect_outputs else {}
     find = partial(_find_layers, prep.dag, before.flops, set(protected), outputs)
-    result, reports, note = _factorized(prep, find, allocation, before, progress)
+    check = _latency_check(latency, prep, progress)
+    allocate = partial(_allocate, prep=prep, allocation=allocation, before=before, check=check)
+    result, reports, note = _factorized(prep, find, allocate, progress)
     summary = _summary(prep, allocation, reports, before, result, time.perf_counter() - start, note)
+    if check is not None:
+        summary.note = "; ".join(filter(None, [summary.note, check.note(reports, _reached(prep, summary))]))
     return (result, summary) if return_report else result
 
 
+def _latency_check(latency: bool | object, prep: Prepared, progress: bool) -> LatencyCheck | None:
+    """The timing `latency=` asks for: None (False), the CPU at the example inputs' batch (True), or a
+    latency table's device, dtype, batch and threads."""
+    if latency is False:
+        return None
+    if latency is True:
+        return LatencyCheck(prep.dag, prep.example_inputs, torch.device("cpu"), None, None, progress=progress)
+    missing = [name for name in ("device_type", "dtype", "batch_size") if not hasattr(latency, name)]
+    if missing:
+        raise DagError(
+            f"factorize(latency=...) takes True, False or a LatencyTable (an object with device_type, "
+            f"dtype and batch_size); got a {type(latency).__name__} without {', '.join(missing)}"
+        )
+    table = cast(Any, latency)  # duck-typed: passes sit below torch_dag.latency
+    return LatencyCheck(
+        prep.dag,
+        prep.example_inputs,
+        torch.device(table.device_type),
+        as_dtype(table.dtype),
+        table.batch_size,
+        getattr(table, "threads", None),
+        progress,
+    )
+
+
+def _reached(prep: Prepared, summary: FactorizationReport) -> str:
+    """What the result reached of its target, for the note of a latency check that missed it."""
+    target, value = prep.goal
+    if target == "rank_ratio":
+        return f"rank_ratio={value:g}: those layers keep their full rank"
+    before, after = (
+        (summary.params_before, summary.params_after)
+        if target == "params_ratio"
+        else (summary.flops_before, summary.flops_after)
+    )
+    return f"{target}={value:g} asked, {after / max(1, before):.4f} reached"
+
+
 def _factorized(
-    prep: Prepared, find: Callable, allocation: Allocation, before: FlopReport, progress: bool
+    prep: Prepared, find: Callable, allocate: Callable, progress: bool
 ) -> tuple[DagModule, list[LayerReport], str]:
     """The factorized DAG, its layers' reports and a note. With calibration, the data-aware result
     and the data-free one (truncated SVD, ranks by weight error) are both built, and the one with the
@@ -162,17 +221,17 @@ def _factorized(
     for layer in layers if prep.calibration is None else ():
         layer.solve(None)
     if prep.calibration is None:
-        return _replace_layers(prep.dag, layers, *_allocate(layers, prep, allocation, before)), reports, ""
+        return _replace_layers(prep.dag, layers, *allocate(layers)), reports, ""
     split = split_calibration(prep.calibration)
     moments = record_moments(prep.dag, layers, split, progress)
     for layer in show_progress(layers, desc="factorize: spectra", unit="layer", disable=not progress):
         layer.solve(moments[layer.key])
     _warn_short(layers, split, moments)
-    aware = _replace_layers(prep.dag, layers, *_allocate(layers, prep, allocation, before))
+    aware = _replace_layers(prep.dag, layers, *allocate(layers))
     svd_layers, svd_reports = find()
     for layer in svd_layers:
         layer.solve(None)
-    svd = _replace_layers(prep.dag, svd_layers, *_allocate(svd_layers, prep, allocation, before))
+    svd = _replace_layers(prep.dag, svd_layers, *allocate(svd_layers))
     for layer in svd_layers:  # the SVD's errors on the held-out rows too
         if layer.report.rank is not None:
             layer.measure(moments[moment_key(layer)])
@@ -203,9 +262,36 @@ def _leaves(output) -> list[torch.Tensor]:
 
 
 def _allocate(
+    layers: list[Layer],
+    prep: Prepared,
+    allocation: Allocation,
+    before: FlopReport,
+    check: LatencyCheck | None,
+) -> tuple[list[int | None], str]:
+    """Each layer's rank (None: left whole) for the target, and why a layer left whole was; with a
+    latency check, over the layers whose pairs pay, each allocated rank checked in turn."""
+    if check is None:
+        return _ranks(layers, prep, allocation, before)
+    paying = check.paying(layers)
+    try:
+        chosen, why = _ranks(paying, prep, allocation, before)
+    except DagError as error:
+        if len(paying) == len(layers):
+            raise
+        raise DagError(
+            f"{error}; {len(layers) - len(paying)} more were left whole because their low-rank pairs "
+            f"measured no faster than the whole layers on {check.device_name}: lower the target, or give "
+            "latency=False to factorize them anyway"
+        ) from None
+    ranks = iter(check.checked(paying, chosen))
+    kept = {id(layer) for layer in paying}
+    return [next(ranks) if id(layer) in kept else None for layer in layers], why
+
+
+def _ranks(
     layers: list[Layer], prep: Prepared, allocation: Allocation, before: FlopReport
 ) -> tuple[list[int | None], str]:
-    """Each layer's rank (None: left whole) for the target, and why a layer left whole was."""
+    """The ranks of `layers` that meet the target on their own (see `_allocate`)."""
     target, value = prep.goal
     if target == "rank_ratio":
         return at_ratio(layers, value)
@@ -221,7 +307,7 @@ def _replace_layers(dag: DagModule, layers: list[Layer], ranks: list[int | None]
     for layer, rank in zip(layers, ranks):
         report = layer.report
         if rank is None:
-            report.reason = why
+            report.reason = report.reason or why  # a latency check's reason stands
             continue
         module, error = factorized_module(layer, rank)
         for name in report.vertices:

@@ -8,6 +8,29 @@ from typing import Literal
 Allocation = Literal["error", "uniform"]  # least total error, or one rank fraction for every layer
 
 
+@dataclass(frozen=True)
+class LayerTiming:
+    """One measurement of `factorize(..., latency=...)`: the whole layer and its low-rank pair at `rank`,
+    each called alone on an input of the layer's real shape, in interleaved rounds; medians in ms."""
+
+    stage: Literal["probe", "chosen"]  # before allocation (at half the multiply-adds), or its rank
+    rank: int
+    whole_ms: float
+    pair_ms: float
+    device: str
+
+    @property
+    def pays(self) -> bool:
+        return self.pair_ms < self.whole_ms
+
+    def __str__(self) -> str:
+        verdict = "pays" if self.pays else "does not pay"
+        return (
+            f"low-rank pair at rank {self.rank} measured {self.pair_ms:.4g} ms vs {self.whole_ms:.4g} ms "
+            f"whole on {self.device}: {verdict}"
+        )
+
+
 @dataclass
 class LayerReport:
     """What happened to one factorizable layer (a module; `vertices` lists every vertex calling it)."""
@@ -23,10 +46,16 @@ class LayerReport:
     error: float | None = None  # normalized output error on held-out calibration data (or weight error)
     reason: str = ""  # why the layer was left whole ("" where it was factorized)
     solution: str = ""  # factorized: "data-aware", or "svd: " and why the truncated SVD was used
+    timings: list[LayerTiming] = field(default_factory=list)  # factorize(..., latency=...): measured
 
     @property
     def name(self) -> str:
         return self.vertices[0]
+
+    @property
+    def slower_at_chosen_rank(self) -> bool:
+        """Left whole because its pair at the allocated rank measured no faster (the target is missed)."""
+        return self.rank is None and bool(self.timings) and self.timings[-1].stage == "chosen"
 
 
 @dataclass
@@ -45,7 +74,7 @@ class FactorizationReport:
     # "held-out": each layer's normalized output error on the held-out calibration batches (never the
     # batches its solution was fitted on); "weight": the weight's relative error (no calibration)
     error_kind: Literal["weight", "held-out"] = field(default="weight")
-    note: str = ""  # with calibration: the held-out output errors of both solutions, and which was kept
+    note: str = ""  # the held-out output errors of both solutions (calibration); what latency= changed
 
     @property
     def factorized(self) -> list[LayerReport]:
@@ -76,6 +105,14 @@ class FactorizationReport:
             error = f"{layer.error:.4f}" if layer.error is not None else "-"
             lines.append(
                 f"  {layer.name[:40]:40s} {layer.op[:14]:14s} {shape:>11s} {rank:>11s} {kept:>10s} "
-                f"{error:>10s}  {layer.reason or layer.solution}"
+                f"{error:>10s}  {layer.reason or layer.solution}{_timed(layer)}"
             )
         return "\n".join(lines)
+
+
+def _timed(layer: LayerReport) -> str:
+    """A factorized layer's last measurement, where one was made (a skipped one says it in its reason)."""
+    if layer.rank is None or not layer.timings:
+        return ""
+    last = layer.timings[-1]
+    return f" ({last.pair_ms:.3g} ms vs {last.whole_ms:.3g} ms whole)"

@@ -363,6 +363,23 @@ def factorized_module(layer: Layer, rank: int) -> tuple[nn.Module, float]:
     return new, error
 
 
+def pair_like(module: Factorizable, shape: tuple[int, int], rank: int) -> nn.Module:
+    """A low-rank pair of `module`'s geometry (`shape`: out x d) at `rank` with random factors, in its
+    dtype and on its device: what timing needs (a pair's cost does not depend on its values)."""
+    out, d = shape
+    bias = module.bias is not None
+    reference = weight_of(module)
+    new: LowRankLinear | LowRankConv2d
+    if isinstance(module, (nn.Linear, LowRankLinear)):
+        new = LowRankLinear(d, out, rank, bias=bias)
+    else:
+        new = _low_rank_conv(module, out, rank, bias)
+    with torch.no_grad():
+        for parameter in new.parameters():  # never uninitialised memory: denormals would time slowly
+            parameter.normal_(0.0, 0.02)
+    return new.to(dtype=reference.dtype, device=reference.device).eval()
+
+
 def _low_rank_conv(module: nn.Conv2d | LowRankConv2d, out: int, rank: int, bias: bool) -> LowRankConv2d:
     """An empty LowRankConv2d with `module`'s geometry (a 2-d conv: its sizes are pairs)."""
     kernel, stride, dilation = (
