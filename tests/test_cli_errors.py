@@ -104,7 +104,10 @@ BAD = [
     ("prune {dag} --kmapp 0 -o {root}/o.dag", "--kmapp: expected a finite number > 0, got '0'"),
     ("prune {dag} --kmapp inf -o {root}/o.dag", "--kmapp: expected a finite number > 0, got 'inf'"),
     ("prune {dag} --flops-ratio 0.5 --kmapp 2 -o {root}/o.dag", "not allowed with argument"),
-    ("prune {dag} -o {root}/o.dag", "one of the arguments --flops-ratio --params-ratio --kmapp is required"),
+    (
+        "prune {dag} -o {root}/o.dag",
+        "one of the arguments --flops-ratio --params-ratio --kmapp --latency-ratio is required",
+    ),
     (PRUNE + " --criterion nosuch", "argument --criterion: invalid choice: 'nosuch'"),
     (PRUNE + " --round-to 0", "argument --round-to: expected an integer >= 1, got '0'"),
     (PRUNE + " --min-channels=-1", "argument --min-channels: expected an integer >= 1, got '-1'"),

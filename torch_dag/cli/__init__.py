@@ -2,8 +2,9 @@
 
 parser.py holds the subcommand table and options; each subcommand's run function lives in the module
 of its group: convert.py (convert, export-onnx), info.py (info, viz), rewrite.py (swap-act, fold-bn,
-simplify), compress.py (prune, factorize, flexify), finetune.py; models.py loads models and inputs;
-values.py checks option values and paths.
+simplify), compress.py (prune, factorize, flexify), latency.py (bench, latency-table, and the latency
+table `prune --latency-ratio` reads or builds), finetune.py; models.py loads models and inputs; values.py
+checks option values and paths.
 
 A user's mistake (a bad value, a missing or unwritable file, a model that cannot run on the inputs
 given) is one line on stderr and exit status 2; only a bug in torch-dag prints a traceback.

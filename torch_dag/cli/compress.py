@@ -8,40 +8,86 @@ import warnings
 from typing import Any, cast
 
 from .. import analysis, flex, passes, pruning, serde
+from ..core.dag import DagModule
 from ..core.errors import DagError
+from ..latency import LatencyTable
+from ..pruning.prune import DEFAULT_ROUND_TO
 from .info import print_levels
+from .latency import table_for_prune
 from .models import calibration_batches, check_runs, load_or_convert, recalibrate_if_asked
 from .values import increasing_fractions
 
 
 def _width_settings(args: argparse.Namespace) -> dict:
     """The options prune and flexify share (PruneConfig / FlexConfig fields of the same names)."""
-    names = ("criterion", "round_to", "min_channels", "attention", "compensate")
-    return {name: getattr(args, name) for name in names}
+    names = ("criterion", "min_channels", "attention", "compensate")
+    return {"round_to": args.round_to or DEFAULT_ROUND_TO, **{name: getattr(args, name) for name in names}}
 
 
 def cmd_prune(args: argparse.Namespace) -> None:
     calibration = calibration_batches(args)
     dag, inputs = load_model_and_data(args, calibration)
-    config = pruning.PruneConfig(**_width_settings(args))
+    table, table_file = table_for_prune(args, dag, inputs) if args.latency_ratio is not None else (None, None)
+    # the rounding asked for: --round-to, else prune's own default (the table's with a latency target)
+    asked = args.round_to or (table.round_to if table is not None else DEFAULT_ROUND_TO)
+    config = pruning.PruneConfig(**{**_width_settings(args), "round_to": asked})
     start = time.perf_counter()
     with warnings.catch_warnings():  # the report says which rounding was used, and why a target was missed
         warnings.simplefilter("ignore")
-        pruned, report = pruning.prune(
-            dag,
-            args.flops_ratio,
-            inputs,
-            params_ratio=args.params_ratio,
-            kmapp=args.kmapp,
-            config=config,
-            calibration=calibration,
-            protected=args.protect,
-            progress=not args.quiet,
-            return_report=True,
-        )
+        try:
+            pruned, report = pruning.prune(
+                dag,
+                args.flops_ratio,
+                inputs,
+                params_ratio=args.params_ratio,
+                kmapp=args.kmapp,
+                latency_ratio=args.latency_ratio,
+                latency_table=table,
+                config=config,
+                calibration=calibration,
+                protected=args.protect,
+                progress=not args.quiet,
+                return_report=True,
+            )
+        except DagError as e:
+            if table_file is not None and "latency table" in str(e):
+                raise DagError(f"latency table {table_file}: {e}") from None
+            raise
     recalibrated = recalibrate_if_asked(pruned, calibration, args)
     seconds = time.perf_counter() - start
     serde.save(pruned, args.output)
+    _print_pruned(args, dag, pruned, inputs, report, asked, seconds, table)
+    if recalibrated is not None:
+        print(f"  batchnorm statistics re-estimated on {args.calibration}: {recalibrated} layers")
+
+
+def _rounding(
+    args: argparse.Namespace, report: pruning.PruneReport, asked: int, table: LatencyTable | None
+) -> str:
+    """How the widths were rounded, and why: as asked, the latency table's choice, or the default."""
+    text = f"widths rounded to multiples of {report.round_to} where a group is that wide"
+    if report.round_to != asked:
+        return f"{text}; {asked} could not reach the target"
+    if args.round_to is not None:
+        return f"{text}, as --round-to asks"
+    if table is not None and table.fit.get("rounding", {}).get("reason") == "given":
+        return f"{text}, the latency table's rounding (given when it was built)"
+    if table is not None:
+        return f"{text}, the rounding the latency table found fastest on its device"
+    return f"{text}, as hardware kernels run fastest on such widths"
+
+
+def _print_pruned(
+    args: argparse.Namespace,
+    dag: DagModule,
+    pruned: DagModule,
+    inputs: tuple,
+    report: pruning.PruneReport,
+    asked: int,
+    seconds: float,
+    table: LatencyTable | None,
+) -> None:
+    """The before/after table of a prune, the latency reached with a latency target, and the report."""
     before, after = analysis.count_flops(dag, *inputs), analysis.count_flops(pruned, *inputs)
     rows = [
         ("params (M)", before.total_params / 1e6, after.total_params / 1e6),
@@ -51,22 +97,25 @@ def cmd_prune(args: argparse.Namespace) -> None:
     print(
         f"pruned {args.source} to {after.total_flops / before.total_flops:.1%} of its FLOPs and "
         f"{after.total_params / before.total_params:.1%} of its params in {seconds:.1f} s "
-        f"({config.criterion}; widths rounded to multiples of {report.round_to} where a group is that wide, "
-        f"as hardware kernels run fastest on such widths"
-        f"{'' if report.round_to == config.round_to else f'; {config.round_to} could not reach the target'}"
-        f"); saved to {args.output}"
+        f"({args.criterion}; {_rounding(args, report, asked, table)}); saved to {args.output}"
     )
     print(f"  {'':12s} {'before':>10s} {'after':>10s} {'ratio':>7s}")
+    if report.measured_ms is not None and table is not None:
+        rows.insert(0, ("latency (ms)", *report.measured_ms))
     for label, old, new in rows:
         print(f"  {label:12s} {old:10.3f} {new:10.3f} {new / old if old else 0:7.3f}")
+    if report.predicted is not None and table is not None:
+        print(
+            f"  latency ratio {report.reached:.3f} measured (median of per-round ratios, side by side), "
+            f"{report.predicted:.3f} predicted by the table (target {report.target:.3f}); "
+            f"{table.device}, {table.dtype}, batch {table.batch_size}, {table.threads} threads"
+        )
     print(f"  channel groups: {report.groups}, prunable {report.prunable}, narrowed {report.narrowed}")
     if report.missed:
         print(f"  target missed: {report.why()}")
     if args.report:
         print(pruning.group_table(report.group_rows, report.measure))
         print(pruning.layer_table(report.layer_rows))
-    if recalibrated is not None:
-        print(f"  batchnorm statistics re-estimated on {args.calibration}: {recalibrated} layers")
 
 
 def cmd_factorize(args: argparse.Namespace) -> None:

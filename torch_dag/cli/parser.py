@@ -16,6 +16,7 @@ from .compress import cmd_factorize, cmd_flexify, cmd_prune
 from .convert import cmd_convert, cmd_export_onnx
 from .finetune import cmd_finetune
 from .info import cmd_info, cmd_viz
+from .latency import DTYPE_CHOICES, cmd_bench, cmd_latency_table, device_option
 from .rewrite import cmd_fold_bn, cmd_simplify, cmd_swap_act
 from .values import FRACTION, integer, number, parse_size
 
@@ -28,7 +29,10 @@ torch-dag viz resnet50.dag -o resnet50.svg        (--html for one offline page)
 torch-dag swap-act resnet50.dag relu=hardswish -o r50_hswish.dag
 torch-dag fold-bn resnet50.dag -o r50_folded.dag
 torch-dag export-onnx resnet50.dag -o resnet50.onnx
+torch-dag bench resnet50.dag resnet50_half.dag --batch-size 32     (each one's latency, and their ratio)
+torch-dag latency-table resnet50.dag --batch-size 32    (-> resnet50.latency-cpu-float32-b32.json)
 torch-dag prune timm:resnet50 --flops-ratio 0.5 -o resnet50_half.dag    (--report: every group and layer)
+torch-dag prune resnet50.dag --latency-ratio 0.5 --latency-batch 32 -o r50_fast.dag  (measured latency)
 torch-dag factorize resnet50.dag --flops-ratio 0.7 --calibration images.npy -o resnet50_lr.dag
 torch-dag flexify timm:resnet50 --levels 0.25 0.5 1.0 -o resnet50_flex.dag --delta-file r50.delta
 torch-dag finetune resnet50_half.dag --teacher resnet50.dag --data images.npy -o resnet50_half_ft.dag
@@ -134,8 +138,52 @@ def _export_parser(sub: argparse._SubParsersAction) -> None:
     export.set_defaults(run=cmd_export_onnx)
 
 
+def _bench_parser(sub: argparse._SubParsersAction) -> None:
+    bench = sub.add_parser(
+        "bench", help="measure the latency of a model, or of two side by side and their ratio"
+    )
+    bench.add_argument("model", help="a .dag file, timm:NAME or package.module:factory")
+    bench.add_argument("other", nargs="?", help="a second model, timed in the same rounds on the same inputs")
+    bench.add_argument("--input-size", type=parse_size, help="CxHxW (default: as converted / pretrained_cfg)")
+    _add_timing_options(bench)
+    bench.add_argument(
+        "--runs", type=integer(1), help="timed calls of each model (default: as many as fill about a second)"
+    )
+    bench.add_argument("--threads", type=integer(1), help="CPU threads while timing (default: torch's)")
+    bench.set_defaults(run=cmd_bench)
+
+
+def _latency_table_parser(sub: argparse._SubParsersAction) -> None:
+    table = sub.add_parser(
+        "latency-table", help="time a model's layers at many widths: the table prune --latency-ratio reads"
+    )
+    table.add_argument("model", help="a .dag file, timm:NAME or package.module:factory")
+    table.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        help="the table's JSON (default: beside the model, MODEL.latency-DEVICE-DTYPE-bBATCH.json)",
+    )
+    table.add_argument("--input-size", type=parse_size, help="CxHxW (default: as converted / pretrained_cfg)")
+    _add_timing_options(table)
+    table.add_argument("--probes", type=integer(2), default=10, help="width assignments timed and fitted")
+    table.add_argument(
+        "--round-to",
+        type=integer(1),
+        help="widths the probes use are multiples of this (default: the rounding this device runs "
+        "fastest at, measured first)",
+    )
+    table.add_argument(
+        "--attention", choices=choices(AttentionMode), default="heads", help="as prune's --attention"
+    )
+    table.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    table.set_defaults(run=cmd_latency_table)
+
+
 def _prune_parser(sub: argparse._SubParsersAction) -> None:
-    shrink = sub.add_parser("prune", help="remove channels to a FLOPs target; prints a before/after table")
+    shrink = sub.add_parser(
+        "prune", help="remove channels to a FLOPs, params or latency target; prints a before/after table"
+    )
     shrink.add_argument("source", help="a .dag file, timm:NAME or package.module:factory")
     target = shrink.add_mutually_exclusive_group(required=True)
     target.add_argument("--flops-ratio", type=FRACTION, help="fraction of the FLOPs to keep, in (0, 1]")
@@ -143,7 +191,40 @@ def _prune_parser(sub: argparse._SubParsersAction) -> None:
     target.add_argument(
         "--kmapp", type=number(above=0.0), help="target kmapp (FLOPs per input pixel / 1000), > 0"
     )
-    _add_width_options(shrink, "remove whole attention heads, or the same positions of every head")
+    target.add_argument(
+        "--latency-ratio",
+        type=FRACTION,
+        help="fraction of the measured latency to keep, in (0, 1]: widths chosen on a latency table, "
+        "the result measured",
+    )
+    shrink.add_argument(
+        "--latency-table",
+        type=Path,
+        help="with --latency-ratio: a table from `torch-dag latency-table` (default: the one beside the "
+        "model for --device, --dtype and --latency-batch, built and saved there when missing)",
+    )
+    shrink.add_argument(
+        "--latency-batch",
+        type=integer(1),
+        help="with --latency-ratio: the batch size latency is predicted and measured at (default: the "
+        "table's, else the example inputs' batch; --batch-size is the calibration's)",
+    )
+    shrink.add_argument(
+        "--device",
+        type=device_option,
+        help="with --latency-ratio: cpu, cuda, ... (default: the table's, else cpu)",
+    )
+    shrink.add_argument(
+        "--dtype",
+        choices=DTYPE_CHOICES,
+        help="with --latency-ratio: the dtype latency is measured in (default: the table's, else the model's own)",
+    )
+    _add_width_options(
+        shrink,
+        "remove whole attention heads, or the same positions of every head",
+        "keep widths multiples of this (1: no rounding; default: 8, or with --latency-ratio the rounding "
+        "the latency table found fastest on its device)",
+    )
     shrink.add_argument(
         "--compensate",
         choices=choices(Compensation),
@@ -213,7 +294,11 @@ def _flexify_parser(sub: argparse._SubParsersAction) -> None:
     target.add_argument(
         "--flops-ratios", type=FRACTION, nargs="+", help="FLOPs ratio per level instead, increasing"
     )
-    _add_width_options(flexify, "levels keep whole attention heads, or the same positions of every head")
+    _add_width_options(
+        flexify,
+        "levels keep whole attention heads, or the same positions of every head",
+        "keep widths multiples of this (1: no rounding; default: 8)",
+    )
     flexify.add_argument(
         "--compensate",
         choices=choices(FlexCompensation),
@@ -268,6 +353,8 @@ SUBCOMMANDS = (
     _viz_parser,
     _rewrite_parsers,
     _export_parser,
+    _bench_parser,
+    _latency_table_parser,
     _prune_parser,
     _factorize_parser,
     _flexify_parser,
@@ -275,7 +362,20 @@ SUBCOMMANDS = (
 )  # in the order `--help` lists them
 
 
-def _add_width_options(parser: argparse.ArgumentParser, attention_help: str) -> None:
+def _add_timing_options(parser: argparse.ArgumentParser, batch_option: str = "--batch-size") -> None:
+    """Where and how a latency is measured: batch size, device and dtype (bench, latency-table)."""
+    parser.add_argument(
+        batch_option,
+        type=integer(1),
+        help="batch size to time at (default: the example inputs' batch, 1 for a converted model)",
+    )
+    parser.add_argument("--device", type=device_option, default="cpu", help="cpu, cuda, cuda:1, mps")
+    parser.add_argument(
+        "--dtype", choices=DTYPE_CHOICES, help="weights and inputs cast to it (default: the model's own)"
+    )
+
+
+def _add_width_options(parser: argparse.ArgumentParser, attention_help: str, round_to_help: str) -> None:
     """The options `prune` and `flexify` share: how channels are ranked and widths chosen, and I/O."""
     parser.add_argument("--criterion", default="l2", choices=choices(Criterion), help="channel importance")
     parser.add_argument(
@@ -290,9 +390,7 @@ def _add_width_options(parser: argparse.ArgumentParser, attention_help: str) -> 
         help="with --calibration: re-estimate the "
         "batchnorm statistics of the result (of every level) on the calibration data",
     )
-    parser.add_argument(
-        "--round-to", type=integer(1), default=8, help="keep widths multiples of this (1: no rounding)"
-    )
+    parser.add_argument("--round-to", type=integer(1), help=round_to_help)
     parser.add_argument("--min-channels", type=integer(1), default=1, help="the narrowest a group may become")
     parser.add_argument("--attention", choices=choices(AttentionMode), default="heads", help=attention_help)
     parser.add_argument(
