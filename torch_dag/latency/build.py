@@ -2,10 +2,11 @@
 
 The DAG is cut to a few "probes", each channel group at a width drawn between a quarter and all of its
 channels, rounded as pruning rounds them (the first probe is the whole model, the second every group at
-its narrowest draw). Each probe runs vertex by vertex: every vertex is called once for its value, then
-timed alone `repeats` times (median); the probe is also timed whole. Each vertex's coefficients are the
-least-squares fit of its times to its sides' kept fractions (`table.VertexCost`), and the whole-model
-scale and offset the fit of the probes' measured times to the sums of those fits.
+its narrowest draw). Each probe runs `repeats` timed forward passes vertex by vertex, every vertex timed
+where it runs (median over the passes); the probe is also timed whole beside the whole model. Each
+vertex's coefficients are the least-squares fit of its times to its sides' kept fractions
+(`table.VertexCost`), and the whole-model scale and offset the fit of the probes' measured times to the
+sums of those fits.
 """
 
 from __future__ import annotations
@@ -178,38 +179,40 @@ def _batch_of(inputs: tuple) -> int:
 
 
 def _time_vertices(dag: DagModule, inputs: tuple, sync: Callable[[], None], repeats: int) -> dict[str, float]:
-    """Each vertex's median microseconds, called alone on its real inputs; values are dropped once their
-    last reader has run."""
+    """Each vertex's median microseconds over `repeats` forward passes (after one untimed pass), each
+    vertex timed where it runs in the pass: after the vertices before it, allocating as the model does.
+    Calling one vertex again and again instead reuses the memory it just freed and finds its inputs in
+    cache, and under-counts the memory-bound work that dominates large batches on a CPU."""
     last_read: dict[str, int] = {}
     for index, vertex in enumerate(dag):
         for ref in iter_refs((vertex.args, vertex.kwargs)):
             last_read[ref.name] = index
     kept = {ref.name for ref in iter_refs(dag.output)}
-    values: dict[str, Any] = dict(zip(dag.input_names, inputs))
-    times = {}
+    calls = [callable_of(vertex.module) for vertex in dag]
+    samples: dict[str, list[int]] = {vertex.name: [] for vertex in dag}
+    values: dict[str, Any] = {}
     gc.collect()
     gc.disable()
     try:
         with torch.inference_mode():
-            for index, vertex in enumerate(dag):
-                call = callable_of(vertex.module)
-                args = map_refs(vertex.args, lambda r: values[r.name])
-                kwargs = map_refs(vertex.kwargs, lambda r: values[r.name])
-                values[vertex.name] = call(*args, **kwargs)
-                samples = []
-                for _ in range(repeats):
+            for timed in [False] + [True] * max(1, repeats):
+                values.clear()
+                values.update(zip(dag.input_names, inputs))
+                for index, vertex in enumerate(dag):
+                    args = map_refs(vertex.args, lambda r: values[r.name])
+                    kwargs = map_refs(vertex.kwargs, lambda r: values[r.name])
                     sync()
                     begin = time.perf_counter_ns()
-                    call(*args, **kwargs)
+                    values[vertex.name] = calls[index](*args, **kwargs)
                     sync()
-                    samples.append(time.perf_counter_ns() - begin)
-                times[vertex.name] = statistics.median(samples) / 1e3
-                for name in {r.name for r in iter_refs((vertex.args, vertex.kwargs))}:
-                    if last_read.get(name) == index and name not in kept:
-                        del values[name]
+                    if timed:
+                        samples[vertex.name].append(time.perf_counter_ns() - begin)
+                    for name in {r.name for r in iter_refs((vertex.args, vertex.kwargs))}:
+                        if last_read.get(name) == index and name not in kept:
+                            del values[name]
     finally:
         gc.enable()
-    return times
+    return {name: statistics.median(times) / 1e3 for name, times in samples.items()}
 
 
 def _sides(dag: DagModule, groups: ChannelGroups) -> dict[str, tuple[np.ndarray, np.ndarray]]:
