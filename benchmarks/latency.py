@@ -43,6 +43,9 @@ from typing import Any
 import numpy as np
 import timm
 import torch
+from prune_latency import (
+    MODELS,  # the six models of issue 23, as prune_latency.py times them; benchmarks/ is on sys.path
+)
 
 import torch_dag as td
 from torch_dag.analysis.latency import device_name
@@ -53,14 +56,6 @@ from torch_dag.pruning.groups import channel_groups
 from torch_dag.pruning.prune import must_keep
 
 OUT = Path(__file__).resolve().parent / "results" / "latency.csv"
-MODELS = [
-    "resnet50",
-    "mobilenetv3_large_100",
-    "convnext_tiny",
-    "vit_small_patch16_224",
-    "efficientnet_b0",
-    "regnety_016",
-]
 TARGET = 0.5  # the FLOPs ratio and the latency ratio compared
 NARROWEST = 0.25  # the smallest kept fraction of a group in a random assignment
 FIDELITY_INPUTS = 32
