@@ -640,3 +640,27 @@ def test_a_matrix_product_with_a_transposed_weight_becomes_a_linear_that_prunes(
     pruned = td.prune(dag, 0.5, x)
     assert next(v.module.out_features for v in pruned if v.op == "Linear") < 32
     assert run(pruned, x).shape == (3, 4)
+
+
+class _HandWrittenFlex(td.flex.Module):
+    """A flexible model written by hand: its first reader is a flexible layer (weights owned by the
+    flexible module, not by the plain layer it wraps)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = td.flex.Conv2d([3, 3, 3], [4, 8, 16], kernel_size=3, padding=1)
+        self.c2 = td.flex.Conv2d([4, 8, 16], [8, 12, 16], kernel_size=3, padding=1)
+
+    def forward(self, x):
+        _, _, h, w = x.shape
+        return self.c2(torch.relu(self.c1(x))).mean((2, 3)) * (h * w) ** 0.5
+
+
+def test_a_flexible_first_layer_tells_the_input_shape():
+    model = _HandWrittenFlex().eval()
+    dag = td.build_from_unstructured_module(model)
+    x = torch.randn(2, 3, 16, 16)
+    for level in range(model.max_level() + 1):
+        model.set_level_use(level)
+        dag.set_level_use(level)
+        torch.testing.assert_close(dag(x), model(x))

@@ -31,6 +31,7 @@ import torch.fx as fx
 from torch import nn
 
 from ..core.errors import ConversionError
+from ..core.ops import LayerProxy
 from .stateful import restore_attributes, snapshot_attributes
 from .tracer import named_forward
 
@@ -104,16 +105,26 @@ class _ReaderTracer(fx.Tracer):
         self.readers: dict[str, tuple[str, nn.Module]] = {}
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return isinstance(m, _READERS) or super().is_leaf_module(m, module_qualified_name)
+        leaf = isinstance(m, (*_READERS, LayerProxy))
+        return leaf or super().is_leaf_module(m, module_qualified_name)
 
     def call_module(self, m: nn.Module, forward: Any, args: tuple, kwargs: dict) -> Any:
-        if isinstance(m, _READERS) and args and isinstance(args[0], fx.Proxy):
+        reader = _reader(m)
+        if reader is not None and args and isinstance(args[0], fx.Proxy):
             path = self.path_of_module(m)
             for name in _placeholders(args[0].node):
-                self.readers.setdefault(name, (path, m))
+                self.readers.setdefault(name, (path, reader))
             if all(name in self.readers for name in self.wanted):
                 raise _Found
         return super().call_module(m, forward, args, kwargs)
+
+
+def _reader(module: nn.Module) -> nn.Module | None:
+    """The layer whose weight tells the shape of what `module` reads: the module itself, or the layer a
+    proxy computes (a flexible layer at its width in use); None for others and for weightless ones."""
+    layer = module.current_layer() if isinstance(module, LayerProxy) else module
+    weight = getattr(layer, "weight", None)
+    return layer if isinstance(layer, _READERS) and isinstance(weight, torch.Tensor) else None
 
 
 def _placeholders(node: fx.Node) -> set[str]:
@@ -198,7 +209,7 @@ def infer_example_inputs(model: nn.Module) -> tuple[dict[str, torch.Tensor], dic
             "by name: td.build_from_unstructured_module(model, example_kwargs={...})"
         )
     readers = _first_readers(model, wanted)
-    fallback = next(((n, m) for n, m in model.named_modules() if isinstance(m, _READERS)), None)
+    fallback = next(((n, r) for n, m in model.named_modules() if (r := _reader(m)) is not None), None)
     default = readers.get(wanted[0]) or fallback
     if default is None:
         raise InputsNotInferred(
