@@ -40,6 +40,7 @@ PUBLIC_API = [
     "load",
     "make_flexible",
     "measure_latency",
+    "nas",
     "passes",
     "prune",
     "pruning",
@@ -63,6 +64,7 @@ LAYERS = [
     "latency",
     "flex",
     "finetuning",
+    "nas",
     "viz",
     "cli",
 ]

@@ -261,5 +261,7 @@ def test_function_op_has_a_callable(name):
 def test_known_ops_is_the_whole_vocabulary():
     known = td.known_ops()
     assert known == sorted(known)
-    assert set(known) == {*FUNCTIONS, *(spec.name for spec in ops.MODULE_OPS.values()), "DagModule", "Flex"}
+    module_ops = {spec.name for spec in ops.MODULE_OPS.values()}
+    assert set(known) == {*FUNCTIONS, *module_ops, *ops.CUSTOM_OPS, "DagModule"}
+    assert {"Flex", "Mutable", "MutableElementwise"} <= set(ops.CUSTOM_OPS)
     assert len(known) == len(set(known))

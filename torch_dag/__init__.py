@@ -6,6 +6,7 @@ td.save(dag, "model.dag"); dag = td.load("model.dag")
 """
 
 from . import flex, latency, passes, pruning
+from . import nas as nas
 from .analysis import FlopReport, count_flops
 from .analysis.latency import Latency, LatencyComparison, compare_latency, measure_latency
 from .converters import build_from_unstructured_module
@@ -62,6 +63,7 @@ __all__ = [
     "load",
     "make_flexible",
     "measure_latency",
+    "nas",
     "passes",
     "prune",
     "pruning",

@@ -360,12 +360,21 @@ def flops_from_values(dag: DagModule, values: dict[str, Any], inputs: tuple) -> 
         report.ops[vertex.name] = vertex.op
         if isinstance(out, torch.Tensor):
             report.shapes[vertex.name] = tuple(out.shape)
-        if is_dag_module(vertex.module):
-            nested = count_flops(vertex.module, *args, **kw)
+        # a layer proxy is counted as the layer it is at the width (or choice) in use
+        layer = vertex.module.current_layer() if isinstance(vertex.module, LayerProxy) else vertex.module
+        if is_dag_module(layer):
+            nested = count_flops(layer, *args, **kw)
             report.nested[vertex.name] = nested
             report.flops[vertex.name] = nested.total_flops
-        elif isinstance(vertex.module, LayerProxy):  # counted as the layer it is at the width in use
-            layer = vertex.module.current_layer()
+            if layer is not vertex.module:
+                report.ops[vertex.name] = f"{vertex.op}(DagModule)"
+            if not any(id(p) in seen_params for p in vertex.module.parameters()):
+                # the nested report counts what runs (a layer proxy inside: the layer in use)
+                report.params[vertex.name] = nested.total_params
+                seen_params.update(id(p) for p in vertex.module.parameters())
+                seen_params.add(id(vertex.module))
+                continue
+        elif layer is not vertex.module:
             report.ops[vertex.name] = f"{vertex.op}({op_name(layer)})"
             rule = FLOP_RULES.get(op_name(layer))
             report.flops[vertex.name] = int(rule(replace(vertex, module=layer), args, kw, out)) if rule else 0
@@ -383,6 +392,8 @@ def _new_params(module: nn.Module, seen: set[int]) -> int:
     if isinstance(module, LayerProxy):
         seen.add(id(module))
         layer = module.current_layer()
+        if not module._parameters:  # a proxy that holds whole layers (a mutable): the one in use's
+            return _new_params(layer, seen)
         return sum(getattr(layer, n).numel() for n, p in module._parameters.items() if p is not None)
     fresh = [p for p in module.parameters() if id(p) not in seen]
     seen.update(id(p) for p in fresh)

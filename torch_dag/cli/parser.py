@@ -17,6 +17,7 @@ from .convert import cmd_convert, cmd_export_onnx
 from .finetune import cmd_finetune
 from .info import cmd_info, cmd_viz
 from .latency import DTYPE_CHOICES, cmd_bench, cmd_latency_table, device_option
+from .nas import add_search_parser
 from .rewrite import cmd_fold_bn, cmd_simplify, cmd_swap_act
 from .values import FRACTION, integer, number, parse_size
 
@@ -36,6 +37,7 @@ torch-dag prune resnet50.dag --latency-ratio 0.5 --latency-batch 32 -o r50_fast.
 torch-dag factorize resnet50.dag --flops-ratio 0.7 --calibration images.npy -o resnet50_lr.dag
 torch-dag flexify timm:resnet50 --levels 0.25 0.5 1.0 -o resnet50_flex.dag --delta-file r50.delta
 torch-dag finetune resnet50_half.dag --teacher resnet50.dag --data images.npy -o resnet50_half_ft.dag
+torch-dag search resnet50_nas.dag --flops-ratio 0.5 --data images.npy --labels labels.npy -o front.png
 torchrun --nproc_per_node 4 -m torch_dag.cli finetune ...      (the same, data-parallel)
 """
 
@@ -359,6 +361,7 @@ SUBCOMMANDS = (
     _factorize_parser,
     _flexify_parser,
     _finetune_parser,
+    add_search_parser,
 )  # in the order `--help` lists them
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import mmap
 import os
@@ -26,14 +27,18 @@ import zlib
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, BinaryIO, cast, overload
 
-from ..core.dag import DagModule
-from ..core.errors import LoadError
+from ..converters import build_from_unstructured_module
+from ..core.dag import DagModule, Vertex
+from ..core.errors import DagError, LoadError
 from ..core.progress import show_progress
+from ..core.template import Ref
 from ..serde.format import dumps, graph_and_tensors, loads, split_bytes, write_atomic
+from .base import Module
 from .delta_level import LevelDelta, apply_deltas, check_level, level_deltas, level_path
 from .model import FlexDagModule
+from .modules import FlexModule
 
 _MAGIC = b"TDDELTA1"
 _VERSION = 2
@@ -60,26 +65,52 @@ class FileDeltaManager:
         self.bytes_read = 0
         self._pool = ThreadPoolExecutor(min(4, os.cpu_count() or 1))  # zlib releases the GIL while it sums
 
+    @overload
     @staticmethod
     def make_delta_file(
-        file: str | Path, flex: FlexDagModule, starting_level: int = 0, *, progress: bool = False
-    ) -> Path:
-        """Write the plain model of `starting_level` and every neighbour delta of `flex` to `file`
-        (with a progress bar over the levels when `progress`)."""
-        was = flex._require_level("make_delta_file")
-        check_level(starting_level, flex.max_level())
-        segments: list[tuple[str, bytes]] = []
-        try:
-            flex.set_level_use(starting_level)
-            segments.append(("base", dumps(flex.make_base_copy())))
-            for level in show_progress(
-                range(flex.max_level() + 1), desc="level deltas", unit="level", disable=not progress
-            ):
-                for (source, target), delta in sorted(level_deltas(flex, level).items()):
-                    name = f"{'up' if target > source else 'down'}/{target}"
-                    segments.append((name, delta.to_bytes()))
-        finally:
-            flex.set_level_use(was)
+        file: str | Path,
+        flex: FlexDagModule | Module,
+        starting_level: int = 0,
+        *,
+        progress: bool = False,
+        example_inputs: Any = None,
+    ) -> Path: ...
+
+    @overload
+    @staticmethod
+    def make_delta_file(
+        file: BinaryIO,
+        flex: FlexDagModule | Module,
+        starting_level: int = 0,
+        *,
+        progress: bool = False,
+        example_inputs: Any = None,
+    ) -> None: ...
+
+    @staticmethod
+    def make_delta_file(
+        file: str | Path | BinaryIO,
+        flex: FlexDagModule | Module,
+        starting_level: int = 0,
+        *,
+        progress: bool = False,
+        example_inputs: Any = None,
+    ) -> Path | None:
+        """Write the plain model of `starting_level` and every neighbour delta of `flex` to `file`: a path
+        (written atomically; returned) or a binary file open for writing; `progress` shows a bar over the
+        levels. A hand-written flexible model (`td.flex.Module`) is converted to a
+        FlexDagModule first (on `example_inputs` where given): the file moves plain DagModules, which
+        need no Python class to load."""
+        if not isinstance(file, (str, os.PathLike)) and (
+            not callable(getattr(file, "write", None)) or isinstance(file, io.TextIOBase)
+        ):
+            raise DagError(
+                f"make_delta_file writes to a path or a binary file open for writing (open(name, 'wb')), "
+                f"not a {type(file).__name__}"
+            )
+        if not isinstance(flex, FlexDagModule):
+            flex = _as_flexible_dag(flex, example_inputs)
+        segments = _segments_of(flex, starting_level, progress)
         entries, offset = [], 0
         for name, data in segments:
             crcs = [zlib.crc32(chunk) for chunk in split_bytes(data, _CHUNK)]
@@ -96,9 +127,14 @@ class FileDeltaManager:
             },
             separators=(",", ":"),
         ).encode()
+        header = _MAGIC + struct.pack("<Q", len(index)) + hashlib.sha256(index).digest() + index
+        if not isinstance(file, (str, os.PathLike)):
+            file.write(header)
+            for _, data in segments:
+                file.write(data)
+            return None
         path = Path(file)
         path.parent.mkdir(parents=True, exist_ok=True)
-        header = _MAGIC + struct.pack("<Q", len(index)) + hashlib.sha256(index).digest() + index
         write_atomic(path, b"".join([header, *(data for _, data in segments)]))
         return path
 
@@ -155,6 +191,50 @@ class FileDeltaManager:
         with contextlib.suppress(BufferError):  # a caller still holds a view of a segment: it keeps the map
             self._map.close()
         self._file.close()
+
+
+def _segments_of(flex: FlexDagModule, starting_level: int, progress: bool) -> list[tuple[str, bytes]]:
+    """The base segment (the plain model of `starting_level`) and every neighbour delta's."""
+    was = flex._require_level("make_delta_file")
+    check_level(starting_level, flex.max_level())
+    segments: list[tuple[str, bytes]] = []
+    try:
+        flex.set_level_use(starting_level)
+        segments.append(("base", dumps(flex.make_base_copy())))
+        for level in show_progress(
+            range(flex.max_level() + 1), desc="level deltas", unit="level", disable=not progress
+        ):
+            for (source, target), delta in sorted(level_deltas(flex, level).items()):
+                segments.append((f"{'up' if target > source else 'down'}/{target}", delta.to_bytes()))
+    finally:
+        flex.set_level_use(was)
+    return segments
+
+
+def _as_flexible_dag(model: Any, example_inputs: Any) -> FlexDagModule:
+    """A hand-written flexible model as a FlexDagModule at its level in use (sharing its weights)."""
+    if not isinstance(model, Module):
+        raise DagError(
+            f"make_delta_file takes a flexible model (a FlexDagModule or a td.flex.Module), not a "
+            f"{type(model).__name__}"
+        )
+    level = model.current_level()
+    if level is None:
+        raise DagError(f"make_delta_file: {type(model).__name__} is not at one level: set_level_use(i) first")
+    if isinstance(model, FlexModule):  # one layer: a DAG of one vertex
+        return FlexDagModule(["x"], [Vertex("layer", model, (Ref("x"),), {})], Ref("layer"))
+    try:
+        dag = build_from_unstructured_module(model, example_inputs)
+    except Exception as error:  # the converter's own message says what failed; add what to do here
+        raise DagError(
+            f"make_delta_file converts a hand-written flexible model to a FlexDagModule, and "
+            f"{type(model).__name__} did not convert ({type(error).__name__}: {str(error)[:300]}): pass "
+            "example_inputs=(x,) with inputs of its level in use, or keep its levels in memory with "
+            "InMemoryDeltaManager(model)"
+        ) from error
+    if not isinstance(dag, FlexDagModule):
+        raise DagError(f"{type(model).__name__} converted to a DAG without flexible layers")
+    return dag
 
 
 def _read_index(f, path: Path) -> tuple[dict[str, Any], int]:

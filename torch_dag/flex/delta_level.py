@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, cast
 import numpy as np
 import safetensors.torch
 import torch
+from torch import nn
 
 from ..core.dag import DagModule
 from ..core.errors import DagError, LoadError
@@ -46,6 +47,7 @@ class LevelDelta:
     steps: dict[str, dict[str, Any]]
     runs: list[list[list[int]]]
     values: dict[str, torch.Tensor]
+    tree: bool = False  # a delta of a hand-written flexible model: it moves that model's plain copy
     _where: dict[int, Where] = field(default_factory=dict, init=False, repr=False, compare=False)
     _off: dict[tuple[int, int], Where] = field(default_factory=dict, init=False, repr=False, compare=False)
 
@@ -99,9 +101,16 @@ class LevelDelta:
         """Bytes of tensor data the delta holds."""
         return sum(t.numel() * t.element_size() for t in self.values.values())
 
-    def apply(self, plain: DagModule) -> None:
-        """Turn `plain` (a plain model of level `source`) into the plain model of level `target`, in place."""
-        apply_deltas(plain, [self], graph_and_tensors(plain)[0])
+    def apply(self, plain: nn.Module) -> None:
+        """Turn `plain` (a plain model of level `source`: a DagModule, or the plain copy of a hand-written
+        flexible model) into the plain model of level `target`, in place."""
+        if self.tree:
+            from .delta_tree import apply_to_tree
+
+            apply_to_tree(plain, [self])
+        else:
+            dag = _plain_dag(plain)
+            apply_deltas(dag, [self], graph_and_tensors(dag)[0])
 
     def _target_tensors(self, source: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The target's tensors, made from the source level's (checked to be that level's by their shapes)."""
@@ -180,6 +189,7 @@ class LevelDelta:
             "source_shapes": self.source_shapes,
             "steps": self.steps,
             "runs": self.runs,
+            **({"tree": True} if self.tree else {}),
         }
         return safetensors.torch.save(
             {k: v.contiguous() for k, v in self.values.items()},
@@ -206,6 +216,7 @@ class LevelDelta:
             meta["steps"],
             meta["runs"],
             values,
+            meta.get("tree", False),
         )
 
 
@@ -214,10 +225,7 @@ def apply_deltas(plain: DagModule, deltas: list[LevelDelta], graph: dict[str, An
     graph JSON (`graph_and_tensors`); returns the graph JSON of the level reached. The tensors go level
     by level, the model is rebuilt once: only the vertices some delta changes get new modules. Everything
     is made and checked first: on an error `plain` stays as it was."""
-    if type(plain) is not DagModule:
-        raise DagError(
-            f"a level delta applies to a plain DagModule (make_base_copy()), not {type(plain).__name__}"
-        )
+    _plain_dag(plain)
     tensors = {k: t.detach() for k, t in plain.state_dict(keep_vars=True).items()}
     changed: set[str] = set()
     for delta in deltas:
@@ -230,6 +238,15 @@ def apply_deltas(plain: DagModule, deltas: list[LevelDelta], graph: dict[str, An
     if plain.training != training:
         plain.train(training)
     return graph
+
+
+def _plain_dag(plain: nn.Module) -> DagModule:
+    if type(plain) is not DagModule:
+        raise DagError(
+            f"a flexible DAG's level delta applies to a plain DagModule (its make_base_copy()), not a "
+            f"{type(plain).__name__}; a hand-written flexible model's own deltas move its plain copies"
+        )
+    return plain
 
 
 class _MalformedDelta:
@@ -289,6 +306,7 @@ def _check_meta(meta: Any, values: dict[str, torch.Tensor], where: str) -> None:
         "runs must be lists of [start, stop) spans",
     )
     expect(isinstance(meta["steps"], dict), "steps must be an object")
+    expect(type(meta.get("tree", False)) is bool, "tree must be true or false")
     for key, step in meta["steps"].items():
         _check_step(key, step, shapes, runs, values, expect)
     expect(set(values) <= set(shapes), "the delta names tensors its models do not have")

@@ -12,6 +12,7 @@ kept channels; call templates that spell widths out (split sizes, slice bounds) 
 from __future__ import annotations
 
 import copy
+import itertools
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, cast
@@ -80,11 +81,15 @@ def make_flexible(
         values = dag.run_collecting(*inputs)
     groups = channel_groups(dag, inputs, protected, values=values, attention=config.attention)
     dag, plan, ranking = _ranked(dag, groups, config, prep)
-    if flops_ratios is not None:
-        model = FlopModel(groups, flops_from_values(dag, values, inputs).flops)
-        levels = [_fraction_for(plan, model, float(t)) for t in flops_ratios]
+    model = FlopModel(groups, flops_from_values(dag, values, inputs).flops)
     del values
-    flex = _flexible_copy(dag, groups, _level_keeps(plan, levels), protected, config, ranking)
+    if flops_ratios is not None:
+        levels = [_fraction_for(plan, model, float(t)) for t in flops_ratios]
+    removed = _level_removed(plan, levels)
+    _check_growing(plan, model, removed, levels)
+    keeps = [keep_mask(plan.groups, r) for r in removed]
+    flex = _flexible_copy(dag, groups, keeps, protected, config, ranking)
+    cast(dict, flex.width_info)["rounding"] = plan.roundings()
     flex._width_plan = plan
     if config.compensate == "lstsq":
         compensate_levels(flex, prep.calibration or ())  # not empty: checked above
@@ -113,15 +118,56 @@ def _ranked(
     return dag, plan, ranking
 
 
-def _level_keeps(plan: WidthPlan, levels: Sequence[float | Sequence[float | int]]) -> list[Keep]:
-    """Which channels each level keeps, nested: a level keeps at most what the next one keeps."""
+def _level_removed(plan: WidthPlan, levels: Sequence[float | Sequence[float | int]]) -> list[np.ndarray]:
+    """Per level, the mask of the channel classes it drops, nested: a level keeps at most what the next
+    one keeps. Each group's widths are rounded as finely as it takes to keep its levels apart
+    (`WidthPlan.choose_rounding`); a rounding finer than `config.round_to` is warned about."""
     if not levels:
         raise DagError("give at least one level")
     widths = [[w] * len(plan.prunable) if isinstance(w, (int, float)) else list(w) for w in levels]
+    rounding = plan.choose_rounding(widths)
+    finer = [(g.producers[0], r) for g, r in zip(plan.prunable, rounding) if r < plan.config.round_to]
+    if finer:
+        named = ", ".join(f"{name}: {r}" for name, r in finer[:8])
+        warnings.warn(
+            f"make_flexible: {len(finer)} of {len(rounding)} channel groups are too narrow for widths "
+            f"rounded to multiples of {plan.config.round_to} at these levels (two levels would be one) "
+            f"and round finer ({named}{', ...' if len(finer) > 8 else ''}); the rounding of every group "
+            "is in width_info['rounding']",
+            stacklevel=3,
+        )
     removed = [plan.removed(plan.counts(w)) for w in widths]
     for i in range(len(removed) - 2, -1, -1):
         removed[i] |= removed[i + 1]
-    return [keep_mask(plan.groups, r) for r in removed]
+    return removed
+
+
+def _check_growing(
+    plan: WidthPlan,
+    model: FlopModel,
+    removed: list[np.ndarray],
+    levels: Sequence[float | Sequence[float | int]],
+) -> None:
+    """Refuse levels whose FLOPs do not grow strictly from each to the next (two levels that are one
+    model, or a narrower level after a wider one)."""
+    flops = [model.total * model.ratio(r) for r in removed]
+    if all(a < b for a, b in itertools.pairwise(flops)):
+        return
+    shown = ", ".join(
+        f"level {i} ({_describe_level(w)}): {f / 1e6:.3f} MFLOPs"
+        for i, (w, f) in enumerate(zip(levels, flops))
+    )
+    raise DagError(
+        f"make_flexible: the levels' FLOPs do not grow strictly ({shown}), even with widths rounded per "
+        f"group to {sorted(set(plan.roundings()))} (min_channels={plan.config.min_channels}): give "
+        "levels further apart, fewer levels, or a smaller FlexConfig.min_channels"
+    )
+
+
+def _describe_level(widths: float | Sequence[float | int]) -> str:
+    if isinstance(widths, (int, float)):
+        return f"width {widths:g}"
+    return f"widths {[round(float(w), 3) for w in widths][:6]}{' ...' if len(widths) > 6 else ''}"
 
 
 def _flexible_copy(

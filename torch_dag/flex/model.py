@@ -7,14 +7,14 @@ from collections.abc import Sequence
 from typing import Any, cast
 
 import numpy as np
-import torch
 from torch import nn
 
 from ..core.dag import DagModule, Vertex
 from ..core.errors import DagError
+from .base import _copy_rest, submodule
 from .delta_level import LevelDelta
-from .modules import is_flex
-from .widths import WidthPlan, apply_widths
+from .modules import flex_layers, is_flex
+from .widths import WidthPlan, apply_widths, placed_vertices
 
 # vertex -> per level, the call template (args, kwargs): split sizes and reshapes that spell widths out
 LevelArgs = dict[str, list[tuple[tuple, dict]]]
@@ -38,7 +38,8 @@ class FlexDagModule(DagModule):
         width_info: dict[str, Any] | None = None,
     ):
         super().__init__(inputs, vertices, output, input_meta)
-        counts = {v.module.num_levels for v in self if is_flex(v.module)}
+        layers = flex_layers(self)  # those inside vertices too (a mutable vertex's candidates, a block)
+        counts = {layer.num_levels for layer in layers}
         if len(counts) != 1:
             raise DagError(
                 "a flexible DAG needs flexible vertices that all have the same number of levels, "
@@ -46,8 +47,9 @@ class FlexDagModule(DagModule):
             )
         self.num_levels: int = counts.pop()
         self.level_args: LevelArgs = dict(level_args or {})
+        placed = placed_vertices(self) if self.level_args else {}
         for name, per_level in self.level_args.items():
-            if name not in self or len(per_level) != self.num_levels:
+            if name not in placed or len(per_level) != self.num_levels:
                 raise DagError(
                     f"level call templates for {name!r}: the vertex must exist and have one "
                     f"template per level ({self.num_levels})"
@@ -55,9 +57,16 @@ class FlexDagModule(DagModule):
         # what `set_widths` needs to recompute the channel groups (JSON-able, saved with the model)
         self.width_info: dict[str, Any] | None = width_info
         self._width_plan: WidthPlan | None = None  # the analysis, made on first use
-        in_use = {v.module.level for v in self if is_flex(v.module)}  # a converted model keeps its level
-        level = cast(int, in_use.pop()) if len(in_use) == 1 and None not in in_use else self.num_levels - 1
-        self._level: int | None = level
+        self._widths: list[float | int] | None = None  # given to `set_widths`, while in use
+        # the skeletons of custom widths, registered so their buffers (a batchnorm's statistics) are
+        # saved, loaded, moved and switched to train / eval with the model (empty at a level)
+        self.custom_layers = nn.ModuleDict()
+        self._level: int | None = None
+        in_use = {layer.level for layer in layers}  # a converted model keeps its level
+        if in_use == {None}:  # every layer at custom widths (a model loaded so): kept as they are
+            self._register_custom()
+            return
+        level = cast(int, in_use.pop()) if len(in_use) == 1 else self.num_levels - 1
         self._apply_level(level)
 
     # --- levels -----------------------------------------------------------------------------------
@@ -77,18 +86,19 @@ class FlexDagModule(DagModule):
         self._apply_level(int(level))
 
     def _apply_level(self, level: int) -> None:
-        for vertex in self:
-            if is_flex(vertex.module):
-                vertex.module.set_level(level)
-        changed = False
+        for layer in flex_layers(self):
+            layer.set_level(level)
+        changed: dict[int, DagModule] = {}  # the DAGs (this one, nested blocks) whose templates changed
+        placed = placed_vertices(self) if self.level_args else {}
         for name, per_level in self.level_args.items():
             args, kwargs = per_level[level]
-            vertex = self[name]
-            if vertex.args != args or vertex.kwargs != kwargs:
-                vertex.args, vertex.kwargs, changed = args, dict(kwargs), True
-        self._level = level
-        if changed:
-            self.recompile()
+            for owner, vertex in placed[name]:
+                if vertex.args != args or vertex.kwargs != kwargs:
+                    vertex.args, vertex.kwargs, changed[id(owner)] = args, dict(kwargs), owner
+        self._level, self._widths = level, None
+        self.custom_layers.clear()
+        for owner in changed.values():
+            owner.recompile()
 
     def flex_vertices(self) -> list[Vertex]:
         return [v for v in self if is_flex(v.module)]
@@ -96,15 +106,12 @@ class FlexDagModule(DagModule):
     # --- plain models -----------------------------------------------------------------------------
 
     def make_base_copy(self) -> DagModule:
-        """A plain, independent DagModule of the level (or widths) in use: same outputs."""
-        copies: dict[int, nn.Module] = {}
-        vertices = []
-        for v in self:
-            module = copies.get(id(v.module))
-            if module is None:
-                module = v.module.materialize() if is_flex(v.module) else copy.deepcopy(v.module)
-                copies[id(v.module)] = module
-            vertices.append(Vertex(v.name, module, v.args, dict(v.kwargs), dict(v.meta)))
+        """A plain, independent DagModule of the level (or widths) in use: same outputs. Every flexible
+        layer, those inside vertices included (a mutable vertex's candidates), becomes its plain layer."""
+        memo: dict[int, Any] = {id(layer): layer.make_base_copy() for layer in flex_layers(self)}
+        vertices = [
+            Vertex(v.name, copy.deepcopy(v.module, memo), v.args, dict(v.kwargs), dict(v.meta)) for v in self
+        ]
         plain = DagModule(self.input_names, vertices, self.output, self.input_meta)
         for vertex, source in zip(plain, self):
             vertex.module.train(source.module.training)
@@ -114,38 +121,12 @@ class FlexDagModule(DagModule):
     def load_from_base(self, plain: DagModule) -> None:
         """Copy a plain model's weights (of the level in use) into the flexible model's shared weights."""
         for vertex, module in self._pairs(plain):
-            with torch.no_grad():
-                if not is_flex(module):
-                    _copy_state(module, vertex.module, vertex.name)
-                    continue
-                skeleton, cuts = module.current()
-                for name, param in module._parameters.items():
-                    if param is None:
-                        continue
-                    value = cast(
-                        torch.Tensor, vertex.module._parameters[name]
-                    )  # a plain model of the level has it
-                    _assign(param, cuts.get(name, []), value, vertex.name)
-                _copy_buffers(skeleton, vertex.module, vertex.name)
+            _copy_module(module, vertex.module, f"vertex {vertex.name!r}", into_flexible=True)
 
     def copy_to_base(self, plain: DagModule) -> None:
         """Copy the weights of the level in use into a plain model of that level (in place)."""
         for vertex, module in self._pairs(plain):
-            with torch.no_grad():
-                if not is_flex(module):
-                    _copy_state(vertex.module, module, vertex.name)
-                    continue
-                skeleton, cuts = module.current()
-                for name in module._parameters:
-                    target = vertex.module._parameters[name]
-                    if target is None:
-                        continue
-                    source = cast(
-                        torch.Tensor, module.sliced(name, cuts)
-                    )  # the plain model has it: so has this
-                    _check_shape(target, source, vertex.name, name)
-                    target.copy_(source)
-                _copy_buffers(vertex.module, skeleton, vertex.name)
+            _copy_module(module, vertex.module, f"vertex {vertex.name!r}", into_flexible=False)
 
     def _pairs(self, plain: DagModule) -> list[tuple[Vertex, nn.Module]]:
         """(plain vertex, this model's module) for every module of this model; vertex names must match."""
@@ -175,6 +156,21 @@ class FlexDagModule(DagModule):
         channel count; each group keeps its most important channels (the order the levels use)."""
         apply_widths(self, self._plan(), widths)
         self._level = None
+        self._widths = [w.item() if isinstance(w, np.generic) else w for w in widths]
+        self._register_custom()
+
+    def _register_custom(self) -> None:
+        """Register the skeletons of the custom widths in use (in train / eval mode as their layers)."""
+        self.custom_layers.clear()
+        for index, layer in enumerate(flex_layers(self)):
+            if layer.custom is not None:
+                layer.custom[0].train(layer.training)
+                self.custom_layers[str(index)] = layer.custom[0]
+
+    def current_widths(self) -> list[float | int] | None:
+        """The widths given to `set_widths` while they are in use (None at a level); saved with the
+        model and set again when it loads."""
+        return None if self._widths is None else list(self._widths)
 
     def _plan(self) -> WidthPlan:
         if self._width_plan is None:
@@ -187,6 +183,13 @@ class FlexDagModule(DagModule):
         """(down, up) at the level L in use: `up` turns a plain model of level L-1 into level L, `down`
         one of level L+1 into level L (None where that level does not exist)."""
         level = self._require_level("export_level_delta")
+        inside = [v.name for v in self if not is_flex(v.module) and _holds_flex(v.module)]
+        if inside:
+            raise DagError(
+                f"export_level_delta: vertices {inside[:6]} hold flexible layers inside them (mutable "
+                "vertices), which level deltas do not cover: make plain models of each level with "
+                "set_level_use(i) and make_base_copy() instead"
+            )
         down = LevelDelta.between(self, level + 1, level) if level < self.max_level() else None
         up = LevelDelta.between(self, level - 1, level) if level > 0 else None
         return down, up
@@ -207,38 +210,21 @@ class FlexDagModule(DagModule):
         return f"{super().extra_repr()}, levels={self.num_levels}, level={self._level}"
 
 
-def _check_shape(target: torch.Tensor, source: torch.Tensor, vertex: str, name: str) -> None:
-    if target.shape != source.shape:
-        raise DagError(
-            f"vertex {vertex!r}: {name} has shape {tuple(target.shape)} in the plain model and "
-            f"{tuple(source.shape)} at this level: the plain model is of another level"
-        )
+def _holds_flex(module: nn.Module) -> bool:
+    """Whether `module` holds flexible layers (inside it, not being one)."""
+    return any(is_flex(m) for m in module.modules() if m is not module)
 
 
-def _assign(
-    param: torch.Tensor, axes: list[tuple[int, np.ndarray]], value: torch.Tensor, vertex: str
-) -> None:
-    """Write `value` into the positions of `param` that a level's cuts (`axes`) select."""
-    index: list[Any] = [slice(None)] * param.dim()
-    for k, (axis, positions) in enumerate(axes):
-        shape = [1] * len(axes)
-        shape[k] = -1
-        index[axis] = torch.from_numpy(positions).to(param.device).reshape(shape)
-    region = param[tuple(index)] if axes else param
-    _check_shape(region, value, vertex, "a weight")
-    param[tuple(index)] = value.to(param.dtype)
-
-
-def _copy_buffers(target: nn.Module, source: nn.Module, vertex: str) -> None:
-    for name, buffer in target._buffers.items():
-        if buffer is not None:
-            other = cast(torch.Tensor, source._buffers[name])  # the same layer at the same level: it has it
-            _check_shape(buffer, other, vertex, name)
-            buffer.copy_(other)
-
-
-def _copy_state(target: nn.Module, source: nn.Module, vertex: str) -> None:
-    theirs = source.state_dict()
-    for key, tensor in target.state_dict(keep_vars=True).items():
-        _check_shape(tensor, theirs[key], vertex, key)
-        tensor.data.copy_(theirs[key])
+def _copy_module(flexible: nn.Module, plain: nn.Module, where: str, into_flexible: bool) -> None:
+    """Copy the weights of one vertex's module between the flexible model (at the width in use) and a
+    plain one of that width, either way: every flexible layer in it (itself, a mutable vertex's
+    candidates) with its plain counterpart at the same path, then the tensors outside them."""
+    layers = [(path, m) for path, m in flexible.named_modules() if is_flex(m)]
+    for path, layer in layers:
+        other = submodule(plain, path, where)
+        here = f"{where}, {path}" if path else where
+        if into_flexible:
+            layer.load_layer(other, here)
+        else:
+            layer.copy_layer_to(other, here)
+    _copy_rest(flexible, plain, [path for path, _ in layers], into_flexible)

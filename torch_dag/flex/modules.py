@@ -26,16 +26,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.errors import DagError
+from .base import Module, check_shape
 
 # attr -> [(axis, indices kept along it)]; indices are sorted and nested from level to level
 Cuts = dict[str, list[tuple[int, np.ndarray]]]
 
 
-class FlexModule(nn.Module):
+class FlexModule(Module):
     """A layer whose level i uses the channels `cuts[i]` of shared full-width parameters.
 
     `full` is the layer at full width and `levels[i]` the layer at level i; both are used without their
     parameters (the flexible module owns them). `level` is the level in use (the last one to start).
+    It is a `td.flex.Module` of one leaf, itself: `set_level_use`, `make_base_copy`, `load_from_base`...
     """
 
     def __init__(self, full: nn.Module, levels: Sequence[nn.Module], cuts: Sequence[Cuts]):
@@ -76,6 +78,68 @@ class FlexModule(nn.Module):
         if not 0 <= level < len(self.levels):
             raise DagError(f"level {level} does not exist: this layer has levels 0..{len(self.levels) - 1}")
         self.level, self.custom = level, None
+
+    # --- the td.flex.Module API of one layer ------------------------------------------------------
+
+    def flex_leaves(self) -> list[tuple[str, Module]]:
+        return [("", self)]
+
+    def max_level(self) -> int:
+        return len(self.levels) - 1
+
+    def current_level(self) -> int | None:
+        """The level in use (None while custom widths are set)."""
+        return self.level
+
+    def set_level_use(self, level: int) -> None:
+        if not isinstance(level, (int, np.integer)) or isinstance(level, bool):
+            raise DagError(f"level {level!r} does not exist: this layer has levels 0..{self.max_level()}")
+        self.set_level(int(level))
+
+    def make_base_copy(self) -> nn.Module:
+        """The plain torch layer of the level in use (an independent copy)."""
+        plain = self.materialize()
+        plain.train(self.training)
+        return plain
+
+    def load_from_base(self, plain: nn.Module) -> None:
+        self.load_layer(plain, f"a flexible {self.op}")
+
+    def copy_to_base(self, plain: nn.Module) -> None:
+        self.copy_layer_to(plain, f"a flexible {self.op}")
+
+    def load_layer(self, plain: nn.Module, where: str) -> None:
+        """Write a plain layer of the width in use (its weights and buffers) into this layer."""
+        skeleton, cuts = self._matching(plain, where)
+        with torch.no_grad():
+            for name, param in self._parameters.items():
+                if param is not None:
+                    value = cast(torch.Tensor, plain._parameters[name])  # checked by `_matching`
+                    _assign(param, cuts.get(name, []), value, f"{where}, {name}")
+            _copy_buffers(skeleton, plain, where)
+
+    def copy_layer_to(self, plain: nn.Module, where: str) -> None:
+        """Write the weights and buffers of the width in use into a plain layer of that width."""
+        skeleton, cuts = self._matching(plain, where)
+        with torch.no_grad():
+            for name in self._parameters:
+                target = plain._parameters[name]
+                if target is not None:
+                    source = cast(torch.Tensor, self.sliced(name, cuts))  # checked by `_matching`
+                    check_shape(target, source, where, name)
+                    target.copy_(source)
+            _copy_buffers(plain, skeleton, where)
+
+    def _matching(self, plain: nn.Module, where: str) -> tuple[nn.Module, Cuts]:
+        skeleton, cuts = self.current()
+        mine = {k for k, v in self._parameters.items() if v is not None}
+        theirs = {k for k, v in plain._parameters.items() if v is not None}
+        if type(plain) is not type(skeleton) or mine != theirs:
+            raise DagError(
+                f"{where}: the plain layer is a {type(plain).__name__} with parameters {sorted(theirs)}, "
+                f"expected a {type(skeleton).__name__} with {sorted(mine)} ({_describe(skeleton)})"
+            )
+        return skeleton, cuts
 
     def set_custom(self, skeleton: nn.Module, cuts: Cuts) -> None:
         """Run at widths that are not one of the levels (`FlexDagModule.set_widths`)."""
@@ -157,6 +221,9 @@ class FlexModule(nn.Module):
     def extra_repr(self) -> str:
         return f"{self.op}, levels: " + ", ".join(_describe(m) for m in self.levels)
 
+    def __repr__(self) -> str:  # the skeletons have no parameters for their own reprs to read
+        return f"{type(self).__name__}({self.extra_repr()})"
+
 
 def _skeleton(module: nn.Module) -> nn.Module:
     """A shallow copy of `module` without parameters (buffers kept)."""
@@ -165,6 +232,28 @@ def _skeleton(module: nn.Module) -> nn.Module:
     skeleton._buffers = dict(module._buffers)
     skeleton._modules = dict(module._modules)
     return skeleton
+
+
+def _assign(param: torch.Tensor, axes: list[tuple[int, np.ndarray]], value: torch.Tensor, where: str) -> None:
+    """Write `value` into the positions of `param` that a level's cuts (`axes`) select."""
+    index: list[Any] = [slice(None)] * param.dim()
+    for k, (axis, positions) in enumerate(axes):
+        shape = [1] * len(axes)
+        shape[k] = -1
+        index[axis] = torch.from_numpy(positions).to(param.device).reshape(shape)
+    region = param[tuple(index)] if axes else param
+    check_shape(value, region, where, "the tensor")
+    param[tuple(index)] = value.to(param.dtype)
+
+
+def _copy_buffers(target: nn.Module, source: nn.Module, where: str) -> None:
+    for name, buffer in target._buffers.items():
+        if buffer is not None:
+            other = source._buffers.get(name)
+            if other is None:
+                raise DagError(f"{where}: the plain layer has no buffer {name!r}")
+            check_shape(buffer, other, where, name)
+            buffer.copy_(other)
 
 
 def _as_range(index: np.ndarray) -> tuple[int, int] | None:
@@ -285,10 +374,26 @@ class LayerNorm(FlexModule):
         super().__init__(full, levels, cuts)
 
 
-class MultiheadAttention(nn.Module):
+class SelfAttention(nn.Module):
+    """Plain self-attention over tokens (B x N x embed_dim): `q`, `k`, `v` project to `width` features
+    (heads of `head_dim`), `proj` back to `embed_dim`; the plain form of a flexible `MultiheadAttention`
+    at one level (its `make_base_copy`)."""
+
+    def __init__(self, embed_dim: int, width: int, head_dim: int, bias: bool = True):
+        super().__init__()
+        self.head_dim = head_dim
+        self.q, self.k, self.v = (nn.Linear(embed_dim, width, bias) for _ in range(3))
+        self.proj = nn.Linear(width, embed_dim, bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _attend(self, x)
+
+
+class MultiheadAttention(Module):
     """Self-attention over tokens (B x N x embed_dim) with `num_heads[i]` heads of `head_dim` at level i
     (a prefix of the heads in the query, key, value and output projections). Built from flexible
-    `Linear`s and the vocabulary's attention op, so a model using it converts like any other."""
+    `Linear`s and the vocabulary's attention op, so a model using it converts like any other; its plain
+    form at a level is a `SelfAttention`."""
 
     def __init__(
         self, embed_dim: int | Sequence[int], num_heads: Sequence[int], head_dim: int, bias: bool = True
@@ -301,10 +406,24 @@ class MultiheadAttention(nn.Module):
         self.proj = Linear(widths, embed, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, n = x.shape[0], x.shape[1]
-        q, k, v = (f(x).reshape(b, n, -1, self.head_dim).transpose(1, 2) for f in (self.q, self.k, self.v))
-        out = F.scaled_dot_product_attention(q, k, v, scale=1 / math.sqrt(self.head_dim))
-        return self.proj(out.transpose(1, 2).reshape(b, n, -1))
+        return _attend(self, x)
+
+    def make_base_copy(self) -> nn.Module:
+        q = cast(nn.Linear, self.q.make_base_copy())
+        plain = SelfAttention(q.in_features, q.out_features, self.head_dim, q.bias is not None)
+        for name in ("q", "k", "v", "proj"):
+            setattr(plain, name, cast(FlexModule, getattr(self, name)).make_base_copy())
+        return plain.train(self.training)
+
+
+def _attend(attention: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Self-attention of `attention`'s projections (`q`, `k`, `v`, `proj`) with heads of `head_dim`."""
+    head_dim = cast(int, attention.head_dim)
+    project = [cast(nn.Module, getattr(attention, name)) for name in ("q", "k", "v", "proj")]
+    b, n = x.shape[0], x.shape[1]
+    q, k, v = (f(x).reshape(b, n, -1, head_dim).transpose(1, 2) for f in project[:3])
+    out = F.scaled_dot_product_attention(q, k, v, scale=1 / math.sqrt(head_dim))
+    return project[3](out.transpose(1, 2).reshape(b, n, -1))
 
 
 def flex_layers(module: nn.Module) -> list[FlexModule]:

@@ -11,6 +11,7 @@ state-dict tensors. Loading builds only registered ops, like any other vertex.
 from __future__ import annotations
 
 import copy
+import math
 from typing import Any
 
 import numpy as np
@@ -22,7 +23,7 @@ from ..core.ops import CustomOpSpec, module_op_spec, op_name, register_custom_op
 from ..core.template import DTYPES, from_json, to_json
 from ..serde.format import EXTENSION_DAGS
 from .model import FlexDagModule
-from .modules import FlexModule, index_runs
+from .modules import Cuts, FlexModule, index_runs
 
 _MAX_RUNS = 1 << 20
 
@@ -33,10 +34,7 @@ def flex_config(module: FlexModule) -> dict[str, Any]:
         levels.append(
             {
                 "config": _layer_config(module.view(i)),
-                "cuts": {
-                    name: [[axis, index_runs(index)] for axis, index in axes]
-                    for name, axes in module.cuts[i].items()
-                },
+                "cuts": _runs(module.cuts[i]),
             }
         )
     params = {
@@ -52,13 +50,21 @@ def flex_config(module: FlexModule) -> dict[str, Any]:
         for name, p in module._parameters.items()
     }
     full = _plain_copy(module.full, module._parameters)
-    return {
+    config = {
         "op": op_name(module.full),
         "full": _layer_config(full),
         "params": params,
         "levels": levels,
         "level": module.level if module.custom is None else module.num_levels - 1,
     }
+    if module.custom is not None:  # widths set by set_widths (its buffers are the DAG's custom_layers)
+        skeleton, cuts = module.custom
+        config["custom"] = {"config": _layer_config(skeleton), "cuts": _runs(cuts)}
+    return config
+
+
+def _runs(cuts: Cuts) -> dict[str, list]:
+    return {name: [[axis, index_runs(index)] for axis, index in axes] for name, axes in cuts.items()}
 
 
 def build_flex(config: Any, where: str) -> FlexModule:
@@ -100,6 +106,11 @@ def build_flex(config: Any, where: str) -> FlexModule:
     level = config.get("level", len(levels) - 1)
     _expect(type(level) is int and 0 <= level < len(levels), f"{where}: level {level!r} out of range")
     module.set_level(level)
+    custom = config.get("custom")
+    if custom is not None:
+        _expect(isinstance(custom, dict), f"{where}: custom must be an object")
+        skeleton = _build(spec, custom.get("config"), f"{where} custom widths")
+        module.set_custom(skeleton, _cuts(custom.get("cuts"), full, f"{where} custom widths"))
     return module
 
 
@@ -171,13 +182,17 @@ def _expect(condition: bool, message: str) -> None:
 
 
 def flex_dag_json(dag: FlexDagModule) -> dict[str, Any]:
-    if dag.current_level() is None:
+    """The flexible DAG's own part of the file: its level in use, or the widths `set_widths` was given
+    (its layers are stored at the top level: the widths are set again when it loads)."""
+    level, widths = dag.current_level(), dag.current_widths()
+    if level is None and widths is None:
         raise DagError(
-            "a flexible model running custom widths cannot be saved as such: set_level_use(i) "
-            "first, or save make_base_copy() as a plain model"
+            "a flexible model at widths that are neither a level nor set by set_widths cannot be "
+            "saved as such: set_level_use(i) first, or save make_base_copy() as a plain model"
         )
     return {
-        "level": dag.current_level(),
+        "level": dag.max_level() if level is None else level,
+        **({} if widths is None else {"widths": widths}),
         "width_info": dag.width_info,
         "level_args": {
             name: [
@@ -215,7 +230,19 @@ def build_flex_dag(
     dag = FlexDagModule(inputs, vertices, output, input_meta, level_args, width_info)
     level = data.get("level")
     _expect(type(level) is int and 0 <= level <= dag.max_level(), f"flex: level {level!r} out of range")
-    dag.set_level_use(level)
+    widths = data.get("widths")
+    if widths is None:
+        _expect(dag.current_level() is not None, "flex: layers at custom widths, but no widths saved")
+        dag.set_level_use(level)
+        return dag
+    _expect(
+        isinstance(widths, list)
+        and all(type(w) in (int, float) and w > 0 and math.isfinite(w) for w in widths),
+        f"flex: widths must be a list of positive numbers (fractions or channel counts), got {str(widths)[:80]}",
+    )
+    # the layers were built at those widths (each layer's custom config, its buffers in custom_layers)
+    _expect(dag.current_level() is None, "flex: widths saved, but the layers are at a level")
+    dag._widths = list(widths)
     return dag
 
 

@@ -141,6 +141,8 @@ _WITHOUT_RULE: dict[str, tuple[str, ...]] = {
     "attention on tensors that are not the model's own parameters (on its own parameters the converter "
     "makes it a MultiheadAttention vertex, whose heads prune)": ("multi_head_attention_forward",),
     "a flexible layer (flex, above pruning): its widths are chosen at run time, not pruned": ("Flex",),
+    "a mutable vertex (nas, above pruning) of candidates other than element-wise ops: its channels stay "
+    "fixed (export_subnet gives the plain sub-network to prune)": ("Mutable",),
 }
 NO_CHANNEL_RULE: dict[str, str] = {op: why for why, ops in _WITHOUT_RULE.items() for op in ops}
 
