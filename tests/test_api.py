@@ -24,6 +24,8 @@ PUBLIC_API = [
     "LoadError",
     "OnnxExportError",
     "Ref",
+    "TrainPruneConfig",
+    "TrainPruneReport",
     "UnknownOpError",
     "VerifyError",
     "Vertex",
@@ -47,6 +49,7 @@ PUBLIC_API = [
     "recalibrate_batchnorm",
     "register_module_op",
     "save",
+    "train_prune",
     "verify",
 ]
 

@@ -14,6 +14,7 @@ from torch_dag.core import ops
 from torch_dag.core.functions import FUNCTIONS
 from torch_dag.core.lowrank import LowRankConv2d, LowRankLinear
 from torch_dag.core.wsconv import WSConv2d
+from torch_dag.finetuning.gates import Gate
 
 # One or more instances per registered class, with non-default arguments wherever the class has them.
 # A new registration without an entry here fails `test_every_registered_op_has_a_case`.
@@ -114,6 +115,7 @@ CASES: dict[str, Callable[[], nn.Module]] = {
         4, 6, 3, stride=2, padding=1, groups=2, bias=False, gain=True, scale=0.3, eps=1e-6
     ),
     "WSConv2d_plain": lambda: WSConv2d(4, 6, (1, 3), padding="same", gain=False),
+    "Gate": lambda: Gate(6, axis=2),
 }
 
 # Arguments the module does not keep as an attribute of the same name: the spec derives them from its

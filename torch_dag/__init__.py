@@ -25,6 +25,7 @@ from .core import (
     verify,
 )
 from .finetuning import FinetuneConfig, FinetuneReport, finetune, recalibrate_batchnorm
+from .finetuning.train_prune import TrainPruneConfig, TrainPruneReport, train_prune
 from .flex import make_flexible
 from .latency import LatencyTable, latency_table
 from .passes import factorize
@@ -47,6 +48,8 @@ __all__ = [
     "LoadError",
     "OnnxExportError",
     "Ref",
+    "TrainPruneConfig",
+    "TrainPruneReport",
     "UnknownOpError",
     "VerifyError",
     "Vertex",
@@ -70,5 +73,6 @@ __all__ = [
     "recalibrate_batchnorm",
     "register_module_op",
     "save",
+    "train_prune",
     "verify",
 ]

@@ -19,6 +19,7 @@ from .info import cmd_info, cmd_viz
 from .latency import DTYPE_CHOICES, cmd_bench, cmd_latency_table, device_option
 from .nas import add_search_parser
 from .rewrite import cmd_fold_bn, cmd_simplify, cmd_swap_act
+from .train_prune import add_train_prune_parser
 from .values import FRACTION, integer, number, parse_size
 
 USAGE = """`torch-dag`: a thin command line over the public API.
@@ -39,6 +40,7 @@ torch-dag flexify timm:resnet50 --levels 0.25 0.5 1.0 -o resnet50_flex.dag --del
 torch-dag finetune resnet50_half.dag --teacher resnet50.dag --data images.npy -o resnet50_half_ft.dag
 torch-dag search resnet50_nas.dag --flops-ratio 0.5 --data images.npy --labels labels.npy -o front.png
 torchrun --nproc_per_node 4 -m torch_dag.cli finetune ...      (the same, data-parallel)
+torch-dag train-prune model.dag --data batches.npy --flops-ratio 0.5 --steps 2000 -o out.dag  (learned gates)
 """
 
 
@@ -362,6 +364,7 @@ SUBCOMMANDS = (
     _flexify_parser,
     _finetune_parser,
     add_search_parser,
+    add_train_prune_parser,
 )  # in the order `--help` lists them
 
 
