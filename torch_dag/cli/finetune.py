@@ -10,20 +10,14 @@ import torch
 from .. import finetuning, serde
 from ..core.errors import DagError
 from .models import check_runs, load_dag, load_or_convert
-from .values import load_array
+from .values import load_array, load_labels
 
 
 def cmd_finetune(args: argparse.Namespace) -> None:
     inputs = load_array(args.data, "--data").float()
     tensors = [inputs]
     if args.labels is not None:
-        labels = load_array(args.labels, "--labels")
-        if labels.ndim != 1 or labels.is_floating_point() or len(labels) != len(inputs):
-            raise DagError(
-                f"--labels {args.labels}: expected {len(inputs)} integer class labels (one per sample "
-                f"of --data), got a {labels.dtype} array of shape {tuple(labels.shape)}"
-            )
-        tensors.append(labels.long())
+        tensors.append(load_labels(args.labels, len(inputs)))
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if args.batch_size * world > len(inputs):
         raise DagError(

@@ -12,7 +12,7 @@ from .. import finetuning, nas, serde
 from ..core.errors import DagError
 from ..latency import LatencyTable
 from .models import check_runs, load_dag
-from .values import FRACTION, check_output, integer, load_array
+from .values import FRACTION, check_output, integer, load_array, load_labels
 
 CONSTRAINTS = ("flops_ratio", "params_ratio", "latency_ratio")
 
@@ -71,13 +71,8 @@ def _data(args: argparse.Namespace, sdag: Any) -> tuple[list, Any, str]:
     if args.labels is None:
         reference = nas.export_subnet(sdag, nas.largest(sdag))
         return calibration, nas.loss_score(rest, reference), "-distillation loss"
-    labels = load_array(args.labels, "--labels")
-    if labels.ndim != 1 or labels.is_floating_point() or len(labels) != len(inputs):
-        raise DagError(
-            f"--labels {args.labels}: expected {len(inputs)} integer class labels (one per sample of --data), "
-            f"got a {labels.dtype} array of shape {tuple(labels.shape)}"
-        )
-    batches = list(zip(rest, labels[held:].long().split(args.batch_size)))
+    labels = load_labels(args.labels, len(inputs))
+    batches = list(zip(rest, labels[held:].split(args.batch_size)))
     return calibration, nas.accuracy_score(batches), "accuracy"
 
 

@@ -20,7 +20,7 @@ from ..latency import LatencyTable
 from ..pruning import PruneConfig
 from ..pruning.groups import AttentionMode
 from .models import check_runs, load_or_convert
-from .values import FRACTION, integer, load_array, number
+from .values import FRACTION, integer, load_array, load_labels, number
 
 
 def add_train_prune_parser(sub: argparse._SubParsersAction) -> None:
@@ -125,13 +125,7 @@ def _loader(args: argparse.Namespace, dag: torch.nn.Module) -> torch.utils.data.
     inputs = load_array(args.data, "--data").float()
     tensors = [inputs]
     if args.labels is not None:
-        labels = load_array(args.labels, "--labels")
-        if labels.ndim != 1 or labels.is_floating_point() or len(labels) != len(inputs):
-            raise DagError(
-                f"--labels {args.labels}: expected {len(inputs)} integer class labels (one per sample "
-                f"of --data), got a {labels.dtype} array of shape {tuple(labels.shape)}"
-            )
-        tensors.append(labels.long())
+        tensors.append(load_labels(args.labels, len(inputs)))
     if args.batch_size > len(inputs):
         raise DagError(
             f"--batch-size {args.batch_size}: --data has {len(inputs)} samples, fewer than one batch; give "

@@ -121,5 +121,16 @@ def load_array(path: Path, option: str) -> torch.Tensor:
     return torch.from_numpy(array)
 
 
+def load_labels(path: Path, samples: int) -> torch.Tensor:
+    """A .npy array of one integer class label per sample of --data (`samples` of them), as int64."""
+    labels = load_array(path, "--labels")
+    if labels.ndim != 1 or labels.is_floating_point() or len(labels) != samples:
+        raise DagError(
+            f"--labels {path}: expected {samples} integer class labels (one per sample of --data), got a "
+            f"{labels.dtype} array of shape {tuple(labels.shape)}"
+        )
+    return labels.long()
+
+
 def _first_line(error: BaseException) -> str:
     return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
