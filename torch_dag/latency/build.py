@@ -18,7 +18,7 @@ import statistics
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -46,7 +46,25 @@ from .table import GroupInfo, LatencyTable, VertexCost
 
 NARROWEST = 0.25  # the smallest kept fraction a probe draws
 ANCHOR = 3.0  # weight of the whole model among the probes in every fit
-PROBE_RUNS = 3  # rounds of each probe timed whole beside the whole model
+LONG_PASS_S = 0.25  # a forward pass at least this long is timed fewer times (its noise is small against it)
+
+
+@dataclass(frozen=True)
+class Effort:
+    """How many times things are timed: `repeats` forward passes of each probe vertex by vertex, `runs`
+    rounds of each probe beside the whole model and of each rounding's cut, `warmup` untimed calls."""
+
+    repeats: int
+    runs: int
+    warmup: int
+
+    @classmethod
+    def for_pass(cls, seconds: float, repeats: int | None) -> Effort:
+        """Short passes are noisy against the timer and the scheduler: 3 passes and 3 rounds (5 for the
+        rounding). Passes over `LONG_PASS_S` (a large batch) are not, and dominate the build: 2 and 2."""
+        if seconds >= LONG_PASS_S:
+            return cls(repeats or 2, 2, 0)
+        return cls(repeats or 3, 3, 1)
 
 
 def latency_table(
@@ -57,7 +75,7 @@ def latency_table(
     dtype: str | torch.dtype | None = None,
     batch_size: int | None = None,
     probes: int = 10,
-    repeats: int = 3,
+    repeats: int | None = None,
     round_to: int | None = None,
     attention: AttentionMode = "heads",
     seed: int = 0,
@@ -66,7 +84,8 @@ def latency_table(
     """A latency model of `dag` on `device` in `dtype` at `batch_size` (the example inputs' batch when
     omitted): each vertex timed at `probes` assignments of widths to the channel groups (rounded to
     `round_to`, or to the rounding this device prefers, measured first), fitted, and calibrated on the
-    probes' measured latencies. `table.predict(widths)` then predicts any assignment in microseconds,
+    probes' measured latencies. Each probe runs `repeats` timed passes (None: 3, or 2 where one forward
+    pass takes over a quarter second). `table.predict(widths)` then predicts any assignment in microseconds,
     `table.save(path)` keeps it, and `prune(..., latency_ratio=r, latency_table=table)` prunes to it."""
     start = time.perf_counter()
     prep = prepare(dag, example_inputs)
@@ -82,9 +101,10 @@ def latency_table(
     sides = _sides(dag, groups)
     bar = show_progress(total=probes + 1, desc="latency table", unit="probe", disable=not progress)
     whole = _on(dag, target, cast)
+    effort = Effort.for_pass(_pass_seconds(whole, timed_inputs, synchronizer(target)), repeats)
     rng = np.random.default_rng(seed)
     if round_to is None:
-        round_to, evidence = _rounding(dag, groups, prunable, inputs, timed_inputs, target, cast, rng)
+        round_to, evidence = _rounding(dag, groups, prunable, inputs, timed_inputs, target, cast, rng, effort)
     else:
         evidence = {"reason": "given"}
     bar.update()
@@ -93,7 +113,7 @@ def latency_table(
         draw = np.ones(len(prunable)) if index == 0 else _draw(rng, len(prunable), narrowest=index == 1)
         removed = _removal(groups, prunable, draw, round_to, must_keep(groups))
         probe = _on(surgery.apply(dag, groups, _keep(groups, removed)), target, cast) if index else whole
-        timings.append((_fractions(groups, removed), *_timed(probe, whole, timed_inputs, target, repeats)))
+        timings.append((_fractions(groups, removed), *_timed(probe, whole, timed_inputs, target, effort)))
         bar.update()
     bar.close()
     samples = _without_drift(timings)
@@ -115,16 +135,29 @@ def latency_table(
 
 
 def _timed(
-    probe: DagModule, whole: DagModule, inputs: tuple, device: torch.device, repeats: int
+    probe: DagModule, whole: DagModule, inputs: tuple, device: torch.device, effort: Effort
 ) -> tuple[dict[str, float], float, float]:
     """A probe's vertices timed one by one (microseconds each), then the probe timed whole beside the
-    whole model: its latency ratio to the whole model and the whole model's microseconds meanwhile."""
-    times = _time_vertices(probe, inputs, synchronizer(device), repeats)
+    whole model: its latency ratio to the whole model and the whole model's microseconds meanwhile.
+    The whole model was warmed by the first probe, this probe by its passes vertex by vertex."""
+    times = _time_vertices(probe, inputs, synchronizer(device), effort.repeats)
+    runs, warmup = effort.runs, effort.warmup
     if probe is whole:
-        latency = measure_latency(whole, inputs, device=device, runs=PROBE_RUNS, warmup=1)
+        latency = measure_latency(whole, inputs, device=device, runs=runs, warmup=warmup)
         return times, 1.0, latency.median_ms * 1e3
-    both = compare_latency({"whole": whole, "probe": probe}, inputs, device=device, runs=PROBE_RUNS, warmup=1)
+    both = compare_latency({"whole": whole, "probe": probe}, inputs, device=device, runs=runs, warmup=warmup)
     return times, both.ratio("probe", "whole"), both.latencies["whole"].median_ms * 1e3
+
+
+def _pass_seconds(dag: DagModule, inputs: tuple, sync: Callable[[], None]) -> float:
+    """Seconds of one forward pass (after an untimed one): how long this model runs at this batch."""
+    with torch.inference_mode():
+        dag(*inputs)
+        sync()
+        begin = time.perf_counter()
+        dag(*inputs)
+        sync()
+    return time.perf_counter() - begin
 
 
 def _without_drift(
@@ -151,6 +184,7 @@ def _rounding(
     device: torch.device,
     dtype: torch.dtype,
     rng: np.random.Generator,
+    effort: Effort,
 ) -> tuple[int, dict]:
     """The rounding of widths this device prefers (`rounding.preferred_rounding`), on one random draw."""
     if not prunable:
@@ -162,7 +196,8 @@ def _rounding(
         return _on(surgery.apply(dag, groups, _keep(groups, removed)), device, dtype)
 
     roundings = candidates([len(g.channels) * g.unit for g in prunable])
-    return preferred_rounding(cut, roundings, inputs, timed_inputs, device)
+    runs = effort.runs + 2  # one rounding is chosen among several close ones: timed a little longer
+    return preferred_rounding(cut, roundings, inputs, timed_inputs, device, runs=runs, warmup=1)
 
 
 def _on(dag: DagModule, device: torch.device, dtype: torch.dtype) -> DagModule:

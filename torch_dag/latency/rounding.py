@@ -22,7 +22,6 @@ from ..core.dag import DagModule
 
 CANDIDATES = (1, 2, 4, 8, 16, 32)
 WITHIN = 0.05
-RUNS = 5
 
 
 def candidates(widths: list[int]) -> list[int]:
@@ -37,6 +36,9 @@ def preferred_rounding(
     inputs: tuple,
     timed_inputs: tuple,
     device: torch.device,
+    *,
+    runs: int = 5,
+    warmup: int = 1,
 ) -> tuple[int, dict]:
     """The rounding of widths, and the evidence (each rounding's FLOPs and milliseconds per GFLOP).
     `cut(r)` is the DAG at the drawn widths rounded to multiples of r, on the device in the dtype."""
@@ -44,7 +46,7 @@ def preferred_rounding(
         return roundings[0], {"reason": "the channel groups are too narrow to round"}
     cuts = {str(r): cut(r) for r in roundings}
     flops = {r: count_flops(dag, *inputs).total_flops for r, dag in cuts.items()}
-    times = compare_latency(cuts, timed_inputs, device=device, runs=RUNS, warmup=1).latencies
+    times = compare_latency(cuts, timed_inputs, device=device, runs=runs, warmup=warmup).latencies
     cost = {r: times[r].median_ms / max(flops[r], 1) * 1e9 for r in cuts}
     best = min(cost.values())
     chosen = next(r for r in roundings if cost[str(r)] <= (1 + WITHIN) * best)
