@@ -210,16 +210,11 @@ def reinitialized(model: nn.Module) -> nn.Module:
     return fresh
 
 
-def run(args: argparse.Namespace) -> None:
-    _fmnist.require()
-    torch.set_num_threads(args.threads)
-    rows = Rows(csv_of(args.model), FIELDS, KEY, OLD)
-    x, y, x_test, y_test = data()
-    x_tune, y_tune, x_val, y_val = x[:-VALIDATION], y[:-VALIDATION], x[-VALIDATION:], y[-VALIDATION:]
-    example = x_test[:1]
-    name = args.model
-    factory, epochs, train_lr, output_layer, tp_options = MODELS[name]
-    epochs = args.epochs or epochs
+def trained(name: str, x: torch.Tensor, y: torch.Tensor, epochs: int | None = None) -> torch.nn.Module:
+    """The `name` model trained `epochs` epochs (its default in MODELS) on all of `x`, `y`, in eval mode;
+    cached (benchmarks/.cache) by name and epochs, so every quality script starts from the same weights."""
+    factory, default_epochs, train_lr, *_ = MODELS[name]
+    epochs = epochs or default_epochs
     cache = _fmnist.CACHE / f"fmnist_{name}_{epochs}ep.safetensors"
     torch.manual_seed(0)
     model = factory()
@@ -230,7 +225,20 @@ def run(args: argparse.Namespace) -> None:
         train(model, x, y, epochs, lr=train_lr)
         cache.parent.mkdir(parents=True, exist_ok=True)
         save_file(model.state_dict(), cache)
-    model.eval()
+    return model.eval()
+
+
+def run(args: argparse.Namespace) -> None:
+    _fmnist.require()
+    torch.set_num_threads(args.threads)
+    rows = Rows(csv_of(args.model), FIELDS, KEY, OLD)
+    x, y, x_test, y_test = data()
+    x_tune, y_tune, x_val, y_val = x[:-VALIDATION], y[:-VALIDATION], x[-VALIDATION:], y[-VALIDATION:]
+    example = x_test[:1]
+    name = args.model
+    _, epochs, train_lr, output_layer, tp_options = MODELS[name]
+    epochs = args.epochs or epochs
+    model = trained(name, x, y, epochs)
     teacher = td.build_from_unstructured_module(model, (example,))
     base_flops = flops(teacher, example)
     base = accuracy(teacher, x_test, y_test)

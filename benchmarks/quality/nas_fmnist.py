@@ -28,8 +28,7 @@ import time
 
 import torch
 from _common import RESULTS, Rows, _fmnist, flops
-from fmnist import MODELS, SEED, VALIDATION, accuracy, data, loader, train
-from safetensors.torch import load_file, save_file
+from fmnist import SEED, VALIDATION, accuracy, data, loader, trained
 
 import torch_dag as td
 from torch_dag.pruning import PruneConfig
@@ -39,21 +38,6 @@ FIELDS = ["model", "experiment", "method", "target", "flops", "finetuned", "accu
 KEY = ["model", "experiment", "method", "target", "finetuned"]
 GRID = [k / 8 for k in range(1, 9)]
 LR = 1e-3  # the finetuning rate fmnist.py chose on its validation split
-
-
-def trained_cnn(x: torch.Tensor, y: torch.Tensor) -> torch.nn.Module:
-    """fmnist.py's CNN, trained as fmnist.py trains it (its cache shared)."""
-    factory, epochs, train_lr, *_ = MODELS["cnn"]
-    cache = _fmnist.CACHE / f"fmnist_cnn_{epochs}ep.safetensors"
-    torch.manual_seed(0)
-    model = factory()
-    if cache.exists():
-        model.load_state_dict(load_file(cache))
-    else:
-        train(model, x, y, epochs, lr=train_lr)
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        save_file(model.state_dict(), cache)
-    return model.eval()
 
 
 def supernet(teacher: td.DagModule, example: torch.Tensor, calibration: list, args, tune) -> td.DagModule:
@@ -87,7 +71,7 @@ def run(args: argparse.Namespace) -> None:
     x, y, x_test, y_test = data()
     x_tune, y_tune, x_val, y_val = x[:-VALIDATION], y[:-VALIDATION], x[-VALIDATION:], y[-VALIDATION:]
     example = x_test[:1]
-    teacher = td.build_from_unstructured_module(trained_cnn(x, y), (example,))
+    teacher = td.build_from_unstructured_module(trained("cnn", x, y), (example,))
     base_flops = flops(teacher, example)
     calibration = [(x[i : i + 64],) for i in range(0, 256, 64)]  # fmnist.py's
     base = dict(model="cnn", experiment="base", method="unpruned", target=1.0, finetuned=False)

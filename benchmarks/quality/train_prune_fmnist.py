@@ -23,8 +23,7 @@ import warnings
 
 import torch
 from _common import RESULTS, Rows, _fmnist, flops
-from fmnist import MODELS, OUT, SEED, VALIDATION, accuracy, data, loader, train
-from safetensors.torch import load_file, save_file
+from fmnist import OUT, SEED, VALIDATION, accuracy, data, loader, trained
 
 import torch_dag as td
 
@@ -45,21 +44,6 @@ KEY = ["model", "experiment", "method", "target", "train_steps", "finetune_steps
 LR = 1e-3  # the finetuning rate fmnist.py chose on its validation split for the CNN
 
 
-def trained_cnn(x: torch.Tensor, y: torch.Tensor) -> torch.nn.Module:
-    """fmnist.py's CNN, trained (or loaded from its cache) exactly as there."""
-    factory, epochs, train_lr, _, _ = MODELS["cnn"]
-    cache = _fmnist.CACHE / f"fmnist_cnn_{epochs}ep.safetensors"
-    torch.manual_seed(0)
-    model = factory()
-    if cache.exists():
-        model.load_state_dict(load_file(cache))
-    else:
-        train(model, x, y, epochs, lr=train_lr)
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        save_file(model.state_dict(), cache)
-    return model.eval()
-
-
 def run(args: argparse.Namespace) -> None:
     _fmnist.require()
     torch.set_num_threads(args.threads)
@@ -67,7 +51,7 @@ def run(args: argparse.Namespace) -> None:
     x, y, x_test, y_test = data()
     x_tune, y_tune = x[:-VALIDATION], y[:-VALIDATION]
     example = x_test[:1]
-    teacher = td.build_from_unstructured_module(trained_cnn(x, y), (example,))
+    teacher = td.build_from_unstructured_module(trained("cnn", x, y), (example,))
     base_flops = flops(teacher, example)
     budget = len(loader(x_tune, y_tune, 128, SEED))  # one epoch: the one-shot rows' finetune
     print(
