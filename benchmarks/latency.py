@@ -3,6 +3,12 @@
     python benchmarks/latency.py                                   # the six models, batch 1 and 32
     python benchmarks/latency.py --models resnet18 --batches 1 --assignments 3 --out /tmp/latency.csv
     python benchmarks/latency.py --threads 2 --timeout 3600        # resumes: rows already there are kept
+    python benchmarks/latency.py --allocator system                # glibc's default: results/latency.csv
+
+`--allocator steady` (the default) calls `td.steady_allocator()` in each job first: freed memory stays in
+the process, as with jemalloc or tcmalloc in a deployment. With glibc's default (`system`) a CNN at batch
+32 faults its activations in afresh on every call: half of mobilenetv3_large_100's time on this machine,
+and its least steady half. Each allocator writes its own CSV (`latency_steady.csv`, `latency.csv`).
 
 For each model (timm, pretrained=False, default input size) and batch, in a subprocess of its own:
 1. `latency_table(dag, (x,), batch_size=batch)` and its build seconds (row kind `table`; the table is
@@ -15,8 +21,9 @@ For each model (timm, pretrained=False, default input size) and batch, in a subp
    later; `abs_time_error` = predicted / measured microseconds - 1, drift included; kind `prediction`:
    median |rel_error|);
 3. `prune(dag, 0.5, (x,))` (kind `flops`), `prune(dag, None, (x,), latency_ratio=0.5,
-   latency_table=table)` (kind `latency`) and FLOPs pruning at the FLOPs ratio whose table-predicted
-   latency matches the latency pruning's (kind `flops_matched`, bisected) timed beside the unpruned DAG
+   latency_table=table)` (kind `latency`) and FLOPs pruning at the FLOPs ratio whose measured latency
+   matches the latency pruning's (kind `flops_matched`: bisected on the table, then corrected by up to 3
+   measurements beside the latency pruning) timed beside the unpruned DAG
    (kind `unpruned`) in ONE `compare_latency` run: latency ratio to the unpruned DAG (median of per-round
    ratios), FLOPs ratio, the table's predicted latency ratio, what the prune report reached (FLOPs
    ratio, or its own measured latency ratio), and output fidelity on 32 random inputs (top-1 agreement
@@ -55,13 +62,15 @@ from torch_dag.pruning import surgery
 from torch_dag.pruning.groups import channel_groups
 from torch_dag.pruning.prune import must_keep
 
-OUT = Path(__file__).resolve().parent / "results" / "latency.csv"
+RESULTS = Path(__file__).resolve().parent / "results"
+OUT = {"steady": RESULTS / "latency_steady.csv", "system": RESULTS / "latency.csv"}
 TARGET = 0.5  # the FLOPs ratio and the latency ratio compared
 NARROWEST = 0.25  # the smallest kept fraction of a group in a random assignment
 FIDELITY_INPUTS = 32
 TARGET_KINDS = ("unpruned", "flops", "latency", "flops_matched")  # measured together: redone together
 MATCH_TITLES = {"flops": "flops 0.5", "latency": "latency 0.5", "flops_matched": "same latency"}
 MATCH_STEPS = 6  # bisection steps of the FLOPs ratio that matches the latency target's predicted latency
+MATCH_MEASURES = 3  # then corrections of it by measured latency
 FIELDS = [
     "model",
     "batch",
@@ -101,8 +110,15 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per (model, batch) job")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument(
+        "--allocator",
+        choices=tuple(OUT),
+        default="steady",
+        help="steady: td.steady_allocator() in each job; system: the C library's default",
+    )
+    parser.add_argument("--out", type=Path, help="the CSV (default: by --allocator, see above)")
     args = parser.parse_args()
+    args.out = args.out or OUT[args.allocator]
     jobs = [(model, batch) for model in args.models for batch in args.batches]
     kept = _kept_rows(_read(args.out), args.assignments)
     _write(args.out, kept)
@@ -189,6 +205,8 @@ def _child(
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
+        if args.allocator == "steady" and not td.steady_allocator():
+            raise RuntimeError("--allocator steady needs glibc (td.steady_allocator() had no effect)")
         job(model, batch, args, done, send)
     except BaseException as e:  # the parent records whatever stopped the job
         send("row", {"kind": "error", "status": "error", "stage": stage[0], **_error(e)})
@@ -310,7 +328,7 @@ def targets(
 ) -> list[dict[str, Any]]:
     """Rows `unpruned`, `flops`, `latency`, `flops_matched`: the prunings timed beside the unpruned DAG
     in one `compare_latency` run, their FLOPs ratios and fidelity."""
-    variants, rows = pruned_variants(dag, x, table, send)
+    variants, rows = pruned_variants(dag, x, batch, table, send)
     send("stage", "compare latency")
     start = time.perf_counter()
     comparison = td.compare_latency(variants, (x,), batch_size=batch, threads=args.threads)
@@ -338,10 +356,10 @@ def targets(
 
 
 def pruned_variants(
-    dag: td.DagModule, x: torch.Tensor, table: td.LatencyTable, send: Send
+    dag: td.DagModule, x: torch.Tensor, batch: int, table: td.LatencyTable, send: Send
 ) -> tuple[dict[str, td.DagModule], dict[str, dict[str, Any]]]:
     """The unpruned DAG and its prunings (to half the FLOPs, to half the latency, and to the FLOPs whose
-    predicted latency matches the latency pruning's), with their rows so far; a failed pruning is a row
+    measured latency matches the latency pruning's), with their rows so far; a failed pruning is a row
     with its error and no variant."""
     variants = {"unpruned": dag}
     rows: dict[str, dict[str, Any]] = {}
@@ -350,7 +368,7 @@ def pruned_variants(
         "latency": lambda: td.prune(
             dag, None, (x,), latency_ratio=TARGET, latency_table=table, return_report=True
         ),
-        "flops_matched": lambda: matched_flops(dag, x, table, _goal(rows)),
+        "flops_matched": lambda: matched_flops(dag, x, batch, table, *_latency_goal(variants, rows)),
     }
     for kind, aim in aims.items():
         send("stage", f"prune: {kind}")
@@ -371,30 +389,54 @@ def predicted_ratio(table: td.LatencyTable, report: Any) -> float:
     return table.predict(widths) / table.predict()
 
 
-def _goal(rows: dict[str, dict[str, Any]]) -> float:
-    if rows["latency"]["status"] != "ok":
+def _latency_goal(
+    variants: dict[str, td.DagModule], rows: dict[str, dict[str, Any]]
+) -> tuple[td.DagModule, float]:
+    """The latency pruning, and its latency ratio the table predicts."""
+    if "latency" not in variants:
         raise RuntimeError("no latency pruning to match (it failed: see the row of kind latency)")
-    return rows["latency"]["predicted_ratio"]
+    return variants["latency"], rows["latency"]["predicted_ratio"]
 
 
 def matched_flops(
-    dag: td.DagModule, x: torch.Tensor, table: td.LatencyTable, goal: float
+    dag: td.DagModule,
+    x: torch.Tensor,
+    batch: int,
+    table: td.LatencyTable,
+    goal: td.DagModule,
+    goal_ratio: float,
 ) -> tuple[td.DagModule, Any]:
-    """FLOPs pruning at the latency ratio `goal` the table predicts for the latency pruning: the FLOPs
-    ratio bisected over `MATCH_STEPS` prunings, the result predicted nearest the goal kept, so that
-    fidelity is compared at about the same latency (measured beside the others)."""
-    low, high, best = 0.05, 1.0, None
+    """FLOPs pruning at the measured latency of `goal` (the latency pruning), so that fidelity is compared
+    at the same latency: the FLOPs ratio whose table-predicted latency matches `goal_ratio` (`goal`'s) first (bisected
+    over `MATCH_STEPS` prunings), then corrected `MATCH_MEASURES` times by the two measured side by side
+    with the unpruned DAG (the FLOPs ratio scaled by the goal's measured latency ratio over the
+    candidate's); the candidate measured nearest the goal is kept."""
+    low, high, ratio = 0.05, 1.0, TARGET
+    nearest = float("inf")
     for _ in range(MATCH_STEPS):
-        ratio = (low + high) / 2
-        with warnings.catch_warnings():  # a missed FLOPs target is only a step of the bisection
-            warnings.simplefilter("ignore", UserWarning)
-            pruned, report = td.prune(dag, ratio, (x,), return_report=True)
-        predicted = predicted_ratio(table, report)
-        if best is None or abs(predicted - goal) < abs(best[2] - goal):
-            best = (pruned, report, predicted)
-        low, high = (low, ratio) if predicted > goal else (ratio, high)
+        middle = (low + high) / 2
+        predicted = predicted_ratio(table, _flops_pruned(dag, x, middle)[1])
+        if abs(predicted - goal_ratio) < nearest:
+            ratio, nearest = middle, abs(predicted - goal_ratio)
+        low, high = (low, middle) if predicted > goal_ratio else (middle, high)
+    best = None
+    for _ in range(MATCH_MEASURES):
+        pruned, report = _flops_pruned(dag, x, ratio)
+        both = td.compare_latency({"unpruned": dag, "goal": goal, "it": pruned}, (x,), batch_size=batch)
+        off = both.ratio("it", "unpruned") - both.ratio("goal", "unpruned")
+        if best is None or abs(off) < abs(best[2]):
+            best = (pruned, report, off)
+        if abs(off) < 0.01:
+            break
+        ratio = min(1.0, ratio * both.ratio("goal", "unpruned") / both.ratio("it", "unpruned"))
     assert best is not None
     return best[0], best[1]
+
+
+def _flops_pruned(dag: td.DagModule, x: torch.Tensor, ratio: float) -> tuple[td.DagModule, Any]:
+    with warnings.catch_warnings():  # a missed FLOPs target is only a step of the search
+        warnings.simplefilter("ignore", UserWarning)
+        return td.prune(dag, ratio, (x,), return_report=True)
 
 
 def fidelity(reference: torch.Tensor, model: td.DagModule, inputs: torch.Tensor) -> dict[str, float]:

@@ -49,6 +49,7 @@ PUBLIC_API = [
     "recalibrate_batchnorm",
     "register_module_op",
     "save",
+    "steady_allocator",
     "train_prune",
     "verify",
 ]

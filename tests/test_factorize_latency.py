@@ -256,3 +256,28 @@ def test_a_tiny_rank_of_a_huge_linear_always_pays():
     timing = check.timing(layer, 16, "chosen")
     assert timing.pays and timing.pair_ms < timing.whole_ms
     assert layer.report.timings == [timing]
+
+
+def test_the_command_line_factorizes_only_what_pays(clock, tmp_path, capsys):
+    """`torch-dag factorize --latency`: the same decisions as the API on the same clock; the narrow
+    layers stay whole with their reason printed."""
+    from torch_dag.cli import main
+
+    x = torch.randn(4, 128)
+    source, out = tmp_path / "mlp.dag", tmp_path / "mlp_lr.dag"
+    td.save(_dag(_mlp(), x), source)
+    main(["factorize", str(source), "--rank-ratio", "0.25", "--latency", "-o", str(out), "-q"])
+    text = capsys.readouterr().out
+    _, expected = factorize(td.load(source), rank_ratio=0.25, latency=True, return_report=True)
+    small = td.load(out)
+    kinds = {v.name: type(v.module).__name__ for v in small}
+    assert [layer.rank is not None for layer in expected.layers] == [
+        kinds[layer.name] == "LowRankLinear" for layer in expected.layers
+    ]
+    assert any(layer.rank is None and layer.timings for layer in expected.layers)
+    assert "does not pay" in text
+    with pytest.raises(SystemExit):  # a table without --latency is refused in one line
+        main(
+            ["factorize", str(source), "--rank-ratio", "0.25", "--latency-table", str(source), "-o", str(out)]
+        )
+    assert "--latency-table is read with --latency" in capsys.readouterr().err

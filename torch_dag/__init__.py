@@ -8,7 +8,13 @@ td.save(dag, "model.dag"); dag = td.load("model.dag")
 from . import flex, latency, passes, pruning
 from . import nas as nas
 from .analysis import FlopReport, count_flops
-from .analysis.latency import Latency, LatencyComparison, compare_latency, measure_latency
+from .analysis.latency import (
+    Latency,
+    LatencyComparison,
+    compare_latency,
+    measure_latency,
+    steady_allocator,
+)
 from .converters import build_from_unstructured_module
 from .converters.onnx import OnnxExportError, export_onnx
 from .core import (
@@ -73,6 +79,7 @@ __all__ = [
     "recalibrate_batchnorm",
     "register_module_op",
     "save",
+    "steady_allocator",
     "train_prune",
     "verify",
 ]

@@ -4,17 +4,28 @@ Each model runs in eval mode under `torch.inference_mode()` on its own copy when
 asked for (the caller's model is never moved), after warm-up calls; CUDA is synchronised around every
 timed call; the garbage collector is paused while timing (as `timeit` does). Several models are timed
 in interleaved rounds (A B C, then C B A, ...) so that drift of the machine hits all alike, and a ratio
-is the median of the per-round ratios. Every figure states the batch, dtype, device and threads.
+is the median of the per-round ratios. Every figure states the batch, dtype, device and threads, and the
+page faults per call: memory the allocator gave back to the system and takes again on every call.
+
+That last one matters on Linux: glibc's malloc returns large freed blocks to the kernel, so a CPU model
+whose activations are tens of megabytes (a CNN at batch 32) faults every page of them in afresh on every
+call. On this project's machine that is half of mobilenetv3_large_100's time at batch 32 (about 200,000
+faults, 0.5 s against 0.25 s without), and the part that varies most between runs. `steady_allocator()`
+keeps freed memory in the process (as `MALLOC_TRIM_THRESHOLD_` / `MALLOC_MMAP_THRESHOLD_` or a preloaded
+jemalloc / tcmalloc do in deployment); timings warn when faults dominate and it is not on.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import ctypes
+import ctypes.util
 import gc
 import platform
 import statistics
 import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import cache
@@ -26,9 +37,16 @@ from torch.utils import _pytree as pytree
 
 from ..core.errors import DagError
 
+try:
+    import resource
+except ImportError:  # not a POSIX system: no page-fault counts
+    resource = None  # type: ignore[assignment]
+
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 DEFAULT_SECONDS = 1.0  # timed seconds per model when `runs` is not given
 MIN_RUNS, MAX_RUNS = 5, 200
+MANY_FAULTS = 4096  # page faults per call (16 MiB of 4 KiB pages) above which a timing warns
+_steady = False  # whether `steady_allocator` took effect in this process
 
 
 @dataclass(frozen=True)
@@ -44,6 +62,7 @@ class Latency:
     device: str
     threads: int
     times_ms: tuple[float, ...] = field(repr=False, default=())
+    page_faults: int | None = None  # median minor page faults per call (None: not countable here)
 
     @property
     def spread(self) -> float:
@@ -52,9 +71,10 @@ class Latency:
 
     def __str__(self) -> str:
         batch = "" if self.batch_size is None else f"batch {self.batch_size}, "
+        faults = f", {self.page_faults} page faults per call" if self.page_faults else ""
         return (
             f"{self.median_ms:.3f} ms (quartiles {self.p25_ms:.3f}-{self.p75_ms:.3f}, {self.runs} runs, "
-            f"{batch}{self.dtype}, {self.device}, {self.threads} threads)"
+            f"{batch}{self.dtype}, {self.device}, {self.threads} threads{faults})"
         )
 
 
@@ -130,14 +150,62 @@ def compare_latency(
         for call in calls.values():
             _warm(call, inputs, sync, warmup)
         count = runs or _runs_to_fill(calls, inputs, sync)
-        times = _interleaved(calls, inputs, sync, count)
+        times, faults = _interleaved(calls, inputs, sync, count)
         context = dict(
             batch_size=batch_size,
             dtype=str(cast_to or _model_dtype(next(iter(models.values())))).removeprefix("torch."),
             device=device_name(device),
             threads=torch.get_num_threads(),
         )
-    return LatencyComparison({name: _summary(ns, **context) for name, ns in times.items()})
+    latencies = {name: _summary(ns, faults[name], **context) for name, ns in times.items()}
+    warn_about_faults(max((lat.page_faults or 0) for lat in latencies.values()))
+    return LatencyComparison(latencies)
+
+
+def steady_allocator() -> bool:
+    """Keep freed memory in this process instead of returning it to the system, so that a model's
+    activations are not faulted in afresh on every call: glibc's `mallopt` with the trim and mmap
+    thresholds at 2 GiB, the effect of `MALLOC_TRIM_THRESHOLD_=2147483647 MALLOC_MMAP_THRESHOLD_=2147483647`
+    in the environment. For the rest of the process, for every allocation (it cannot be undone: glibc's
+    adaptive thresholds stay off); memory once used by the largest call stays held. True when it took
+    effect, False where the C library is not glibc (use jemalloc or tcmalloc there, or nothing: macOS
+    and Windows allocators keep memory already)."""
+    global _steady
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        mallopt = libc.mallopt if libc is not None else None
+    except (OSError, AttributeError):
+        mallopt = None
+    if mallopt is None or platform.libc_ver()[0] != "glibc":
+        return False
+    most = ctypes.c_int(2**31 - 1)
+    _steady = bool(mallopt(-1, most)) and bool(mallopt(-3, most))  # M_TRIM_THRESHOLD, M_MMAP_THRESHOLD
+    return _steady
+
+
+def steady_allocator_on() -> bool:
+    """Whether `steady_allocator` took effect in this process."""
+    return _steady
+
+
+def warn_about_faults(faults_per_call: int | None) -> None:
+    """Warn when calls fault in more than `MANY_FAULTS` pages each and `steady_allocator` is not on."""
+    if faults_per_call is None or faults_per_call < MANY_FAULTS or _steady:
+        return
+    warnings.warn(
+        f"each call faulted {faults_per_call} memory pages in afresh (about {faults_per_call * 4 >> 10} "
+        "MiB): the memory allocator returns freed activations to the system between calls, which can be "
+        "half of a CPU model's time and varies from run to run. For steadier (and deployment-like) "
+        "timings call torch_dag.steady_allocator() first, or set MALLOC_TRIM_THRESHOLD_=2147483647 "
+        "MALLOC_MMAP_THRESHOLD_=2147483647 in the environment, or preload jemalloc / tcmalloc",
+        stacklevel=3,
+    )
+
+
+def page_faults() -> int | None:
+    """Minor page faults of this process so far (None where they cannot be counted)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt if resource is not None else None
 
 
 def as_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
@@ -255,24 +323,37 @@ def _runs_to_fill(calls: dict[str, Callable], inputs: tuple, sync: Callable[[], 
 
 def _interleaved(
     calls: dict[str, Callable], inputs: tuple, sync: Callable[[], None], runs: int
-) -> dict[str, list[int]]:
+) -> tuple[dict[str, list[int]], dict[str, int | None]]:
+    """Nanoseconds of each call in interleaved rounds, and each model's median page faults per call."""
     names, times = list(calls), {name: list[int]() for name in calls}
+    faults: dict[str, list[int]] = {name: [] for name in calls}
     gc.collect()
     gc.disable()
     try:
         with torch.inference_mode():
             for r in range(runs):
                 for name in names if r % 2 == 0 else reversed(names):
+                    before = page_faults()
                     times[name].append(_call(calls[name], inputs, sync))
+                    if before is not None:
+                        faults[name].append(page_faults() - before)  # type: ignore[operator]
     finally:
         gc.enable()
-    return times
+    return times, {name: int(statistics.median(f)) if f else None for name, f in faults.items()}
 
 
-def _summary(ns: list[int], **context: Any) -> Latency:
+def _summary(ns: list[int], page_faults: int | None, **context: Any) -> Latency:
     ms = [t / 1e6 for t in ns]
     quartiles = statistics.quantiles(ms, n=4) if len(ms) > 1 else [ms[0]] * 3
-    return Latency(statistics.median(ms), quartiles[0], quartiles[2], len(ms), times_ms=tuple(ms), **context)
+    return Latency(
+        statistics.median(ms),
+        quartiles[0],
+        quartiles[2],
+        len(ms),
+        times_ms=tuple(ms),
+        page_faults=page_faults,
+        **context,
+    )
 
 
 @contextlib.contextmanager

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import sys
 
+from ..analysis.latency import steady_allocator
 from ..core.errors import DagError
 from .models import load_model
 from .parser import build_parser, parse_size
@@ -28,6 +29,12 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         check_outputs(args)
+        if getattr(args, "steady_allocator", False) and not steady_allocator():
+            print(
+                "torch-dag: --steady-allocator has no effect here (the C library is not glibc); preload "
+                "jemalloc or tcmalloc for the same",
+                file=sys.stderr,
+            )
         args.run(args)
     except USER_ERRORS as e:
         print(f"torch-dag {args.command}: error: {one_line(e)}", file=sys.stderr)

@@ -127,6 +127,11 @@ def cmd_factorize(args: argparse.Namespace) -> None:
             f"--protect {' '.join(missing)}: no such vertex in {args.source} (`torch-dag info` lists "
             f"the heaviest; vertices are named like {', '.join(v.name for v in list(dag)[:3])})"
         )
+    if args.latency_table is not None and not args.latency:
+        raise DagError("--latency-table is read with --latency: give both, or leave the table out")
+    latency: bool | LatencyTable = args.latency
+    if args.latency_table is not None:
+        latency = LatencyTable.load(args.latency_table)
     small, report = passes.factorize(
         dag,
         args.flops_ratio,
@@ -136,6 +141,7 @@ def cmd_factorize(args: argparse.Namespace) -> None:
         example_inputs=inputs,
         allocation=args.allocation,
         protected=args.protect,
+        latency=latency,
         progress=not args.quiet,
         return_report=True,
     )

@@ -223,6 +223,7 @@ def _prune_parser(sub: argparse._SubParsersAction) -> None:
         choices=DTYPE_CHOICES,
         help="with --latency-ratio: the dtype latency is measured in (default: the table's, else the model's own)",
     )
+    _add_allocator_option(shrink)
     _add_width_options(
         shrink,
         "remove whole attention heads, or the same positions of every head",
@@ -277,6 +278,19 @@ def _factorize_parser(sub: argparse._SubParsersAction) -> None:
     low.add_argument("--protect", nargs="*", default=[], metavar="VERTEX", help="vertices to leave alone")
     low.add_argument("--input-size", type=parse_size, help="CxHxW (default: as converted / pretrained_cfg)")
     low.add_argument("--top", type=integer(0), default=20, help="layers shown in the report (by FLOPs)")
+    low.add_argument(
+        "--latency",
+        action="store_true",
+        help="factorize only the layers whose low-rank pair runs faster, timed on the CPU at the input's "
+        "batch (or on --latency-table's device, dtype and batch)",
+    )
+    low.add_argument(
+        "--latency-table",
+        type=Path,
+        help="with --latency: a table from `torch-dag latency-table`, whose device, dtype and batch the "
+        "layers are timed at",
+    )
+    _add_allocator_option(low)
     low.add_argument("-o", "--output", type=Path, required=True)
     low.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     low.set_defaults(run=cmd_factorize)
@@ -378,6 +392,16 @@ def _add_timing_options(parser: argparse.ArgumentParser, batch_option: str = "--
     parser.add_argument("--device", type=device_option, default="cpu", help="cpu, cuda, cuda:1, mps")
     parser.add_argument(
         "--dtype", choices=DTYPE_CHOICES, help="weights and inputs cast to it (default: the model's own)"
+    )
+    _add_allocator_option(parser)
+
+
+def _add_allocator_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--steady-allocator",
+        action="store_true",
+        help="keep freed memory in the process while timing (glibc), as a deployment with jemalloc or "
+        "tcmalloc does: no pages faulted in afresh on every call (see torch_dag.steady_allocator)",
     )
 
 

@@ -3,7 +3,8 @@
 The DAG is cut to a few "probes", each channel group at a width drawn between a quarter and all of its
 channels, rounded as pruning rounds them (the first probe is the whole model, the second every group at
 its narrowest draw). Each probe runs `repeats` timed forward passes vertex by vertex, every vertex timed
-where it runs (median over the passes); the probe is also timed whole beside the whole model. Each
+where it runs (median over the passes); the probe is also timed whole beside the whole model. A probe
+whose vertices' sum and whole time disagree far more than the others' do is timed again once. Each
 vertex's coefficients are the least-squares fit of its times to its sides' kept fractions
 (`table.VertexCost`), and the whole-model scale and offset the fit of the probes' measured times to the
 sums of those fits.
@@ -25,11 +26,13 @@ import numpy as np
 import torch
 
 from ..analysis.latency import (
+    Latency,
     as_dtype,
     compare_latency,
     device_name,
     measure_latency,
     prepared_inputs,
+    steady_allocator_on,
     synchronizer,
 )
 from ..core.dag import DagModule
@@ -46,6 +49,10 @@ from .table import GroupInfo, LatencyTable, VertexCost
 
 NARROWEST = 0.25  # the smallest kept fraction a probe draws
 ANCHOR = 3.0  # weight of the whole model among the probes in every fit
+OUTLIER = 0.2  # a probe whose vertices and whole time disagree by this much more than usual is re-timed
+# a probe's timing: its groups' kept fractions, its vertices' microseconds, its latency ratio to the whole
+# model timed beside it, and the whole model's microseconds meanwhile
+Timing = tuple[np.ndarray, dict[str, float], float, float]
 LONG_PASS_S = 0.25  # a forward pass at least this long is timed fewer times (its noise is small against it)
 
 
@@ -108,14 +115,24 @@ def latency_table(
     else:
         evidence = {"reason": "given"}
     bar.update()
-    timings = []
+    timings: list[Timing] = []
+    faults: list[int | None] = []
+    removals: list[np.ndarray] = []  # each probe's removal mask over channel ids
+
+    def timed(index: int) -> Timing:
+        removed = removals[index]
+        probe = _on(surgery.apply(dag, groups, _keep(groups, removed)), target, cast) if index else whole
+        times, ratio, whole_latency = _timed(probe, whole, timed_inputs, target, effort)
+        faults.append(whole_latency.page_faults)
+        return _fractions(groups, removed), times, ratio, whole_latency.median_ms * 1e3
+
     for index in range(probes):
         draw = np.ones(len(prunable)) if index == 0 else _draw(rng, len(prunable), narrowest=index == 1)
-        removed = _removal(groups, prunable, draw, round_to, must_keep(groups))
-        probe = _on(surgery.apply(dag, groups, _keep(groups, removed)), target, cast) if index else whole
-        timings.append((_fractions(groups, removed), *_timed(probe, whole, timed_inputs, target, effort)))
+        removals.append(_removal(groups, prunable, draw, round_to, must_keep(groups)))
+        timings.append(timed(index))
         bar.update()
     bar.close()
+    retimed = _retime_outliers(timings, timed)
     samples = _without_drift(timings)
     all_groups = groups.groups()
     table = _fitted(dag, all_groups, sides, samples)
@@ -131,22 +148,50 @@ def latency_table(
         build_seconds=round(time.perf_counter() - start, 2),
     )
     table["fit"]["rounding"] = evidence
+    table["fit"]["retimed_probes"] = retimed
+    counted = [f for f in faults if f is not None]
+    table["fit"]["allocator"] = {  # page faults per call of the whole model: see `steady_allocator`
+        "steady_allocator": steady_allocator_on(),
+        "page_faults_per_call": max(counted) if counted else None,
+    }
     return LatencyTable(**table)
 
 
 def _timed(
     probe: DagModule, whole: DagModule, inputs: tuple, device: torch.device, effort: Effort
-) -> tuple[dict[str, float], float, float]:
+) -> tuple[dict[str, float], float, Latency]:
     """A probe's vertices timed one by one (microseconds each), then the probe timed whole beside the
-    whole model: its latency ratio to the whole model and the whole model's microseconds meanwhile.
+    whole model: its latency ratio to the whole model and the whole model's latency meanwhile.
     The whole model was warmed by the first probe, this probe by its passes vertex by vertex."""
     times = _time_vertices(probe, inputs, synchronizer(device), effort.repeats)
     runs, warmup = effort.runs, effort.warmup
     if probe is whole:
-        latency = measure_latency(whole, inputs, device=device, runs=runs, warmup=warmup)
-        return times, 1.0, latency.median_ms * 1e3
+        return times, 1.0, measure_latency(whole, inputs, device=device, runs=runs, warmup=warmup)
     both = compare_latency({"whole": whole, "probe": probe}, inputs, device=device, runs=runs, warmup=warmup)
-    return times, both.ratio("probe", "whole"), both.latencies["whole"].median_ms * 1e3
+    return times, both.ratio("probe", "whole"), both.latencies["whole"]
+
+
+def _retime_outliers(timings: list[Timing], timed: Callable[[int], Timing]) -> list[int]:
+    """Time again, once, each probe whose vertices' sum disagrees with its whole-model time by over
+    `OUTLIER` against the other probes' agreement (its time whole over the sum of its vertices, against
+    the median of that over the probes): a moment of the machine's noise in one of the two, which the fit
+    would otherwise spread over every vertex (worst on the first probe, the whole model, that anchors the
+    fit). The timing that agrees better is kept; the probes timed again are returned."""
+
+    def agreement(timing: Timing) -> float:
+        _, times, ratio, whole_us = timing
+        return ratio * whole_us / max(sum(times.values()), 1e-9)
+
+    typical = statistics.median(agreement(t) for t in timings)
+    retimed = []
+    for index, timing in enumerate(timings):
+        off = abs(np.log(agreement(timing) / typical))
+        if off > np.log1p(OUTLIER):
+            again = timed(index)
+            retimed.append(index)
+            if abs(np.log(agreement(again) / typical)) < off:
+                timings[index] = again
+    return retimed
 
 
 def _pass_seconds(dag: DagModule, inputs: tuple, sync: Callable[[], None]) -> float:
@@ -160,9 +205,7 @@ def _pass_seconds(dag: DagModule, inputs: tuple, sync: Callable[[], None]) -> fl
     return time.perf_counter() - begin
 
 
-def _without_drift(
-    timings: list[tuple[np.ndarray, dict[str, float], float, float]],
-) -> list[tuple[np.ndarray, dict[str, float], float]]:
+def _without_drift(timings: list[Timing]) -> list[tuple[np.ndarray, dict[str, float], float]]:
     """(fractions, vertex times, whole-probe microseconds) with the machine's drift taken out: a shared
     machine can run the same model half again slower a few minutes later, so each probe is timed beside
     the whole model, its vertex times scaled by how fast the whole model ran meanwhile against its median
