@@ -16,7 +16,7 @@ from torch import nn
 import torch_dag as td
 from tests.test_pruning import LOCAL_MODELS
 from tests.zoo import make
-from torch_dag.finetuning.gates import differentiable_ratio, fold_gates, insert_gates, shut_gates
+from torch_dag.finetuning.gates import fold_gates, insert_gates, shut_gates
 from torch_dag.finetuning.group_lasso import GroupNorms
 from torch_dag.passes.prepare import prepare
 from torch_dag.pruning import channel_groups, channel_scores, surgery
@@ -125,13 +125,13 @@ def test_a_gate_is_an_ordinary_vertex_that_saves_and_loads(tmp_path):
 
 @pytest.mark.parametrize("name", ["residual", "heads_attention", "idioms"])
 def test_the_budget_is_the_flop_model_of_pruning(name):
-    """At 0/1 kept fractions the differentiable ratio is FlopModel.ratio; in between it is linear in
+    """At 0/1 kept fractions FlopModel.soft_ratio is FlopModel.ratio; in between it is linear in
     each side's mean kept fraction, which a FLOP count of the model with scaled channels cannot check,
     so the oracle there is FlopModel's own formula on the mean fractions (checked at the corners)."""
     dag, inputs = _model(name)
     groups = channel_groups(dag, inputs)
     model = FlopModel(groups, td.count_flops(dag, *inputs).flops)
-    ratio = differentiable_ratio(model)
+    ratio = model.soft_ratio
     rng = np.random.default_rng(0)
     for _ in range(5):
         removed = rng.random(groups.size) < 0.4

@@ -11,7 +11,6 @@ import torch
 import torch_dag as td
 from tests.test_train_prune import _check_result, _model
 from torch_dag.finetuning.gates import insert_gates
-from torch_dag.finetuning.train_prune import _latency_ratio
 from torch_dag.pruning import channel_groups
 
 QUIET = td.FinetuneConfig(progress=False)
@@ -72,7 +71,7 @@ def test_a_latency_table_drives_the_budget(tmp_path):
     table = td.latency_table(dag, inputs, probes=6)
     groups = channel_groups(dag, inputs)
     model = table.cost_model(groups)
-    ratio = _latency_ratio(model)
+    ratio = model.soft_ratio
     rng = np.random.default_rng(0)
     for _ in range(3):  # at 0/1 kept fractions: the table's own prediction
         removed = rng.random(groups.size) < 0.4

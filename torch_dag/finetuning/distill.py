@@ -143,7 +143,7 @@ def _setup(
     """Separate the student from the teacher, put both on the device in their modes, make the optimizer."""
     device = torch.device(config.device) if config.device is not None else default_device(student, world)
     flex = student if isinstance(student, FlexDagModule) else None
-    _separate(student, teacher)
+    separate_from_teacher(student, teacher)
     student.to(device).train()
     if config.freeze_bn:
         for module in student.modules():
@@ -158,7 +158,7 @@ def _setup(
             device_ids=[device.index] if device.type == "cuda" else None,
             find_unused_parameters=flex is not None,
         )  # a level leaves the other levels' norm parameters unused
-    opt = _optimizer([p for p in student.parameters() if p.requires_grad], config)
+    opt = make_optimizer([p for p in student.parameters() if p.requires_grad], config)
     steps_per_epoch = len(data) // world if isinstance(data, Sized) else None
     if steps_per_epoch == 0:
         raise ValueError(_no_steps(data, world))
@@ -167,7 +167,9 @@ def _setup(
     return _Run(student, model, tapped_teacher, opt, config, device, world, rank, flex, total, checkpoint)
 
 
-def _optimizer(params: list[torch.nn.Parameter], config: FinetuneConfig) -> torch.optim.Optimizer:
+def make_optimizer(params: list[torch.nn.Parameter], config: FinetuneConfig) -> torch.optim.Optimizer:
+    """The optimizer `config` names over `params` (what `finetune`, `train_prune` and supernet training
+    use)."""
     if config.optimizer == "sgd":
         return torch.optim.SGD(
             params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
@@ -253,7 +255,7 @@ def _step(run: _Run, batch: Any, rng: random.Random) -> float:
     return loss
 
 
-def _separate(student: torch.nn.Module, teacher: torch.nn.Module) -> None:
+def separate_from_teacher(student: torch.nn.Module, teacher: torch.nn.Module) -> None:
     """Give `student` its own copies of the modules and tensors it shares with `teacher` (a factorized
     model keeps the layers it left alone as the very modules of its input): training moves the student
     only. What two parts of the student share stays shared."""

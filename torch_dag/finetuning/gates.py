@@ -15,7 +15,6 @@ runs under DDP like any DagModule. Folding a gate scales the tensors of that lay
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import cast
 
@@ -31,7 +30,6 @@ from ..core.template import Ref
 from ..core.traits import Trait, has_trait
 from ..pruning import surgery
 from ..pruning.channels import ChannelGroups, Group
-from ..pruning.flop_model import FlopModel
 
 CLOSED = -float("inf")  # a gate logit whose gate is exactly 0
 
@@ -260,28 +258,3 @@ def _set(module: nn.Module, attr: str, tensor: torch.Tensor) -> None:
     old = module._parameters[attr]
     trains = old is not None and old.requires_grad
     module._parameters[attr] = nn.Parameter(tensor.clone(), requires_grad=trains)
-
-
-def differentiable_ratio(model: FlopModel) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The FLOP model's ratio as a function of each class root's kept fraction (a tensor over channel
-    ids, 1 where nothing is removed): the same sums `FlopModel.ratio` makes over a removal mask, in torch
-    so that the budget loss has gradients towards every gate."""
-    roots = torch.from_numpy(model._roots)
-    segments = torch.from_numpy(np.repeat(np.arange(len(model._lengths)), model._lengths))
-    lengths = torch.from_numpy(model._lengths).double()
-    sides = torch.from_numpy(model._sides)
-    sliced, shared = torch.from_numpy(model._sliced), torch.from_numpy(model._shared)
-    shared_segments = torch.from_numpy(model._shared_segments)
-
-    def ratio(kept: torch.Tensor) -> torch.Tensor:
-        if not len(roots):
-            return kept.new_ones(()).double()
-        per_segment = torch.zeros(len(lengths), dtype=torch.float64).index_add(
-            0, segments, kept.double()[roots]
-        )
-        fraction = torch.cat([per_segment / lengths, per_segment.new_ones(1)])
-        both = fraction[sides[:, 0]] * fraction[sides[:, 1]]
-        lost = sliced @ (1 - both) + shared @ (1 - fraction[shared_segments])
-        return (model.total - lost) / model.total
-
-    return ratio

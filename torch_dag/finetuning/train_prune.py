@@ -28,7 +28,7 @@ import itertools
 import math
 import time
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, overload
@@ -50,18 +50,18 @@ from ..pruning.prune import (
     TARGETS,
     PruneConfig,
     PruneReport,
-    _Search,
-    _target_ratio,
-    _warn_if_off,
-    _with_rounding,
+    WidthSearch,
     channel_scores,
+    target_ratio,
+    warn_if_off,
+    with_rounding,
 )
 from .batchnorm import recalibrate_batchnorm
 from .checkpoint import check_checkpoint_paths, load_checkpoint, resume_from, save_checkpoint
 from .config import FinetuneConfig, _check_number
-from .distill import _optimizer, _separate
+from .distill import make_optimizer, separate_from_teacher
 from .distributed import average_buffers, default_device, join_process_group, shard
-from .gates import Gated, differentiable_ratio, fold_gates, insert_gates, shut_gates
+from .gates import Gated, fold_gates, insert_gates, shut_gates
 from .group_lasso import GroupNorms
 from .losses import distillation_loss, to_device, unpack
 
@@ -205,11 +205,11 @@ def train_prune(
     prep = prepare(
         dag, example_inputs, targets=targets, fractions=("flops_ratio", "params_ratio", "latency_ratio")
     )
-    pconfig = _with_rounding(config.pruning, prep.target, latency_table)
+    pconfig = with_rounding(config.pruning, prep.target, latency_table)
     student, inputs = copy.deepcopy(prep.dag), prep.example_inputs
     with torch.no_grad():
         counted = count_flops(student, *inputs)
-    target = _target_ratio(prep, counted)
+    target = target_ratio(prep, counted)
     groups = channel_groups(student, inputs, check_protected(student, protected), attention=pconfig.attention)
     if not any(g.prunable for g in groups.groups()):
         raise DagError(
@@ -220,7 +220,7 @@ def train_prune(
     cost = table_cost or FlopModel(groups, counted.params if measure == "params_ratio" else counted.flops)
     trainer = _Trainer(config, steps, target, student, groups, cost, latency_table)
     trained, scores, stats = trainer.run(teacher if teacher is not None else dag, data)
-    search = _Search(trained, groups, inputs, pconfig, counted, measure, scores, table_cost)
+    search = WidthSearch(trained, groups, inputs, pconfig, counted, measure, scores, table_cost)
     found = search.run(target, config.training.progress)
     measured = None
     if latency_table is not None:
@@ -230,7 +230,7 @@ def train_prune(
     if config.recalibrate:  # statistics of the final widths, not those the run last moved towards
         _recalibrate(data, config.recalibrate, [found.pruned, stats.get("gated")])
     report = TrainPruneReport(search.report(found, target, measured), config.method, **stats)
-    _warn_if_off(report.prune, pconfig)
+    warn_if_off(report.prune, pconfig)
     return (found.pruned, report) if return_report else found.pruned
 
 
@@ -272,7 +272,7 @@ class _Trainer:
         self.gated: Gated | None = None
         if config.method == "gates":
             self.gated = insert_gates(student, groups, config.block, config.opened)
-            self.budget = _latency_ratio(cost) if table is not None else differentiable_ratio(cost)
+            self.budget = cost.soft_ratio  # the FLOP model's, or the latency table's
             self.model = self.gated.dag
         else:
             self.norms = GroupNorms(student, groups)
@@ -302,7 +302,7 @@ class _Trainer:
             if training.device is not None
             else default_device(self.model, world)
         )
-        _separate(self.model, teacher)
+        separate_from_teacher(self.model, teacher)
         self.model.to(device).train()
         if training.freeze_bn:
             for module in self.model.modules():
@@ -356,7 +356,7 @@ class _Trainer:
         training = self.config.training
         gates = [self.gated.logit_tensor()] if self.gated is not None else []
         weights = [p for p in self.model.parameters() if p.requires_grad and all(p is not g for g in gates)]
-        opt = _optimizer(weights, training)
+        opt = make_optimizer(weights, training)
         if gates:
             opt.add_param_group({"params": gates, "lr": self.config.gate_lr, "weight_decay": 0.0})
         for group in opt.param_groups:
@@ -443,26 +443,3 @@ def _cycled(data: Iterable[Any], rank: int, world: int, seed: int, skip: int) ->
                 f"data gave no batch{' to this process' if world > 1 else ''} after {seen} batches: a one-pass "
                 "iterator runs out; give a re-iterable (a DataLoader, a list) or fewer steps"
             )
-
-
-def _latency_ratio(model: Any) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A latency table's predicted ratio as a function of the class roots' kept fractions: the table's
-    prediction at the groups' mean kept fractions, with the gradient of its linearization there (finite
-    differences of the table, one per group: the table is piecewise, not written in torch)."""
-    roots = [torch.from_numpy(r) for r in model._roots]
-    table, full = model.table, model.full
-
-    def ratio(kept: torch.Tensor) -> torch.Tensor:
-        one = kept.new_ones((), dtype=torch.float64)
-        fractions = torch.stack([kept[r].double().mean() if len(r) else one for r in roots])
-        at = np.append(fractions.detach().numpy(), 1.0)
-        base = table.predict_fractions(at)
-        slopes = []
-        for i in range(len(roots)):
-            moved = at.copy()
-            moved[i] += -1e-3 if at[i] > 1e-3 else 1e-3
-            slopes.append((table.predict_fractions(moved) - base) / (moved[i] - at[i]))
-        linear = (torch.tensor(slopes, dtype=torch.float64) * (fractions - fractions.detach())).sum()
-        return (base + linear) / full
-
-    return ratio

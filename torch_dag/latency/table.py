@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from ..core.errors import DagError
 from ..pruning.channels import ChannelGroups
@@ -201,6 +202,24 @@ class LatencyModel:
 
     def ratio(self, removed: np.ndarray) -> float:
         return self.predict_us(removed) / self.full
+
+    def soft_ratio(self, kept: torch.Tensor) -> torch.Tensor:
+        """The predicted ratio with each class root kept at a fraction (`kept`, a tensor over channel ids),
+        differentiable: the table's prediction at the groups' mean kept fractions, with the gradient of
+        its linearization there (finite differences, one per group: the table is piecewise, not torch)."""
+        one = kept.new_ones((), dtype=torch.float64)
+        fractions = torch.stack(
+            [kept[torch.from_numpy(r)].double().mean() if len(r) else one for r in self._roots]
+        )
+        at = np.append(fractions.detach().numpy(), 1.0)
+        base = self.table.predict_fractions(at)
+        slopes = []
+        for i in range(len(self._roots)):
+            moved = at.copy()
+            moved[i] += -1e-3 if at[i] > 1e-3 else 1e-3
+            slopes.append((self.table.predict_fractions(moved) - base) / (moved[i] - at[i]))
+        linear = (torch.tensor(slopes, dtype=torch.float64) * (fractions - fractions.detach())).sum()
+        return (base + linear) / self.full
 
 
 def _interpolated(x: float, knots: np.ndarray, values: np.ndarray) -> float:

@@ -27,7 +27,7 @@ from ..core.dag import DagModule
 from ..core.errors import DagError
 from ..core.progress import show_progress
 from ..finetuning.config import FinetuneConfig, FinetuneReport, Optimizer
-from ..finetuning.distill import _optimizer
+from ..finetuning.distill import make_optimizer
 from ..finetuning.distributed import (
     average_buffers,
     default_device,
@@ -190,7 +190,7 @@ def _setup(
             device_ids=[device.index] if device.type == "cuda" else None,
             find_unused_parameters=True,  # a sub-network leaves the others' weights unused
         )
-    opt = _optimizer([p for p in sdag.parameters() if p.requires_grad], config)
+    opt = make_optimizer([p for p in sdag.parameters() if p.requires_grad], config)
     per_pass = len(data) // world if isinstance(data, Sized) else None
     if per_pass == 0:
         raise ValueError(

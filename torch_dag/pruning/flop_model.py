@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from .channels import ChannelGroups
 
@@ -64,3 +65,22 @@ class FlopModel:
         fraction = kept[self._sides[:, 0]] * kept[self._sides[:, 1]]
         lost = self._sliced @ (1 - fraction) + self._shared @ gone[self._shared_segments]
         return float((self.total - lost) / self.total)
+
+    def soft_ratio(self, kept: torch.Tensor) -> torch.Tensor:
+        """The same ratio with each class root kept at a fraction (`kept`, a tensor over channel ids, 1
+        where nothing is removed), in torch so that a loss on it has gradients towards every fraction
+        (the budget of `train_prune`'s gates)."""
+        if not len(self._roots):
+            return kept.new_ones((), dtype=torch.float64)
+        segments = torch.from_numpy(np.repeat(np.arange(len(self._lengths)), self._lengths))
+        per_segment = torch.zeros(len(self._lengths), dtype=torch.float64).index_add(
+            0, segments, kept.double()[torch.from_numpy(self._roots)]
+        )
+        fraction = torch.cat(
+            [per_segment / torch.from_numpy(self._lengths).double(), per_segment.new_ones(1)]
+        )
+        sides = torch.from_numpy(self._sides)
+        both = fraction[sides[:, 0]] * fraction[sides[:, 1]]
+        shared = fraction[torch.from_numpy(self._shared_segments)]
+        lost = torch.from_numpy(self._sliced) @ (1 - both) + torch.from_numpy(self._shared) @ (1 - shared)
+        return (self.total - lost) / self.total

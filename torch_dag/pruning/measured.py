@@ -18,7 +18,7 @@ from ..core.progress import show_progress
 
 if TYPE_CHECKING:
     from .channels import ChannelGroups
-    from .prune import _Found, _Search
+    from .prune import Found, WidthSearch
 
 MEASURED_ROUNDS = 3
 
@@ -47,7 +47,7 @@ class Measured:
     ms: tuple[float, float]  # medians, original and pruned
 
 
-def measure(search: _Search, found: _Found, table: CostTable) -> Measured:
+def measure(search: WidthSearch, found: Found, table: CostTable) -> Measured:
     """The original and `found`'s pruned DAG timed side by side on the table's device, dtype and batch."""
     comparison = compare_latency(
         {"original": search.dag, "pruned": found.pruned},
@@ -63,10 +63,10 @@ def measure(search: _Search, found: _Found, table: CostTable) -> Measured:
 
 
 def meet_measured(
-    search: _Search, found: _Found, target: float, table: CostTable, progress: bool
-) -> tuple[_Found, Measured]:
+    search: WidthSearch, found: Found, target: float, table: CostTable, progress: bool
+) -> tuple[Found, Measured]:
     """The candidate whose measured latency ratio is closest to `target`, and its measurement."""
-    tried: list[tuple[_Found, Measured]] = []
+    tried: list[tuple[Found, Measured]] = []
     bar = show_progress(total=MEASURED_ROUNDS, desc="prune: measure", unit="run", disable=not progress)
     for attempt in range(MEASURED_ROUNDS):
         measured = measure(search, found, table)

@@ -330,18 +330,18 @@ def prune(
         targets=targets,
         fractions=("flops_ratio", "params_ratio", "latency_ratio"),
     )
-    config = _with_rounding(config, prep.target, latency_table)
+    config = with_rounding(config, prep.target, latency_table)
     dag, inputs = prep.dag, prep.example_inputs
     protected = check_protected(dag, protected)
     with torch.no_grad():
         values = dag.run_collecting(*inputs)  # one forward serves the FLOP count and the groups
     counted = flops_from_values(dag, values, inputs)
-    target = _target_ratio(prep, counted)
+    target = target_ratio(prep, counted)
     groups = channel_groups(dag, inputs, protected, values=values, attention=config.attention)
     del values
     scores = channel_scores(dag, groups, config.criterion, config.seed, prep.calibration)
     cost = latency_table.cost_model(groups) if latency_table is not None else None
-    search = _Search(dag, groups, inputs, config, counted, prep.target or "flops_ratio", scores, cost)
+    search = WidthSearch(dag, groups, inputs, config, counted, prep.target or "flops_ratio", scores, cost)
     found = search.run(target, progress)
     measured = None
     if latency_table is not None:
@@ -357,11 +357,11 @@ def prune(
             progress,
         )
     report = search.report(found, target, measured)
-    _warn_if_off(report, config)
+    warn_if_off(report, config)
     return (found.pruned, report) if return_report else found.pruned
 
 
-def _with_rounding(config: PruneConfig, target: str | None, table: CostTable | None) -> PruneConfig:
+def with_rounding(config: PruneConfig, target: str | None, table: CostTable | None) -> PruneConfig:
     """`config` with its rounding settled: the table's with a latency target, else the default; a table
     without a latency target, or a latency target without a table, is an error."""
     if (target == "latency_ratio") != (table is not None):
@@ -379,7 +379,7 @@ def _with_rounding(config: PruneConfig, target: str | None, table: CostTable | N
     return replace(config, round_to=table.round_to if table is not None else DEFAULT_ROUND_TO)
 
 
-def _target_ratio(prep: Prepared, counted: FlopReport) -> float:
+def target_ratio(prep: Prepared, counted: FlopReport) -> float:
     """The target as a ratio of the model's FLOPs (or params): a kmapp over the model's own kmapp."""
     target, value = prep.goal
     if target != "kmapp":
@@ -391,7 +391,7 @@ def _target_ratio(prep: Prepared, counted: FlopReport) -> float:
     return ratio
 
 
-def _warn_if_off(report: PruneReport, config: PruneConfig) -> None:
+def warn_if_off(report: PruneReport, config: PruneConfig) -> None:
     """Say when the target was missed, and why (the fixed groups that held the ratio up), or met only at
     a finer rounding of widths (at prune's caller)."""
     if report.missed:
@@ -406,7 +406,7 @@ def _warn_if_off(report: PruneReport, config: PruneConfig) -> None:
 
 
 @dataclass(frozen=True)
-class _Found:
+class Found:
     """One candidate: the pruned DAG, the ratio it measures, its removal mask and rounding of widths."""
 
     pruned: DagModule
@@ -415,7 +415,7 @@ class _Found:
     round_to: int
 
 
-class _Search:
+class WidthSearch:
     """Which channels to remove for a target: the removal order bisected on the FLOP model's prediction
     (FLOPs and params of convs, linears and norms scale with their kept channel fractions), then on
     measurements where ops outside the model move the ratio; at finer roundings of widths when needed."""
@@ -439,7 +439,7 @@ class _Search:
         self.model = cost or FlopModel(groups, counted.params if self.by_params else counted.flops)
         self.owners = must_keep(groups)
 
-    def run(self, target: float, progress: bool) -> _Found:
+    def run(self, target: float, progress: bool) -> Found:
         """The best candidate at the configured rounding; when the target is out of reach there, the
         rounding is halved (8 -> 4 -> 2 -> 1): rounding widths makes the reachable ratios coarse."""
         roundings = [self.config.round_to or DEFAULT_ROUND_TO]
@@ -455,7 +455,7 @@ class _Search:
         bar.close()
         return found
 
-    def at_rounding(self, target: float, round_to: int) -> _Found:
+    def at_rounding(self, target: float, round_to: int) -> Found:
         tolerance = self.config.tolerance / 2
         order, remove = _fit(
             self.order, lambda o, k: self.model.ratio(self.removed(o, k, round_to)), target, tolerance
@@ -478,7 +478,7 @@ class _Search:
     def keep(self, removed: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
         return lambda ids: ~removed[self.groups.root(ids)]
 
-    def build(self, order: list[tuple[int, int]], remove: int, round_to: int) -> _Found:
+    def build(self, order: list[tuple[int, int]], remove: int, round_to: int) -> Found:
         removed = self.removed(order, remove, round_to)
         pruned = surgery.apply(self.dag, self.groups, self.keep(removed))
         if self.measure == "latency":  # predicted here; measured once chosen (`meet_measured`)
@@ -487,9 +487,9 @@ class _Search:
             ratio = sum(p.numel() for p in pruned.parameters()) / self.counted.total_params
         else:
             ratio = count_flops(pruned, *self.inputs).total_flops / self.counted.total_flops
-        return _Found(pruned, ratio, removed, round_to)
+        return Found(pruned, ratio, removed, round_to)
 
-    def report(self, found: _Found, target: float, measured: Measured | None = None) -> PruneReport:
+    def report(self, found: Found, target: float, measured: Measured | None = None) -> PruneReport:
         kept, full = _out_widths(found.pruned), _out_widths(self.dag)
         narrowed = sum(1 for g in self.prunable if any(p in kept and kept[p] != full[p] for p in g.producers))
         return PruneReport(
