@@ -1,10 +1,13 @@
 """Architecture search against one-shot pruning on Fashion-MNIST (the CNN of fmnist.py, trained there).
 
 1. The trained CNN becomes a searchable DAG: its channel groups flexible (channels ordered by the same
-   criterion pruning uses), each group's width a channel mutable over the kept fractions 1/8 .. 8/8.
+   criterion pruning uses), each group's width a channel mutable over the kept fractions 1/g .. g/g
+   (`--grid` g, 8 by default).
 2. The supernet trains `--supernet-epochs` epochs on the finetuning split (`td.nas.train_supernet`: the
    largest, the smallest and two random sub-networks per batch, the largest distilled from the trained
-   CNN with the labels, the others from the largest).
+   CNN with the labels, the others from the largest). With 0 epochs every sub-network is the trained
+   CNN cut to the most important channels of each group (one-shot pruning at those widths), and the
+   search picks the widths by validation accuracy after batchnorm re-estimation (EagleEye's recipe).
 3. `td.nas.search` (evolution, `--budget` candidates) at 50 % and 30 % of the FLOPs: each candidate's
    batchnorm statistics re-estimated on the calibration batches fmnist.py uses, scored by accuracy on
    `--score-samples` images of the validation split. The search's wall time is recorded.
@@ -36,13 +39,13 @@ from torch_dag.pruning import PruneConfig
 OUT = RESULTS / "nas_fmnist.csv"
 FIELDS = ["model", "experiment", "method", "target", "flops", "finetuned", "accuracy", "seconds", "detail"]
 KEY = ["model", "experiment", "method", "target", "finetuned"]
-GRID = [k / 8 for k in range(1, 9)]
 LR = 1e-3  # the finetuning rate fmnist.py chose on its validation split
 
 
 def supernet(teacher: td.DagModule, example: torch.Tensor, calibration: list, args, tune) -> td.DagModule:
     """The searchable CNN, its supernet trained (cached)."""
-    cache = _fmnist.CACHE / f"nas_fmnist_cnn_{args.criterion}_{args.supernet_epochs}ep.dag"
+    grid = "" if args.grid == 8 else f"_grid{args.grid}"
+    cache = _fmnist.CACHE / f"nas_fmnist_cnn_{args.criterion}_{args.supernet_epochs}ep{grid}.dag"
     if cache.exists():
         return td.load(cache)
     config = td.flex.FlexConfig(criterion=args.criterion, round_to=1)
@@ -53,7 +56,7 @@ def supernet(teacher: td.DagModule, example: torch.Tensor, calibration: list, ar
         calibration=calibration,
         config=config,
     )
-    td.nas.channel_grid(sdag, GRID)
+    td.nas.channel_grid(sdag, [k / args.grid for k in range(1, args.grid + 1)])
     if args.supernet_epochs:
         report = td.nas.train_supernet(
             sdag, tune, epochs=args.supernet_epochs, lr=LR, teacher=copy.deepcopy(teacher), seed=SEED
@@ -106,7 +109,8 @@ def run(args: argparse.Namespace) -> None:
         list(zip(x_val[: args.score_samples].split(500), y_val[: args.score_samples].split(500)))
     )
     for target in args.targets:
-        method = f"nas {args.criterion} {args.supernet_epochs}ep evolution"
+        grid = "" if args.grid == 8 else f" grid {args.grid}"
+        method = f"nas {args.criterion} {args.supernet_epochs}ep{grid} evolution"
         row = dict(model="cnn", experiment="search", method=method, target=target)
         if rows.has(**row, finetuned=True):
             continue
@@ -155,6 +159,7 @@ def main() -> None:
     )
     parser.add_argument("--criterion", default="taylor", choices=["l2", "taylor"])
     parser.add_argument("--supernet-epochs", type=int, default=1)
+    parser.add_argument("--grid", type=int, default=8, help="each group's widths: multiples of 1/grid")
     parser.add_argument("--budget", type=int, default=1000, help="candidates each search scores")
     parser.add_argument(
         "--score-samples", type=int, default=500, help="validation images scoring a candidate"
