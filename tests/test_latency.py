@@ -72,6 +72,13 @@ def test_measure_latency_states_what_it_timed_and_repeats_examples_to_the_batch(
     assert "5 runs" in str(latency) and "batch 7" in str(latency)
 
 
+@pytest.mark.parametrize("warmup", [0, 2])
+def test_warm_up_calls_are_the_ones_asked_for(warmup):
+    sleeper = Sleeper(0.0)
+    td.measure_latency(sleeper, torch.randn(1, 2), runs=3, warmup=warmup)
+    assert len(sleeper.seen) == 3 + warmup  # a model already warm is timed from its first call
+
+
 def test_measure_latency_leaves_the_model_as_it_was():
     model = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5)).train()
     before = [p.clone() for p in model.parameters()]
@@ -259,3 +266,14 @@ def test_the_rounding_chosen_is_the_narrowest_near_the_best_cost_per_flop(plain)
     best = min(cost.values())
     assert cost[table.round_to] <= (1 + WITHIN) * best
     assert all(cost[r] > (1 + WITHIN) * best for r in cost if r < table.round_to)
+
+
+def test_a_table_times_more_probes_where_a_pass_is_short():
+    short, long = (
+        build.Effort.for_pass(0.01, None, None),
+        build.Effort.for_pass(build.LONG_PASS_S, None, None),
+    )
+    assert (short.probes, long.probes) == (20, 10)  # long passes dominate a build: fewer, quieter
+    assert long.warmup == 0 < short.warmup
+    given = build.Effort.for_pass(build.LONG_PASS_S, 3, 4)
+    assert given == build.Effort(3, 4, long.runs, 0)  # what is given is kept

@@ -109,8 +109,8 @@ def measure_latency(
     warmup: int = 3,
     threads: int | None = None,
 ) -> Latency:
-    """Time `model` on `example_inputs` (a DAG's own recorded input shapes when omitted): warm-up calls,
-    then `runs` timed calls (by default as many as fill about a second, 5 to 200); median and quartiles.
+    """Time `model` on `example_inputs` (a DAG's own recorded input shapes when omitted): `warmup`
+    untimed calls (0 for a model already warm at these inputs), then `runs` timed calls (by default as many as fill about a second, 5 to 200); median and quartiles.
     `batch_size` repeats the inputs' examples along dim 0 to that batch; `dtype` casts the model's
     floating-point weights and inputs (a copy: the model given is never changed); `threads` sets torch's
     CPU threads while timing (the count is stated in the result either way)."""
@@ -310,7 +310,7 @@ def _call(model: Callable, inputs: tuple, sync: Callable[[], None]) -> int:
 
 def _warm(model: Callable, inputs: tuple, sync: Callable[[], None], warmup: int) -> None:
     with torch.inference_mode():
-        for _ in range(max(1, warmup)):
+        for _ in range(warmup):
             _call(model, inputs, sync)
 
 

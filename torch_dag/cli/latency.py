@@ -80,7 +80,7 @@ def build_table(
         device=device,
         dtype=args.dtype,
         batch_size=batch_of(inputs, batch_size),
-        probes=getattr(args, "probes", 10),
+        probes=getattr(args, "probes", None),
         round_to=args.round_to,
         attention=args.attention,
         progress=not args.quiet,

@@ -170,7 +170,12 @@ def _latency_table_parser(sub: argparse._SubParsersAction) -> None:
     )
     table.add_argument("--input-size", type=parse_size, help="CxHxW (default: as converted / pretrained_cfg)")
     _add_timing_options(table)
-    table.add_argument("--probes", type=integer(2), default=10, help="width assignments timed and fitted")
+    table.add_argument(
+        "--probes",
+        type=integer(2),
+        help="width assignments timed and fitted (default: 20, or 10 where a forward pass takes over a "
+        "quarter second)",
+    )
     table.add_argument(
         "--round-to",
         type=integer(1),

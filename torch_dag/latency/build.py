@@ -58,20 +58,24 @@ LONG_PASS_S = 0.25  # a forward pass at least this long is timed fewer times (it
 
 @dataclass(frozen=True)
 class Effort:
-    """How many times things are timed: `repeats` forward passes of each probe vertex by vertex, `runs`
-    rounds of each probe beside the whole model and of each rounding's cut, `warmup` untimed calls."""
+    """How many times things are timed: `probes` width assignments, `repeats` forward passes of each
+    vertex by vertex, `runs` rounds of each probe beside the whole model and of each rounding's cut,
+    `warmup` untimed calls before them."""
 
+    probes: int
     repeats: int
     runs: int
     warmup: int
 
     @classmethod
-    def for_pass(cls, seconds: float, repeats: int | None) -> Effort:
-        """Short passes are noisy against the timer and the scheduler: 3 passes and 3 rounds (5 for the
-        rounding). Passes over `LONG_PASS_S` (a large batch) are not, and dominate the build: 2 and 2."""
+    def for_pass(cls, seconds: float, probes: int | None, repeats: int | None) -> Effort:
+        """Short passes are noisy against the timer and the scheduler (a vertex of a few microseconds
+        at batch 1): 20 probes of 3 passes and 3 rounds (5 for the rounding), a warm-up call each.
+        Passes over `LONG_PASS_S` (a large batch) are not, and dominate the build: 10 probes of 2 passes
+        and 2 rounds, no warm-up call beyond the probe's first pass (untimed) and the median."""
         if seconds >= LONG_PASS_S:
-            return cls(repeats or 2, 2, 0)
-        return cls(repeats or 3, 3, 1)
+            return cls(probes or 10, repeats or 2, 2, 0)
+        return cls(probes or 20, repeats or 3, 3, 1)
 
 
 def latency_table(
@@ -81,7 +85,7 @@ def latency_table(
     device: str | torch.device = "cpu",
     dtype: str | torch.dtype | None = None,
     batch_size: int | None = None,
-    probes: int = 10,
+    probes: int | None = None,
     repeats: int | None = None,
     round_to: int | None = None,
     attention: AttentionMode = "heads",
@@ -91,8 +95,8 @@ def latency_table(
     """A latency model of `dag` on `device` in `dtype` at `batch_size` (the example inputs' batch when
     omitted): each vertex timed at `probes` assignments of widths to the channel groups (rounded to
     `round_to`, or to the rounding this device prefers, measured first), fitted, and calibrated on the
-    probes' measured latencies. Each probe runs `repeats` timed passes (None: 3, or 2 where one forward
-    pass takes over a quarter second). `table.predict(widths)` then predicts any assignment in microseconds,
+    probes' measured latencies. None chooses by how long one forward pass takes (`Effort.for_pass`):
+    20 probes of 3 timed passes each, or 10 of 2 where a pass takes over a quarter second. `table.predict(widths)` then predicts any assignment in microseconds,
     `table.save(path)` keeps it, and `prune(..., latency_ratio=r, latency_table=table)` prunes to it."""
     start = time.perf_counter()
     prep = prepare(dag, example_inputs)
@@ -106,9 +110,9 @@ def latency_table(
     batch = batch_size or _batch_of(inputs)
     prunable = [g for g in groups.groups() if g.prunable]
     sides = _sides(dag, groups)
-    bar = show_progress(total=probes + 1, desc="latency table", unit="probe", disable=not progress)
     whole = _on(dag, target, cast)
-    effort = Effort.for_pass(_pass_seconds(whole, timed_inputs, synchronizer(target)), repeats)
+    effort = Effort.for_pass(_pass_seconds(whole, timed_inputs, synchronizer(target)), probes, repeats)
+    bar = show_progress(total=effort.probes + 1, desc="latency table", unit="probe", disable=not progress)
     rng = np.random.default_rng(seed)
     if round_to is None:
         round_to, evidence = _rounding(dag, groups, prunable, inputs, timed_inputs, target, cast, rng, effort)
@@ -126,7 +130,7 @@ def latency_table(
         faults.append(whole_latency.page_faults)
         return _fractions(groups, removed), times, ratio, whole_latency.median_ms * 1e3
 
-    for index in range(probes):
+    for index in range(effort.probes):
         draw = np.ones(len(prunable)) if index == 0 else _draw(rng, len(prunable), narrowest=index == 1)
         removals.append(_removal(groups, prunable, draw, round_to, must_keep(groups)))
         timings.append(timed(index))
@@ -240,7 +244,8 @@ def _rounding(
 
     roundings = candidates([len(g.channels) * g.unit for g in prunable])
     runs = effort.runs + 2  # one rounding is chosen among several close ones: timed a little longer
-    return preferred_rounding(cut, roundings, inputs, timed_inputs, device, runs=runs, warmup=1)
+    warmup = effort.warmup  # a cold first call of a long pass is the slowest of its runs: the median drops it
+    return preferred_rounding(cut, roundings, inputs, timed_inputs, device, runs=runs, warmup=warmup)
 
 
 def _on(dag: DagModule, device: torch.device, dtype: torch.dtype) -> DagModule:
