@@ -17,7 +17,7 @@ from torch import nn
 
 import torch_dag as td
 from torch_dag.latency import GroupInfo, LatencyTable, VertexCost, build
-from torch_dag.latency.rounding import WITHIN
+from torch_dag.latency.rounding import WITHIN, candidates
 from torch_dag.passes.prepare import prepare
 from torch_dag.pruning import PruneConfig, channel_groups
 
@@ -276,4 +276,12 @@ def test_a_table_times_more_probes_where_a_pass_is_short():
     assert (short.probes, long.probes) == (20, 10)  # long passes dominate a build: fewer, quieter
     assert long.warmup == 0 < short.warmup
     given = build.Effort.for_pass(build.LONG_PASS_S, 3, 4)
-    assert given == build.Effort(3, 4, long.runs, 0)  # what is given is kept
+    assert (given.probes, given.repeats) == (3, 4)  # what is given is kept
+
+
+def test_roundings_tried_go_by_where_the_channels_are():
+    """Many narrow groups (squeeze-excitation bottlenecks) hold few channels: the wide groups, where the
+    channels and the time are, decide how coarse a rounding is worth timing."""
+    assert candidates([8] * 30 + [256, 512, 1024]) == [1, 2, 4, 8, 16, 32]
+    assert candidates([16, 16, 16]) == [1, 2, 4]
+    assert candidates([3]) == candidates([]) == [1]

@@ -59,23 +59,26 @@ LONG_PASS_S = 0.25  # a forward pass at least this long is timed fewer times (it
 @dataclass(frozen=True)
 class Effort:
     """How many times things are timed: `probes` width assignments, `repeats` forward passes of each
-    vertex by vertex, `runs` rounds of each probe beside the whole model and of each rounding's cut,
-    `warmup` untimed calls before them."""
+    vertex by vertex, `runs` rounds of each probe beside the whole model, `rounding_runs` of each
+    rounding's cut (one rounding is chosen among close ones: a little longer), `warmup` untimed calls
+    before them."""
 
     probes: int
     repeats: int
     runs: int
     warmup: int
+    rounding_runs: int
 
     @classmethod
     def for_pass(cls, seconds: float, probes: int | None, repeats: int | None) -> Effort:
         """Short passes are noisy against the timer and the scheduler (a vertex of a few microseconds
         at batch 1): 20 probes of 3 passes and 3 rounds (5 for the rounding), a warm-up call each.
         Passes over `LONG_PASS_S` (a large batch) are not, and dominate the build: 10 probes of 2 passes
-        and 2 rounds, no warm-up call beyond the probe's first pass (untimed) and the median."""
+        and 2 rounds (3 for the rounding), no warm-up call: a probe is warm from its first pass vertex by
+        vertex (untimed), and a rounding's cold first call is the slowest of its 3, which the median drops."""
         if seconds >= LONG_PASS_S:
-            return cls(probes or 10, repeats or 2, 2, 0)
-        return cls(probes or 20, repeats or 3, 3, 1)
+            return cls(probes or 10, repeats or 2, 2, 0, 3)
+        return cls(probes or 20, repeats or 3, 3, 1, 5)
 
 
 def latency_table(
@@ -243,8 +246,7 @@ def _rounding(
         return _on(surgery.apply(dag, groups, _keep(groups, removed)), device, dtype)
 
     roundings = candidates([len(g.channels) * g.unit for g in prunable])
-    runs = effort.runs + 2  # one rounding is chosen among several close ones: timed a little longer
-    warmup = effort.warmup  # a cold first call of a long pass is the slowest of its runs: the median drops it
+    runs, warmup = effort.rounding_runs, effort.warmup
     return preferred_rounding(cut, roundings, inputs, timed_inputs, device, runs=runs, warmup=warmup)
 
 

@@ -4,9 +4,11 @@ The DAG is cut to one draw of widths (every prunable group at a fraction drawn o
 multiples of 1, 2, 4, ... 32 in turn, and each cut is timed whole, interleaved with the others. Its cost
 per FLOP says what the rounding buys: odd widths can cost several times more per FLOP where kernels want
 vector blocks (reorders, reference paths), and the rounding is the smallest whose cost per FLOP is within
-`WITHIN` of the best. Roundings above a quarter of the median prunable group's width are not tried: they
-would leave most groups no width to choose. Whole models are timed, not single layers, because a width slows its readers as
-much as its producer.
+`WITHIN` of the best. Roundings above a quarter of the width of the group the median channel is in are
+not tried: they would leave most channels' groups no width to choose. (The median over channels, not
+over groups: many narrow groups, such as squeeze-excitation bottlenecks, hold few of the channels and
+little of the time, and a rounding wider than a group leaves that group unrounded anyway.) Whole models
+are timed, not single layers, because a width slows its readers as much as its producer.
 """
 
 from __future__ import annotations
@@ -25,9 +27,14 @@ WITHIN = 0.05
 
 
 def candidates(widths: list[int]) -> list[int]:
-    """The roundings worth trying for groups of these widths (in channels)."""
-    limit = max(1, int(np.median(widths)) // 4) if widths else 1
-    return [r for r in CANDIDATES if r <= limit]
+    """The roundings worth trying for groups of these widths (in channels): up to a quarter of the width
+    of the group the median channel is in."""
+    if not widths:
+        return [1]
+    ordered = np.sort(np.asarray(widths))
+    channels = np.cumsum(ordered)
+    median = int(ordered[np.searchsorted(channels, channels[-1] / 2)])
+    return [r for r in CANDIDATES if r <= max(1, median // 4)]
 
 
 def preferred_rounding(
