@@ -49,7 +49,6 @@ def test_train_prune_writes_a_smaller_dag_at_the_target(tmp_path, capsys, method
         (["--latency-ratio", "0.5"], "not allowed with argument"),
         (["--steps", "0"], "--steps"),
         (["--method", "lasso"], "--method"),
-        (["--hard-from", "2"], "--hard-from: expected a finite number >= 0 and <= 1"),
     ],
 )
 def test_mistakes_are_refused_on_one_line(tmp_path, capsys, extra, message):

@@ -10,7 +10,7 @@ import torch
 
 import torch_dag as td
 from tests.test_train_prune import _check_result, _model
-from torch_dag.finetuning.gates import fold_gates, insert_gates
+from torch_dag.finetuning.gates import insert_gates
 from torch_dag.pruning import channel_groups
 
 QUIET = td.FinetuneConfig(progress=False)
@@ -27,35 +27,6 @@ def test_the_gates_learn_the_budget_and_close():
     assert report.predicted == pytest.approx(0.5, abs=0.1)
     assert report.closed > 0
     assert abs(report.reached - 0.5) <= 0.02
-
-
-def test_hard_gates_are_0_or_1_with_the_gradient_of_the_soft_ones():
-    """Straight-through gates: the forward pass applies each gate rounded, as removal will; the logits
-    still learn, and folding gives what the hard gated model computes."""
-    dag, inputs = _model("residual")
-    gated = insert_gates(dag, channel_groups(dag, inputs))
-    with torch.no_grad():
-        gated.logit_tensor().copy_(torch.linspace(-2.0, 2.0, len(gated.gates)))
-    gated.set_hard(True)
-    opened = gated.opened()
-    rounded = (gated.opened(soft=True) > 0.5).float().detach()
-    torch.testing.assert_close(opened.detach(), rounded)  # 1 + s - s: 1 within a float's rounding
-    assert 0 < int(rounded.sum()) < len(rounded)
-    opened.sum().backward()
-    assert float(gated.logit_tensor().grad.abs().min()) > 0  # every gate learns, closed or open
-    with torch.no_grad():
-        torch.testing.assert_close(fold_gates(gated)(*inputs), gated.dag(*inputs))
-
-
-@pytest.mark.slow
-def test_gates_hard_for_the_second_half_of_the_run_reach_the_target():
-    dag, inputs = _model("residual")
-    data = [torch.randn_like(inputs[0]) for _ in range(4)]
-    config = td.TrainPruneConfig(training=QUIET, hard_from=0.5)
-    pruned, report = td.train_prune(dag, data, flops_ratio=0.5, steps=20, config=config, return_report=True)
-    assert abs(report.reached - 0.5) <= 0.02
-    with torch.no_grad():  # the gated model with the removed gates shut computes the pruned model
-        torch.testing.assert_close(report.gated(*inputs), pruned(*inputs), rtol=1e-4, atol=1e-5)
 
 
 class Crashing:
@@ -162,8 +133,6 @@ def test_bad_settings_are_refused():
         td.TrainPruneConfig(method="lasso")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="block"):
         td.TrainPruneConfig(block=0)
-    with pytest.raises(ValueError, match=r"hard_from must be a fraction of the run in \[0, 1\], got 1.5"):
-        td.TrainPruneConfig(hard_from=1.5)
     with pytest.raises(ValueError, match="steps"):
         td.train_prune(dag, data, flops_ratio=0.5, steps=0)
     with pytest.raises(ValueError, match="re-iterable"):

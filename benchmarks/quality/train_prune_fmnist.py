@@ -61,19 +61,13 @@ def run(args: argparse.Namespace) -> None:
         overhead(rows, teacher, loader(x_tune, y_tune, 128, SEED), args.overhead)
     for method, target in itertools.product(args.methods, args.targets):
         steps = round(budget * args.train_share)
-        experiment = (
-            "train-prune"
-            if args.hard_from == 1.0 or method != "gates"
-            else f"train-prune-hard{args.hard_from:g}"
-        )
-        key = dict(model="cnn", experiment=experiment, method=method, target=target, train_steps=steps)
+        key = dict(model="cnn", experiment="train-prune", method=method, target=target, train_steps=steps)
         key["finetune_steps"] = budget - steps
         if rows.has(**key, stage="finetuned"):
             continue
         config = td.TrainPruneConfig(
             training=td.FinetuneConfig(lr=LR, progress=args.progress),
             pruning=td.pruning.PruneConfig(round_to=1),
-            hard_from=args.hard_from,
         )
         start = time.perf_counter()
         with warnings.catch_warnings():
@@ -165,9 +159,7 @@ def summarize() -> None:
         r for r in Rows(OUT, [], ["model", "experiment", "method", "target", "finetuned", "lr", "seed"], {"seed": str(SEED)}).all()
         if r["experiment"] == "prune" and r["finetuned"] == "True" and float(r["lr"]) == LR and r["seed"] == str(SEED)
     ]  # fmt: skip
-    for target in sorted(
-        {r["target"] for r in mine if r["experiment"].startswith("train-prune")}, reverse=True
-    ):
+    for target in sorted({r["target"] for r in mine if r["experiment"] == "train-prune"}, reverse=True):
         best = max(
             (r for r in one_shot if float(r["target"]) == float(target)),
             key=lambda r: float(r["accuracy"]),
@@ -178,14 +170,14 @@ def summarize() -> None:
                 f"target {target}: best one-shot + finetune epoch: {best['method']} {float(best['accuracy']):.2%} (FLOPs {best['flops']})"
             )
         for r in mine:
-            if r["experiment"].startswith("train-prune") and r["target"] == target:
+            if r["experiment"] == "train-prune" and r["target"] == target:
                 gap = (
                     f" ({100 * (float(r['value']) - float(best['accuracy'])):+.2f}p)"
                     if best and r["stage"] == "finetuned"
                     else ""
                 )
                 print(
-                    f"  {r['method']:12} {r['experiment'].removeprefix('train-prune'):8} {r['train_steps']:>4} + {r['finetune_steps']:>3} steps  {r['stage']:9} FLOPs {r['flops']}  {float(r['value']):.2%}{gap}"
+                    f"  {r['method']:12} {r['train_steps']:>4} + {r['finetune_steps']:>3} steps  {r['stage']:9} FLOPs {r['flops']}  {float(r['value']):.2%}{gap}"
                 )
     for r in mine:
         if r["experiment"] == "overhead":
@@ -204,13 +196,6 @@ def main() -> None:
     parser.add_argument("--targets", type=float, nargs="+", default=[0.5, 0.3])
     parser.add_argument(
         "--train-share", type=float, default=0.75, help="of the budget's steps, those that train_prune trains"
-    )
-    parser.add_argument(
-        "--hard-from",
-        type=float,
-        default=1.0,
-        help="gates: the fraction of the train_prune run after which gates are rounded (TrainPruneConfig."
-        "hard_from; rows of another value are experiment train-prune-hardF)",
     )
     parser.add_argument("--overhead", type=int, default=40, help="steps timed for the overhead (0: skip)")
     parser.add_argument("--threads", type=int, default=2)

@@ -51,12 +51,6 @@ def add_train_prune_parser(sub: argparse._SubParsersAction) -> None:
     learn.add_argument("--gate-lr", type=number(above=0.0), default=0.1, help="the gates' learning rate")
     learn.add_argument("--optimizer", choices=choices(Optimizer), default="adamw", help="the optimizer")
     learn.add_argument("--block", type=integer(1), default=1, help="channel classes per gate")
-    learn.add_argument(
-        "--hard-from",
-        type=number(low=0.0, high=1.0),
-        default=TrainPruneConfig.hard_from,
-        help="the fraction of the run after which gates are rounded to 0 or 1 (straight-through; 1: never)",
-    )
     learn.add_argument("--round-to", type=integer(1), help="kept widths multiples of this (default: 8)")
     learn.add_argument(
         "--attention", choices=choices(AttentionMode), default="heads", help="heads go whole, or head dims"
@@ -98,7 +92,6 @@ def cmd_train_prune(args: argparse.Namespace) -> None:
         pruning=PruneConfig(round_to=args.round_to, attention=args.attention),
         block=args.block,
         gate_lr=args.gate_lr,
-        hard_from=args.hard_from,
     )
     start = time.perf_counter()
     with warnings.catch_warnings():  # the report says which rounding was used, and why a target was missed

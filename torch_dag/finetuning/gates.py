@@ -34,34 +34,22 @@ from ..pruning.channels import ChannelGroups, Group
 CLOSED = -float("inf")  # a gate logit whose gate is exactly 0
 
 
-def open_fractions(logits: torch.Tensor, sharpness: torch.Tensor | float, hard: bool) -> torch.Tensor:
-    """The gates' open fractions: the sigmoid of the logits times `sharpness`; `hard`, each rounded to
-    0 or 1 with the sigmoid's gradient (straight-through), so the model trains as it will be pruned."""
-    soft = torch.sigmoid(logits * sharpness)
-    if not hard:
-        return soft
-    return (soft > 0.5).to(soft.dtype) + soft - soft.detach()
-
-
 class Gate(nn.Module):
     """`x` times its channels' gates along `axis`: the sigmoid of the logit of each channel's gate
-    (`index` into the logits, read as the second input) times `sharpness`, rounded to 0 or 1 when `hard`
-    (`open_fractions`), 1 for channels without a gate (the last index)."""
+    (`index` into the logits, read as the second input) times `sharpness`, 1 for channels without a gate
+    (the last index)."""
 
     index: torch.Tensor
     sharpness: torch.Tensor
-    hard: torch.Tensor
 
     def __init__(self, channels: int, axis: int):
         super().__init__()
         self.channels, self.axis = channels, axis
         self.register_buffer("index", torch.zeros(channels, dtype=torch.int64))
         self.register_buffer("sharpness", torch.ones(()))  # an inverse temperature: logits times this
-        self.register_buffer("hard", torch.zeros((), dtype=torch.bool))
 
     def forward(self, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        gates = open_fractions(logits, self.sharpness, bool(self.hard))
-        opened = torch.cat([gates, logits.new_ones(1)])[self.index]
+        opened = torch.cat([torch.sigmoid(logits * self.sharpness), logits.new_ones(1)])[self.index]
         shape = [1] * x.dim()
         shape[self.axis] = self.channels
         return x * opened.view(shape)
@@ -109,24 +97,14 @@ class Gated:
     def sharpness(self) -> float:
         return float(self.gate_modules()[0].sharpness)
 
-    @property
-    def hard(self) -> bool:
-        return bool(self.gate_modules()[0].hard)
-
     def set_sharpness(self, value: float) -> None:
         """The inverse temperature of every gate (their logits are multiplied by it)."""
         for gate in self.gate_modules():
             gate.sharpness.fill_(value)
 
-    def set_hard(self, hard: bool) -> None:
-        """Whether every gate is rounded to 0 or 1 in the forward pass (straight-through)."""
-        for gate in self.gate_modules():
-            gate.hard.fill_(hard)
-
-    def opened(self, soft: bool = False) -> torch.Tensor:
-        """Each gate's open fraction as the model applies it (rounded when the gates are hard, unless
-        `soft`), differentiable."""
-        return open_fractions(self.logit_tensor(), self.sharpness, self.hard and not soft)
+    def opened(self) -> torch.Tensor:
+        """Each gate's open fraction, differentiable."""
+        return torch.sigmoid(self.logit_tensor() * self.sharpness)
 
     def per_root(self, values: torch.Tensor) -> torch.Tensor:
         """`values` (one per gate) spread over the channel ids; 1 where no gate is."""

@@ -82,9 +82,6 @@ class TrainPruneConfig:
     budget_weight: float = 5.0  # the predicted cost's distance from the target, over the target
     polarize_weight: float = 10.0  # minus the gates' mean distance from their mean, ramped up over the run
     sharpen: float = 30.0  # the gates' inverse temperature at the end of the run (1 at its start)
-    # from this fraction of the run on, gates are rounded to 0 or 1 (straight-through gradients), the
-    # budget counted on the rounded gates: the network trains as it will be pruned (1: never)
-    hard_from: float = 1.0
     recalibrate: int = 16  # batches of the data the batchnorms of the result are re-estimated on (0: none)
     lasso_weight: float = 1e-3  # group lasso: the sum of classes' norms, ramped up over the first half
 
@@ -97,8 +94,6 @@ class TrainPruneConfig:
             _check_number(name, getattr(self, name), "a finite number >= 0", low=0.0)
         _check_number("recalibrate", self.recalibrate, "an integer >= 0 (batches)", integer=True, low=0)
         _check_number("sharpen", self.sharpen, "a finite number >= 1 (1: no annealing)", low=1.0)
-        if not (isinstance(self.hard_from, (int, float)) and 0.0 <= self.hard_from <= 1.0):
-            raise ValueError(f"hard_from must be a fraction of the run in [0, 1], got {self.hard_from!r}")
         if not 0.0 < self.opened < 1.0:
             raise ValueError(
                 f"opened (the gates' open fraction at the start) must be in (0, 1), got {self.opened}"
@@ -288,11 +283,11 @@ class _Trainer:
         config = self.config
         if self.gated is None:
             return {"lasso": config.lasso_weight * min(1.0, 2 * progress) * self.norms.penalty()}
-        opened = self.gated.opened()  # as applied: rounded once the gates are hard
+        opened = self.gated.opened()
         ratio = self.budget(self.gated.per_root(opened).cpu()).to(opened.device)
         return {
             "budget": config.budget_weight * (ratio - self.target).abs().float() / self.target,
-            "polarize": config.polarize_weight * progress * _spread(self.gated.opened(soft=True)),
+            "polarize": config.polarize_weight * progress * _spread(opened),
         }
 
     def run(self, teacher: torch.nn.Module, data: Iterable[Any]) -> tuple[DagModule, dict[int, float], dict]:
@@ -384,7 +379,6 @@ class _Trainer:
             group["lr"] = group["peak_lr"] * scale
         if self.gated is not None:  # the temperature falls: open fractions move towards 0 or 1
             self.gated.set_sharpness(self.config.sharpen ** (done / self.steps))
-            self.gated.set_hard(done >= self.config.hard_from * self.steps)
         inputs, kwargs, target = unpack(to_device(batch, device))
         with torch.no_grad():
             expected = teacher(*inputs, **kwargs)
@@ -404,7 +398,7 @@ class _Trainer:
         if self.gated is None:
             return self.student, self.norms.scores(), stats
         with torch.no_grad():
-            opened = self.gated.opened(soft=True).detach().cpu()
+            opened = self.gated.opened().detach().cpu()
             per_root = self.gated.per_root(opened)
             hard = self.gated.per_root((opened > 0.5).to(opened.dtype))
             stats.update(
