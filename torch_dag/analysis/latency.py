@@ -110,7 +110,8 @@ def measure_latency(
     threads: int | None = None,
 ) -> Latency:
     """Time `model` on `example_inputs` (a DAG's own recorded input shapes when omitted): `warmup`
-    untimed calls (0 for a model already warm at these inputs), then `runs` timed calls (by default as many as fill about a second, 5 to 200); median and quartiles.
+    untimed calls (0 for a model already warm at these inputs), then `runs` timed calls (by default as
+    many as fill about a second, 5 to 200); median and quartiles.
     `batch_size` repeats the inputs' examples along dim 0 to that batch; `dtype` casts the model's
     floating-point weights and inputs (a copy: the model given is never changed); `threads` sets torch's
     CPU threads while timing (the count is stated in the result either way)."""

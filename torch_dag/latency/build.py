@@ -99,8 +99,9 @@ def latency_table(
     omitted): each vertex timed at `probes` assignments of widths to the channel groups (rounded to
     `round_to`, or to the rounding this device prefers, measured first), fitted, and calibrated on the
     probes' measured latencies. None chooses by how long one forward pass takes (`Effort.for_pass`):
-    20 probes of 3 timed passes each, or 10 of 2 where a pass takes over a quarter second. `table.predict(widths)` then predicts any assignment in microseconds,
-    `table.save(path)` keeps it, and `prune(..., latency_ratio=r, latency_table=table)` prunes to it."""
+    20 probes of 3 timed passes each, or 10 of 2 where a pass takes over a quarter second.
+    `table.predict(widths)` then predicts any assignment in microseconds, `table.save(path)` keeps it,
+    and `prune(..., latency_ratio=r, latency_table=table)` prunes to it."""
     start = time.perf_counter()
     prep = prepare(dag, example_inputs)
     dag, inputs = prep.dag, prep.example_inputs
